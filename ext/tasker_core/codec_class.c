@@ -1,0 +1,5 @@
+#include "tasker_core.h"
+
+void tc_init_codec(void)
+{
+}

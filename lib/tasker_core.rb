@@ -1,0 +1,18 @@
+# frozen_string_literal: true
+
+require_relative "tasker_core/version"
+require_relative "tasker_core/errors"
+
+begin
+  require "tasker_core/tasker_core_ext"
+rescue LoadError => e
+  raise LoadError, "tasker_core's C extension could not be loaded (#{e.message}). " \
+                   "From a checkout, build it with `bin/setup` (or `bundle exec rake compile`); " \
+                   "as a gem, reinstall it with libzmq, msgpack-c and libpq development files present " \
+                   "(Debian: libzmq3-dev libmsgpack-dev libpq-dev; Homebrew: zeromq msgpack libpq)."
+end
+
+# tasker_core: durable DAG workflows in PostgreSQL, dispatched to Ruby
+# workers in batches over ZeroMQ.
+module TaskerCore
+end

@@ -1,0 +1,51 @@
+# frozen_string_literal: true
+
+module TaskerCore
+  # Base of every error tasker_core raises on purpose.
+  class Error < StandardError; end
+
+  # Bad or missing configuration: the message names the file, the key and
+  # what was expected.
+  class ConfigurationError < Error; end
+
+  # Bytes that are not valid msgpack, or a message that breaks docs/protocol.md.
+  class ProtocolError < Error; end
+
+  # An endpoint that cannot be bound or connected, or a socket that cannot be used.
+  class ConnectionError < Error; end
+
+  # A socket or handle used after #close.
+  class ClosedError < ConnectionError; end
+
+  # A socket used from a thread other than the one that made it: libzmq
+  # sockets are not thread-safe.
+  class ThreadOwnershipError < ConnectionError; end
+
+  # A socket, context or handle inherited across fork and used in the child.
+  class ForkSafetyError < ConnectionError; end
+
+  # No live worker with free capacity could take a batch.
+  class NoWorkersError < Error; end
+
+  # PostgreSQL refused or could not be reached.
+  class StoreError < Error; end
+
+  # A step named a handler the registry does not know.
+  class UnknownHandlerError < Error; end
+
+  # A step ran past its timeout.
+  class StepTimeoutError < Error; end
+
+  # Raised by a step handler: the step failed but may succeed if retried.
+  class RetryableError < Error
+    attr_reader :retry_after
+
+    def initialize(message = nil, retry_after: nil)
+      super(message)
+      @retry_after = retry_after
+    end
+  end
+
+  # Raised by a step handler: the step failed and retrying will not help.
+  class PermanentError < Error; end
+end

@@ -1,0 +1,29 @@
+# frozen_string_literal: true
+
+$LOAD_PATH.unshift File.expand_path("../lib", __dir__)
+require "tasker_core"
+require "socket"
+require "timeout"
+
+Dir[File.join(__dir__, "support", "**", "*.rb")].sort.each { |f| require f }
+
+RSpec.configure do |config|
+  config.disable_monkey_patching!
+  config.expect_with(:rspec) { |c| c.syntax = :expect }
+  config.order = :random
+  Kernel.srand config.seed
+
+  # TASKER_CORE_GC_STRESS=1 (rake spec:gc_stress) runs each example under
+  # GC.stress, which moves and frees objects at every allocation: it finds
+  # missing marks and write barriers in the C extension.
+  if ENV["TASKER_CORE_GC_STRESS"] == "1"
+    config.around do |example|
+      GC.stress = true
+      example.run
+    ensure
+      GC.stress = false
+    end
+  end
+
+  config.include SpecHelpers
+end

@@ -1,0 +1,27 @@
+# frozen_string_literal: true
+
+require_relative "lib/tasker_core/version"
+
+Gem::Specification.new do |spec|
+  spec.name = "tasker_core"
+  spec.version = TaskerCore::VERSION
+  spec.summary = "Durable DAG workflows for Ruby: PostgreSQL state, batched dispatch over ZeroMQ, a C core"
+  spec.description = <<~DESC
+    tasker_core runs workflows (tasks made of steps that form a DAG) with PostgreSQL as the
+    source of truth. A C extension claims ready steps in batches, publishes them over ZeroMQ
+    to Ruby worker processes and writes their streamed results back in batches.
+  DESC
+  spec.authors = ["tasker_core developers"]
+  spec.license = "MIT"
+  spec.required_ruby_version = ">= 3.0"
+
+  spec.files = Dir[
+    "lib/**/*.rb", "ext/tasker_core/*.{c,h,rb}", "config/**/*.yml", "db/**/*.sql",
+    "docs/**/*.md", "exe/*", "README.md", "LICENSE"
+  ]
+  spec.bindir = "exe"
+  spec.executables = Dir["exe/*"].map { |f| File.basename(f) }
+  spec.require_paths = ["lib"]
+  spec.extensions = ["ext/tasker_core/extconf.rb"]
+  spec.metadata["rubygems_mfa_required"] = "true"
+end
