@@ -84,7 +84,7 @@ module TaskerCore
         data = expand_dots(defaults)
         sections = read_file(path, path_source)
         [BASE_SECTION, env].uniq.each do |name|
-          layer = sections.fetch(name, nil) || {}
+          layer = sections[name] || {}
           check_layer(layer, path: path, source: %(section "#{name}"))
           data = deep_merge(data, layer)
         end
@@ -94,7 +94,9 @@ module TaskerCore
           check_value(s, ENV[s.env], path: path, source: "environment variable #{s.env}")
           data = deep_merge(data, expand_dots(s.key => ENV[s.env]))
         end
-        overrides = stringify_keys(overrides || {})
+        raise ArgumentError, "overrides: expected a Hash, got #{got(overrides)}" unless overrides.is_a?(Hash)
+
+        overrides = stringify_keys(overrides)
         check_layer(overrides, path: path, source: "overrides")
         data = deep_merge(data, overrides)
         check_relations(data, path: path, source: %(environment "#{env}"))
@@ -245,10 +247,11 @@ module TaskerCore
 
       def suggestion(full)
         *parents, leaf = full.split(".")
+        # The same name in another section first (a key in the wrong place), then a near spelling.
+        near = SCHEMA.keys.find { |k| k.end_with?(".#{leaf}") }
         siblings = (SCHEMA.keys + SECTIONS).select { |k| k.split(".")[0...-1] == parents }
-        near = DidYouMean::SpellChecker.new(dictionary: siblings.map { |k| k.split(".").last }).correct(leaf).first
-        near &&= (parents + [near]).join(".")
-        near ||= SCHEMA.keys.find { |k| k.end_with?(".#{leaf}") }
+        near ||= DidYouMean::SpellChecker.new(dictionary: siblings.map { |k| k.split(".").last })
+                                         .correct(leaf).first&.then { |n| (parents + [n]).join(".") }
         near ? " (did you mean #{near}?)" : ""
       end
 
