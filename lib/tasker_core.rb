@@ -2,6 +2,8 @@
 
 require_relative "tasker_core/version"
 require_relative "tasker_core/errors"
+require_relative "tasker_core/logging"
+require_relative "tasker_core/config"
 
 begin
   require "tasker_core/tasker_core_ext"

@@ -1,0 +1,347 @@
+# frozen_string_literal: true
+
+require "erb"
+require "yaml"
+require "did_you_mean"
+require_relative "errors"
+require_relative "logging"
+
+module TaskerCore
+  # The resolved configuration: schema defaults, deep-merged with the file's
+  # `default:` section, then its environment section, then environment
+  # variables, then explicit overrides. Every layer is checked against SCHEMA,
+  # which also drives the defaults and docs/configuration.md.
+  #
+  # A Config is frozen and its hashes are deep-frozen, with string keys.
+  class Config
+    Setting = Struct.new(:key, :type, :default, :doc, :min, :max, :values, :env, :nullable, keyword_init: true)
+
+    ENDPOINT_EXPECTATION = "an endpoint tcp://host:port (port 1..65535 or *), ipc://path or inproc://name"
+
+    # key path => how it is checked, its default and what it means.
+    SCHEMA = [
+      Setting.new(key: "zeromq.enabled", type: :boolean, default: true,
+                  doc: "Dispatch steps to worker processes over ZeroMQ. When false, nothing binds or connects."),
+      Setting.new(key: "zeromq.batch_endpoint", type: :endpoint, default: "tcp://127.0.0.1:5555",
+                  env: "TASKER_BATCH_ENDPOINT",
+                  doc: "Where batches travel: the orchestrator binds it, workers connect to it."),
+      Setting.new(key: "zeromq.result_endpoint", type: :endpoint, default: "tcp://127.0.0.1:5556",
+                  env: "TASKER_RESULT_ENDPOINT",
+                  doc: "Where results, completions and heartbeats travel: the orchestrator binds it, workers connect."),
+      Setting.new(key: "zeromq.send_hwm", type: :integer, default: 1000, min: 0,
+                  doc: "Send high-water mark (messages queued per peer; 0 = unlimited). " \
+                       "A message refused at the mark is counted as dropped and re-dispatched later."),
+      Setting.new(key: "zeromq.recv_hwm", type: :integer, default: 1000, min: 0,
+                  doc: "Receive high-water mark (messages queued per peer; 0 = unlimited)."),
+      Setting.new(key: "zeromq.linger_ms", type: :integer, default: 1000, min: -1,
+                  doc: "How long closing a socket waits to flush unsent messages (-1 = forever, 0 = discard)."),
+      Setting.new(key: "zeromq.heartbeat_interval_ms", type: :integer, default: 1000, min: 1,
+                  doc: "How often a worker sends a heartbeat."),
+      Setting.new(key: "zeromq.heartbeat_timeout_ms", type: :integer, default: 5000, min: 1,
+                  doc: "How long a silent worker stays live; must exceed zeromq.heartbeat_interval_ms."),
+      Setting.new(key: "zeromq.max_message_bytes", type: :integer, default: 16 * 1024 * 1024, min: 1,
+                  doc: "Largest message a socket accepts; a bigger one is refused (ZMQ_MAXMSGSIZE)."),
+      Setting.new(key: "worker.max_workers", type: :integer, default: 10, min: 1, max: 1024,
+                  doc: "Threads per worker process running step handlers; advertised as its capacity."),
+      Setting.new(key: "worker.step_timeout_ms", type: :integer, default: 30_000, min: 1,
+                  doc: "Timeout of a step that does not set its own."),
+      Setting.new(key: "worker.shutdown_timeout_ms", type: :integer, default: 25_000, min: 0,
+                  doc: "On TERM/INT, how long a worker waits for running steps before it stops."),
+      Setting.new(key: "orchestration.batch_size", type: :integer, default: 100, min: 1, max: 10_000,
+                  doc: "Most steps claimed from the database and sent in one batch."),
+      Setting.new(key: "orchestration.dispatch_timeout_ms", type: :integer, default: 10_000, min: 1,
+                  doc: "How long past a step's own timeout the orchestrator waits for its result " \
+                       "before it treats the step as lost and dispatches it again."),
+      Setting.new(key: "database.url", type: :string, default: nil, nullable: true, env: "DATABASE_URL",
+                  doc: "PostgreSQL connection URL or conninfo string; null = libpq's PG* environment variables."),
+      Setting.new(key: "database.pool", type: :integer, default: 5, min: 1, max: 1000,
+                  doc: "Most connections the store opens."),
+      Setting.new(key: "database.connect_timeout_s", type: :integer, default: 5, min: 0,
+                  doc: "libpq connect_timeout in seconds (0 = wait forever)."),
+      Setting.new(key: "database.statement_timeout_ms", type: :integer, default: 0, min: 0,
+                  doc: "PostgreSQL statement_timeout for the store's sessions (0 = none)."),
+      Setting.new(key: "logging.level", type: :enum, default: "info", values: %w[debug info warn error],
+                  env: "TASKER_LOG_LEVEL",
+                  doc: "Level of TaskerCore.logger (when it is the gem's own logger)."),
+    ].to_h { |s| [s.key, s.freeze] }.freeze
+
+    # Every key that holds settings rather than a value: "zeromq", "worker", ...
+    SECTIONS = SCHEMA.keys.flat_map { |k|
+      parts = k.split(".")
+      (1...parts.size).map { |i| parts.first(i).join(".") }
+    }.uniq.freeze
+    BASE_SECTION = "default"
+    DEFAULT_PATH = File.expand_path("../../config/tasker-config.yml", __dir__)
+    APP_RELATIVE_PATH = File.join("config", "tasker-config.yml")
+
+    class << self
+      # Reads, merges and checks the configuration. path: nil and env: nil
+      # resolve as described in docs/configuration.md; overrides is a nested
+      # hash (string or symbol keys) applied last and checked the same way.
+      def load(path: nil, env: nil, overrides: {})
+        env = (env || environment_from_env).to_s
+        path, path_source = resolve_path(path)
+        data = expand_dots(defaults)
+        sections = read_file(path, path_source)
+        [BASE_SECTION, env].uniq.each do |name|
+          layer = sections[name] || {}
+          check_layer(layer, path: path, source: %(section "#{name}"))
+          data = deep_merge(data, layer)
+        end
+        SCHEMA.each_value do |s|
+          next unless s.env && ENV[s.env] && !ENV[s.env].empty?
+
+          check_value(s, ENV[s.env], path: path, source: "environment variable #{s.env}")
+          data = deep_merge(data, expand_dots(s.key => ENV[s.env]))
+        end
+        raise ArgumentError, "overrides: expected a Hash, got #{got(overrides)}" unless overrides.is_a?(Hash)
+
+        overrides = stringify_keys(overrides)
+        check_layer(overrides, path: path, source: "overrides")
+        data = deep_merge(data, overrides)
+        check_relations(data, path: path, source: %(environment "#{env}"))
+        new(data, environment: env, path: path)
+      end
+
+      # { "zeromq.enabled" => true, ... } for every key in SCHEMA.
+      def defaults
+        SCHEMA.transform_values(&:default)
+      end
+
+      def environment_from_env
+        %w[TASKER_ENV RAILS_ENV RACK_ENV].map { |v| ENV[v] }.find { |v| v && !v.empty? } || "development"
+      end
+
+      # The Markdown table in docs/configuration.md, generated from SCHEMA.
+      def reference_table
+        rows = SCHEMA.each_value.map do |s|
+          default = s.default.nil? ? "null" : "`#{s.default}`"
+          env = s.env ? "`#{s.env}`" : ""
+          type = if s.type == :endpoint then "endpoint: `tcp://host:port` (port 1..65535 or `*`), `ipc://path`, `inproc://name`"
+                 else expectation(s).delete_prefix("an ").delete_prefix("a ")
+                 end
+          "| `#{s.key}` | #{type} | #{default} | #{env} | #{s.doc} |"
+        end
+        ["| Key | Type | Default | Environment variable | Meaning |", "|---|---|---|---|---|", *rows].join("\n")
+      end
+
+      private
+
+      # [path, where the path came from]
+      def resolve_path(path)
+        return [File.expand_path(path), "path: argument"] if path
+
+        from_env = ENV["TASKER_CONFIG_PATH"]
+        return [File.expand_path(from_env), "TASKER_CONFIG_PATH"] if from_env && !from_env.empty?
+
+        rails_root = defined?(::Rails) && ::Rails.respond_to?(:root) && ::Rails.root
+        app_file = File.join((rails_root || Dir.pwd).to_s, APP_RELATIVE_PATH)
+        File.file?(app_file) ? [app_file, "the application"] : [DEFAULT_PATH, "the gem's default"]
+      end
+
+      # { "default" => {...}, "production" => {...}, ... }
+      def read_file(path, path_source)
+        unless File.file?(path)
+          raise ConfigurationError, "Invalid tasker_core configuration: file #{path} (from #{path_source}) not found"
+        end
+
+        doc = parse_yaml(render_erb(File.read(path), path), path)
+        return {} if doc.nil?
+        unless doc.is_a?(Hash)
+          fail_at(path, nil, "(top level)",
+                  "expected a mapping of #{BASE_SECTION}: and environment sections, got #{got(doc)}")
+        end
+
+        doc.to_h do |name, section|
+          name = name.to_s
+          if SECTIONS.include?(name)
+            fail_at(path, nil, name, "settings go under #{BASE_SECTION}: or an environment section, not at the top level")
+          end
+          unless section.nil? || section.is_a?(Hash)
+            fail_at(path, nil, name, "expected a mapping of settings, got #{got(section)}")
+          end
+          [name, section]
+        end
+      rescue SystemCallError => e
+        raise ConfigurationError, "Invalid tasker_core configuration: cannot read #{path} (#{e.message})"
+      end
+
+      def render_erb(text, path)
+        ERB.new(text).result
+      rescue StandardError, ScriptError => e
+        raise ConfigurationError, "Invalid tasker_core configuration in #{path}: ERB failed (#{e.class}: #{e.message})"
+      end
+
+      def parse_yaml(text, path)
+        YAML.safe_load(text, permitted_classes: [], permitted_symbols: [], aliases: true, filename: path)
+      rescue Psych::Exception => e
+        raise ConfigurationError, "Invalid tasker_core configuration in #{path}: not valid YAML (#{e.message})"
+      end
+
+      # Checks one layer (a nested hash) against SCHEMA: unknown keys, types, ranges.
+      def check_layer(hash, path:, source:, prefix: nil)
+        hash.each do |key, value|
+          full = [prefix, key.to_s].compact.join(".")
+          if SCHEMA.key?(full)
+            check_value(SCHEMA[full], value, path: path, source: source)
+          elsif SECTIONS.include?(full)
+            next if value.nil?
+            fail_at(path, source, full, "expected a mapping of settings, got #{got(value)}") unless value.is_a?(Hash)
+
+            check_layer(value, path: path, source: source, prefix: full)
+          else
+            fail_at(path, source, full, "unknown key#{suggestion(full)}")
+          end
+        end
+      end
+
+      def check_value(setting, value, path:, source:)
+        return if value.nil? && setting.nullable
+        return if valid?(setting, value)
+
+        fail_at(path, source, setting.key, "expected #{expectation(setting)}, got #{got(value)}")
+      end
+
+      def valid?(setting, value)
+        case setting.type
+        when :boolean then value == true || value == false
+        when :integer
+          value.is_a?(Integer) && (!setting.min || value >= setting.min) && (!setting.max || value <= setting.max)
+        when :string then value.is_a?(String) && !value.empty?
+        when :enum then setting.values.include?(value)
+        when :endpoint then value.is_a?(String) && endpoint?(value)
+        end
+      end
+
+      def endpoint?(value)
+        case value
+        when %r{\Atcp://(?:\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?<port>\*|\d{1,5})\z}
+          port = Regexp.last_match(:port)
+          port == "*" || port.to_i.between?(1, 65_535)
+        when %r{\Aipc://\S.*\z}, %r{\Ainproc://\S+\z} then true
+        else false
+        end
+      end
+
+      def expectation(setting)
+        case setting.type
+        when :boolean then "true or false"
+        when :integer
+          if setting.min && setting.max then "an Integer between #{setting.min} and #{setting.max}"
+          else "an Integer >= #{setting.min}"
+          end
+        when :string then setting.nullable ? "a non-empty String or null" : "a non-empty String"
+        when :enum then "one of #{setting.values.map(&:inspect).join(', ')}"
+        when :endpoint then ENDPOINT_EXPECTATION
+        end
+      end
+
+      def check_relations(data, path:, source:)
+        interval = data.dig("zeromq", "heartbeat_interval_ms")
+        timeout = data.dig("zeromq", "heartbeat_timeout_ms")
+        return if timeout > interval
+
+        fail_at(path, source, "zeromq.heartbeat_timeout_ms",
+                "expected more than zeromq.heartbeat_interval_ms (#{interval}), got #{timeout}")
+      end
+
+      def suggestion(full)
+        *parents, leaf = full.split(".")
+        # The same name in another section first (a key in the wrong place), then a near spelling.
+        near = SCHEMA.keys.find { |k| k.end_with?(".#{leaf}") }
+        siblings = (SCHEMA.keys + SECTIONS).select { |k| k.split(".")[0...-1] == parents }
+        near ||= DidYouMean::SpellChecker.new(dictionary: siblings.map { |k| k.split(".").last })
+                                         .correct(leaf).first&.then { |n| (parents + [n]).join(".") }
+        near ? " (did you mean #{near}?)" : ""
+      end
+
+      def fail_at(path, source, key, problem)
+        where = source ? "#{path} (#{source})" : path
+        raise ConfigurationError, "Invalid tasker_core configuration in #{where}: #{key}: #{problem}"
+      end
+
+      def got(value)
+        "#{value.inspect} (#{value.class})"
+      end
+
+      def expand_dots(flat)
+        flat.each_with_object({}) do |(key, value), out|
+          *parents, leaf = key.split(".")
+          parents.inject(out) { |h, k| h[k] ||= {} }[leaf] = value
+        end
+      end
+
+      def stringify_keys(hash)
+        hash.to_h { |k, v| [k.to_s, v.is_a?(Hash) ? stringify_keys(v) : v] }
+      end
+
+      def deep_merge(base, top)
+        base.merge(top.transform_keys(&:to_s)) do |_key, old, new|
+          old.is_a?(Hash) && (new.is_a?(Hash) || new.nil?) ? deep_merge(old, new || {}) : new
+        end
+      end
+
+      def deep_freeze(value)
+        case value
+        when Hash then value.to_h { |k, v| [k.dup.freeze, deep_freeze(v)] }.freeze
+        when String then value.dup.freeze
+        else value.freeze
+        end
+      end
+    end
+
+    private_class_method :new
+
+    attr_reader :environment, :path
+
+    def initialize(data, environment:, path:)
+      @data = self.class.send(:deep_freeze, data)
+      @environment = environment.dup.freeze
+      @path = path.dup.freeze
+      freeze
+    end
+
+    def to_h = @data
+    def [](key) = @data[key.to_s]
+    def dig(*keys) = @data.dig(*keys.map(&:to_s))
+    def zeromq = @data["zeromq"]
+    def worker = @data["worker"]
+    def orchestration = @data["orchestration"]
+    def database = @data["database"]
+    def logging = @data["logging"]
+
+    # Keeps a password in database.url out of logs and consoles.
+    def inspect
+      url = database["url"]&.sub(%r{(://[^:/@]*:)[^@]*@}, '\1[FILTERED]@')&.gsub(/(password\s*=\s*)\S+/i, '\1[FILTERED]')
+      shown = @data.merge("database" => database.merge("url" => url))
+      "#<#{self.class} environment=#{environment.inspect} path=#{path.inspect} #{shown.inspect}>"
+    end
+  end
+
+  @config = nil
+  @config_lock = Mutex.new
+
+  class << self
+    # The resolved configuration, loaded on first use.
+    def config
+      @config || @config_lock.synchronize { @config ||= Config.load.tap { |c| apply_logging_config(c) } }
+    end
+
+    def config=(config)
+      raise TypeError, "expected a TaskerCore::Config, got #{config.class}" unless config.is_a?(Config)
+
+      @config_lock.synchronize { @config = config }
+      apply_logging_config(config)
+      config
+    end
+
+    def configure(path: nil, env: nil, overrides: {})
+      self.config = Config.load(path: path, env: env, overrides: overrides)
+    end
+
+    # Forgets the loaded configuration; the next TaskerCore.config reads it again.
+    def reset_config!
+      @config_lock.synchronize { @config = nil }
+    end
+  end
+end
