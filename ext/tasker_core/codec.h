@@ -44,6 +44,7 @@ typedef struct tc_codec_writer {
 } tc_codec_writer;
 
 int tc_codec_writer_init(tc_codec_writer *w, size_t initial);   /* 0, or -1 on ENOMEM */
+void tc_codec_writer_reset(tc_codec_writer *w);                 /* empty it, keep the memory */
 void tc_codec_writer_destroy(tc_codec_writer *w);               /* idempotent */
 
 /* ---- decoding (codec.c) ------------------------------------------------ */
