@@ -84,8 +84,7 @@ static inline void tc_pack_raw_str(tc_pack_state *st, VALUE s, int bin)
         msgpack_pack_bin(&st->w->pk, (size_t)len);
         msgpack_pack_bin_body(&st->w->pk, RSTRING_PTR(s), (size_t)len);
     } else {
-        msgpack_pack_str(&st->w->pk, (size_t)len);
-        msgpack_pack_str_body(&st->w->pk, RSTRING_PTR(s), (size_t)len);
+        tc_codec_put_str(st->w, RSTRING_PTR(s), (size_t)len);
     }
 }
 
@@ -117,7 +116,7 @@ static void tc_pack_integer(tc_pack_state *st, VALUE obj)
     int sign;
 
     if (RB_FIXNUM_P(obj)) {
-        msgpack_pack_int64(&st->w->pk, (int64_t)FIX2LONG(obj));
+        tc_codec_put_int(st->w, (int64_t)FIX2LONG(obj));
         return;
     }
     /* Bignum: the magnitude must fit 64 bits, and a negative one 2**63. */
@@ -170,7 +169,7 @@ static void tc_pack_value(tc_pack_state *st, VALUE obj)
 
     if (RB_SPECIAL_CONST_P(obj)) {
         if (RB_FIXNUM_P(obj))
-            msgpack_pack_int64(pk, (int64_t)FIX2LONG(obj));
+            tc_codec_put_int(st->w, (int64_t)FIX2LONG(obj));
         else if (NIL_P(obj))
             msgpack_pack_nil(pk);
         else if (obj == Qtrue)
@@ -194,7 +193,7 @@ static void tc_pack_value(tc_pack_state *st, VALUE obj)
         long n = (long)RHASH_SIZE(obj);
         tc_pack_check_len(n, "Hash");
         tc_pack_enter(st, obj);
-        msgpack_pack_map(pk, (size_t)n);
+        tc_codec_put_map(st->w, (size_t)n);
         rb_hash_foreach(obj, tc_pack_pair, (VALUE)st);
         st->depth--;
         return;
@@ -203,7 +202,7 @@ static void tc_pack_value(tc_pack_state *st, VALUE obj)
         long i, n = RARRAY_LEN(obj);
         tc_pack_check_len(n, "Array");
         tc_pack_enter(st, obj);
-        msgpack_pack_array(pk, (size_t)n);
+        tc_codec_put_array(st->w, (size_t)n);
         for (i = 0; i < n; i++)
             tc_pack_value(st, RARRAY_AREF(obj, i));
         st->depth--;
