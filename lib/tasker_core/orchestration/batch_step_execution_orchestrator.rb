@@ -98,7 +98,7 @@ module TaskerCore
         @logged_reasons = Set.new
         @jobs = Thread::Queue.new
         @results = Thread::Queue.new
-        @running = Set.new
+        @running = Set.new.compare_by_identity # Jobs are mutable Structs: hash by identity
         @pool = []
         @paused = false
         @stop_requested = false
@@ -302,7 +302,7 @@ module TaskerCore
       def open_sockets
         @in_flight = 0
         @outbox = []
-        @open_jobs = Set.new
+        @open_jobs = Set.new.compare_by_identity
         @peer_subscriptions = 0
         @next_heartbeat_at = nil
         @retry_at = nil
@@ -378,7 +378,10 @@ module TaskerCore
         candidates << @retry_at if @retry_at && !@outbox.empty?
         candidates << drain_deadline if drain_deadline
         @mutex.synchronize do
-          @running.each { |j| candidates << (j.state == :running ? j.deadline : j.grace_deadline) }
+          @running.each do |job|
+            candidates << job.deadline if job.state == :running
+            candidates << job.grace_deadline if job.state == :timed_out && job.grace_deadline
+          end
           @next_wake_at = candidates.min
         end
         [((@next_wake_at - now) * 1000).ceil, 0].max
