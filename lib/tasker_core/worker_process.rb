@@ -14,12 +14,18 @@ module TaskerCore
     USAGE = "Usage: tasker-worker --handlers PATH [--concurrency N] [--batch-endpoint E] " \
             "[--result-endpoint E] [--worker-id ID] [--shutdown-timeout SECONDS]"
 
+    SIGNAL_BYTES = { "TERM" => "T", "INT" => "I", "TSTP" => "S", "CONT" => "C" }.freeze
+
     def self.run(argv, logger: nil)
       options = parse(argv)
       new(**options, logger: logger).run
     rescue OptionParser::ParseError, ArgumentError => e
       warn "tasker-worker: #{e.message}\n#{USAGE}"
       2
+    rescue ScriptError, StandardError => e
+      # A handler file that does not load, or an endpoint that cannot be used.
+      warn "tasker-worker: #{e.class}: #{e.message}"
+      1
     end
 
     def self.parse(argv)
@@ -79,8 +85,8 @@ module TaskerCore
     # Trap handlers only write to a pipe: the real work (which takes locks)
     # happens on the main thread.
     def install_traps(signal_w)
-      %w[TERM INT TSTP CONT].to_h do |sig|
-        [sig, trap(sig) { signal_w.write_nonblock(sig[0], exception: false) }]
+      SIGNAL_BYTES.to_h do |sig, byte|
+        [sig, trap(sig) { signal_w.write_nonblock(byte, exception: false) }]
       end
     end
 

@@ -324,13 +324,12 @@ module TaskerCore
         advertised_capacity = nil
         drain_deadline = nil
         loop do
+          readable = TaskerCore::Socket.select([@sub, @pub, @wake_r], wait_ms(drain_deadline))
+          drain_wake_pipe if readable.include?(@wake_r)
           if @stop_requested && drain_deadline.nil?
             drain_deadline = monotonic + @stop_timeout_s
             @logger.info("tasker worker #{@worker_id}: draining #{@in_flight} step(s)")
           end
-
-          readable = TaskerCore::Socket.select([@sub, @pub, @wake_r], wait_ms(drain_deadline))
-          drain_wake_pipe if readable.include?(@wake_r)
           track_subscriptions
           receive_batches if readable.include?(@sub)
           collect_results
