@@ -47,6 +47,12 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     { step_id: id, task_id: 100 + id, step_name: "s#{id}", handler: handler, context: { "n" => id }, **extra }
   end
 
+  # Step ids of the next n gated steps to start (fails rather than hangs).
+  def started_steps(count)
+    wait_until(message: "#{count} gated step(s) to start") { started.size >= count }
+    Array.new(count) { started.pop }
+  end
+
   def partial_for(batch_id, step_id)
     peer.partials(batch_id).find { |m| m["step_id"] == step_id }
   end
@@ -139,7 +145,7 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
   it "drains on #stop: finishes running steps, sends their results, then says goodbye" do
     start_worker
     batch_id = peer.send_batch(worker_id, [step(1, "Gated"), step(2, "Double")])
-    expect(started.pop).to eq(1)
+    expect(started_steps(1)).to eq([1])
     stopper = Thread.new { @worker.stop(timeout: 30) }
     peer.wait_for("a draining heartbeat") { peer.heartbeats.last["capacity"].zero? }
     expect(peer.of_type("goodbye")).to be_empty
@@ -185,7 +191,7 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     wait_until(message: "the stubborn thread to be abandoned") { @worker.stats[:threads_abandoned] == 1 }
 
     peer.send_batch(worker_id, [step(2, "Gated"), step(3, "Gated")])
-    expect([started.pop, started.pop]).to match_array([2, 3]) # two threads free: the pool kept its size
+    expect(started_steps(2)).to match_array([2, 3]) # two threads free: the pool kept its size
     2.times { gate << :go }
     stop_flag = true
     wait_until(message: "the late result to be discarded") { @worker.stats[:late_results_discarded] == 1 }
