@@ -23,6 +23,7 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     registry.register("Never", ->(*) { raise TaskerCore::PermanentError, "never" })
     registry.register("NotHash", ->(*) { 42 })
     registry.register("Sleepy", ->(*) { sleep })
+    registry.register("Opaque", ->(*) { { "x" => Object.new } })
     registry.register("Gated", lambda { |_task, _sequence, step|
       started_q << step.id
       gate_q.pop
@@ -65,12 +66,12 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     start_worker
     steps = [step(1, "Double", handler_config: { "k" => "v" }, attempt: 3, dependency_results: { "a" => { "x" => 1 } }),
              step(2, "Boom"), step(3, "Busy"), step(4, "Never"), step(5, "NotHash"), step(6, "Nope::Missing"),
-             step(7, "Sleepy", timeout_ms: 100)]
+             step(7, "Sleepy", timeout_ms: 100), step(8, "Opaque")]
     batch_id = peer.send_batch(worker_id, steps)
     peer.wait_for("the completion") { peer.completions(batch_id).any? }
 
     partials = peer.partials(batch_id)
-    expect(partials.map { |m| m["step_id"] }).to match_array((1..7).to_a)
+    expect(partials.map { |m| m["step_id"] }).to match_array((1..8).to_a)
     by_step = partials.to_h { |m| [m["step_id"], m] }
 
     expect(by_step[1]).to include("status" => "complete", "error" => nil, "task_id" => 101, "attempt" => 3,
@@ -85,7 +86,9 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     expect(by_step[5]["error"]["message"]).to include("Integer")
     expect(by_step[6]["error"]).to include("class" => "TaskerCore::UnknownHandlerError", "retryable" => false)
     expect(by_step[7]["error"]).to include("class" => "TaskerCore::StepTimeoutError", "retryable" => true)
-    (2..7).each { |id| expect(by_step[id]).to include("status" => "error", "output" => nil) }
+    expect(by_step[8]["error"]).to include("class" => "TypeError", "retryable" => false)
+    expect(by_step[8]["error"]["message"]).to include("could not be encoded")
+    (2..8).each { |id| expect(by_step[id]).to include("status" => "error", "output" => nil) }
 
     completion = peer.completions(batch_id).first
     expect(completion["steps"]).to eq(steps.map do |s|
@@ -96,10 +99,10 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     # Nothing more for this batch arrives later (the interrupted Sleepy step
     # does not produce a second partial).
     peer.wait_for("a later heartbeat") { |msgs| msgs.last["type"] == "heartbeat" && msgs.last["in_flight"].zero? }
-    expect(peer.partials(batch_id).size).to eq(7)
+    expect(peer.partials(batch_id).size).to eq(8)
     expect(peer.completions(batch_id).size).to eq(1)
-    expect(@worker.stats).to include(batches_received: 1, steps_completed: 1, steps_failed: 6, steps_timed_out: 1,
-                                     partials_sent: 7, completions_sent: 1)
+    expect(@worker.stats).to include(batches_received: 1, steps_completed: 1, steps_failed: 7, steps_timed_out: 1,
+                                     partials_sent: 8, completions_sent: 1)
   end
 
   it "streams a fast step's partial while a slow step of the same batch still runs" do
