@@ -14,6 +14,13 @@ rescue LoadError => e
                    "(Debian: libzmq3-dev libmsgpack-dev libpq-dev; Homebrew: zeromq msgpack libpq)."
 end
 
+require_relative "tasker_core/protocol"
+require_relative "tasker_core/step_context"
+require_relative "tasker_core/step_handler"
+require_relative "tasker_core/handler_registry"
+require_relative "tasker_core/orchestration/batch_step_execution_orchestrator"
+require_relative "tasker_core/worker_process"
+
 # tasker_core: durable DAG workflows in PostgreSQL, dispatched to Ruby
 # workers in batches over ZeroMQ.
 module TaskerCore

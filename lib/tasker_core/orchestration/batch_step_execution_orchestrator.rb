@@ -1,0 +1,601 @@
+# frozen_string_literal: true
+
+require "logger"
+require "set"
+
+module TaskerCore
+  module Orchestration
+    # The worker side of wire protocol v1 (docs/protocol.md): receives batches
+    # addressed to this worker, runs their steps on a fixed thread pool and
+    # streams one partial_result per step, then one batch_completion per batch.
+    #
+    # Threads:
+    # - one I/O thread owns both sockets (a libzmq socket belongs to the thread
+    #   that made it). It waits in TaskerCore::Socket.select on the batch
+    #   subscriber, the result publisher (to see the orchestrator's
+    #   subscription) and a wake-up pipe, so neither incoming batches nor
+    #   finished results wait behind each other. It is also the watchdog for
+    #   step timeouts, so all bookkeeping of what was reported lives here.
+    # - max_workers pool threads pop steps from a Thread::Queue, run handlers,
+    #   encode the partial and hand it back through a Queue plus a byte on the
+    #   wake-up pipe. They never touch a socket.
+    class BatchStepExecutionOrchestrator
+      DEFAULTS = {
+        "zeromq.batch_endpoint" => "tcp://127.0.0.1:5555",
+        "zeromq.result_endpoint" => "tcp://127.0.0.1:5556",
+        "zeromq.heartbeat_interval_ms" => 1000,
+        "zeromq.send_hwm" => 10_000,
+        "zeromq.recv_hwm" => 10_000,
+        "zeromq.linger_ms" => 1000,
+        "worker.max_workers" => 8,
+        "worker.step_timeout_ms" => 30_000,
+        "worker.shutdown_timeout_ms" => 30_000
+      }.freeze
+
+      # Stand-in until TaskerCore.config lands on main: reads the dotted key
+      # from it when it exists, else the built-in default. Swap freely.
+      def self.setting(key)
+        config = TaskerCore.respond_to?(:config) ? TaskerCore.config : nil
+        value = config.dig(*key.split(".")) if config.respond_to?(:dig)
+        value.nil? ? DEFAULTS.fetch(key) : value
+      end
+
+      # Raised into a handler's thread when its step times out. Not a
+      # StandardError, so a handler's `rescue => e` cannot swallow it.
+      class TimeoutInterrupt < Exception; end # rubocop:disable Lint/InheritException
+
+      # How long a timed-out handler gets to unwind after the interrupt before
+      # its thread is given up on and replaced.
+      TIMEOUT_GRACE_S = 1.0
+      # Back-off before retrying a send the publisher refused at its HWM.
+      SEND_RETRY_S = 0.005
+      # Upper bound of one wait, so a missed wake-up costs at most this much.
+      MAX_WAIT_S = 1.0
+
+      Job = Struct.new(:batch, :index, :step, :timeout_s, :state, :thread, :started_at, :deadline,
+                       :grace_deadline, keyword_init: true)
+      BatchState = Struct.new(:id, :steps, :statuses, :reported, keyword_init: true)
+      Outgoing = Struct.new(:frames, :kind, :job, keyword_init: true)
+
+      attr_reader :worker_id, :max_workers
+
+      def initialize(step_sub_endpoint: self.class.setting("zeromq.batch_endpoint"),
+                     result_pub_endpoint: self.class.setting("zeromq.result_endpoint"),
+                     max_workers: self.class.setting("worker.max_workers"),
+                     handler_registry: TaskerCore::HandlerRegistry.default,
+                     worker_id: nil,
+                     heartbeat_interval_ms: self.class.setting("zeromq.heartbeat_interval_ms"),
+                     step_timeout_ms: self.class.setting("worker.step_timeout_ms"),
+                     shutdown_timeout_ms: self.class.setting("worker.shutdown_timeout_ms"),
+                     send_hwm: self.class.setting("zeromq.send_hwm"),
+                     recv_hwm: self.class.setting("zeromq.recv_hwm"),
+                     linger_ms: self.class.setting("zeromq.linger_ms"),
+                     timeout_grace_s: TIMEOUT_GRACE_S,
+                     logger: nil)
+        @worker_id = worker_id || Protocol.generate_worker_id
+        raise ArgumentError, "worker_id #{@worker_id.inspect} must match #{Protocol::WORKER_ID_PATTERN.source}" unless Protocol.valid_worker_id?(@worker_id)
+        raise ArgumentError, "max_workers must be a positive Integer" unless max_workers.is_a?(Integer) && max_workers.positive?
+
+        @batch_endpoint = step_sub_endpoint
+        @result_endpoint = result_pub_endpoint
+        @max_workers = max_workers
+        @registry = handler_registry
+        @heartbeat_interval_s = heartbeat_interval_ms / 1000.0
+        @step_timeout_s = step_timeout_ms / 1000.0
+        @shutdown_timeout_s = shutdown_timeout_ms / 1000.0
+        @send_hwm = send_hwm
+        @recv_hwm = recv_hwm
+        @linger_ms = linger_ms
+        @timeout_grace_s = timeout_grace_s
+        @logger = logger || (TaskerCore.respond_to?(:logger) && TaskerCore.logger) || Logger.new($stderr)
+
+        @mutex = Mutex.new # guards job states, @running, @pool, @next_wake_at
+        @stats_mutex = Mutex.new
+        @stats = { batches_received: 0, steps_received: 0, steps_completed: 0, steps_failed: 0,
+                   steps_timed_out: 0, late_results_discarded: 0, threads_abandoned: 0,
+                   partials_sent: 0, completions_sent: 0, heartbeats_sent: 0, send_retries: 0,
+                   results_unsent: 0, bad_messages: Hash.new(0) }
+        @logged_reasons = Set.new
+        @jobs = Thread::Queue.new
+        @results = Thread::Queue.new
+        @running = Set.new.compare_by_identity # Jobs are mutable Structs: hash by identity
+        @pool = []
+        @paused = false
+        @stop_requested = false
+        @stop_timeout_s = @shutdown_timeout_s
+        @next_wake_at = nil
+        @io_thread = nil
+      end
+
+      # Connects and starts the I/O thread and the pool. Raises the error the
+      # I/O thread met while opening its sockets (a bad endpoint, say).
+      def start
+        raise TaskerCore::Error, "worker #{@worker_id} already started" if @io_thread
+
+        @wake_r, @wake_w = IO.pipe
+        ready = Thread::Queue.new
+        @io_thread = Thread.new { io_main(ready) }
+        @io_thread.name = "tasker-worker-io"
+        outcome = ready.pop
+        if outcome.is_a?(Exception)
+          @io_thread.join
+          @io_thread = nil
+          raise outcome
+        end
+        @mutex.synchronize { @max_workers.times { @pool << spawn_pool_thread } }
+        self
+      end
+
+      # The exception that ended the I/O thread, if one did.
+      attr_reader :error
+
+      def running?
+        !@io_thread.nil? && @io_thread.alive? && !@stop_requested
+      end
+
+      # Stops taking work: heartbeats advertise capacity 0, so a credit-based
+      # orchestrator sends nothing more. Batches already sent are still run.
+      def pause
+        @paused = true
+        wake
+        self
+      end
+
+      def resume
+        @paused = false
+        wake
+        self
+      end
+
+      def paused?
+        @paused
+      end
+
+      # Drains: advertises capacity 0, finishes (or times out) every accepted
+      # step, sends every partial and completion, says goodbye and closes.
+      # Steps still unfinished after `timeout` are reported as failed with
+      # StepTimeoutError, retryable. Returns true when the I/O thread ended.
+      def stop(timeout: @shutdown_timeout_s)
+        return true unless @io_thread
+
+        @stop_timeout_s = timeout
+        @stop_requested = true
+        wake
+        finished = @io_thread.join(timeout + (@linger_ms / 1000.0) + 5)
+        @jobs.close
+        pool = @mutex.synchronize { @pool.dup }
+        pool.each { |t| t.join(@timeout_grace_s) }
+        !finished.nil?
+      end
+
+      def stats
+        @stats_mutex.synchronize do
+          @stats.merge(bad_messages: @stats[:bad_messages].dup, in_flight: @in_flight || 0,
+                       worker_id: @worker_id, peer_subscribed: (@peer_subscriptions || 0).positive?)
+        end
+      end
+
+      private
+
+      # ---- pool threads -----------------------------------------------------
+
+      def spawn_pool_thread
+        thread = Thread.new { pool_main }
+        thread.name = "tasker-worker-pool"
+        thread
+      end
+
+      def pool_main
+        # Timeout interrupts are only let in while a handler runs; one that
+        # arrives between steps must not hit the next step (see run_job).
+        Thread.handle_interrupt(TimeoutInterrupt => :never) do
+          while (job = @jobs.pop)
+            run_job(job)
+            break if Thread.current[:tc_abandoned]
+          end
+        end
+      end
+
+      def run_job(job)
+        @mutex.synchronize do
+          return unless job.state == :queued # timed out by shutdown before it started
+
+          job.state = :running
+          job.thread = Thread.current
+          job.started_at = Time.now.to_f
+          job.deadline = monotonic + job.timeout_s
+          @running << job
+          wake if @next_wake_at.nil? || job.deadline < @next_wake_at
+        end
+
+        frames = status = nil
+        claimed = false
+        begin
+          Thread.handle_interrupt(TimeoutInterrupt => :immediate) do
+            output, error = execute(job)
+            frames, status = encode_partial(job, output, error)
+            # After this, the watchdog no longer interrupts the thread.
+            claimed = @mutex.synchronize do
+              job.state == :running && (job.state = :done)
+            end
+          end
+        rescue TimeoutInterrupt
+          claimed = false
+        end
+        discard_pending_interrupt
+
+        @mutex.synchronize { @running.delete(job) }
+        if claimed
+          @results << Outgoing.new(frames: frames, kind: status, job: job)
+          wake
+        else
+          bump(:late_results_discarded)
+        end
+      end
+
+      def execute(job)
+        handler = @registry.handler_for(job.step["handler"])
+        task, sequence, step = StepContext.from_wire(job.step, batch_id: job.batch.id)
+        output = handler.call(task, sequence, step)
+        return [output, nil] if output.is_a?(Hash)
+
+        # A deterministic bug in the handler: retrying gives the same answer.
+        [nil, Protocol.error_object(klass: "TypeError", retryable: false,
+                                    message: "handler #{job.step['handler']} returned #{output.class}, " \
+                                             "a step's output must be a Hash")]
+      rescue TimeoutInterrupt
+        raise
+      rescue Exception => e # rubocop:disable Lint/RescueException
+        # Anything a handler raises (NotImplementedError and SystemStackError
+        # are not StandardErrors) fails its step, never the worker.
+        [nil, Protocol.error_from_exception(e)]
+      end
+
+      # Encoded here, on the pool thread, so the I/O thread only moves bytes;
+      # an output the codec cannot pack turns into a failed step.
+      def encode_partial(job, output, error)
+        msg = partial_for(job, output: output, error: error, started_at: job.started_at)
+        [Protocol.encode(msg), msg["status"]]
+      rescue TaskerCore::ProtocolError, TypeError, ArgumentError, RangeError, EncodingError => e
+        err = Protocol.error_object(klass: e.class.name, retryable: false, backtrace: [],
+                                    message: "the step's output could not be encoded: #{e.message}")
+        msg = partial_for(job, error: err, started_at: job.started_at)
+        [Protocol.encode(msg), msg["status"]]
+      end
+
+      def partial_for(job, started_at:, output: nil, error: nil)
+        Protocol.partial_result(batch_id: job.batch.id, worker_id: @worker_id, step_id: job.step["step_id"],
+                                task_id: job.step["task_id"], attempt: job.step["attempt"], output: output,
+                                error: error, started_at: started_at || Time.now.to_f, finished_at: Time.now.to_f)
+      end
+
+      def discard_pending_interrupt
+        return unless Thread.pending_interrupt?(TimeoutInterrupt)
+
+        Thread.handle_interrupt(TimeoutInterrupt => :immediate) { nil }
+      rescue TimeoutInterrupt
+        nil
+      end
+
+      # ---- I/O thread -------------------------------------------------------
+
+      def io_main(ready)
+        begin
+          open_sockets
+        rescue Exception => e # rubocop:disable Lint/RescueException
+          ready << e
+          return
+        end
+        ready << :ok
+        @logger.info("tasker worker #{@worker_id}: #{@max_workers} threads, batches from #{@batch_endpoint}, " \
+                     "results to #{@result_endpoint}")
+        io_loop
+      rescue Exception => e # rubocop:disable Lint/RescueException
+        # Kept rather than re-raised so #stop's join returns; see #error.
+        @error = e
+        @logger.error("tasker worker #{@worker_id}: I/O thread failed: #{e.class}: #{e.message}\n" \
+                      "#{Array(e.backtrace).first(10).join("\n")}")
+      ensure
+        close_sockets
+      end
+
+      def open_sockets
+        @in_flight = 0
+        @outbox = []
+        @open_jobs = Set.new.compare_by_identity
+        @peer_subscriptions = 0
+        @next_heartbeat_at = nil
+        @retry_at = nil
+        @sub = TaskerCore::Socket::Subscriber.new(connect: @batch_endpoint, topics: [Protocol.batch_topic(@worker_id)],
+                                                  recv_hwm: @recv_hwm, linger: @linger_ms)
+        @pub = TaskerCore::Socket::Publisher.new(connect: @result_endpoint, send_hwm: @send_hwm, linger: @linger_ms)
+      end
+
+      def close_sockets
+        @sub&.close
+        @pub&.close
+        @wake_r&.close
+        @wake_w&.close
+      rescue StandardError => e
+        @logger.warn("tasker worker #{@worker_id}: closing sockets: #{e.message}")
+      end
+
+      def io_loop
+        advertised_capacity = nil
+        drain_deadline = nil
+        loop do
+          readable = TaskerCore::Socket.select([@sub, @pub, @wake_r], wait_ms(drain_deadline))
+          drain_wake_pipe if readable.include?(@wake_r)
+          if @stop_requested && drain_deadline.nil?
+            drain_deadline = monotonic + @stop_timeout_s
+            @logger.info("tasker worker #{@worker_id}: draining #{@in_flight} step(s)")
+          end
+          track_subscriptions
+          receive_batches if readable.include?(@sub)
+          collect_results
+          watch_timeouts
+          capacity = current_capacity
+          if capacity != advertised_capacity && peer_subscribed?
+            # Pause, resume and drain take effect at the orchestrator now,
+            # not one heartbeat interval later.
+            @next_heartbeat_at = monotonic
+            advertised_capacity = capacity
+          end
+          send_heartbeat_if_due
+          flush_outbox
+
+          next unless drain_deadline
+          break if @in_flight.zero? && @outbox.empty?
+
+          if monotonic >= drain_deadline
+            shutdown_unfinished
+            flush_until(monotonic + (@linger_ms / 1000.0))
+            break
+          end
+        end
+        finish
+      end
+
+      def finish
+        @sub.unsubscribe(Protocol.batch_topic(@worker_id))
+        unless @outbox.empty?
+          bump(:results_unsent, @outbox.size)
+          @logger.error("tasker worker #{@worker_id}: #{@outbox.size} message(s) could not be sent before shutdown " \
+                        "(orchestrator #{peer_subscribed? ? 'not keeping up' : 'not connected'}); " \
+                        "the orchestrator re-dispatches those steps")
+        end
+        @pub.send_parts(Protocol.encode(Protocol.goodbye(worker_id: @worker_id, reason: "shutdown"))) if peer_subscribed?
+        @logger.info("tasker worker #{@worker_id}: stopped")
+      end
+
+      def wait_ms(drain_deadline)
+        return 0 unless @results.empty?
+
+        now = monotonic
+        candidates = [now + MAX_WAIT_S]
+        candidates << @next_heartbeat_at if @next_heartbeat_at
+        candidates << @retry_at if @retry_at && !@outbox.empty?
+        candidates << drain_deadline if drain_deadline
+        @mutex.synchronize do
+          @running.each do |job|
+            candidates << job.deadline if job.state == :running
+            candidates << job.grace_deadline if job.state == :timed_out && job.grace_deadline
+          end
+          @next_wake_at = candidates.min
+        end
+        [((@next_wake_at - now) * 1000).ceil, 0].max
+      end
+
+      def drain_wake_pipe
+        loop do
+          chunk = @wake_r.read_nonblock(4096, exception: false)
+          break if chunk == :wait_readable || chunk.nil? || chunk.bytesize < 4096
+        end
+      end
+
+      def wake
+        @wake_w&.write_nonblock(".", exception: false)
+      rescue IOError
+        nil # pipe closed: the I/O thread has finished and needs no wake-up
+      end
+
+      def track_subscriptions
+        @pub.subscriptions(timeout_ms: 0).each do |kind, _topic|
+          before = peer_subscribed?
+          @peer_subscriptions += kind == :subscribe ? 1 : -1
+          @peer_subscriptions = 0 if @peer_subscriptions.negative?
+          if !before && peer_subscribed?
+            @logger.info("tasker worker #{@worker_id}: orchestrator subscribed to results")
+            @next_heartbeat_at = monotonic
+          elsif before && !peer_subscribed?
+            @logger.warn("tasker worker #{@worker_id}: orchestrator unsubscribed; holding results until it returns")
+            @next_heartbeat_at = nil
+          end
+        end
+      end
+
+      def peer_subscribed?
+        @peer_subscriptions.positive?
+      end
+
+      def current_capacity
+        @paused || @stop_requested ? 0 : @max_workers
+      end
+
+      def receive_batches
+        @sub.receive_many(max: 256, timeout_ms: 0).each { |frames| accept(frames) }
+      end
+
+      def accept(frames)
+        msg = Protocol.decode(frames)
+        return bad(:unexpected_type, "a #{msg['type']} message on the batch channel") unless msg["type"] == Protocol::BATCH
+        return bad(:wrong_worker, "a batch for worker #{msg['worker_id']}") unless msg["worker_id"] == @worker_id
+
+        steps = msg["steps"]
+        batch = BatchState.new(id: msg["batch_id"], steps: steps, statuses: Array.new(steps.size), reported: 0)
+        bump(:batches_received)
+        bump(:steps_received, steps.size)
+        @in_flight += steps.size
+        enqueue_completion(batch) if steps.empty?
+        steps.each_with_index do |step, index|
+          timeout = step["timeout_ms"].to_i.positive? ? step["timeout_ms"] / 1000.0 : @step_timeout_s
+          job = Job.new(batch: batch, index: index, step: step, timeout_s: timeout, state: :queued)
+          @open_jobs << job
+          @jobs << job
+        end
+      rescue Protocol::MessageError => e
+        bad(e.reason, e.message)
+      end
+
+      # Bad input is counted and logged once per reason: a misbehaving peer
+      # must not be able to flood the log or stop the worker.
+      def bad(reason, detail)
+        @stats_mutex.synchronize { @stats[:bad_messages][reason] += 1 }
+        return unless @logged_reasons.add?(reason)
+
+        @logger.warn("tasker worker #{@worker_id}: dropped a bad message (#{reason}): #{detail}; " \
+                     "further #{reason} messages are only counted")
+      end
+
+      def collect_results
+        until @results.empty?
+          out = @results.pop
+          bump(out.kind == Protocol::STATUS_COMPLETE ? :steps_completed : :steps_failed)
+          report(out)
+        end
+      end
+
+      # Queues a step's one partial and, once every step of its batch has one
+      # queued, the batch's completion behind them: the outbox is sent in order.
+      def report(out)
+        job = out.job
+        return unless @open_jobs.delete?(job)
+
+        @outbox << out
+        batch = job.batch
+        batch.statuses[job.index] = out.kind
+        batch.reported += 1
+        enqueue_completion(batch) if batch.reported == batch.steps.size
+      end
+
+      def enqueue_completion(batch)
+        steps = batch.steps.each_with_index.map do |s, i|
+          { step_id: s["step_id"], attempt: s["attempt"], status: batch.statuses[i] }
+        end
+        msg = Protocol.batch_completion(batch_id: batch.id, worker_id: @worker_id, steps: steps)
+        @outbox << Outgoing.new(frames: Protocol.encode(msg), kind: :completion)
+      end
+
+      # The watchdog: report a step that ran past its deadline at once, then
+      # interrupt its thread; replace a thread that ignores the interrupt.
+      def watch_timeouts
+        now = monotonic
+        expired = []
+        @mutex.synchronize do
+          @running.each do |job|
+            if job.state == :running && now >= job.deadline
+              job.state = :timed_out
+              job.grace_deadline = now + @timeout_grace_s
+              job.thread.raise(TimeoutInterrupt)
+              expired << job
+            elsif job.state == :timed_out && job.grace_deadline && now >= job.grace_deadline
+              abandon(job)
+            end
+          end
+          @running.delete_if { |job| job.thread[:tc_abandoned] }
+        end
+        expired.each do |job|
+          bump(:steps_timed_out)
+          report_timeout(job, "step #{job.step['step_name']} (#{job.step['handler']}) exceeded its timeout of " \
+                              "#{(job.timeout_s * 1000).round} ms")
+        end
+      end
+
+      # Called with @mutex held.
+      def abandon(job)
+        thread = job.thread
+        thread[:tc_abandoned] = true
+        @pool.delete(thread)
+        @pool << spawn_pool_thread unless @stop_requested
+        bump(:threads_abandoned)
+        @logger.warn("tasker worker #{@worker_id}: handler #{job.step['handler']} ignored its timeout; " \
+                     "its thread is abandoned and replaced")
+      end
+
+      def report_timeout(job, message)
+        error = Protocol.error_object(klass: TaskerCore::StepTimeoutError.name, message: message, retryable: true)
+        msg = partial_for(job, error: error, started_at: job.started_at)
+        bump(:steps_failed)
+        report(Outgoing.new(frames: Protocol.encode(msg), kind: Protocol::STATUS_ERROR, job: job))
+      end
+
+      # Shutdown ran out of time: every step not yet reported fails, retryable.
+      def shutdown_unfinished
+        collect_results
+        unfinished = []
+        @mutex.synchronize do
+          @open_jobs.each do |job|
+            next unless %i[queued running].include?(job.state)
+
+            job.thread&.raise(TimeoutInterrupt) if job.state == :running
+            unfinished << [job, job.state]
+            job.state = :timed_out
+          end
+        end
+        unfinished.each do |job, was|
+          bump(:steps_timed_out)
+          report_timeout(job, was == :queued ? "worker shut down before the step started" : "worker shut down while the step ran")
+        end
+      end
+
+      def send_heartbeat_if_due
+        return unless @next_heartbeat_at && monotonic >= @next_heartbeat_at
+
+        msg = Protocol.heartbeat(worker_id: @worker_id, capacity: current_capacity, in_flight: @in_flight)
+        # A refused heartbeat is not retried: the next one supersedes it.
+        bump(:heartbeats_sent) if @pub.send_parts(Protocol.encode(msg))
+        @next_heartbeat_at = monotonic + @heartbeat_interval_s
+      end
+
+      # Sends the outbox in order. A message the publisher refuses at its
+      # high-water mark stays at the head and is retried: results are never
+      # dropped, and a completion never overtakes its batch's partials.
+      def flush_outbox
+        return unless peer_subscribed?
+
+        @retry_at = nil
+        until @outbox.empty?
+          out = @outbox.first
+          unless @pub.send_parts(out.frames)
+            bump(:send_retries)
+            @retry_at = monotonic + SEND_RETRY_S
+            return
+          end
+          @outbox.shift
+          if out.kind == :completion
+            bump(:completions_sent)
+          else
+            @in_flight -= 1
+            bump(:partials_sent)
+          end
+        end
+      end
+
+      def flush_until(deadline)
+        until @outbox.empty? || monotonic >= deadline
+          track_subscriptions
+          flush_outbox
+          TaskerCore::Socket.select([@pub], (SEND_RETRY_S * 1000).ceil) unless @outbox.empty?
+        end
+      end
+
+      def bump(key, by = 1)
+        @stats_mutex.synchronize { @stats[key] += by }
+      end
+
+      def monotonic
+        Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      end
+    end
+  end
+end

@@ -1,0 +1,316 @@
+# frozen_string_literal: true
+
+require "socket"
+
+module TaskerCore
+  # Wire protocol v1 between the orchestrator and workers (docs/protocol.md).
+  #
+  # Every message either side sends is built and checked here, so the two
+  # sides cannot drift apart on a topic, a field name or an error shape
+  # (the failure that sank an earlier attempt at this design).
+  module Protocol
+    VERSION = 1
+
+    BATCH = "batch"
+    PARTIAL_RESULT = "partial_result"
+    BATCH_COMPLETION = "batch_completion"
+    HEARTBEAT = "heartbeat"
+    GOODBYE = "goodbye"
+    TYPES = [BATCH, PARTIAL_RESULT, BATCH_COMPLETION, HEARTBEAT, GOODBYE].freeze
+    # Types a worker publishes on the result channel; their topic frame is the type.
+    RESULT_TYPES = [PARTIAL_RESULT, BATCH_COMPLETION, HEARTBEAT, GOODBYE].freeze
+
+    STATUS_COMPLETE = "complete"
+    STATUS_ERROR = "error"
+    STATUSES = [STATUS_COMPLETE, STATUS_ERROR].freeze
+
+    # Subscriber topics are byte prefixes, so ids are restricted and the
+    # topic ends in "." to keep worker "a" from receiving worker "ab"'s batches.
+    WORKER_ID_PATTERN = /\A[A-Za-z0-9_-]+\z/.freeze
+    BATCH_TOPIC_PREFIX = "batch."
+    BACKTRACE_LINES = 20
+
+    # A message that breaks this protocol. #reason is a Symbol a receiver can
+    # count by (:malformed_frames, :undecodable, :not_a_map, :wrong_version,
+    # :unknown_type, :invalid_field, :topic_mismatch); #field names the
+    # offending field when there is one ("steps[2].attempt").
+    class MessageError < TaskerCore::ProtocolError
+      attr_reader :reason, :field
+
+      def initialize(message, reason:, field: nil)
+        super(message)
+        @reason = reason
+        @field = field
+      end
+    end
+
+    # Field checks per message type: [name, check, description]. Receivers
+    # ignore fields not listed (docs/protocol.md, "Versioning").
+    INT = ->(v) { v.is_a?(Integer) }
+    NON_NEG_INT = ->(v) { v.is_a?(Integer) && v >= 0 }
+    POS_INT = ->(v) { v.is_a?(Integer) && v >= 1 }
+    STR = ->(v) { v.is_a?(String) && !v.empty? }
+    ANY_STR = ->(v) { v.is_a?(String) }
+    NUM = ->(v) { v.is_a?(Numeric) && !(v.is_a?(Float) && (v.nan? || v.infinite?)) }
+    NUM_OR_NIL = ->(v) { v.nil? || NUM.call(v) }
+    MAP = ->(v) { v.is_a?(Hash) }
+    MAP_OR_NIL = ->(v) { v.nil? || v.is_a?(Hash) }
+    BOOL = ->(v) { v == true || v == false }
+    WORKER_ID = ->(v) { v.is_a?(String) && WORKER_ID_PATTERN.match?(v) }
+    STATUS = ->(v) { STATUSES.include?(v) }
+    STR_ARRAY = ->(v) { v.is_a?(Array) && v.all?(String) }
+    TIMEOUT = ->(v) { v.nil? || NON_NEG_INT.call(v) }
+
+    STEP_FIELDS = [
+      ["step_id", INT, "an Integer"],
+      ["task_id", INT, "an Integer"],
+      ["step_name", STR, "a non-empty String"],
+      ["handler", STR, "a non-empty String"],
+      ["handler_config", MAP, "a map"],
+      ["attempt", POS_INT, "an Integer >= 1"],
+      ["timeout_ms", TIMEOUT, "an Integer >= 0 or nil"],
+      ["context", MAP, "a map"],
+      ["dependency_results", MAP, "a map"]
+    ].freeze
+
+    ERROR_FIELDS = [
+      ["class", STR, "a non-empty String"],
+      ["message", ANY_STR, "a String"],
+      ["backtrace", STR_ARRAY, "an Array of Strings"],
+      ["retryable", BOOL, "true or false"],
+      ["retry_after", NUM_OR_NIL, "a Float (seconds) or nil"]
+    ].freeze
+
+    COMPLETION_STEP_FIELDS = [
+      ["step_id", INT, "an Integer"],
+      ["attempt", POS_INT, "an Integer >= 1"],
+      ["status", STATUS, "\"complete\" or \"error\""]
+    ].freeze
+
+    FIELDS = {
+      BATCH => [
+        ["batch_id", STR, "a non-empty String"],
+        ["worker_id", WORKER_ID, "a worker id matching #{WORKER_ID_PATTERN.source}"],
+        ["sent_at", NUM, "a Float (epoch seconds)"],
+        ["steps", ->(v) { v.is_a?(Array) }, "an Array"]
+      ],
+      PARTIAL_RESULT => [
+        ["batch_id", STR, "a non-empty String"],
+        ["worker_id", WORKER_ID, "a worker id matching #{WORKER_ID_PATTERN.source}"],
+        ["step_id", INT, "an Integer"],
+        ["task_id", INT, "an Integer"],
+        ["attempt", POS_INT, "an Integer >= 1"],
+        ["status", STATUS, "\"complete\" or \"error\""],
+        ["output", MAP_OR_NIL, "a map or nil"],
+        ["error", MAP_OR_NIL, "a map or nil"],
+        ["started_at", NUM, "a Float (epoch seconds)"],
+        ["finished_at", NUM, "a Float (epoch seconds)"],
+        ["duration_ms", NUM, "a Float (milliseconds)"]
+      ],
+      BATCH_COMPLETION => [
+        ["batch_id", STR, "a non-empty String"],
+        ["worker_id", WORKER_ID, "a worker id matching #{WORKER_ID_PATTERN.source}"],
+        ["completed_at", NUM, "a Float (epoch seconds)"],
+        ["steps", ->(v) { v.is_a?(Array) }, "an Array"]
+      ],
+      HEARTBEAT => [
+        ["worker_id", WORKER_ID, "a worker id matching #{WORKER_ID_PATTERN.source}"],
+        ["pid", INT, "an Integer"],
+        ["host", ANY_STR, "a String"],
+        ["capacity", NON_NEG_INT, "an Integer >= 0"],
+        ["in_flight", NON_NEG_INT, "an Integer >= 0"],
+        ["sent_at", NUM, "a Float (epoch seconds)"]
+      ],
+      GOODBYE => [
+        ["worker_id", WORKER_ID, "a worker id matching #{WORKER_ID_PATTERN.source}"],
+        ["reason", ANY_STR, "a String"]
+      ]
+    }.freeze
+
+    module_function
+
+    def batch_topic(worker_id)
+      "#{BATCH_TOPIC_PREFIX}#{worker_id}."
+    end
+
+    # The topic frame a message travels under.
+    def topic_for(msg)
+      msg["type"] == BATCH ? batch_topic(msg["worker_id"]) : msg["type"]
+    end
+
+    def now
+      Time.now.to_f
+    end
+
+    def valid_worker_id?(id)
+      id.is_a?(String) && WORKER_ID_PATTERN.match?(id)
+    end
+
+    # A worker id that is unique enough across hosts and restarts and safe
+    # to use as a subscription prefix.
+    def generate_worker_id
+      host = ::Socket.gethostname.gsub(/[^A-Za-z0-9_-]/, "-")[0, 40]
+      "#{host}-#{Process.pid}-#{Random.bytes(4).unpack1('H*')}"
+    end
+
+    # ---- builders -------------------------------------------------------
+
+    def batch(batch_id:, worker_id:, steps:, sent_at: now)
+      { "protocol_version" => VERSION, "type" => BATCH, "batch_id" => batch_id,
+        "worker_id" => worker_id, "sent_at" => sent_at.to_f, "steps" => steps.map { |s| batch_step(**s) } }
+    end
+
+    def batch_step(step_id:, task_id:, step_name:, handler:, handler_config: {}, attempt: 1,
+                   timeout_ms: nil, context: {}, dependency_results: {})
+      { "step_id" => step_id, "task_id" => task_id, "step_name" => step_name, "handler" => handler,
+        "handler_config" => handler_config, "attempt" => attempt, "timeout_ms" => timeout_ms,
+        "context" => context, "dependency_results" => dependency_results }
+    end
+
+    # status is derived: an error object makes it "error", else "complete".
+    def partial_result(batch_id:, worker_id:, step_id:, task_id:, attempt:, started_at:, finished_at:,
+                       output: nil, error: nil)
+      { "protocol_version" => VERSION, "type" => PARTIAL_RESULT, "batch_id" => batch_id,
+        "worker_id" => worker_id, "step_id" => step_id, "task_id" => task_id, "attempt" => attempt,
+        "status" => error ? STATUS_ERROR : STATUS_COMPLETE,
+        "output" => error ? nil : output, "error" => error,
+        "started_at" => started_at.to_f, "finished_at" => finished_at.to_f,
+        "duration_ms" => ((finished_at.to_f - started_at.to_f) * 1000.0).round(3) }
+    end
+
+    # The error object of a failed partial_result.
+    def error_object(klass:, message:, backtrace: [], retryable:, retry_after: nil)
+      { "class" => klass.to_s, "message" => message.to_s,
+        "backtrace" => Array(backtrace).first(BACKTRACE_LINES).map(&:to_s),
+        "retryable" => retryable ? true : false,
+        "retry_after" => retry_after&.to_f }
+    end
+
+    # Maps an exception raised by (or on behalf of) a handler to an error
+    # object: the classification decides whether the orchestrator retries.
+    def error_from_exception(exception)
+      retryable, retry_after =
+        case exception
+        when TaskerCore::RetryableError then [true, exception.retry_after]
+        when TaskerCore::PermanentError, TaskerCore::UnknownHandlerError then [false, nil]
+        else [true, nil]
+        end
+      error_object(klass: exception.class.name || exception.class.inspect, message: exception.message,
+                   backtrace: exception.backtrace || [], retryable: retryable, retry_after: retry_after)
+    end
+
+    def batch_completion(batch_id:, worker_id:, steps:, completed_at: now)
+      { "protocol_version" => VERSION, "type" => BATCH_COMPLETION, "batch_id" => batch_id,
+        "worker_id" => worker_id, "completed_at" => completed_at.to_f,
+        "steps" => steps.map { |s| { "step_id" => s[:step_id] || s["step_id"], "attempt" => s[:attempt] || s["attempt"],
+                                     "status" => s[:status] || s["status"] } } }
+    end
+
+    def heartbeat(worker_id:, capacity:, in_flight:, pid: Process.pid, host: ::Socket.gethostname, sent_at: now)
+      { "protocol_version" => VERSION, "type" => HEARTBEAT, "worker_id" => worker_id, "pid" => pid,
+        "host" => host, "capacity" => capacity, "in_flight" => in_flight, "sent_at" => sent_at.to_f }
+    end
+
+    def goodbye(worker_id:, reason:)
+      { "protocol_version" => VERSION, "type" => GOODBYE, "worker_id" => worker_id, "reason" => reason.to_s }
+    end
+
+    # ---- framing --------------------------------------------------------
+
+    # [topic, body] frames for a message, validated first so a bug on the
+    # sending side shows up here rather than as a silent drop at the peer.
+    def encode(msg)
+      validate!(msg)
+      [topic_for(msg), TaskerCore::Codec.pack(msg)]
+    end
+
+    # The message carried by [topic, body] frames, validated, with the topic
+    # checked against the message. Raises MessageError.
+    def decode(frames)
+      unless frames.is_a?(Array) && frames.size == 2 && frames.all?(String)
+        raise MessageError.new("expected 2 frames [topic, body], got #{describe_frames(frames)}",
+                               reason: :malformed_frames)
+      end
+
+      msg = begin
+        TaskerCore::Codec.unpack(frames[1])
+      rescue TaskerCore::ProtocolError, ArgumentError, TypeError => e
+        raise MessageError.new("body is not valid msgpack: #{e.message}", reason: :undecodable)
+      end
+      validate!(msg)
+      topic = frames[0].b
+      expected = topic_for(msg).b
+      unless topic == expected
+        raise MessageError.new("topic #{topic.inspect} does not match a #{msg['type']} message " \
+                               "(expected #{expected.inspect})", reason: :topic_mismatch, field: "topic")
+      end
+      msg
+    end
+
+    # Returns msg when it is a well-formed v1 message; raises MessageError
+    # naming the first offending field otherwise.
+    def validate!(msg)
+      raise MessageError.new("message must be a map, got #{msg.class}", reason: :not_a_map) unless msg.is_a?(Hash)
+
+      version = msg["protocol_version"]
+      unless version == VERSION
+        raise MessageError.new("protocol_version must be #{VERSION}, got #{version.inspect}",
+                               reason: :wrong_version, field: "protocol_version")
+      end
+
+      type = msg["type"]
+      unless TYPES.include?(type)
+        raise MessageError.new("unknown message type #{type.inspect} (known: #{TYPES.join(', ')})",
+                               reason: :unknown_type, field: "type")
+      end
+
+      check_fields!(type, msg, FIELDS.fetch(type), "")
+      case type
+      when BATCH
+        msg["steps"].each_with_index { |s, i| check_nested!(type, s, STEP_FIELDS, "steps[#{i}]") }
+      when BATCH_COMPLETION
+        msg["steps"].each_with_index { |s, i| check_nested!(type, s, COMPLETION_STEP_FIELDS, "steps[#{i}]") }
+      when PARTIAL_RESULT
+        check_partial!(msg)
+      end
+      msg
+    end
+
+    def check_partial!(msg)
+      if msg["status"] == STATUS_ERROR
+        invalid!(PARTIAL_RESULT, "error", "a map when status is \"error\"", msg["error"]) unless msg["error"].is_a?(Hash)
+        check_fields!(PARTIAL_RESULT, msg["error"], ERROR_FIELDS, "error.")
+      else
+        invalid!(PARTIAL_RESULT, "error", "nil when status is \"complete\"", msg["error"]) unless msg["error"].nil?
+        invalid!(PARTIAL_RESULT, "output", "a map when status is \"complete\"", msg["output"]) unless msg["output"].is_a?(Hash)
+      end
+    end
+
+    def check_nested!(type, value, fields, path)
+      invalid!(type, path, "a map", value) unless value.is_a?(Hash)
+      check_fields!(type, value, fields, "#{path}.")
+    end
+
+    def check_fields!(type, hash, fields, prefix)
+      fields.each do |name, check, description|
+        field = "#{prefix}#{name}"
+        raise MessageError.new("#{type}: missing field #{field}", reason: :invalid_field, field: field) unless hash.key?(name)
+
+        invalid!(type, field, description, hash[name]) unless check.call(hash[name])
+      end
+    end
+
+    def invalid!(type, field, description, value)
+      shown = value.inspect
+      shown = "#{shown[0, 60]}..." if shown.size > 60
+      raise MessageError.new("#{type}: field #{field} must be #{description}, got #{shown}",
+                             reason: :invalid_field, field: field)
+    end
+
+    def describe_frames(frames)
+      frames.is_a?(Array) ? "#{frames.size} frame(s)" : frames.class.to_s
+    end
+
+    private_class_method :check_partial!, :check_nested!, :check_fields!, :invalid!, :describe_frames
+  end
+end

@@ -1,0 +1,113 @@
+# frozen_string_literal: true
+
+require "optparse"
+require "logger"
+
+module TaskerCore
+  # A worker in the foreground (exe/tasker-worker). Signals, as in the job
+  # systems users know:
+  #   TERM, INT  drain (finish or time out accepted steps, send their results,
+  #              say goodbye) and exit 0
+  #   TSTP       stop taking new work (heartbeats advertise capacity 0)
+  #   CONT       take work again
+  class WorkerProcess
+    USAGE = "Usage: tasker-worker --handlers PATH [--concurrency N] [--batch-endpoint E] " \
+            "[--result-endpoint E] [--worker-id ID] [--shutdown-timeout SECONDS]"
+
+    SIGNAL_BYTES = { "TERM" => "T", "INT" => "I", "TSTP" => "S", "CONT" => "C" }.freeze
+
+    def self.run(argv, logger: nil)
+      options = parse(argv)
+      new(**options, logger: logger).run
+    rescue OptionParser::ParseError, ArgumentError => e
+      warn "tasker-worker: #{e.message}\n#{USAGE}"
+      2
+    rescue ScriptError, StandardError => e
+      # A handler file that does not load, or an endpoint that cannot be used.
+      warn "tasker-worker: #{e.class}: #{e.message}"
+      1
+    end
+
+    def self.parse(argv)
+      options = { handlers: [] }
+      OptionParser.new do |o|
+        o.banner = USAGE
+        o.on("--handlers PATH", "a .rb file or a directory of them defining step handlers (repeatable)") { |v| options[:handlers] << v }
+        o.on("--concurrency N", Integer, "threads running steps (worker.max_workers)") { |v| options[:concurrency] = v }
+        o.on("--batch-endpoint E", "where the orchestrator publishes batches") { |v| options[:batch_endpoint] = v }
+        o.on("--result-endpoint E", "where the orchestrator receives results") { |v| options[:result_endpoint] = v }
+        o.on("--worker-id ID", "this worker's id (default: host-pid-random)") { |v| options[:worker_id] = v }
+        o.on("--shutdown-timeout SECONDS", Float, "how long TERM waits for running steps") { |v| options[:shutdown_timeout] = v }
+      end.parse!(argv.dup)
+      raise ArgumentError, "--handlers is required" if options[:handlers].empty?
+
+      options
+    end
+
+    def initialize(handlers:, concurrency: nil, batch_endpoint: nil, result_endpoint: nil, worker_id: nil,
+                   shutdown_timeout: nil, logger: nil)
+      @handler_paths = handlers
+      @shutdown_timeout = shutdown_timeout
+      @logger = logger || (TaskerCore.respond_to?(:logger) && TaskerCore.logger) || Logger.new($stderr)
+      # Only what was given on the command line; the rest defaults from config.
+      @orchestrator_options = { max_workers: concurrency, step_sub_endpoint: batch_endpoint,
+                                result_pub_endpoint: result_endpoint, worker_id: worker_id }.compact
+    end
+
+    # Runs until TERM or INT; returns the exit status.
+    def run
+      load_handlers
+      signal_r, signal_w = IO.pipe
+      previous = install_traps(signal_w)
+      worker = Orchestration::BatchStepExecutionOrchestrator.new(**@orchestrator_options, logger: @logger)
+      worker.start
+      wait_for_stop(signal_r, worker)
+      stopped = @shutdown_timeout ? worker.stop(timeout: @shutdown_timeout) : worker.stop
+      worker.error || !stopped ? 1 : 0
+    ensure
+      previous&.each { |sig, handler| trap(sig, handler || "DEFAULT") }
+      signal_r&.close
+      signal_w&.close
+    end
+
+    private
+
+    def load_handlers
+      @handler_paths.each do |path|
+        full = File.expand_path(path)
+        files = File.directory?(full) ? Dir[File.join(full, "**", "*.rb")].sort : [full]
+        raise ArgumentError, "--handlers #{path}: no such file or directory" unless File.exist?(full)
+
+        files.each { |f| require f }
+      end
+    end
+
+    # Trap handlers only write to a pipe: the real work (which takes locks)
+    # happens on the main thread.
+    def install_traps(signal_w)
+      SIGNAL_BYTES.to_h do |sig, byte|
+        [sig, trap(sig) { signal_w.write_nonblock(byte, exception: false) }]
+      end
+    end
+
+    def wait_for_stop(signal_r, worker)
+      loop do
+        return if worker.error # the I/O thread died: nothing left to drain
+
+        next unless IO.select([signal_r], nil, nil, 1.0)
+
+        signal_r.read_nonblock(64, exception: false).to_s.each_char do |c|
+          case c
+          when "T", "I" then return
+          when "S"
+            @logger.info("tasker worker #{worker.worker_id}: TSTP, taking no new work (CONT resumes)")
+            worker.pause
+          when "C"
+            @logger.info("tasker worker #{worker.worker_id}: CONT, taking work again")
+            worker.resume
+          end
+        end
+      end
+    end
+  end
+end

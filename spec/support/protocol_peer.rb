@@ -1,0 +1,87 @@
+# frozen_string_literal: true
+
+# A stand-in orchestrator for worker specs, made of real sockets speaking
+# wire protocol v1: an XPUB bound for batches, a SUB bound for results. It
+# decodes every result with TaskerCore::Protocol.decode, so a worker that
+# sends a malformed message fails the spec right there.
+#
+# All methods must be called from the thread that made the peer (libzmq
+# sockets belong to one thread).
+class ProtocolPeer
+  Protocol = TaskerCore::Protocol
+
+  attr_reader :batch_endpoint, :result_endpoint, :messages, :batch_subscriptions
+
+  def initialize
+    @batches = TaskerCore::Socket::Publisher.new(bind: "tcp://127.0.0.1:*", send_hwm: 10_000)
+    @results = TaskerCore::Socket::Subscriber.new(bind: "tcp://127.0.0.1:*", topics: [""], recv_hwm: 100_000)
+    @batch_endpoint = @batches.last_endpoint
+    @result_endpoint = @results.last_endpoint
+    @messages = []
+    @batch_subscriptions = []
+    @next_batch = 0
+  end
+
+  def close
+    @batches.close
+    @results.close
+  end
+
+  # Receives whatever is ready (waiting up to timeout_ms for the first
+  # message) and records it; returns the new messages.
+  def poll(timeout_ms: 50)
+    @batch_subscriptions.concat(@batches.subscriptions(timeout_ms: 0))
+    fresh = @results.receive_many(max: 1000, timeout_ms: timeout_ms).map { |frames| Protocol.decode(frames) }
+    @messages.concat(fresh)
+    fresh
+  end
+
+  # Polls until the block, given every message so far, returns truthy.
+  def wait_for(description = "messages", timeout: 15)
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
+    loop do
+      result = yield @messages
+      return result if result
+      raise "timed out waiting for #{description}; got #{@messages.map { |m| m['type'] }.tally}" if
+        Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+
+      poll
+    end
+  end
+
+  # Live as the orchestrator sees it: its batch subscription and a heartbeat.
+  def wait_for_worker(worker_id)
+    topic = Protocol.batch_topic(worker_id)
+    wait_for("worker #{worker_id} to subscribe and heartbeat") do |msgs|
+      @batch_subscriptions.include?([:subscribe, topic]) &&
+        msgs.any? { |m| m["type"] == "heartbeat" && m["worker_id"] == worker_id }
+    end
+  end
+
+  def send_batch(worker_id, steps, batch_id: "b-#{@next_batch += 1}")
+    msg = Protocol.batch(batch_id: batch_id, worker_id: worker_id, steps: steps)
+    raise "batch refused at the high-water mark" unless @batches.send_parts(Protocol.encode(msg))
+
+    batch_id
+  end
+
+  def send_raw(frames)
+    @batches.send_parts(frames)
+  end
+
+  def of_type(type, batch_id: nil)
+    @messages.select { |m| m["type"] == type && (batch_id.nil? || m["batch_id"] == batch_id) }
+  end
+
+  def partials(batch_id = nil)
+    of_type("partial_result", batch_id: batch_id)
+  end
+
+  def completions(batch_id = nil)
+    of_type("batch_completion", batch_id: batch_id)
+  end
+
+  def heartbeats
+    of_type("heartbeat")
+  end
+end

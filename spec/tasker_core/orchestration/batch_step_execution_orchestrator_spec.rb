@@ -1,0 +1,251 @@
+# frozen_string_literal: true
+
+require "logger"
+require "stringio"
+
+RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
+  let(:peer) { ProtocolPeer.new }
+  let(:log) { StringIO.new }
+  let(:registry) { TaskerCore::HandlerRegistry.new }
+  let(:worker_id) { "spec-#{Process.pid}-#{rand(1 << 30)}" }
+  let(:gate) { Thread::Queue.new }     # gated handlers wait here until the spec releases them
+  let(:started) { Thread::Queue.new }  # gated handlers report their step id here when they start
+
+  before do
+    gate_q = gate
+    started_q = started
+    registry.register("Double", lambda { |task, sequence, step|
+      { "value" => task.context["n"] * 2, "deps" => sequence.results, "dep_a" => sequence["a"],
+        "config" => step.handler_config, "attempt" => step.attempt, "name" => step.name }
+    })
+    registry.register("Boom", ->(*) { raise ArgumentError, "boom" })
+    registry.register("Busy", ->(*) { raise TaskerCore::RetryableError.new("busy", retry_after: 2.5) })
+    registry.register("Never", ->(*) { raise TaskerCore::PermanentError, "never" })
+    registry.register("NotHash", ->(*) { 42 })
+    registry.register("Sleepy", ->(*) { sleep })
+    registry.register("Opaque", ->(*) { { "x" => Object.new } })
+    registry.register("Gated", lambda { |_task, _sequence, step|
+      started_q << step.id
+      gate_q.pop
+      { "released" => step.id }
+    })
+  end
+
+  after do
+    @worker&.stop(timeout: 2)
+    peer.close
+  end
+
+  def start_worker(**options)
+    @worker = described_class.new(step_sub_endpoint: peer.batch_endpoint, result_pub_endpoint: peer.result_endpoint,
+                                  max_workers: 4, handler_registry: registry, worker_id: worker_id,
+                                  heartbeat_interval_ms: 50, logger: Logger.new(ENV["SPEC_LOG"] ? $stderr : log), **options).start
+    peer.wait_for_worker(worker_id)
+    @worker
+  end
+
+  def step(id, handler, **extra)
+    { step_id: id, task_id: 100 + id, step_name: "s#{id}", handler: handler, context: { "n" => id }, **extra }
+  end
+
+  # Step ids of the next n gated steps to start (fails rather than hangs).
+  def started_steps(count)
+    wait_until(message: "#{count} gated step(s) to start") { started.size >= count }
+    Array.new(count) { started.pop }
+  end
+
+  def partial_for(batch_id, step_id)
+    peer.partials(batch_id).find { |m| m["step_id"] == step_id }
+  end
+
+  def index_of(msg)
+    peer.messages.index { |m| m.equal?(msg) }
+  end
+
+  it "gives each step exactly one correct partial and the batch one completion after them" do
+    start_worker
+    steps = [step(1, "Double", handler_config: { "k" => "v" }, attempt: 3, dependency_results: { "a" => { "x" => 1 } }),
+             step(2, "Boom"), step(3, "Busy"), step(4, "Never"), step(5, "NotHash"), step(6, "Nope::Missing"),
+             step(7, "Sleepy", timeout_ms: 100), step(8, "Opaque")]
+    batch_id = peer.send_batch(worker_id, steps)
+    peer.wait_for("the completion") { peer.completions(batch_id).any? }
+
+    partials = peer.partials(batch_id)
+    expect(partials.map { |m| m["step_id"] }).to match_array((1..8).to_a)
+    by_step = partials.to_h { |m| [m["step_id"], m] }
+
+    expect(by_step[1]).to include("status" => "complete", "error" => nil, "task_id" => 101, "attempt" => 3,
+                                  "worker_id" => worker_id)
+    expect(by_step[1]["output"]).to eq("value" => 2, "deps" => { "a" => { "x" => 1 } }, "dep_a" => { "x" => 1 },
+                                       "config" => { "k" => "v" }, "attempt" => 3, "name" => "s1")
+    expect(by_step[2]["error"]).to include("class" => "ArgumentError", "message" => "boom", "retryable" => true)
+    expect(by_step[2]["error"]["backtrace"]).not_to be_empty
+    expect(by_step[3]["error"]).to include("class" => "TaskerCore::RetryableError", "retryable" => true, "retry_after" => 2.5)
+    expect(by_step[4]["error"]).to include("class" => "TaskerCore::PermanentError", "retryable" => false)
+    expect(by_step[5]["error"]).to include("class" => "TypeError", "retryable" => false)
+    expect(by_step[5]["error"]["message"]).to include("Integer")
+    expect(by_step[6]["error"]).to include("class" => "TaskerCore::UnknownHandlerError", "retryable" => false)
+    expect(by_step[7]["error"]).to include("class" => "TaskerCore::StepTimeoutError", "retryable" => true)
+    expect(by_step[8]["error"]).to include("class" => "TypeError", "retryable" => false)
+    expect(by_step[8]["error"]["message"]).to include("could not be encoded")
+    (2..8).each { |id| expect(by_step[id]).to include("status" => "error", "output" => nil) }
+
+    completion = peer.completions(batch_id).first
+    expect(completion["steps"]).to eq(steps.map do |s|
+      { "step_id" => s[:step_id], "attempt" => s[:attempt] || 1, "status" => s[:step_id] == 1 ? "complete" : "error" }
+    end)
+    expect(partials.map { |m| index_of(m) }.max).to be < index_of(completion)
+
+    # Nothing more for this batch arrives later (the interrupted Sleepy step
+    # does not produce a second partial).
+    peer.wait_for("a later heartbeat") { |msgs| msgs.last["type"] == "heartbeat" && msgs.last["in_flight"].zero? }
+    expect(peer.partials(batch_id).size).to eq(8)
+    expect(peer.completions(batch_id).size).to eq(1)
+    expect(@worker.stats).to include(batches_received: 1, steps_completed: 1, steps_failed: 7, steps_timed_out: 1,
+                                     partials_sent: 8, completions_sent: 1)
+  end
+
+  it "streams a fast step's partial while a slow step of the same batch still runs" do
+    start_worker
+    batch_id = peer.send_batch(worker_id, [step(1, "Gated"), step(2, "Double")])
+    peer.wait_for("the fast step's partial") { partial_for(batch_id, 2) }
+    expect(partial_for(batch_id, 1)).to be_nil
+    expect(peer.completions(batch_id)).to be_empty
+
+    gate << :go
+    peer.wait_for("the completion") { peer.completions(batch_id).any? }
+    expect(index_of(partial_for(batch_id, 2))).to be < index_of(partial_for(batch_id, 1))
+    expect(index_of(partial_for(batch_id, 1))).to be < index_of(peer.completions(batch_id).first)
+  end
+
+  it "completes an empty batch at once" do
+    start_worker
+    batch_id = peer.send_batch(worker_id, [])
+    completion = peer.wait_for("the completion") { peer.completions(batch_id).first }
+    expect(completion["steps"]).to eq([])
+  end
+
+  it "sends heartbeats carrying capacity and in-flight steps" do
+    start_worker
+    peer.send_batch(worker_id, [step(1, "Gated"), step(2, "Gated")])
+    busy = peer.wait_for("a heartbeat with 2 in flight") { peer.heartbeats.find { |h| h["in_flight"] == 2 } }
+    expect(busy).to include("capacity" => 4, "worker_id" => worker_id, "pid" => Process.pid)
+    2.times { gate << :go }
+    peer.wait_for("a heartbeat with nothing in flight") { peer.heartbeats.last["in_flight"].zero? }
+    expect(@worker.stats[:heartbeats_sent]).to be >= 2
+  end
+
+  it "advertises no capacity while paused and takes work again on resume" do
+    start_worker
+    @worker.pause
+    peer.wait_for("a paused heartbeat") { peer.heartbeats.last["capacity"].zero? }
+    @worker.resume
+    peer.wait_for("a resumed heartbeat") { peer.heartbeats.last["capacity"] == 4 }
+    batch_id = peer.send_batch(worker_id, [step(1, "Double")])
+    expect(peer.wait_for("the completion") { peer.completions(batch_id).first }).to be_truthy
+  end
+
+  it "drains on #stop: finishes running steps, sends their results, then says goodbye" do
+    start_worker
+    batch_id = peer.send_batch(worker_id, [step(1, "Gated"), step(2, "Double")])
+    expect(started_steps(1)).to eq([1])
+    stopper = Thread.new { @worker.stop(timeout: 30) }
+    peer.wait_for("a draining heartbeat") { peer.heartbeats.last["capacity"].zero? }
+    expect(peer.of_type("goodbye")).to be_empty
+
+    gate << :go
+    goodbye = peer.wait_for("goodbye") { peer.of_type("goodbye").first }
+    expect(stopper.value).to be(true)
+    expect(goodbye).to include("worker_id" => worker_id, "reason" => "shutdown")
+    expect(partial_for(batch_id, 1)).to include("status" => "complete", "output" => { "released" => 1 })
+    expect(index_of(peer.completions(batch_id).first)).to be < index_of(goodbye)
+    expect(@worker.running?).to be(false)
+  end
+
+  it "reports steps still unfinished when the shutdown timeout runs out" do
+    start_worker(max_workers: 1)
+    batch_id = peer.send_batch(worker_id, [step(1, "Sleepy", timeout_ms: 600_000), step(2, "Double")])
+    peer.wait_for("a heartbeat with the steps in flight") { peer.heartbeats.last["in_flight"] == 2 }
+    stopper = Thread.new { @worker.stop(timeout: 0.2) }
+    peer.wait_for("goodbye") { peer.of_type("goodbye").any? }
+    expect(stopper.value).to be(true)
+    expect(partial_for(batch_id, 1)["error"]).to include("class" => "TaskerCore::StepTimeoutError", "retryable" => true)
+    expect(partial_for(batch_id, 1)["error"]["message"]).to include("shut down")
+    expect(partial_for(batch_id, 2)).to include("status" => "error") # queued behind it, never started
+    expect(peer.completions(batch_id).size).to eq(1)
+  end
+
+  it "replaces a thread whose handler ignores its timeout, keeping the pool at size" do
+    stop_flag = false
+    registry.register("Stubborn", lambda { |*|
+      until stop_flag
+        begin
+          sleep 0.01
+        rescue Exception # rubocop:disable Lint/RescueException
+          nil # swallows the timeout interrupt on purpose
+        end
+      end
+      { "late" => true }
+    })
+    start_worker(max_workers: 2, timeout_grace_s: 0.05)
+    batch_id = peer.send_batch(worker_id, [step(1, "Stubborn", timeout_ms: 50)])
+    timed_out = peer.wait_for("the timeout partial") { partial_for(batch_id, 1) }
+    expect(timed_out["error"]["class"]).to eq("TaskerCore::StepTimeoutError")
+    wait_until(message: "the stubborn thread to be abandoned") { @worker.stats[:threads_abandoned] == 1 }
+
+    peer.send_batch(worker_id, [step(2, "Gated"), step(3, "Gated")])
+    expect(started_steps(2)).to match_array([2, 3]) # two threads free: the pool kept its size
+    2.times { gate << :go }
+    stop_flag = true
+    wait_until(message: "the late result to be discarded") { @worker.stats[:late_results_discarded] == 1 }
+    expect(peer.partials(batch_id).size).to eq(1)
+  end
+
+  it "counts and logs bad input once per reason and keeps serving" do
+    start_worker
+    topic = TaskerCore::Protocol.batch_topic(worker_id)
+    good = TaskerCore::Protocol.batch(batch_id: "x", worker_id: worker_id, steps: [])
+    pack = ->(msg) { TaskerCore::Codec.pack(msg) }
+    peer.send_raw([topic, "\xC1 not msgpack".b])
+    peer.send_raw([topic, "\xC1 still not".b])
+    peer.send_raw([topic, pack.call(good), "extra"])
+    peer.send_raw([topic, pack.call(good.merge("protocol_version" => 2))])
+    peer.send_raw([topic, pack.call(good.merge("type" => "launch"))])
+    peer.send_raw([topic, pack.call(good.except("steps"))])
+    peer.send_raw([topic, pack.call(good.merge("steps" => [{ "step_id" => 1 }]))])
+    peer.send_raw([topic, pack.call(TaskerCore::Protocol.goodbye(worker_id: worker_id, reason: "?"))])
+
+    batch_id = peer.send_batch(worker_id, [step(1, "Double")])
+    peer.wait_for("the good batch's completion") { peer.completions(batch_id).any? }
+    expect(@worker.stats[:bad_messages]).to eq(undecodable: 2, malformed_frames: 1, wrong_version: 1,
+                                               unknown_type: 1, invalid_field: 2, topic_mismatch: 1)
+    expect(log.string.scan("(undecodable)").size).to eq(1)
+    expect(log.string).to include("(wrong_version)", "(unknown_type)", "missing field steps")
+    expect(@worker.running?).to be(true)
+    expect(peer.completions.map { |c| c["batch_id"] }).to eq([batch_id])
+  end
+
+  it "holds results until the orchestrator subscribes, then sends them" do
+    results = TaskerCore::Socket::Subscriber.new(bind: "tcp://127.0.0.1:*", topics: [])
+    @worker = described_class.new(step_sub_endpoint: peer.batch_endpoint, result_pub_endpoint: results.last_endpoint,
+                                  max_workers: 2, handler_registry: registry, worker_id: worker_id,
+                                  heartbeat_interval_ms: 50, logger: Logger.new(log)).start
+    peer.wait_for("the worker's batch subscription") { peer.batch_subscriptions.any? }
+    batch = TaskerCore::Protocol.batch(batch_id: "held", worker_id: worker_id, steps: [step(1, "Double")])
+    expect(peer.send_raw(TaskerCore::Protocol.encode(batch))).to be(true)
+    wait_until(message: "the step to run") { @worker.stats[:steps_completed] == 1 }
+    expect(@worker.stats[:partials_sent]).to eq(0)
+
+    results.subscribe("")
+    types = []
+    wait_until(message: "the held results") do
+      results.receive_many(timeout_ms: 50).each { |f| types << TaskerCore::Protocol.decode(f)["type"] }
+      types.include?("batch_completion")
+    end
+    expect(types).to include("heartbeat", "partial_result")
+  ensure
+    @worker&.stop(timeout: 1)
+    @worker = nil
+    results&.close
+  end
+end

@@ -1,0 +1,121 @@
+# frozen_string_literal: true
+
+RSpec.describe TaskerCore::Protocol do
+  let(:step) do
+    { step_id: 11, task_id: 3, step_name: "validate", handler: "Orders::Validate",
+      handler_config: { "strict" => true }, attempt: 1, timeout_ms: 500,
+      context: { "order" => 42 }, dependency_results: { "fetch" => { "ok" => true } } }
+  end
+  let(:batch) { described_class.batch(batch_id: "b-1", worker_id: "w-1", steps: [step]) }
+  let(:partial) do
+    described_class.partial_result(batch_id: "b-1", worker_id: "w-1", step_id: 11, task_id: 3, attempt: 1,
+                                   output: { "valid" => true }, started_at: 100.0, finished_at: 100.25)
+  end
+
+  def expect_invalid(msg, reason, field = nil)
+    expect { described_class.validate!(msg) }.to raise_error(TaskerCore::Protocol::MessageError) { |e|
+      expect(e).to be_a(TaskerCore::ProtocolError)
+      expect(e.reason).to eq(reason)
+      if field
+        expect(e.field).to eq(field)
+        expect(e.message).to include(field)
+      end
+    }
+  end
+
+  it "builds every message type as a valid v1 message with string keys" do
+    messages = [
+      batch, partial,
+      described_class.partial_result(batch_id: "b-1", worker_id: "w-1", step_id: 11, task_id: 3, attempt: 2,
+                                     error: described_class.error_object(klass: "X", message: "m", retryable: true),
+                                     started_at: 1.0, finished_at: 2.0),
+      described_class.batch_completion(batch_id: "b-1", worker_id: "w-1", steps: [{ step_id: 11, attempt: 1, status: "complete" }]),
+      described_class.heartbeat(worker_id: "w-1", capacity: 4, in_flight: 1),
+      described_class.goodbye(worker_id: "w-1", reason: "shutdown")
+    ]
+    messages.each do |m|
+      expect(described_class.validate!(m)).to equal(m)
+      expect(m.keys).to all(be_a(String))
+      expect(m["protocol_version"]).to eq(1)
+    end
+    expect(messages.map { |m| m["type"] }.uniq).to match_array(described_class::TYPES)
+  end
+
+  it "derives status and duration in a partial result" do
+    expect(partial).to include("status" => "complete", "error" => nil, "duration_ms" => 250.0)
+  end
+
+  it "addresses batches to one worker's topic and results to their type" do
+    expect(described_class.encode(batch).first).to eq("batch.w-1.")
+    expect(described_class.encode(partial).first).to eq("partial_result")
+  end
+
+  it "round-trips through the codec, checking the topic" do
+    expect(described_class.decode(described_class.encode(batch))).to eq(batch)
+    topic, body = described_class.encode(batch)
+    expect { described_class.decode(["batch.w-2.", body]) }
+      .to raise_error(TaskerCore::Protocol::MessageError) { |e| expect(e.reason).to eq(:topic_mismatch) }
+    expect(topic).to eq("batch.w-1.")
+  end
+
+  it "classifies bad frames and bodies by reason" do
+    { [] => :malformed_frames, %w[a b c] => :malformed_frames, ["batch.w-1.", "\xC1".b] => :undecodable,
+      ["batch.w-1.", TaskerCore::Codec.pack([1, 2])] => :not_a_map }.each do |frames, reason|
+      expect { described_class.decode(frames) }
+        .to raise_error(TaskerCore::Protocol::MessageError) { |e| expect(e.reason).to eq(reason) }
+    end
+  end
+
+  it "rejects a wrong or missing protocol_version" do
+    expect_invalid(batch.merge("protocol_version" => 2), :wrong_version, "protocol_version")
+    expect_invalid(batch.except("protocol_version"), :wrong_version, "protocol_version")
+  end
+
+  it "rejects an unknown type" do
+    expect_invalid(batch.merge("type" => "hello"), :unknown_type, "type")
+  end
+
+  it "names the missing or malformed field, nested ones included" do
+    expect_invalid(batch.except("batch_id"), :invalid_field, "batch_id")
+    expect_invalid(batch.merge("worker_id" => "a.b"), :invalid_field, "worker_id")
+    bad_step = batch["steps"][0].merge("attempt" => 0)
+    expect_invalid(batch.merge("steps" => [batch["steps"][0], bad_step]), :invalid_field, "steps[1].attempt")
+    expect_invalid(batch.merge("steps" => [batch["steps"][0].except("handler")]), :invalid_field, "steps[0].handler")
+    expect_invalid(partial.merge("status" => "done"), :invalid_field, "status")
+    expect_invalid(partial.merge("output" => 42), :invalid_field, "output")
+  end
+
+  it "requires an error object exactly when a partial failed" do
+    expect_invalid(partial.merge("status" => "error"), :invalid_field, "error")
+    err = described_class.error_object(klass: "E", message: "m", retryable: true)
+    expect_invalid(partial.merge("error" => err), :invalid_field, "error")
+    failed = partial.merge("status" => "error", "output" => nil, "error" => err.merge("retryable" => "yes"))
+    expect_invalid(failed, :invalid_field, "error.retryable")
+  end
+
+  it "accepts fields it does not know (additions within a version)" do
+    expect(described_class.validate!(batch.merge("priority" => 5))).to be_truthy
+  end
+
+  describe ".error_from_exception" do
+    def raised(error)
+      raise error
+    rescue StandardError => e
+      described_class.error_from_exception(e)
+    end
+
+    it "classifies retryable, permanent, unknown-handler and other errors" do
+      expect(raised(TaskerCore::RetryableError.new("busy", retry_after: 2)))
+        .to include("class" => "TaskerCore::RetryableError", "retryable" => true, "retry_after" => 2.0)
+      expect(raised(TaskerCore::PermanentError.new("no"))).to include("retryable" => false, "retry_after" => nil)
+      expect(raised(TaskerCore::UnknownHandlerError.new("?"))).to include("retryable" => false)
+      expect(raised(ZeroDivisionError.new("x"))).to include("class" => "ZeroDivisionError", "retryable" => true)
+    end
+
+    it "trims the backtrace" do
+      error = RuntimeError.new("deep")
+      error.set_backtrace(Array.new(100) { |i| "line #{i}" })
+      expect(described_class.error_from_exception(error)["backtrace"].size).to eq(described_class::BACKTRACE_LINES)
+    end
+  end
+end
