@@ -26,6 +26,14 @@ static void clear_error(tc_store *s)
     s->err[0] = '\0';
 }
 
+/* Server notices (e.g. "already exists, skipping") are not errors; libpq
+ * would print them on stderr. */
+static void ignore_notice(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message;
+}
+
 static int start(tc_store *s, const char *conninfo, int connect_timeout_s, const char *options, int blocking)
 {
     const char *keys[6];
@@ -60,6 +68,7 @@ static int start(tc_store *s, const char *conninfo, int connect_timeout_s, const
         tc_store_connect_failed(s);
         return -1;
     }
+    PQsetNoticeProcessor(s->conn, ignore_notice, NULL);
     return 0;
 }
 
@@ -160,6 +169,19 @@ int tc_store_send(tc_store *s, const char *sql, int nparams, const char *const *
     if (!PQisnonblocking(s->conn))
         PQsetnonblocking(s->conn, 1);
     if (!PQsendQueryParams(s->conn, sql, nparams, NULL, values, lengths, formats, 0)) {
+        result_error(s, NULL);
+        return -1;
+    }
+    return 0;
+}
+
+int tc_store_send_script(tc_store *s, const char *sql)
+{
+    if (check_conn(s) != 0)
+        return -1;
+    if (!PQisnonblocking(s->conn))
+        PQsetnonblocking(s->conn, 1);
+    if (!PQsendQuery(s->conn, sql)) {
         result_error(s, NULL);
         return -1;
     }

@@ -44,6 +44,9 @@ PGresult *tc_store_exec(tc_store *s, const char *sql, int nparams, const char *c
 /* Non-blocking pieces for callers that wait on the socket themselves. */
 int tc_store_send(tc_store *s, const char *sql, int nparams, const char *const *values,
                   const int *lengths, const int *formats);
+/* Sends several ';'-separated statements without parameters (simple query
+ * protocol: migrations). */
+int tc_store_send_script(tc_store *s, const char *sql);
 /* Flushes pending output: 0 done, 1 wait writable and call again, -1 error. */
 int tc_store_flush(tc_store *s);
 /* Reads what has arrived: 1 a result is ready (tc_store_take_result will

@@ -420,6 +420,23 @@ static VALUE conn_exec(VALUE self, VALUE sql, VALUE params)
     return rb_ensure(exec_wait, (VALUE)&a, exec_done, (VALUE)&a);
 }
 
+/* #exec_script(sql): several statements, no parameters (migrations). */
+static VALUE conn_exec_script(VALUE self, VALUE sql)
+{
+    tc_conn *c = get_conn(self);
+    StringValueCStr(sql);
+    if (c->busy)
+        rb_raise(tc_eStoreError, "TaskerCore::Store::Connection is running a query for another thread");
+    if (tc_store_send_script(&c->store, RSTRING_PTR(sql)) != 0)
+        raise_store_error(&c->store);
+    c->busy = 1;
+    c->pending = 1;
+    RB_GC_GUARD(sql);
+    exec_args a = { self, c };
+    rb_ensure(exec_wait, (VALUE)&a, exec_done, (VALUE)&a);
+    return Qnil;
+}
+
 static VALUE conn_close(VALUE self)
 {
     tc_conn *c = rb_check_typeddata(self, &conn_type);
@@ -465,6 +482,7 @@ void tc_init_store(void)
     rb_define_alloc_func(cConnection, conn_alloc);
     rb_define_method(cConnection, "initialize", conn_initialize, -1);
     rb_define_private_method(cConnection, "_exec", conn_exec, 2);
+    rb_define_method(cConnection, "exec_script", conn_exec_script, 1);
     rb_define_method(cConnection, "close", conn_close, 0);
     rb_define_method(cConnection, "closed?", conn_closed_p, 0);
     rb_define_method(cConnection, "in_transaction?", conn_in_transaction_p, 0);
