@@ -14,6 +14,10 @@ rescue LoadError => e
                    "(Debian: libzmq3-dev libmsgpack-dev libpq-dev; Homebrew: zeromq msgpack libpq)."
 end
 
+require_relative "tasker_core/store"
+require_relative "tasker_core/embedded_postgres"
+require_relative "tasker_core/tasks"
+
 # tasker_core: durable DAG workflows in PostgreSQL, dispatched to Ruby
 # workers in batches over ZeroMQ.
 module TaskerCore
