@@ -65,7 +65,10 @@ end
 
 RSpec.configure do |config|
   config.include DatabaseHelpers
-  config.after { close_db_connections }
+  config.after do
+    close_db_connections
+    TaskerCore.reset_config! # templates and the store read the config; leave none memoized
+  end
   config.before(:each, :db) do
     TaskerCore::Store.pool = TaskerCore::Store::Pool.new(url: db_url, size: 4, connect_timeout: 5) unless
       TaskerCore::Store.instance_variable_get(:@pool)&.url == db_url
