@@ -24,4 +24,6 @@ Gem::Specification.new do |spec|
   spec.require_paths = ["lib"]
   spec.extensions = ["ext/tasker_core/extconf.rb"]
   spec.metadata["rubygems_mfa_required"] = "true"
+
+  spec.add_dependency "json_schemer", "~> 2.0" # task templates' context_schema
 end

@@ -20,6 +20,9 @@ require_relative "tasker_core/step_handler"
 require_relative "tasker_core/handler_registry"
 require_relative "tasker_core/orchestration/batch_step_execution_orchestrator"
 require_relative "tasker_core/worker_process"
+require_relative "tasker_core/store"
+require_relative "tasker_core/embedded_postgres"
+require_relative "tasker_core/tasks"
 
 # tasker_core: durable DAG workflows in PostgreSQL, dispatched to Ruby
 # workers in batches over ZeroMQ.

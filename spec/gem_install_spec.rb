@@ -15,7 +15,8 @@ RSpec.describe "the packaged gem", :no_valgrind do
                                     File.join(dir, "tasker_core.gem"), chdir: root)
       expect(status).to be_success, out
 
-      env = { "GEM_HOME" => File.join(dir, "home"), "GEM_PATH" => File.join(dir, "home"),
+      # runtime dependencies (json_schemer) come from the machine's installed gems
+      env = { "GEM_HOME" => File.join(dir, "home"), "GEM_PATH" => [File.join(dir, "home"), *Gem.path].join(File::PATH_SEPARATOR),
               "BUNDLE_GEMFILE" => nil, "RUBYOPT" => nil, "RUBYLIB" => nil }
       out, status = Open3.capture2e(env, "gem", "install", "--local", "--no-document",
                                     File.join(dir, "tasker_core.gem"), chdir: dir)

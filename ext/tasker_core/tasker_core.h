@@ -24,5 +24,6 @@ extern VALUE tc_eStoreError;
 void tc_init_codec(void);
 void tc_init_socket(void);
 void tc_init_orchestration_handle(void);
+void tc_init_store(void);
 
 #endif

@@ -60,6 +60,9 @@ module TaskerCore
                   doc: "libpq connect_timeout in seconds (0 = wait forever)."),
       Setting.new(key: "database.statement_timeout_ms", type: :integer, default: 0, min: 0,
                   doc: "PostgreSQL statement_timeout for the store's sessions (0 = none)."),
+      Setting.new(key: "tasks.template_dir", type: :string, default: "config/tasks",
+                  doc: "Folder of task template YAML files (*.yml), relative to the application root " \
+                       "(Rails.root, else the current directory) unless absolute."),
       Setting.new(key: "logging.level", type: :enum, default: "info", values: %w[debug info warn error],
                   env: "TASKER_LOG_LEVEL",
                   doc: "Level of TaskerCore.logger (when it is the gem's own logger)."),
@@ -309,6 +312,7 @@ module TaskerCore
     def orchestration = @data["orchestration"]
     def database = @data["database"]
     def logging = @data["logging"]
+    def tasks = @data["tasks"]
 
     # Keeps a password in database.url out of logs and consoles.
     def inspect

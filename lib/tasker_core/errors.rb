@@ -27,8 +27,24 @@ module TaskerCore
   # No live worker with free capacity could take a batch.
   class NoWorkersError < Error; end
 
-  # PostgreSQL refused or could not be reached.
-  class StoreError < Error; end
+  # PostgreSQL refused or could not be reached. #sqlstate is the server's
+  # SQLSTATE code ("23505", ...; "08001"/"08006" when the connection failed)
+  # or nil.
+  class StoreError < Error
+    attr_reader :sqlstate
+
+    def initialize(message = nil, sqlstate: nil)
+      super(message)
+      @sqlstate = sqlstate
+    end
+  end
+
+  # A task context that does not match its template's context_schema; the
+  # message names the failing path.
+  class ValidationError < Error; end
+
+  # TaskerCore.wait_for gave up before the task finished.
+  class WaitTimeoutError < Error; end
 
   # A step named a handler the registry does not know.
   class UnknownHandlerError < Error; end

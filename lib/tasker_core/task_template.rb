@@ -1,0 +1,196 @@
+# frozen_string_literal: true
+
+require "yaml"
+require_relative "errors"
+
+module TaskerCore
+  # A workflow description read from YAML: a named, namespaced, versioned
+  # DAG of steps, each run by a handler class.
+  #
+  #   name: order_fulfilment
+  #   namespace: shop                 # default "default"
+  #   version: 1.2.0                  # default "0.1.0"
+  #   context_schema: { type: object, required: [order_id] }   # optional JSON Schema
+  #   steps:
+  #     - name: charge
+  #       handler: Shop::ChargeHandler
+  #       depends_on: []
+  #       handler_config: { currency: EUR }
+  #       timeout_ms: 10000           # default worker.step_timeout_ms
+  #       retry: { retryable: true, max_attempts: 3, backoff_base_ms: 500, backoff_cap_ms: 30000, jitter: 0.2 }
+  #
+  # A cycle, an unknown dependency, a duplicate step name or a handler class
+  # that is not defined (unless validate_handlers: false) raises
+  # ConfigurationError naming the file and the step.
+  class TaskTemplate
+    RETRY_DEFAULTS = { "retryable" => true, "max_attempts" => 3, "backoff_base_ms" => 500,
+                       "backoff_cap_ms" => 30_000, "jitter" => 0.2 }.freeze
+    TEMPLATE_KEYS = %w[name namespace version description context_schema steps].freeze
+    STEP_KEYS = %w[name handler depends_on handler_config timeout_ms retry description].freeze
+
+    Step = Struct.new(:name, :handler, :depends_on, :handler_config, :timeout_ms, :retryable, :max_attempts,
+                      :backoff_base_ms, :backoff_cap_ms, :jitter, keyword_init: true)
+
+    attr_reader :name, :namespace, :version, :context_schema, :steps, :path
+
+    def self.load_file(path, validate_handlers: true)
+      data = YAML.safe_load(File.read(path), permitted_classes: [], aliases: true, filename: path)
+      new(data, path: File.expand_path(path), validate_handlers: validate_handlers)
+    rescue Psych::Exception => e
+      raise ConfigurationError, "Invalid task template #{path}: not valid YAML (#{e.message})"
+    rescue SystemCallError => e
+      raise ConfigurationError, "Invalid task template #{path}: cannot read it (#{e.message})"
+    end
+
+    def initialize(data, path: "(inline template)", validate_handlers: true)
+      @path = path
+      fail!(nil, "expected a mapping, got #{data.class}") unless data.is_a?(Hash)
+      data = stringify(data)
+      unknown = data.keys - TEMPLATE_KEYS
+      fail!(nil, "unknown key #{unknown.first.inspect} (known: #{TEMPLATE_KEYS.join(', ')})") if unknown.any?
+      @name = required_string(data, "name", nil)
+      @namespace = (data["namespace"] || "default").to_s
+      @version = (data["version"] || "0.1.0").to_s
+      @context_schema = load_schema(data["context_schema"])
+      @steps = load_steps(data["steps"], validate_handlers)
+      check_dag!
+      freeze
+    end
+
+    def key = [namespace, name, version]
+    def full_name = "#{namespace}/#{name}@#{version}"
+    def step(name) = steps.find { |s| s.name == name }
+
+    # Raises ValidationError naming the failing path when context does not
+    # match context_schema; returns context.
+    def validate_context!(context)
+      raise ValidationError, "context for #{full_name}: expected a Hash, got #{context.class}" unless context.is_a?(Hash)
+      return context unless @schemer
+
+      error = @schemer.validate(stringify(context)).first
+      return context unless error
+
+      where = error["data_pointer"].to_s.empty? ? "(root)" : error["data_pointer"]
+      raise ValidationError, "context for #{full_name} does not match its context_schema at #{where}: #{error['error']}"
+    end
+
+    # What is stored in tasker_task_templates.definition (JSON).
+    def definition
+      { "name" => name, "namespace" => namespace, "version" => version, "context_schema" => context_schema,
+        "steps" => steps.map { |s| s.to_h.transform_keys(&:to_s) } }
+    end
+
+    private
+
+    def fail!(step, problem)
+      where = step ? %(step "#{step}": ) : ""
+      raise ConfigurationError, "Invalid task template #{@path}: #{where}#{problem}"
+    end
+
+    def stringify(value)
+      case value
+      when Hash then value.to_h { |k, v| [k.to_s, stringify(v)] }
+      when Array then value.map { |v| stringify(v) }
+      when Symbol then value.to_s
+      else value
+      end
+    end
+
+    def required_string(hash, key, step)
+      value = hash[key]
+      fail!(step, "#{key}: expected a non-empty String, got #{value.inspect}") unless value.is_a?(String) && !value.empty?
+      value
+    end
+
+    def load_schema(schema)
+      return nil if schema.nil?
+
+      fail!(nil, "context_schema: expected a mapping (a JSON Schema), got #{schema.class}") unless schema.is_a?(Hash)
+      require "json_schemer"
+      fail!(nil, "context_schema: not a valid JSON Schema") unless JSONSchemer.valid_schema?(schema)
+      @schemer = JSONSchemer.schema(schema)
+      schema.freeze
+    end
+
+    def load_steps(list, validate_handlers)
+      fail!(nil, "steps: expected a non-empty list of steps") unless list.is_a?(Array) && !list.empty?
+      seen = {}
+      list.map.with_index do |raw, i|
+        fail!(nil, "steps[#{i}]: expected a mapping, got #{raw.class}") unless raw.is_a?(Hash)
+        step_name = required_string(raw, "name", nil)
+        fail!(step_name, "duplicate step name") if seen[step_name]
+        seen[step_name] = true
+        unknown = raw.keys - STEP_KEYS
+        fail!(step_name, "unknown key #{unknown.first.inspect} (known: #{STEP_KEYS.join(', ')})") if unknown.any?
+        build_step(raw, step_name, validate_handlers)
+      end.freeze
+    end
+
+    def build_step(raw, step_name, validate_handlers)
+      handler = required_string(raw, "handler", step_name)
+      check_handler!(handler, step_name) if validate_handlers
+      deps = Array(raw["depends_on"])
+      fail!(step_name, "depends_on: expected step names") unless deps.all? { |d| d.is_a?(String) }
+      config = raw["handler_config"] || {}
+      fail!(step_name, "handler_config: expected a mapping") unless config.is_a?(Hash)
+      timeout = raw["timeout_ms"] || default_timeout_ms
+      fail!(step_name, "timeout_ms: expected a positive Integer") unless timeout.is_a?(Integer) && timeout.positive?
+      Step.new(name: step_name, handler: handler, depends_on: deps.uniq.freeze, handler_config: config.freeze,
+               timeout_ms: timeout, **retry_policy(raw["retry"], step_name)).freeze
+    end
+
+    def retry_policy(raw, step_name)
+      raw ||= {}
+      fail!(step_name, "retry: expected a mapping") unless raw.is_a?(Hash)
+      unknown = raw.keys - RETRY_DEFAULTS.keys
+      fail!(step_name, "retry: unknown key #{unknown.first.inspect}") if unknown.any?
+      p = RETRY_DEFAULTS.merge(raw)
+      fail!(step_name, "retry.retryable: expected true or false") unless [true, false].include?(p["retryable"])
+      %w[max_attempts backoff_base_ms backoff_cap_ms].each do |k|
+        min = k == "max_attempts" ? 1 : 0
+        fail!(step_name, "retry.#{k}: expected an Integer >= #{min}") unless p[k].is_a?(Integer) && p[k] >= min
+      end
+      unless p["jitter"].is_a?(Numeric) && p["jitter"].between?(0, 1)
+        fail!(step_name, "retry.jitter: expected a number between 0 and 1")
+      end
+      { retryable: p["retryable"], max_attempts: p["max_attempts"], backoff_base_ms: p["backoff_base_ms"],
+        backoff_cap_ms: p["backoff_cap_ms"], jitter: p["jitter"].to_f }
+    end
+
+    def check_handler!(handler, step_name)
+      defined = begin
+        Object.const_defined?(handler)
+      rescue NameError
+        false
+      end
+      fail!(step_name, "handler #{handler} is not defined (load it before the templates, or pass validate_handlers: false)") unless defined
+    end
+
+    def default_timeout_ms
+      TaskerCore.config.worker["step_timeout_ms"]
+    end
+
+    # Unknown dependencies, then cycles (depth-first, naming the cycle).
+    def check_dag!
+      by_name = steps.to_h { |s| [s.name, s] }
+      steps.each do |s|
+        s.depends_on.each do |d|
+          fail!(s.name, %(depends_on: unknown step "#{d}")) unless by_name.key?(d)
+          fail!(s.name, "depends on itself") if d == s.name
+        end
+      end
+      state = {}
+      visit = lambda do |name, trail|
+        return if state[name] == :done
+        if state[name] == :active
+          cycle = trail[trail.index(name)..] + [name]
+          fail!(name, "dependency cycle: #{cycle.join(' -> ')}")
+        end
+        state[name] = :active
+        by_name[name].depends_on.each { |d| visit.call(d, trail + [name]) }
+        state[name] = :done
+      end
+      steps.each { |s| visit.call(s.name, []) }
+    end
+  end
+end

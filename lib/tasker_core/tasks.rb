@@ -1,0 +1,141 @@
+# frozen_string_literal: true
+
+require "json"
+require_relative "store"
+require_relative "task_template_registry"
+
+module TaskerCore
+  # The Ruby task API: create tasks from templates, read them, wait for
+  # them, and steer them by hand. Every call is one round trip to a SQL
+  # function of the store (db/migrate), shared with the orchestration loop.
+  # Payloads (context, handler_config, outputs, errors) are msgpack, through
+  # TaskerCore::Codec.
+  module Tasks
+    FINISHED = %w[complete error cancelled].freeze
+    WAIT_INTERVAL = 0.05
+
+    TASK_SQL = <<~SQL
+      SELECT id, namespace, name, version, state, identity_key, context, step_count, remaining_steps,
+             extract(epoch FROM created_at)::float8 AS created_at, extract(epoch FROM updated_at)::float8 AS updated_at,
+             extract(epoch FROM finished_at)::float8 AS finished_at
+        FROM tasker_tasks WHERE id = $1
+    SQL
+    STEPS_SQL = <<~SQL
+      SELECT s.id, s.name, s.handler, s.state, s.attempts, s.failures, s.max_attempts, s.pending_parents,
+             s.output, s.last_error,
+             ARRAY(SELECT p.name FROM tasker_workflow_step_edges e JOIN tasker_workflow_steps p ON p.id = e.from_step_id
+                    WHERE e.to_step_id = s.id ORDER BY p.name) AS depends_on,
+             extract(epoch FROM s.created_at)::float8 AS created_at,
+             extract(epoch FROM s.updated_at)::float8 AS updated_at,
+             extract(epoch FROM s.next_attempt_at)::float8 AS next_attempt_at,
+             extract(epoch FROM s.last_attempt_at)::float8 AS last_attempt_at,
+             extract(epoch FROM s.last_failure_at)::float8 AS last_failure_at,
+             extract(epoch FROM s.finished_at)::float8 AS finished_at
+        FROM tasker_workflow_steps s WHERE s.task_id = $1 ORDER BY s.id
+    SQL
+
+    class << self
+      def create_task(name:, namespace: "default", version: nil, context: {}, identity_key: nil,
+                      templates: TaskerCore.task_templates)
+        template = templates.find(name: name, namespace: namespace, version: version)
+        template.validate_context!(context)
+        steps = template.steps
+        edges = steps.flat_map { |s| s.depends_on.map { |d| [d, s.name] } }
+        row = Store.with_connection do |c|
+          c.exec(<<~SQL, [
+            SELECT task_id, created FROM tasker_create_task($1, $2, $3, $4::jsonb, $5::bytea, $6,
+              $7::text[], $8::text[], $9::bytea[], $10::int[], $11::boolean[], $12::int[], $13::int[], $14::int[],
+              $15::float8[], $16::text[], $17::text[])
+          SQL
+            template.namespace, template.name, template.version, JSON.generate(template.definition),
+            Codec.pack(context), identity_key&.to_s,
+            steps.map(&:name), steps.map(&:handler), steps.map { |s| Codec.pack(s.handler_config) },
+            steps.map(&:timeout_ms), steps.map(&:retryable), steps.map(&:max_attempts),
+            steps.map(&:backoff_base_ms), steps.map(&:backoff_cap_ms), steps.map(&:jitter),
+            edges.map(&:first), edges.map(&:last)
+          ]).first
+        end
+        row["task_id"]
+      end
+
+      # A Hash describing the task and each of its steps, or nil when there
+      # is no such task.
+      def task(id)
+        Store.with_connection do |c|
+          t = c.exec(TASK_SQL, [Integer(id)]).first or return nil
+          steps = c.exec(STEPS_SQL, [t["id"]])
+          task_hash(t, steps)
+        end
+      end
+
+      # Blocks (interruptibly) until the task is complete, error or
+      # cancelled; returns #task. Raises WaitTimeoutError after timeout
+      # seconds (nil waits forever).
+      def wait_for(id, timeout:)
+        deadline = timeout && Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
+        loop do
+          state = Store.with_connection do |c|
+            c.exec("SELECT state FROM tasker_tasks WHERE id = $1", [Integer(id)]).first&.fetch("state")
+          end
+          raise Error, "no task #{id}" unless state
+          return task(id) if FINISHED.include?(state)
+          if deadline && Process.clock_gettime(Process::CLOCK_MONOTONIC) >= deadline
+            raise WaitTimeoutError, "task #{id} still #{state} after #{timeout}s"
+          end
+
+          sleep WAIT_INTERVAL
+        end
+      end
+
+      def cancel_task(id) = call_bool("SELECT tasker_cancel_task($1) AS ok", [Integer(id)])
+      def retry_step(step_id) = call_bool("SELECT tasker_retry_step($1) AS ok", [Integer(step_id)])
+
+      def resolve_step(step_id, output:)
+        call_bool("SELECT tasker_resolve_step($1, $2::bytea) AS ok", [Integer(step_id), Codec.pack(output)])
+      end
+
+      private
+
+      def call_bool(sql, params)
+        Store.with_connection { |c| c.exec(sql, params).first["ok"] }
+      end
+
+      def time(epoch) = epoch && Time.at(epoch).utc
+
+      def unpack(bytes) = bytes && Codec.unpack(bytes)
+
+      def task_hash(t, steps)
+        {
+          id: t["id"], namespace: t["namespace"], name: t["name"], version: t["version"],
+          status: t["state"], identity_key: t["identity_key"], context: unpack(t["context"]),
+          created_at: time(t["created_at"]), updated_at: time(t["updated_at"]), finished_at: time(t["finished_at"]),
+          steps: steps.map do |s|
+            {
+              id: s["id"], name: s["name"], handler: s["handler"], state: s["state"], attempts: s["attempts"],
+              failures: s["failures"], max_attempts: s["max_attempts"], depends_on: s["depends_on"],
+              pending_parents: s["pending_parents"], output: unpack(s["output"]), error: unpack(s["last_error"]),
+              created_at: time(s["created_at"]), updated_at: time(s["updated_at"]),
+              next_attempt_at: time(s["next_attempt_at"]), last_attempt_at: time(s["last_attempt_at"]),
+              last_failure_at: time(s["last_failure_at"]), finished_at: time(s["finished_at"])
+            }
+          end
+        }
+      end
+    end
+  end
+
+  class << self
+    # Creates a task from a template; returns its id. The same identity_key
+    # returns the existing task's id. See TaskerCore::Tasks.
+    def create_task(name:, namespace: "default", version: nil, context: {}, identity_key: nil)
+      Tasks.create_task(name: name, namespace: namespace, version: version, context: context,
+                        identity_key: identity_key)
+    end
+
+    def task(id) = Tasks.task(id)
+    def wait_for(id, timeout:) = Tasks.wait_for(id, timeout: timeout)
+    def cancel_task(id) = Tasks.cancel_task(id)
+    def retry_step(step_id) = Tasks.retry_step(step_id)
+    def resolve_step(step_id, output:) = Tasks.resolve_step(step_id, output: output)
+  end
+end

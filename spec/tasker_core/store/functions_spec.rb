@@ -1,0 +1,190 @@
+# frozen_string_literal: true
+
+RSpec.describe "the store's SQL functions", :db do
+  let(:conn) { connect }
+
+  before do
+    use_templates(
+      template("linear", [step("a"), step("b", ["a"]), step("c", ["b"])]),
+      template("diamond", [step("top"), step("left", ["top"]), step("right", ["top"]), step("bottom", %w[left right])]),
+      template("flaky", [step("s", [], retry: { "max_attempts" => 3, "backoff_base_ms" => 1000,
+                                                "backoff_cap_ms" => 1500, "jitter" => 0.2 }), step("after", ["s"])]),
+      template("fragile", [step("s", [], retry: { "retryable" => false }), step("after", ["s"]), step("side")])
+    )
+  end
+
+  it "claims ready steps with their context and dependency outputs, in DAG order" do
+    id = TaskerCore.create_task(name: "diamond", context: { "order" => 7 })
+    first = claim(conn)
+    expect(first.map { |r| r["step_name"] }).to eq(["top"])
+    row = first.first
+    expect(row).to include("task_id" => id, "handler" => "SpecHandlers::Noop", "attempt" => 1, "dep_names" => [],
+                           "dep_outputs" => [])
+    expect(TaskerCore::Codec.unpack(row["context"])).to eq("order" => 7)
+    expect(TaskerCore::Codec.unpack(row["handler_config"])).to eq({})
+    expect(task_state(conn, id)).to eq("in_progress")
+    expect(claim(conn)).to eq([]) # nothing else is ready until top completes
+
+    succeed(conn, first)
+    middle = claim(conn)
+    expect(middle.map { |r| r["step_name"] }.sort).to eq(%w[left right])
+    expect(middle.map { |r| r["dep_names"] }).to all(eq(["top"]))
+    expect(TaskerCore::Codec.unpack(middle.first["dep_outputs"].first)).to eq("from" => "top")
+
+    succeed(conn, middle.take(1))
+    expect(claim(conn)).to eq([]) # bottom waits for both parents
+    succeed(conn, middle.drop(1))
+    bottom = claim(conn)
+    expect(bottom.map { |r| r["step_name"] }).to eq(["bottom"])
+    expect(bottom.first["dep_names"]).to eq(%w[left right])
+    expect(bottom.first["dep_outputs"].map { |o| TaskerCore::Codec.unpack(o) })
+      .to eq([{ "from" => "left" }, { "from" => "right" }])
+    expect(succeed(conn, bottom)).to eq("applied" => 1, "stale" => 0)
+    expect(task_state(conn, id)).to eq("complete")
+  end
+
+  it "never gives the same step to two connections claiming concurrently (SKIP LOCKED)" do
+    ids = Array.new(20) { TaskerCore.create_task(name: "linear") }
+    conns = Array.new(4) { connect }
+    claimed = conns.each_with_index.map do |c, i|
+      Thread.new { c.transaction { Array.new(5) { claim(c, owner: "o#{i}", limit: 3) }.flatten } }
+    end.flat_map(&:value)
+    step_ids = claimed.map { |r| r["step_id"] }
+    expect(step_ids.size).to eq(20) # every task's first step, each once
+    expect(step_ids.uniq.size).to eq(step_ids.size)
+    expect(claimed.map { |r| r["task_id"] }.sort).to eq(ids.sort)
+  end
+
+  it "marks claimed steps dispatched only for the current attempt" do
+    TaskerCore.create_task(name: "linear")
+    row = claim(conn).first
+    n = conn.exec("SELECT tasker_mark_dispatched($1::bigint[], $2::int[]) AS n",
+                  [[row["step_id"], row["step_id"]], [row["attempt"] + 1, row["attempt"]]]).first["n"]
+    expect(n).to eq(1)
+    expect(conn.exec("SELECT state FROM tasker_workflow_steps WHERE id = $1", [row["step_id"]]).first["state"])
+      .to eq("in_progress")
+  end
+
+  it "retries a failure after the recorded backoff, then errors the task when attempts run out" do
+    id = TaskerCore.create_task(name: "flaky")
+    row = claim(conn).first
+    expect(fail_steps(conn, [row])).to eq("applied" => 1, "stale" => 0)
+    s = conn.exec(<<~SQL, [row["step_id"]]).first
+      SELECT state, failures, extract(epoch FROM next_attempt_at - last_failure_at) * 1000 AS delay_ms
+        FROM tasker_workflow_steps WHERE id = $1
+    SQL
+    expect(s["state"]).to eq("pending")
+    expect(s["failures"]).to eq(1)
+    expect(s["delay_ms"].to_f).to be_between(800, 1000) # base 1000, jitter 0.2
+    expect(claim(conn)).to eq([]) # backoff not elapsed
+
+    conn.exec("UPDATE tasker_workflow_steps SET next_attempt_at = now() WHERE id = $1", [row["step_id"]])
+    second = claim(conn).first
+    expect(second["attempt"]).to eq(2)
+    fail_steps(conn, [second])
+    delay = conn.exec("SELECT extract(epoch FROM next_attempt_at - last_failure_at) * 1000 AS d " \
+                      "FROM tasker_workflow_steps WHERE id = $1", [row["step_id"]]).first["d"].to_f
+    expect(delay).to be_between(1200, 1500) # 2000 capped at 1500, jitter 0.2
+
+    conn.exec("UPDATE tasker_workflow_steps SET next_attempt_at = now() WHERE id = $1", [row["step_id"]])
+    third = claim(conn).first
+    fail_steps(conn, [third])
+    expect(step_row(conn, id, "s")).to include("state" => "error", "failures" => 3)
+    expect(task_state(conn, id)).to eq("error")
+    expect(step_row(conn, id, "after")["state"]).to eq("pending")
+    expect(TaskerCore.task(id)[:steps].first[:error]).to eq("class" => "RuntimeError", "message" => "boom")
+  end
+
+  it "lets a handler's retry_after win over the backoff" do
+    TaskerCore.create_task(name: "flaky")
+    row = claim(conn).first
+    fail_steps(conn, [row], retry_after_ms: 5000)
+    delay = conn.exec("SELECT extract(epoch FROM next_attempt_at - last_failure_at) * 1000 AS d " \
+                      "FROM tasker_workflow_steps WHERE id = $1", [row["step_id"]]).first["d"].to_f
+    expect(delay).to be_within(1).of(5000)
+  end
+
+  it "fails the task on a permanent failure and never runs the dependents or other branches" do
+    id = TaskerCore.create_task(name: "fragile")
+    rows = claim(conn)
+    s = rows.find { |r| r["step_name"] == "s" }
+    fail_steps(conn, [s], retryable: true) # the step's policy says not retryable
+    expect(task_state(conn, id)).to eq("error")
+    side = rows.find { |r| r["step_name"] == "side" }
+    succeed(conn, [side]) # an in-flight sibling still lands
+    expect(claim(conn)).to eq([])
+    expect(step_row(conn, id, "after")["state"]).to eq("pending")
+    expect(task_state(conn, id)).to eq("error")
+  end
+
+  it "treats a handler's non-retryable error as permanent" do
+    id = TaskerCore.create_task(name: "flaky")
+    fail_steps(conn, claim(conn), retryable: false)
+    expect(step_row(conn, id, "s")["state"]).to eq("error")
+  end
+
+  it "reports duplicate and stale results and changes nothing for them" do
+    id = TaskerCore.create_task(name: "linear")
+    row = claim(conn).first
+    dup = { step_id: row["step_id"], attempt: row["attempt"], output: { "n" => 1 } }
+    expect(apply(conn, [dup, dup.merge(output: { "n" => 2 })])).to eq("applied" => 1, "stale" => 1)
+    expect(apply(conn, [dup.merge(output: { "n" => 3 })])).to eq("applied" => 0, "stale" => 1)
+    old = { step_id: row["step_id"], attempt: row["attempt"] - 1, output: { "n" => 4 } }
+    expect(apply(conn, [old])).to eq("applied" => 0, "stale" => 1)
+    expect(TaskerCore::Codec.unpack(step_row(conn, id, "a")["output"])).to eq("n" => 1)
+    completes = conn.exec("SELECT count(*) AS n FROM tasker_workflow_step_transitions WHERE step_id = $1 " \
+                          "AND to_state = 'complete'", [row["step_id"]]).first["n"]
+    expect(completes).to eq(1)
+  end
+
+  it "ignores a late result of an attempt that was released and claimed again" do
+    id = TaskerCore.create_task(name: "linear")
+    first = claim(conn).first
+    released = conn.exec("SELECT tasker_release_steps($1::bigint[], $2::int[]) AS n",
+                         [[first["step_id"]], [first["attempt"]]]).first["n"]
+    expect(released).to eq(1)
+    expect(step_row(conn, id, "a")).to include("state" => "pending", "failures" => 0)
+    second = claim(conn).first
+    expect(second["attempt"]).to eq(first["attempt"] + 1)
+    expect(apply(conn, [{ step_id: first["step_id"], attempt: first["attempt"] }])).to eq("applied" => 0, "stale" => 1)
+    expect(step_row(conn, id, "a")["state"]).to eq("enqueued")
+  end
+
+  it "requeues steps past their claim deadline as a timed-out failed attempt" do
+    id = TaskerCore.create_task(name: "flaky")
+    row = claim(conn, lease_ms: 0).first
+    conn.exec("UPDATE tasker_workflow_steps SET claim_deadline = now() - interval '1 second' WHERE id = $1",
+              [row["step_id"]])
+    expect(conn.exec("SELECT tasker_requeue_expired(10) AS n").first["n"]).to eq(1)
+    s = step_row(conn, id, "s")
+    expect(s).to include("state" => "pending", "failures" => 1, "claimed_by" => nil)
+    expect(TaskerCore::Codec.unpack(s["last_error"])).to include("class" => "TaskerCore::StepTimeoutError",
+                                                                 "retryable" => true)
+    expect(conn.exec("SELECT tasker_requeue_expired(10) AS n").first["n"]).to eq(0)
+  end
+
+  it "refuses illegal state transitions with SQLSTATE TK001" do
+    id = TaskerCore.create_task(name: "linear")
+    run_to_completion(conn)
+    expect { conn.exec("UPDATE tasker_workflow_steps SET state = 'pending' WHERE task_id = $1", [id]) }
+      .to raise_error(TaskerCore::StoreError, /illegal workflow step transition complete -> pending/) { |e|
+        expect(e.sqlstate).to eq("TK001")
+      }
+    expect { conn.exec("UPDATE tasker_tasks SET state = 'in_progress' WHERE id = $1", [id]) }
+      .to raise_error(TaskerCore::StoreError, /illegal task transition complete -> in_progress/)
+    expect { conn.exec("UPDATE tasker_tasks SET state = 'bogus' WHERE id = $1", [id]) }
+      .to raise_error(TaskerCore::StoreError)
+  end
+
+  it "completes a fan-out/fan-in of 50 with every dependency output reaching the join" do
+    use_templates(template("fan", [step("start"), *Array.new(50) { |i| step("w#{i}", ["start"]) },
+                                   step("join", Array.new(50) { |i| "w#{i}" })]))
+    id = TaskerCore.create_task(name: "fan")
+    rows = run_to_completion(conn)
+    join = rows.find { |r| r["step_name"] == "join" }
+    expect(join["dep_names"].size).to eq(50)
+    expect(join["dep_outputs"].map { |o| TaskerCore::Codec.unpack(o)["from"] }.sort).to eq(join["dep_names"].sort)
+    expect(task_state(conn, id)).to eq("complete")
+    expect(rows.size).to eq(52)
+  end
+end
