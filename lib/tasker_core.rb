@@ -12,6 +12,8 @@ rescue LoadError => e
                    "(Debian: libzmq3-dev libmsgpack-dev libpq-dev; Homebrew: zeromq msgpack libpq)."
 end
 
+require_relative "tasker_core/internal/orchestration_manager"
+
 # tasker_core: durable DAG workflows in PostgreSQL, dispatched to Ruby
 # workers in batches over ZeroMQ.
 module TaskerCore
