@@ -38,6 +38,14 @@ typedef struct tc_socket_counters {
     uint64_t send_dropped; /* sends refused at the high-water mark */
 } tc_socket_counters;
 
+/* One connection event from zmq_socket_monitor. */
+typedef struct tc_socket_event {
+    int event;         /* ZMQ_EVENT_* */
+    uint32_t value;    /* fd, errno or interval, depending on the event */
+    double at;         /* when it was read from the monitor (epoch seconds) */
+    char endpoint[TC_SOCKET_ENDPOINT_MAX];
+} tc_socket_event;
+
 /* Zero the struct before tc_socket_open; a zeroed struct is a closed socket. */
 typedef struct tc_socket {
     void *zsock;   /* NULL when closed */
@@ -46,15 +54,11 @@ typedef struct tc_socket {
     int fd;        /* ZMQ_FD: edge-triggered, owned by libzmq; never read or close it */
     pid_t pid;     /* process that opened it */
     tc_socket_counters counters;
+    /* Events read early (to recover a failed bind's errno, which libzmq's
+     * monitor clobbers) and not yet handed out by tc_socket_next_event. */
+    tc_socket_event *stash;
+    size_t stash_pos, stash_len, stash_cap;
 } tc_socket;
-
-/* One connection event from zmq_socket_monitor. */
-typedef struct tc_socket_event {
-    int event;         /* ZMQ_EVENT_* */
-    uint32_t value;    /* fd, errno or interval, depending on the event */
-    double at;         /* when it was read from the monitor (epoch seconds) */
-    char endpoint[TC_SOCKET_ENDPOINT_MAX];
-} tc_socket_event;
 
 /* The process's libzmq context, made on first use and again in a forked
  * child (the parent's is abandoned, never terminated). NULL if libzmq
