@@ -324,6 +324,36 @@ int tc_oh_forked(const tc_oh *h)
     return tc_socket_forked(&h->batch) || tc_socket_forked(&h->result);
 }
 
+/* The result SUB is opened without the socket layer's connection monitor:
+ * with a monitor on a bound SUB, libzmq 4.3.4 often never delivers the
+ * SUB's subscription to an XPUB (XPUB_VERBOSER) that connects to it, so a
+ * worker's result publisher would wait for the orchestrator forever and
+ * filter out every result. Reproduced in plain C against libzmq; without
+ * the monitor the subscription always arrives. */
+static int open_unmonitored(tc_socket *s, int type, char *err, size_t errlen)
+{
+    void *ctx = tc_context();
+    size_t fdlen = sizeof(s->fd);
+    memset(s, 0, sizeof(*s));
+    s->fd = -1;
+    if (!ctx || !(s->zsock = zmq_socket(ctx, type))) {
+        int e = zmq_errno();
+        snprintf(err, errlen, "could not create a ZeroMQ socket: %s", zmq_strerror(e));
+        errno = e;
+        return -1;
+    }
+    s->type = type;
+    s->pid = getpid();
+    if (zmq_getsockopt(s->zsock, ZMQ_FD, &s->fd, &fdlen) != 0) {
+        int e = zmq_errno();
+        snprintf(err, errlen, "could not read the socket's ZMQ_FD: %s", zmq_strerror(e));
+        tc_socket_close(s);
+        errno = e;
+        return -1;
+    }
+    return 0;
+}
+
 int tc_oh_open(tc_oh *h, const tc_oh_config *cfg, char *err, size_t errlen)
 {
     h->send_hwm = cfg->send_hwm;
@@ -347,7 +377,7 @@ int tc_oh_open(tc_oh *h, const tc_oh_config *cfg, char *err, size_t errlen)
         tc_socket_last_endpoint(&h->batch, h->batch_endpoint, sizeof(h->batch_endpoint)) < 0)
         goto fail;
 
-    if (tc_socket_open(&h->result, ZMQ_SUB, err, errlen) < 0) goto fail;
+    if (open_unmonitored(&h->result, ZMQ_SUB, err, errlen) < 0) goto fail;
     if (tc_socket_set_int(&h->result, ZMQ_RCVHWM, cfg->recv_hwm, err, errlen) < 0 ||
         tc_socket_set_int(&h->result, ZMQ_LINGER, cfg->linger_ms, err, errlen) < 0 ||
         tc_socket_set_bytes(&h->result, ZMQ_SUBSCRIBE, "", 0, err, errlen) < 0 ||
@@ -476,11 +506,8 @@ static void queue_result(tc_oh *h, const void *body, size_t len, int duplicate)
     h->ev_count++;
 }
 
-static tc_oh_worker *live_sender(tc_oh *h, const msgpack_object *m, const char *type)
+static tc_oh_worker *live_sender(tc_oh *h, const char *wid, size_t wn, const char *type)
 {
-    const char *wid;
-    size_t wn;
-    get_str(m, "worker_id", &wid, &wn);
     tc_oh_worker *w = worker_find(h, wid, wn);
     if (!w || !tc_oh_worker_live(w)) {
         tc_oh_count_bad(h, TC_OH_BAD_UNKNOWN_WORKER, "%s from worker %.*s, which is not live", type,
@@ -565,7 +592,7 @@ static void handle_result_message(tc_oh *h, const void *body, size_t len)
             goto done;
         }
         h->stats.partial_results++;
-        tc_oh_worker *w = live_sender(h, m, "partial_result");
+        tc_oh_worker *w = live_sender(h, wid, wn, "partial_result");
         tc_oh_slot *s = w ? slot_find(w, step_id, attempt) : NULL;
         if (w && !s)
             tc_oh_count_bad(h, TC_OH_BAD_DUPLICATE, "partial_result for step %lld attempt %lld, not in flight on %s",
@@ -582,7 +609,7 @@ static void handle_result_message(tc_oh *h, const void *body, size_t len)
             goto done;
         }
         h->stats.batch_completions++;
-        tc_oh_worker *w = live_sender(h, m, "batch_completion");
+        tc_oh_worker *w = live_sender(h, wid, wn, "batch_completion");
         if (w && w->used) {
             /* The completion follows the batch's last partial on the same
              * connection, so steps of this batch still in flight lost their
