@@ -493,13 +493,17 @@ void tc_socket_close(tc_socket *s)
     if (s->zsock == NULL && s->monitor == NULL && s->stash == NULL)
         return;
     if (s->pid == tc_pid()) {
-        /* zsock first, so its monitor can still post to our PAIR while it
-         * stops; zmq_close only hands the socket to the I/O thread, which
-         * keeps sending for ZMQ_LINGER, so neither call blocks. */
-        if (s->zsock != NULL)
-            zmq_close(s->zsock);
+        /* Stop the monitor here, in the owner thread, before either close:
+         * with libzmq 4.3.4, leaving it to zmq_close while our PAIR goes
+         * away wedges the context's I/O thread, and no later socket in the
+         * process connects. zmq_close only hands the socket to the I/O
+         * thread, which keeps sending for ZMQ_LINGER, so nothing blocks. */
+        if (s->zsock != NULL && s->monitor != NULL)
+            zmq_socket_monitor(s->zsock, NULL, 0);
         if (s->monitor != NULL)
             zmq_close(s->monitor);
+        if (s->zsock != NULL)
+            zmq_close(s->zsock);
     }
     /* Inherited across fork: forget the parent's sockets without telling
      * libzmq, whose I/O thread lives only in the parent. */
