@@ -324,36 +324,6 @@ int tc_oh_forked(const tc_oh *h)
     return tc_socket_forked(&h->batch) || tc_socket_forked(&h->result);
 }
 
-/* The result SUB is opened without the socket layer's connection monitor:
- * with a monitor on a bound SUB, libzmq 4.3.4 often never delivers the
- * SUB's subscription to an XPUB (XPUB_VERBOSER) that connects to it, so a
- * worker's result publisher would wait for the orchestrator forever and
- * filter out every result. Reproduced in plain C against libzmq; without
- * the monitor the subscription always arrives. */
-static int open_unmonitored(tc_socket *s, int type, char *err, size_t errlen)
-{
-    void *ctx = tc_context();
-    size_t fdlen = sizeof(s->fd);
-    memset(s, 0, sizeof(*s));
-    s->fd = -1;
-    if (!ctx || !(s->zsock = zmq_socket(ctx, type))) {
-        int e = zmq_errno();
-        snprintf(err, errlen, "could not create a ZeroMQ socket: %s", zmq_strerror(e));
-        errno = e;
-        return -1;
-    }
-    s->type = type;
-    s->pid = getpid();
-    if (zmq_getsockopt(s->zsock, ZMQ_FD, &s->fd, &fdlen) != 0) {
-        int e = zmq_errno();
-        snprintf(err, errlen, "could not read the socket's ZMQ_FD: %s", zmq_strerror(e));
-        tc_socket_close(s);
-        errno = e;
-        return -1;
-    }
-    return 0;
-}
-
 int tc_oh_open(tc_oh *h, const tc_oh_config *cfg, char *err, size_t errlen)
 {
     h->send_hwm = cfg->send_hwm;
@@ -377,7 +347,7 @@ int tc_oh_open(tc_oh *h, const tc_oh_config *cfg, char *err, size_t errlen)
         tc_socket_last_endpoint(&h->batch, h->batch_endpoint, sizeof(h->batch_endpoint)) < 0)
         goto fail;
 
-    if (open_unmonitored(&h->result, ZMQ_SUB, err, errlen) < 0) goto fail;
+    if (tc_socket_open(&h->result, ZMQ_SUB, err, errlen) < 0) goto fail;
     if (tc_socket_set_int(&h->result, ZMQ_RCVHWM, cfg->recv_hwm, err, errlen) < 0 ||
         tc_socket_set_int(&h->result, ZMQ_LINGER, cfg->linger_ms, err, errlen) < 0 ||
         tc_socket_set_bytes(&h->result, ZMQ_SUBSCRIBE, "", 0, err, errlen) < 0 ||
@@ -482,10 +452,19 @@ static int get_int(const msgpack_object *map, const char *key, int64_t *out)
 static int get_str(const msgpack_object *map, const char *key, const char **p, size_t *n)
 {
     const msgpack_object *v = map_get(map, key);
-    if (!v || v->type != MSGPACK_OBJECT_STR) return 0;
-    *p = v->via.str.ptr;
-    *n = v->via.str.size;
-    return 1;
+    /* Ruby packs binary-encoded Strings (Socket.gethostname, for one) as
+     * bin: accept either for text fields. */
+    if (v && v->type == MSGPACK_OBJECT_STR) {
+        *p = v->via.str.ptr;
+        *n = v->via.str.size;
+        return 1;
+    }
+    if (v && v->type == MSGPACK_OBJECT_BIN) {
+        *p = v->via.bin.ptr;
+        *n = v->via.bin.size;
+        return 1;
+    }
+    return 0;
 }
 
 static int str_is(const char *p, size_t n, const char *lit)

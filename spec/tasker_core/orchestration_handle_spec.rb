@@ -172,7 +172,7 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       starter = Thread.new do
         # The peer starts only once publish_batch is blocked waiting.
         Thread.pass until caller_thread.status == "sleep"
-        pid = spawn_ruby(WORKER_PEER_SCRIPT, "late", cfg["batch_endpoint"], cfg["result_endpoint"], "4")
+        pid = spawn_ruby(WORKER_PEER_SCRIPT, "late", cfg["batch_endpoint"], cfg["result_endpoint"], "4", out: File::NULL)
       end
       expect(handle.publish_batch({ "steps" => steps(2) }, timeout_ms: 20_000)).to eq("late")
       starter.join
