@@ -23,13 +23,29 @@
 
 /* ---- pack output buffer ------------------------------------------------ */
 
+/* msgpack_packer's write callback. Most writes are headers of 1 to 9 bytes:
+ * copy those inline rather than through memcpy; grow via msgpack-c. */
 static int tc_codec_writer_write(void *data, const char *buf, size_t len)
 {
     tc_codec_writer *w = data;
-    if (msgpack_sbuffer_write(&w->sbuf, buf, len) != 0) {
-        w->failed = 1;
-        return -1;
+    msgpack_sbuffer *sb = &w->sbuf;
+
+    if (sb->alloc - sb->size < len) {
+        if (msgpack_sbuffer_write(sb, buf, len) != 0) {
+            w->failed = 1;
+            return -1;
+        }
+        return 0;
     }
+    if (len <= 9) {
+        char *dst = sb->data + sb->size;
+        size_t i;
+        for (i = 0; i < len; i++)
+            dst[i] = buf[i];
+    } else {
+        memcpy(sb->data + sb->size, buf, len);
+    }
+    sb->size += len;
     return 0;
 }
 
@@ -45,6 +61,12 @@ int tc_codec_writer_init(tc_codec_writer *w, size_t initial)
     }
     msgpack_packer_init(&w->pk, w, tc_codec_writer_write);
     return 0;
+}
+
+void tc_codec_writer_reset(tc_codec_writer *w)
+{
+    w->sbuf.size = 0;
+    w->failed = 0;
 }
 
 void tc_codec_writer_destroy(tc_codec_writer *w)

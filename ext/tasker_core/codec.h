@@ -19,6 +19,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <msgpack.h>
 
 /* Deepest nesting of arrays/maps accepted by pack and unpack alike: the
@@ -44,7 +45,56 @@ typedef struct tc_codec_writer {
 } tc_codec_writer;
 
 int tc_codec_writer_init(tc_codec_writer *w, size_t initial);   /* 0, or -1 on ENOMEM */
+void tc_codec_writer_reset(tc_codec_writer *w);                 /* empty it, keep the memory */
 void tc_codec_writer_destroy(tc_codec_writer *w);               /* idempotent */
+
+/* Fast paths for the most common items (short str, small int, small
+ * map/array headers): written straight into the buffer when it has room,
+ * otherwise through msgpack-c's packer. Same bytes as msgpack-c writes. */
+static inline int tc_codec_writer_room(const tc_codec_writer *w, size_t n)
+{
+    return w->sbuf.alloc - w->sbuf.size >= n;
+}
+
+static inline void tc_codec_put_str(tc_codec_writer *w, const char *p, size_t len)
+{
+    if (len < 32 && tc_codec_writer_room(w, len + 1)) {
+        char *d = w->sbuf.data + w->sbuf.size;
+        d[0] = (char)(0xa0 | len);
+        memcpy(d + 1, p, len);
+        w->sbuf.size += len + 1;
+        return;
+    }
+    msgpack_pack_str(&w->pk, len);
+    msgpack_pack_str_body(&w->pk, p, len);
+}
+
+static inline void tc_codec_put_int(tc_codec_writer *w, int64_t v)
+{
+    if (v >= 0 && v < 128 && tc_codec_writer_room(w, 1)) {
+        w->sbuf.data[w->sbuf.size++] = (char)v;
+        return;
+    }
+    msgpack_pack_int64(&w->pk, v);
+}
+
+static inline void tc_codec_put_map(tc_codec_writer *w, size_t n)
+{
+    if (n < 16 && tc_codec_writer_room(w, 1)) {
+        w->sbuf.data[w->sbuf.size++] = (char)(0x80 | n);
+        return;
+    }
+    msgpack_pack_map(&w->pk, n);
+}
+
+static inline void tc_codec_put_array(tc_codec_writer *w, size_t n)
+{
+    if (n < 16 && tc_codec_writer_room(w, 1)) {
+        w->sbuf.data[w->sbuf.size++] = (char)(0x90 | n);
+        return;
+    }
+    msgpack_pack_array(&w->pk, n);
+}
 
 /* ---- decoding (codec.c) ------------------------------------------------ */
 

@@ -31,14 +31,16 @@
  *    the caller, not of the wire. On unpack, everything wrong with the
  *    bytes raises TaskerCore::ProtocolError saying what and where.
  *
- * Memory: the pack buffer is freed by rb_ensure whatever is raised in the
- * walk; unpacking allocates no C memory at all (the decoder's state is on
+ * Memory: the pack buffer is released by rb_ensure whatever is raised in
+ * the walk (a reused scratch buffer is marked free again; a fresh one is
+ * freed); unpacking allocates no C memory at all (the decoder's state is on
  * the C stack and strings point into the input until they become Ruby
  * objects), so an exception halfway through leaks nothing.
  */
 #include "tasker_core.h"
 #include "codec.h"
 #include <limits.h>
+#include <string.h>
 #include <time.h>
 
 static VALUE tc_mCodec;
@@ -48,8 +50,18 @@ static int tc_enc_binary;
 
 /* ---- pack -------------------------------------------------------------- */
 
+/* Packing goes into one reusable scratch buffer (kept between calls, so the
+ * common case neither mallocs nor reallocs), or, when that is busy (a pack
+ * inside a pack, which nothing does today), into a fresh one. */
+#define TC_SCRATCH_INITIAL (64 * 1024)
+#define TC_SCRATCH_KEEP (1024 * 1024)   /* larger scratch buffers are given back */
+static tc_codec_writer tc_scratch;
+static int tc_scratch_ready;
+static int tc_scratch_busy;
+
 typedef struct tc_pack_state {
-    tc_codec_writer w;
+    tc_codec_writer *w;
+    tc_codec_writer own;
     int depth;                                /* open containers */
     VALUE open[TC_CODEC_MAX_DEPTH];           /* the containers being packed */
     VALUE root;
@@ -69,11 +81,10 @@ static inline void tc_pack_raw_str(tc_pack_state *st, VALUE s, int bin)
     long len = RSTRING_LEN(s);
     tc_pack_check_len(len, "String");
     if (bin) {
-        msgpack_pack_bin(&st->w.pk, (size_t)len);
-        msgpack_pack_bin_body(&st->w.pk, RSTRING_PTR(s), (size_t)len);
+        msgpack_pack_bin(&st->w->pk, (size_t)len);
+        msgpack_pack_bin_body(&st->w->pk, RSTRING_PTR(s), (size_t)len);
     } else {
-        msgpack_pack_str(&st->w.pk, (size_t)len);
-        msgpack_pack_str_body(&st->w.pk, RSTRING_PTR(s), (size_t)len);
+        tc_codec_put_str(st->w, RSTRING_PTR(s), (size_t)len);
     }
 }
 
@@ -105,17 +116,17 @@ static void tc_pack_integer(tc_pack_state *st, VALUE obj)
     int sign;
 
     if (RB_FIXNUM_P(obj)) {
-        msgpack_pack_int64(&st->w.pk, (int64_t)FIX2LONG(obj));
+        tc_codec_put_int(st->w, (int64_t)FIX2LONG(obj));
         return;
     }
     /* Bignum: the magnitude must fit 64 bits, and a negative one 2**63. */
     sign = rb_integer_pack(obj, &mag, 1, sizeof(mag), 0, INTEGER_PACK_MSWORD_FIRST | INTEGER_PACK_NATIVE_BYTE_ORDER);
     if (sign == 1) {
-        msgpack_pack_uint64(&st->w.pk, mag);
+        msgpack_pack_uint64(&st->w->pk, mag);
         return;
     }
     if (sign == -1 && mag <= (uint64_t)1 << 63) {
-        msgpack_pack_int64(&st->w.pk, mag == (uint64_t)1 << 63 ? INT64_MIN : -(int64_t)mag);
+        msgpack_pack_int64(&st->w->pk, mag == (uint64_t)1 << 63 ? INT64_MIN : -(int64_t)mag);
         return;
     }
     rb_raise(rb_eRangeError, "Integer %" PRIsVALUE " is outside msgpack's range (-2**63 .. 2**64-1)", obj);
@@ -154,11 +165,11 @@ static int tc_pack_pair(VALUE key, VALUE value, VALUE arg)
 
 static void tc_pack_value(tc_pack_state *st, VALUE obj)
 {
-    msgpack_packer *pk = &st->w.pk;
+    msgpack_packer *pk = &st->w->pk;
 
     if (RB_SPECIAL_CONST_P(obj)) {
         if (RB_FIXNUM_P(obj))
-            msgpack_pack_int64(pk, (int64_t)FIX2LONG(obj));
+            tc_codec_put_int(st->w, (int64_t)FIX2LONG(obj));
         else if (NIL_P(obj))
             msgpack_pack_nil(pk);
         else if (obj == Qtrue)
@@ -182,7 +193,7 @@ static void tc_pack_value(tc_pack_state *st, VALUE obj)
         long n = (long)RHASH_SIZE(obj);
         tc_pack_check_len(n, "Hash");
         tc_pack_enter(st, obj);
-        msgpack_pack_map(pk, (size_t)n);
+        tc_codec_put_map(st->w, (size_t)n);
         rb_hash_foreach(obj, tc_pack_pair, (VALUE)st);
         st->depth--;
         return;
@@ -191,7 +202,7 @@ static void tc_pack_value(tc_pack_state *st, VALUE obj)
         long i, n = RARRAY_LEN(obj);
         tc_pack_check_len(n, "Array");
         tc_pack_enter(st, obj);
-        msgpack_pack_array(pk, (size_t)n);
+        tc_codec_put_array(st->w, (size_t)n);
         for (i = 0; i < n; i++)
             tc_pack_value(st, RARRAY_AREF(obj, i));
         st->depth--;
@@ -229,15 +240,24 @@ static VALUE tc_pack_body(VALUE arg)
 {
     tc_pack_state *st = (tc_pack_state *)arg;
     tc_pack_value(st, st->root);
-    if (st->w.failed)
+    if (st->w->failed)
         rb_memerror();
-    st->result = rb_str_new(st->w.sbuf.data, (long)st->w.sbuf.size);
+    st->result = rb_str_new(st->w->sbuf.data, (long)st->w->sbuf.size);
     return Qnil;
 }
 
 static VALUE tc_pack_cleanup(VALUE arg)
 {
-    tc_codec_writer_destroy(&((tc_pack_state *)arg)->w);
+    tc_pack_state *st = (tc_pack_state *)arg;
+    if (st->w == &tc_scratch) {
+        if (tc_scratch.sbuf.alloc > TC_SCRATCH_KEEP) {
+            tc_codec_writer_destroy(&tc_scratch);
+            tc_scratch_ready = 0;
+        }
+        tc_scratch_busy = 0;
+    } else {
+        tc_codec_writer_destroy(st->w);
+    }
     return Qnil;
 }
 
@@ -248,8 +268,24 @@ VALUE tc_codec_pack(VALUE obj)
     st.depth = 0;
     st.result = Qnil;
     st.root = obj;
-    if (tc_codec_writer_init(&st.w, 4096) != 0)
-        rb_memerror();
+    if (!tc_scratch_busy) {
+        if (!tc_scratch_ready) {
+            if (tc_codec_writer_init(&tc_scratch, TC_SCRATCH_INITIAL) != 0) {
+                tc_codec_writer_destroy(&tc_scratch);
+                rb_memerror();
+            }
+            tc_scratch_ready = 1;
+        }
+        tc_codec_writer_reset(&tc_scratch);
+        tc_scratch_busy = 1;
+        st.w = &tc_scratch;
+    } else {
+        if (tc_codec_writer_init(&st.own, 4096) != 0) {
+            tc_codec_writer_destroy(&st.own);
+            rb_memerror();
+        }
+        st.w = &st.own;
+    }
     rb_ensure(tc_pack_body, (VALUE)&st, tc_pack_cleanup, (VALUE)&st);
     RB_GC_GUARD(obj);
     return st.result;
@@ -270,6 +306,49 @@ static inline VALUE tc_interned(const char *ptr, uint32_t len, rb_encoding *enc)
 #else
     return rb_obj_freeze(rb_enc_str_new(ptr, (long)len, enc));
 #endif
+}
+
+/* UTF-8 hash keys repeat from message to message ("step_id", "task_id",
+ * ...). A small direct-mapped cache of the interned strings answers most
+ * of them with one memcmp instead of a lookup in Ruby's fstring table. The
+ * entries are marked (and so pinned) through a TypedData object that is
+ * never collected; at most TC_KEY_CACHE_SIZE short strings stay alive. */
+#define TC_KEY_CACHE_SIZE 512
+#define TC_KEY_CACHE_MAXLEN 48
+static VALUE tc_key_cache[TC_KEY_CACHE_SIZE];
+
+static void tc_key_cache_mark(void *p)
+{
+    int i;
+    (void)p;
+    for (i = 0; i < TC_KEY_CACHE_SIZE; i++) {
+        if (tc_key_cache[i])
+            rb_gc_mark(tc_key_cache[i]);
+    }
+}
+
+static const rb_data_type_t tc_key_cache_type = {
+    "TaskerCore::Codec key cache",
+    { tc_key_cache_mark, NULL, NULL, },
+    0, 0, 0
+};
+
+static inline VALUE tc_utf8_key(const char *ptr, uint32_t len)
+{
+    uint32_t h = 2166136261u, i, slot;
+    VALUE c;
+
+    if (len > TC_KEY_CACHE_MAXLEN)
+        return tc_interned(ptr, len, rb_utf8_encoding());
+    for (i = 0; i < len; i++)
+        h = (h ^ (unsigned char)ptr[i]) * 16777619u;
+    slot = h & (TC_KEY_CACHE_SIZE - 1);
+    c = tc_key_cache[slot];
+    if (c && RSTRING_LEN(c) == (long)len && memcmp(RSTRING_PTR(c), ptr, len) == 0)
+        return c;
+    c = tc_interned(ptr, len, rb_utf8_encoding());
+    tc_key_cache[slot] = c;
+    return c;
 }
 
 static VALUE tc_val_to_ruby(const tc_codec_val *v)
@@ -321,7 +400,7 @@ void tc_codec_build_map_set(tc_codec_decoder *d, tc_codec_val *map, const tc_cod
 
     switch (key->type) {
     case TC_CODEC_T_STR:
-        k = tc_interned(key->v.ptr, key->len, rb_utf8_encoding());
+        k = tc_utf8_key(key->v.ptr, key->len);
         if (us->symbolize_keys)
             k = rb_str_intern(k);
         break;
@@ -393,6 +472,7 @@ void tc_init_codec(void)
     tc_enc_binary = rb_ascii8bit_encindex();
 
     tc_mCodec = rb_define_module_under(tc_mTaskerCore, "Codec");
+    rb_gc_register_mark_object(TypedData_Wrap_Struct(0, &tc_key_cache_type, tc_key_cache));
     rb_define_const(tc_mCodec, "MAX_DEPTH", INT2FIX(TC_CODEC_MAX_DEPTH));
     rb_define_singleton_method(tc_mCodec, "pack", tc_codec_s_pack, 1);
     rb_define_singleton_method(tc_mCodec, "unpack", tc_codec_s_unpack, -1);
