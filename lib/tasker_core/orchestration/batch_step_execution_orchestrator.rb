@@ -20,24 +20,10 @@ module TaskerCore
     #   encode the partial and hand it back through a Queue plus a byte on the
     #   wake-up pipe. They never touch a socket.
     class BatchStepExecutionOrchestrator
-      DEFAULTS = {
-        "zeromq.batch_endpoint" => "tcp://127.0.0.1:5555",
-        "zeromq.result_endpoint" => "tcp://127.0.0.1:5556",
-        "zeromq.heartbeat_interval_ms" => 1000,
-        "zeromq.send_hwm" => 10_000,
-        "zeromq.recv_hwm" => 10_000,
-        "zeromq.linger_ms" => 1000,
-        "worker.max_workers" => 8,
-        "worker.step_timeout_ms" => 30_000,
-        "worker.shutdown_timeout_ms" => 30_000
-      }.freeze
-
-      # Stand-in until TaskerCore.config lands on main: reads the dotted key
-      # from it when it exists, else the built-in default. Swap freely.
+      # A dotted configuration key ("worker.max_workers"): the default of
+      # every keyword argument below.
       def self.setting(key)
-        config = TaskerCore.respond_to?(:config) ? TaskerCore.config : nil
-        value = config.dig(*key.split(".")) if config.respond_to?(:dig)
-        value.nil? ? DEFAULTS.fetch(key) : value
+        TaskerCore.config.dig(*key.split("."))
       end
 
       # Raised into a handler's thread when its step times out. Not a
