@@ -81,14 +81,16 @@ module Bench
         "cc" => capture("cc", "--version")&.lines&.first&.strip,
         "nproc" => Etc.nprocessors,
         "kernel" => capture("uname", "-sr"),
-        "cpu" => File.read("/proc/cpuinfo")[/^model name\s*:\s*(.+)$/, 1]
+        "cpu" => File.read("/proc/cpuinfo")[/^model name\s*:\s*(.+)$/, 1],
+        "loadavg_at_start" => File.read("/proc/loadavg").split[0, 3].join(" ")
       }
     end
   end
 
   def write_result(name, parameters:, rows:, targets: [], notes: nil)
     FileUtils.mkdir_p(RESULTS)
-    doc = { "name" => name, "date" => Time.now.utc.iso8601, "env" => env, "parameters" => parameters,
+    env_now = env.merge("loadavg_at_end" => File.read("/proc/loadavg").split[0, 3].join(" "))
+    doc = { "name" => name, "date" => Time.now.utc.iso8601, "env" => env_now, "parameters" => parameters,
             "targets" => targets, "rows" => rows }
     doc["notes"] = notes if notes
     path = File.join(RESULTS, "#{name}.json")
