@@ -452,10 +452,19 @@ static int get_int(const msgpack_object *map, const char *key, int64_t *out)
 static int get_str(const msgpack_object *map, const char *key, const char **p, size_t *n)
 {
     const msgpack_object *v = map_get(map, key);
-    if (!v || v->type != MSGPACK_OBJECT_STR) return 0;
-    *p = v->via.str.ptr;
-    *n = v->via.str.size;
-    return 1;
+    /* Ruby packs binary-encoded Strings (Socket.gethostname, for one) as
+     * bin: accept either for text fields. */
+    if (v && v->type == MSGPACK_OBJECT_STR) {
+        *p = v->via.str.ptr;
+        *n = v->via.str.size;
+        return 1;
+    }
+    if (v && v->type == MSGPACK_OBJECT_BIN) {
+        *p = v->via.bin.ptr;
+        *n = v->via.bin.size;
+        return 1;
+    }
+    return 0;
 }
 
 static int str_is(const char *p, size_t n, const char *lit)
@@ -476,11 +485,8 @@ static void queue_result(tc_oh *h, const void *body, size_t len, int duplicate)
     h->ev_count++;
 }
 
-static tc_oh_worker *live_sender(tc_oh *h, const msgpack_object *m, const char *type)
+static tc_oh_worker *live_sender(tc_oh *h, const char *wid, size_t wn, const char *type)
 {
-    const char *wid;
-    size_t wn;
-    get_str(m, "worker_id", &wid, &wn);
     tc_oh_worker *w = worker_find(h, wid, wn);
     if (!w || !tc_oh_worker_live(w)) {
         tc_oh_count_bad(h, TC_OH_BAD_UNKNOWN_WORKER, "%s from worker %.*s, which is not live", type,
@@ -565,7 +571,7 @@ static void handle_result_message(tc_oh *h, const void *body, size_t len)
             goto done;
         }
         h->stats.partial_results++;
-        tc_oh_worker *w = live_sender(h, m, "partial_result");
+        tc_oh_worker *w = live_sender(h, wid, wn, "partial_result");
         tc_oh_slot *s = w ? slot_find(w, step_id, attempt) : NULL;
         if (w && !s)
             tc_oh_count_bad(h, TC_OH_BAD_DUPLICATE, "partial_result for step %lld attempt %lld, not in flight on %s",
@@ -582,7 +588,7 @@ static void handle_result_message(tc_oh *h, const void *body, size_t len)
             goto done;
         }
         h->stats.batch_completions++;
-        tc_oh_worker *w = live_sender(h, m, "batch_completion");
+        tc_oh_worker *w = live_sender(h, wid, wn, "batch_completion");
         if (w && w->used) {
             /* The completion follows the batch's last partial on the same
              * connection, so steps of this batch still in flight lost their
