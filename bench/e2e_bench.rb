@@ -17,10 +17,10 @@
 
 require_relative "lib/e2e"
 
-STEPS = Integer(ENV.fetch("E2E_STEPS", "100000"))
+STEPS = Integer(ENV.fetch("E2E_STEPS", "20000"))
 REPEATS = Integer(ENV.fetch("BENCH_REPEATS", "5"))
 CONTENDERS = {
-  "ours" => "ours (loop + 2 workers x 10 threads)",
+  "ours" => "ours (loop + 2 workers)",
   "sidekiq" => "sidekiq (1 process x 10 threads)",
   "sql" => "batched SQL floor (2 clients)"
 }.freeze

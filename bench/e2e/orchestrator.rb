@@ -18,13 +18,19 @@ $stdout.sync = true
 handle = TaskerCore::OrchestrationHandle.new(batch_endpoint: batch_ep, result_endpoint: result_ep,
                                              send_hwm: 1000, recv_hwm: 1000, linger_ms: 0,
                                              heartbeat_timeout_ms: 10_000)
-unless handle.respond_to?(:start_orchestration)
+batch_size = Integer(ENV.fetch("BENCH_BATCH_SIZE", "100"))
+poll_ms = Integer(ENV.fetch("BENCH_POLL_INTERVAL_MS", "50"))
+if handle.respond_to?(:start_orchestration)
+  handle.start_orchestration(database_url: url, batch_size: batch_size, poll_interval_ms: poll_ms)
+elsif handle.respond_to?(:_start_orchestration, true)
+  # The native loop is built but its Ruby wrapper (lib/tasker_core/orchestration_loop.rb,
+  # branch loop) has not landed yet: call the C entry point with the same arguments.
+  handle.send(:_start_orchestration, url, "bench-#{Process.pid}", batch_size, 10_000, poll_ms)
+else
   warn "bench orchestrator: this build has no native orchestration loop " \
        "(OrchestrationHandle#start_orchestration is missing)"
   exit 3
 end
-handle.start_orchestration(database_url: url, batch_size: Integer(ENV.fetch("BENCH_BATCH_SIZE", "100")),
-                           poll_interval_ms: Integer(ENV.fetch("BENCH_POLL_INTERVAL_MS", "50")))
 puts "ready"
 deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 60
 sleep 0.05 until handle.workers.size >= Integer(nworkers) || Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline

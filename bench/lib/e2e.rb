@@ -19,7 +19,7 @@ module Bench
   class E2E
     STEPS_PER_TASK = 10
     WORKERS = 2
-    WORKER_CONCURRENCY = 10
+    WORKER_CONCURRENCY = Integer(ENV.fetch("E2E_WORKER_CONCURRENCY", "50"))
     SIDEKIQ_THREADS = 10
     CREATE_CHUNK = 100 # tasks per creating statement
     HERE = __dir__
@@ -129,10 +129,11 @@ module Bench
 
     NAMES = Array.new(STEPS_PER_TASK) { |i| "step_#{i}" }.freeze
     CREATE_SQL = <<~SQL
-      SELECT count(*) AS n FROM generate_series(1, $1) AS g,
-        LATERAL tasker_create_task('bench', 'noop_x10', '1', '{"steps":10}'::jsonb, '\\x80'::bytea, NULL,
+      SELECT count(*) AS n FROM (
+        SELECT tasker_create_task('bench', 'noop_x10', '1', '{"steps":10}'::jsonb, '\\x80'::bytea, NULL,
           $2::text[], $3::text[], $4::bytea[], $5::int[], $6::boolean[], $7::int[], $8::int[], $9::int[],
           $10::float8[], '{}'::text[], '{}'::text[]) AS t
+          FROM generate_series(1, $1) AS g) x
     SQL
 
     def create_params(ntasks)
@@ -149,7 +150,9 @@ module Bench
       left = ntasks
       while left.positive?
         k = [left, CREATE_CHUNK].min
-        conn.exec(CREATE_SQL, create_params(k))
+        n = conn.exec(CREATE_SQL, create_params(k)).first["n"].to_i
+        raise "created #{n} tasks instead of #{k}" unless n == k
+
         left -= k
       end
     end
@@ -195,6 +198,9 @@ module Bench
       first_new = @conn.exec("SELECT coalesce(max(id), 0) AS m FROM tasker_tasks").first["m"].to_i
       stats0 = orchestrator_stats
       pids = [@postmaster, @orch_pid, *@worker_pids]
+      groups = { "postgres" => [@postmaster], "orchestrator" => [@orch_pid], "workers" => @worker_pids }
+      split0 = groups.transform_values { |g| Bench.tree_cpu_s(g) }
+      driver0 = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
       cpu0 = cpu_now(pids)
       t0 = wall
       create_tasks(ntasks)
@@ -204,6 +210,9 @@ module Bench
              .first["n"].to_i.zero?
       end
       cpu1 = cpu_now(pids)
+      split = groups.to_h { |k, g| [k, ((Bench.tree_cpu_s(g) - split0[k]) * 1e6 / steps).round(1)] }
+      split["driver (creates the tasks)"] =
+        ((Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) - driver0) * 1e6 / steps).round(1)
       row = @conn.exec(<<~SQL, [first_new]).first
         SELECT count(*) FILTER (WHERE state = 'complete') AS done, count(*) AS n,
                extract(epoch FROM max(finished_at))::float8 AS last
@@ -225,13 +234,13 @@ module Bench
       result(steps: ntasks * STEPS_PER_TASK, seconds: row["last"].to_f - t0, cpu_s: cpu1 - cpu0,
              p50: lat["p50"]&.to_f, p99: lat["p99"]&.to_f, create_s: created_s,
              orchestrator_rss_kb: Bench.rss_kb(@orch_pid), orchestrator_hwm_kb: Bench.hwm_kb(@orch_pid),
-             loop_stats: loop_stats)
+             cpu_us_per_step_by_process: split, loop_stats: loop_stats)
     end
 
     def diff_stats(a, b)
       return b unless a.is_a?(Hash) && b.is_a?(Hash)
 
-      b.to_h { |k, v| [k, v.is_a?(Numeric) && a[k].is_a?(Numeric) && !k.to_s.include?("_p") ? v - a[k] : v] }
+      b.to_h { |k, v| [k, v.is_a?(Numeric) && a[k].is_a?(Numeric) && !k.to_s.include?("latency") ? v - a[k] : v] }
     end
 
     # --- the SQL floor -----------------------------------------------------------
