@@ -51,14 +51,15 @@ def table_for(doc)
   rows = doc["rows"] || []
   groups = rows.group_by { |r| [r["label"], r["metric"], r["unit"]] }
   contenders = rows.map { |r| r["contender"] }.uniq
-  peers = contenders - ["ours"]
+  ours_name = contenders.find { |c| c.start_with?("ours") }
+  peers = contenders - [ours_name]
   header = ["measure", "unit", *contenders, *peers.map { |p| "ours / #{p}" }]
   out << "| #{header.join(' | ')} |"
   out << "|#{header.map { '---' }.join('|')}|"
   groups.each do |(label, metric, unit), rs|
     by = rs.to_h { |r| [r["contender"], r] }
     cells = contenders.map { |c| cell(by[c]) }
-    ratios = peers.map { |p| (x = ratio(by["ours"], by[p])) ? format("%.2fx", x) : "-" }
+    ratios = peers.map { |p| (x = ratio(by[ours_name], by[p])) ? format("%.2fx", x) : "-" }
     out << "| #{label} (#{metric}) | #{unit} | #{cells.join(' | ')} | #{ratios.join(' | ')} |"
   end
   targets = doc["targets"] || []
