@@ -2,20 +2,18 @@
 
 # TaskerCore::Codec against the msgpack gem on the shapes the protocol sends:
 # (a) a batch of 100 step hashes (~23 KB) and (b) one partial_result hash.
-# Prints the median ops/s of each side and ours/gem, and writes
-# bench/results/codec.json.
+# Prints the median ops/s of each side (with min/max over the repeats) and
+# writes bench/results/codec.json (bench/lib/harness.rb describes the format).
 #
 #   bundle exec ruby bench/codec_bench.rb [repeats] [seconds_per_repeat]
+#   bundle exec rake bench:codec
 
-$LOAD_PATH.unshift File.expand_path("../lib", __dir__)
+require_relative "lib/harness"
 require "tasker_core"
 require "msgpack"
-require "json"
-require "etc"
-require "time"
 
-REPEATS = Integer(ARGV[0] || 7)
-SECONDS = Float(ARGV[1] || 0.5)
+REPEATS = Integer(ARGV[0] || ENV["BENCH_REPEATS"] || 7)
+SECONDS = Float(ARGV[1] || 0.3)
 
 def step(i)
   { "step_id" => 123 + i, "task_id" => 45, "step_name" => "charge_payment", "handler" => "Payments::ChargeHandler",
@@ -52,17 +50,13 @@ def rate
   end
 end
 
-def median(values)
-  s = values.sort
-  s.size.odd? ? s[s.size / 2] : (s[s.size / 2 - 1] + s[s.size / 2]) / 2.0
-end
-
 ours_pack = TaskerCore::Codec.method(:pack)
 ours_unpack = TaskerCore::Codec.method(:unpack)
 gem_pack = MessagePack.method(:pack)
 gem_unpack = MessagePack.method(:unpack)
 
-results = {}
+rows = []
+targets = []
 { "batch_100_steps" => BATCH, "partial_result" => PARTIAL }.each do |name, obj|
   bytes = TaskerCore::Codec.pack(obj)
   raise "codec and gem disagree on #{name}" unless MessagePack.unpack(bytes) == obj && TaskerCore::Codec.unpack(MessagePack.pack(obj)) == obj
@@ -75,33 +69,21 @@ results = {}
     samples[:ours_unpack] << rate { ours_unpack.call(bytes) }
     samples[:gem_unpack] << rate { gem_unpack.call(bytes) }
   end
-  m = samples.transform_values { |v| median(v) }
-  results[name] = {
-    "bytes" => bytes.bytesize,
-    "pack_ops_per_s" => { "ours" => m[:ours_pack].round, "gem" => m[:gem_pack].round,
-                          "ratio_ours_over_gem" => (m[:ours_pack] / m[:gem_pack]).round(3) },
-    "unpack_ops_per_s" => { "ours" => m[:ours_unpack].round, "gem" => m[:gem_unpack].round,
-                            "ratio_ours_over_gem" => (m[:ours_unpack] / m[:gem_unpack]).round(3) }
-  }
   %w[pack unpack].each do |op|
-    r = results[name]["#{op}_ops_per_s"]
-    printf("%-16s %-6s ours %10.0f ops/s   gem %10.0f ops/s   ours/gem %.2f\n",
-           name, op, r["ours"], r["gem"], r["ratio_ours_over_gem"])
+    label = "#{op} #{name} (#{bytes.bytesize} B)"
+    pair = [["ours", samples[:"ours_#{op}"]], ["msgpack gem", samples[:"gem_#{op}"]]].map do |who, s|
+      Bench.row(label: label, contender: who, metric: "ops/s", unit: "ops/s", samples: s.map(&:round),
+                mb_per_s: (Bench.summary(s)["median"] * bytes.bytesize / 1e6).round(1))
+    end
+    pair.each { |r| Bench.print_row(r) }
+    rows.concat(pair)
+    targets << { "label" => label, "ours" => "ours", "peer" => "msgpack gem", "metric" => "ops/s", "min_ratio" => 1.0 }
   end
 end
 
-report = {
-  "date" => Time.now.utc.iso8601,
-  "ruby" => RUBY_DESCRIPTION,
-  "msgpack_gem" => MessagePack::VERSION,
-  "tasker_core" => TaskerCore::VERSION,
-  "nproc" => Etc.nprocessors,
-  "repeats" => REPEATS,
-  "seconds_per_repeat" => SECONDS,
-  "statistic" => "median ops/s over repeats",
-  "results" => results
-}
-dir = File.join(__dir__, "results")
-Dir.mkdir(dir) unless Dir.exist?(dir)
-File.write(File.join(dir, "codec.json"), JSON.pretty_generate(report) + "\n")
-puts "wrote #{File.join(dir, 'codec.json')}"
+Bench.write_result("codec",
+                   parameters: { "repeats" => REPEATS, "seconds_per_repeat" => SECONDS,
+                                 "statistic" => "ops/s per repeat; median, min, max, IQR over repeats",
+                                 "shapes" => { "batch_100_steps" => TaskerCore::Codec.pack(BATCH).bytesize,
+                                               "partial_result" => TaskerCore::Codec.pack(PARTIAL).bytesize } },
+                   rows: rows, targets: targets)

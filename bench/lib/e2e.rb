@@ -1,0 +1,359 @@
+# frozen_string_literal: true
+
+# The end-to-end contenders, shared by bench/e2e_bench.rb and
+# bench/scale_bench.rb. Each #run_* creates N no-op steps, has them executed
+# and their completion recorded, and returns
+#   { steps:, seconds:, steps_per_s:, cpu_us_per_step:, latency_p50_ms:, latency_p99_ms:, ... }
+# The timed window starts just before the work is created (the processes
+# that execute it are already up and idle) and ends at the last completion
+# (wall clock, read from the store/the job). CPU is the utime+stime delta,
+# over that window, of every process involved: the driver (this process,
+# which creates the work), the executing processes, and the PostgreSQL
+# cluster (postmaster, its live backends and its reaped ones) or redis-server.
+
+require_relative "harness"
+require "tasker_core"
+require "tmpdir"
+
+module Bench
+  class E2E
+    STEPS_PER_TASK = 10
+    WORKERS = 2
+    WORKER_CONCURRENCY = Integer(ENV.fetch("E2E_WORKER_CONCURRENCY", "50"))
+    SIDEKIQ_THREADS = 10
+    CREATE_CHUNK = 100 # tasks per creating statement
+    HERE = __dir__
+    E2E_DIR = File.expand_path("../e2e", __dir__)
+
+    attr_reader :url, :pg_dir
+
+    def initialize(log: $stderr)
+      @log = log
+      @children = []
+    end
+
+    # --- PostgreSQL --------------------------------------------------------
+
+    def start_postgres
+      @pg_dir = Dir.mktmpdir("tasker_bench_pg")
+      File.chmod(0o755, @pg_dir)
+      @url = TaskerCore::EmbeddedPostgres.start(dir: @pg_dir, database: "tasker_bench")
+      TaskerCore::Store.migrate!(@url)
+      @conn = TaskerCore::Store::Connection.new(@url, connect_timeout: 10)
+      settings = @conn.exec("SELECT name, setting FROM pg_settings WHERE name IN " \
+                            "('synchronous_commit','fsync','shared_buffers','max_connections','wal_sync_method')")
+      @pg_settings = settings.to_h { |r| [r["name"], r["setting"]] }
+      unless @pg_settings["synchronous_commit"] == "on" && @pg_settings["fsync"] == "on"
+        raise "the benchmark needs synchronous_commit and fsync on, got #{@pg_settings}"
+      end
+
+      @postmaster = File.read(File.join(@pg_dir, "data", "postmaster.pid")).to_i
+      @url
+    end
+
+    attr_reader :pg_settings, :conn
+
+    def stop_postgres
+      @conn&.close
+      TaskerCore::EmbeddedPostgres.stop(dir: @pg_dir) if @pg_dir
+      FileUtils.rm_rf(@pg_dir) if @pg_dir
+    end
+
+    def reset_tasker_tables
+      @conn.exec("TRUNCATE tasker_workflow_step_transitions, tasker_task_transitions, tasker_workflow_step_edges, " \
+                 "tasker_workflow_steps, tasker_tasks RESTART IDENTITY CASCADE")
+      @conn.exec("VACUUM ANALYZE")
+    end
+
+    # --- redis ---------------------------------------------------------------
+
+    def start_redis
+      @redis_port = Bench.free_port
+      @redis_dir = Dir.mktmpdir("tasker_bench_redis")
+      @redis_pid = Process.spawn("redis-server", "--port", @redis_port.to_s, "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no", "--dir", @redis_dir,
+                                 out: File::NULL, err: File::NULL)
+      require "socket"
+      Bench.wait_until(10, "redis-server") do
+        TCPSocket.new("127.0.0.1", @redis_port).close
+        true
+      rescue SystemCallError
+        false
+      end
+      "redis://127.0.0.1:#{@redis_port}/0"
+    end
+
+    def stop_redis
+      Bench.stop_process(@redis_pid) if @redis_pid
+      FileUtils.rm_rf(@redis_dir) if @redis_dir
+    end
+
+    def redis_url = "redis://127.0.0.1:#{@redis_port}/0"
+
+    # --- child processes -------------------------------------------------------
+
+    def spawn_child(*cmd, env: {}, **opts)
+      pid = Process.spawn(env, *cmd, **opts)
+      @children << pid
+      pid
+    end
+
+    def stop_children
+      @children.each { |pid| Bench.stop_process(pid, "TERM", timeout: 15) }
+      @children.clear
+    end
+
+    def cpu_now(pids)
+      Bench.tree_cpu_s(pids) + Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
+    end
+
+    def wall = Time.now.to_f
+
+    def result(steps:, seconds:, cpu_s:, p50:, p99:, **extra)
+      { steps: steps, seconds: seconds, steps_per_s: steps / seconds, cpu_us_per_step: cpu_s * 1e6 / steps,
+        latency_p50_ms: p50, latency_p99_ms: p99 }.merge(extra)
+    end
+
+    def read_line(io, prefix, timeout)
+      deadline = Bench.clock + timeout
+      loop do
+        raise "timed out waiting for #{prefix.inspect}" if Bench.clock > deadline
+
+        ready = IO.select([io], nil, nil, 1) or next
+        line = ready.first.first.gets or raise "process ended before saying #{prefix.inspect}"
+        return line.chomp if line.start_with?(prefix)
+      end
+    end
+
+    # --- ours ------------------------------------------------------------------
+
+    NAMES = Array.new(STEPS_PER_TASK) { |i| "step_#{i}" }.freeze
+    CREATE_SQL = <<~SQL
+      SELECT count(*) AS n FROM (
+        SELECT tasker_create_task('bench', 'noop_x10', '1', '{"steps":10}'::jsonb, '\\x80'::bytea, NULL,
+          $2::text[], $3::text[], $4::bytea[], $5::int[], $6::boolean[], $7::int[], $8::int[], $9::int[],
+          $10::float8[], '{}'::text[], '{}'::text[]) AS t
+          FROM generate_series(1, $1) AS g) x
+    SQL
+
+    def create_params(ntasks)
+      n = STEPS_PER_TASK
+      [ntasks, NAMES, Array.new(n, "BenchHandlers::Noop"), Array.new(n, TaskerCore::Codec.pack({})),
+       Array.new(n, 30_000), Array.new(n, true), Array.new(n, 3), Array.new(n, 500), Array.new(n, 30_000),
+       Array.new(n, 0.2)]
+    end
+
+    # Creates ntasks tasks of 10 independent no-op steps, CREATE_CHUNK per
+    # statement (each statement its own transaction), so the orchestrator
+    # starts on the first chunk while the rest are being created.
+    def create_tasks(ntasks, conn = @conn)
+      left = ntasks
+      while left.positive?
+        k = [left, CREATE_CHUNK].min
+        n = conn.exec(CREATE_SQL, create_params(k)).first["n"].to_i
+        raise "created #{n} tasks instead of #{k}" unless n == k
+
+        left -= k
+      end
+    end
+
+    def start_ours
+      batch_ep = "tcp://127.0.0.1:#{Bench.free_port}"
+      result_ep = "tcp://127.0.0.1:#{Bench.free_port}"
+      r, w = IO.pipe
+      @orch_in_r, @orch_in_w = IO.pipe
+      @orch_pid = spawn_child(Gem.ruby, File.join(E2E_DIR, "orchestrator.rb"), batch_ep, result_ep, @url,
+                              WORKERS.to_s, in: @orch_in_r, out: w)
+      w.close
+      @orch_in_r.close
+      @orch_out = r
+      read_line(@orch_out, "ready", 60)
+      @worker_pids = Array.new(WORKERS) do |i|
+        spawn_child(Gem.ruby, File.join(Bench::ROOT, "exe", "tasker-worker"),
+                    "--handlers", File.join(E2E_DIR, "noop_handlers.rb"), "--concurrency", WORKER_CONCURRENCY.to_s,
+                    "--batch-endpoint", batch_ep, "--result-endpoint", result_ep, "--worker-id", "bench-w#{i + 1}",
+                    env: { "TASKER_LOG_LEVEL" => "warn" }, out: File::NULL)
+      end
+      read_line(@orch_out, "workers", 60)
+    end
+
+    def stop_ours
+      @orch_in_w&.close
+      @orch_in_w = nil
+      stop_children
+      @orch_out&.close
+      @orch_out = nil
+    end
+
+    def orchestrator_stats
+      @orch_in_w.puts("stats")
+      @orch_in_w.flush
+      JSON.parse(read_line(@orch_out, "{", 30))
+    end
+
+    # One timed run of ours (the tasker tables must be free of unfinished
+    # tasks; finished history may be there). Returns the result Hash.
+    def run_ours(steps, timeout: 600)
+      ntasks = steps / STEPS_PER_TASK
+      first_new = @conn.exec("SELECT coalesce(max(id), 0) AS m FROM tasker_tasks").first["m"].to_i
+      stats0 = orchestrator_stats
+      pids = [@postmaster, @orch_pid, *@worker_pids]
+      groups = { "postgres" => [@postmaster], "orchestrator" => [@orch_pid], "workers" => @worker_pids }
+      split0 = groups.transform_values { |g| Bench.tree_cpu_s(g) }
+      driver0 = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
+      cpu0 = cpu_now(pids)
+      t0 = wall
+      create_tasks(ntasks)
+      created_s = wall - t0
+      Bench.wait_until(timeout, "#{ntasks} tasks to finish", interval: 0.05) do
+        @conn.exec("SELECT count(*) AS n FROM tasker_tasks WHERE state IN ('pending','in_progress')")
+             .first["n"].to_i.zero?
+      end
+      cpu1 = cpu_now(pids)
+      split = groups.to_h { |k, g| [k, ((Bench.tree_cpu_s(g) - split0[k]) * 1e6 / steps).round(1)] }
+      split["driver (creates the tasks)"] =
+        ((Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) - driver0) * 1e6 / steps).round(1)
+      row = @conn.exec(<<~SQL, [first_new]).first
+        SELECT count(*) FILTER (WHERE state = 'complete') AS done, count(*) AS n,
+               extract(epoch FROM max(finished_at))::float8 AS last
+          FROM tasker_tasks WHERE id > $1
+      SQL
+      raise "only #{row['done']} of #{ntasks} tasks completed" unless row["done"].to_i == ntasks
+
+      lat = @conn.exec(<<~SQL, [first_new]).first
+        SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99
+          FROM (SELECT extract(epoch FROM c.created_at - e.created_at) * 1000 AS ms
+                  FROM tasker_workflow_step_transitions c
+                  JOIN tasker_workflow_step_transitions e
+                    ON e.step_id = c.step_id AND e.attempt = c.attempt AND e.to_state = 'enqueued'
+                 WHERE c.to_state = 'complete' AND c.task_id > $1) x
+      SQL
+      stats1 = orchestrator_stats
+      loop_stats = diff_stats(stats0["loop"], stats1["loop"])
+      result(steps: ntasks * STEPS_PER_TASK, seconds: row["last"].to_f - t0, cpu_s: cpu1 - cpu0,
+             p50: lat["p50"]&.to_f, p99: lat["p99"]&.to_f, create_s: created_s,
+             orchestrator_rss_kb: Bench.rss_kb(@orch_pid), orchestrator_hwm_kb: Bench.hwm_kb(@orch_pid),
+             cpu_us_per_step_by_process: split, loop_stats: loop_stats)
+    end
+
+    def diff_stats(a, b)
+      return b unless a.is_a?(Hash) && b.is_a?(Hash)
+
+      b.to_h { |k, v| [k, v.is_a?(Numeric) && a[k].is_a?(Numeric) && !k.to_s.include?("latency") ? v - a[k] : v] }
+    end
+
+    # --- the SQL floor -----------------------------------------------------------
+
+    FLOOR_SCHEMA = <<~SQL
+      CREATE TABLE IF NOT EXISTS bench_jobs (
+        id bigserial PRIMARY KEY,
+        state text NOT NULL DEFAULT 'pending',
+        created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        claimed_at timestamptz,
+        completed_at timestamptz
+      );
+      CREATE INDEX IF NOT EXISTS bench_jobs_pending ON bench_jobs (id) WHERE state = 'pending';
+    SQL
+
+    # Two client processes (like our two workers) claim 100 with SKIP LOCKED
+    # and complete with = ANY(ids), each statement its own transaction.
+    def run_sql_floor(steps, keep_history: false, timeout: 600)
+      FLOOR_SCHEMA.split(";").map(&:strip).reject(&:empty?).each { |s| @conn.exec(s) }
+      @conn.exec("TRUNCATE bench_jobs") unless keep_history
+      first_new = @conn.exec("SELECT coalesce(max(id), 0) AS m FROM bench_jobs").first["m"].to_i
+      @conn.exec("VACUUM ANALYZE bench_jobs")
+      clients = Array.new(WORKERS) do
+        r, w = IO.pipe
+        ir, iw = IO.pipe
+        pid = spawn_child(Gem.ruby, File.join(E2E_DIR, "sql_floor_client.rb"), @url, in: ir, out: w)
+        w.close
+        ir.close
+        { pid: pid, out: r, in: iw }
+      end
+      clients.each { |c| read_line(c[:out], "ready", 60) }
+      pids = [@postmaster, *clients.map { |c| c[:pid] }]
+      cpu0 = cpu_now(pids)
+      t0 = wall
+      # Created in chunks like ours, while the clients already claim.
+      clients.each { |c| c[:in].puts("go") && c[:in].flush }
+      left = steps
+      while left.positive?
+        k = [left, CREATE_CHUNK * STEPS_PER_TASK].min
+        @conn.exec("INSERT INTO bench_jobs (state) SELECT 'pending' FROM generate_series(1, $1)", [k])
+        left -= k
+      end
+      clients.each { |c| c[:in].puts("drain") && c[:in].flush }
+      clients.each { |c| read_line(c[:out], "done", timeout) }
+      cpu1 = cpu_now(pids)
+      row = @conn.exec(<<~SQL, [first_new]).first
+        SELECT count(*) FILTER (WHERE state = 'complete') AS done,
+               extract(epoch FROM max(completed_at))::float8 AS last,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM completed_at - claimed_at) * 1000) AS p50,
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM completed_at - claimed_at) * 1000) AS p99
+          FROM bench_jobs WHERE id > $1
+      SQL
+      raise "only #{row['done']} of #{steps} jobs completed" unless row["done"].to_i == steps
+
+      clients.each do |c|
+        c[:in].close
+        Process.waitpid(c[:pid])
+        @children.delete(c[:pid])
+        c[:out].close
+      end
+      result(steps: steps, seconds: row["last"].to_f - t0, cpu_s: cpu1 - cpu0, p50: row["p50"]&.to_f,
+             p99: row["p99"]&.to_f)
+    end
+
+    # --- Sidekiq -------------------------------------------------------------------
+
+    def start_sidekiq(steps)
+      require "sidekiq"
+      @sidekiq_done = File.join(Dir.tmpdir, "tasker_bench_sidekiq_#{Process.pid}.json")
+      File.delete(@sidekiq_done) if File.exist?(@sidekiq_done)
+      @sidekiq_log = "#{@sidekiq_done}.log"
+      # A file, not a pipe: a pipe nobody reads would stall Sidekiq's logging.
+      @sidekiq_pid = spawn_child(Gem.ruby, "-S", "sidekiq", "-r", File.join(E2E_DIR, "sidekiq_app.rb"),
+                                 "-c", SIDEKIQ_THREADS.to_s, "-q", "bench",
+                                 env: { "REDIS_URL" => redis_url, "BENCH_JOBS" => steps.to_s,
+                                        "BENCH_DONE_FILE" => @sidekiq_done },
+                                 out: @sidekiq_log, err: [:child, :out])
+      Bench.wait_until(60, "Sidekiq to start (see #{@sidekiq_log})", interval: 0.05) do
+        raise "Sidekiq exited: #{File.read(@sidekiq_log)[-2000..]}" if Process.waitpid(@sidekiq_pid, Process::WNOHANG)
+
+        File.read(@sidekiq_log).include?("bench-sidekiq-ready")
+      end
+      Sidekiq.configure_client { |c| c.redis = { url: redis_url, size: 2 } }
+    end
+
+    def stop_sidekiq
+      Bench.stop_process(@sidekiq_pid, "TERM", timeout: 30) if @sidekiq_pid
+      @children.delete(@sidekiq_pid)
+      @sidekiq_pid = nil
+      [@sidekiq_done, @sidekiq_log].each { |f| File.delete(f) if f && File.exist?(f) }
+    end
+
+    # One timed run; the Sidekiq process counts the jobs it has run and
+    # writes @sidekiq_done (with the latencies) at the N-th, then resets.
+    def run_sidekiq(steps, timeout: 600)
+      File.delete(@sidekiq_done) if File.exist?(@sidekiq_done)
+      pids = [@redis_pid, @sidekiq_pid]
+      cpu0 = cpu_now(pids)
+      t0 = wall
+      left = steps
+      while left.positive?
+        k = [left, 1000].min
+        Sidekiq::Client.push_bulk("class" => "BenchNoopJob", "queue" => "bench", "args" => Array.new(k) { [] })
+        left -= k
+      end
+      created_s = wall - t0
+      Bench.wait_until(timeout, "#{steps} Sidekiq jobs", interval: 0.05) { File.exist?(@sidekiq_done) }
+      cpu1 = cpu_now(pids)
+      done = JSON.parse(File.read(@sidekiq_done))
+      raise "Sidekiq ran #{done['jobs']} of #{steps} jobs" unless done["jobs"] == steps
+
+      result(steps: steps, seconds: done["last"] - t0, cpu_s: cpu1 - cpu0, p50: done["p50_ms"], p99: done["p99_ms"],
+             create_s: created_s)
+    end
+  end
+end
