@@ -134,6 +134,10 @@ module TaskerCore
       def failure(error, prefix: "")
         message = error.message.to_s.strip.gsub(/\s*\n\s*/, " ")
         message = "#{message[0, 500]}..." if message.size > 500 && !@trace
+        # undefined table or function: the schema is missing or old
+        if error.respond_to?(:sqlstate) && %w[42P01 42883].include?(error.sqlstate)
+          message = "#{message.chomp('.')} (is the database migrated? run `tasker db:migrate`)"
+        end
         err.puts "tasker #{name}: #{prefix}#{message}"
         err.puts error.full_message(highlight: false) if @trace
         EXIT_FAILURE
