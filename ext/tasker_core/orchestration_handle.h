@@ -1,0 +1,215 @@
+/*
+ * orchestration_handle.h: the orchestrator side of the batch and result
+ * channels (wire protocol v1, docs/protocol.md).
+ *
+ * The core (orchestration_handle.c) owns the two sockets, the worker table,
+ * credit accounting, the in-flight steps of each worker, heartbeat expiry
+ * and batch addressing. It is plain C: it never raises, never touches a
+ * Ruby object and parses incoming bodies with msgpack-c, so a native
+ * orchestration thread can drive it without the GVL. The Ruby binding
+ * (orchestration_handle_class.c) turns Ruby batches into packed bodies and
+ * the core's event queue into Ruby Hashes.
+ *
+ * Like a tc_socket, a handle belongs to one thread at a time.
+ */
+#ifndef TASKER_CORE_ORCHESTRATION_HANDLE_H
+#define TASKER_CORE_ORCHESTRATION_HANDLE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "socket.h"
+
+#define TC_OH_PROTOCOL_VERSION 1
+/* Worker ids are /\A[A-Za-z0-9_-]+\z/ and at most this long. */
+#define TC_OH_WORKER_ID_MAX 128
+/* Batch ids (generated or given) are at most this long: they are copied
+ * into every in-flight entry so a lost worker can report them. */
+#define TC_OH_BATCH_ID_MAX 63
+#define TC_OH_HOST_MAX 255
+#define TC_OH_REASON_MAX 127
+/* The table is bounded so that a flood of subscriptions or heartbeats with
+ * made-up ids cannot grow it without limit. */
+#define TC_OH_MAX_WORKERS 4096
+/* Per-worker in-flight bound; far above any sane capacity. */
+#define TC_OH_MAX_IN_FLIGHT (1 << 20)
+/* Messages read per socket per poll, so one call cannot spin forever on a
+ * flooding peer. */
+#define TC_OH_DRAIN_MAX 4096
+
+/* Why an incoming message was not accepted as-is. */
+typedef enum tc_oh_bad_reason {
+    TC_OH_BAD_MALFORMED_FRAME = 0, /* not [topic, body] */
+    TC_OH_BAD_UNDECODABLE,         /* body is not one msgpack map */
+    TC_OH_BAD_PROTOCOL_VERSION,    /* protocol_version missing or not 1 */
+    TC_OH_BAD_UNKNOWN_TYPE,        /* type missing or not one we know */
+    TC_OH_BAD_INVALID_FIELDS,      /* a required field missing or mistyped */
+    TC_OH_BAD_UNKNOWN_WORKER,      /* a result from a worker that is not live */
+    TC_OH_BAD_DUPLICATE,           /* a partial for a step not in flight */
+    TC_OH_BAD_COUNT
+} tc_oh_bad_reason;
+
+typedef struct tc_oh_step {
+    int64_t step_id;
+    int64_t task_id;
+    int64_t attempt;
+} tc_oh_step;
+
+typedef struct tc_oh_inflight {
+    int64_t step_id;
+    int64_t task_id;
+    int64_t attempt;
+    char batch_id[TC_OH_BATCH_ID_MAX + 1];
+} tc_oh_inflight;
+
+/* Open-addressing slot; state 0 empty, 1 used, 2 deleted. */
+typedef struct tc_oh_slot {
+    tc_oh_inflight e;
+    uint8_t state;
+} tc_oh_slot;
+
+typedef struct tc_oh_worker {
+    char id[TC_OH_WORKER_ID_MAX + 1];
+    char host[TC_OH_HOST_MAX + 1];
+    int64_t pid;
+    int64_t capacity;
+    int subscribed;       /* "\x01batch.<id>." seen on the XPUB */
+    int heartbeated;      /* a heartbeat arrived and has not expired */
+    int said_goodbye;     /* no revival by a stray heartbeat until it unsubscribes */
+    double last_heartbeat_at;      /* epoch seconds, for callers */
+    int64_t last_heartbeat_mono_ms; /* for expiry */
+    uint64_t last_dispatch_seq;     /* ties go to the least recently used */
+    /* in-flight steps keyed by (step_id, attempt) */
+    tc_oh_slot *slots;
+    size_t nslots; /* power of two, or 0 */
+    size_t used;   /* live entries = this worker's in_flight */
+    size_t tombstones;
+} tc_oh_worker;
+
+typedef enum tc_oh_event_kind { TC_OH_EV_RESULT = 1, TC_OH_EV_LOST } tc_oh_event_kind;
+
+/* Something receive_results hands to the caller, in arrival order. */
+typedef struct tc_oh_event {
+    tc_oh_event_kind kind;
+    /* RESULT: the body as received (a msgpack map), owned by the event */
+    char *body;
+    size_t len;
+    int duplicate;
+    /* LOST */
+    char worker_id[TC_OH_WORKER_ID_MAX + 1];
+    char reason[TC_OH_REASON_MAX + 1];
+    tc_oh_inflight *in_flight;
+    size_t n_in_flight;
+} tc_oh_event;
+
+typedef struct tc_oh_stats {
+    uint64_t batches_published;
+    uint64_t steps_published;
+    uint64_t partial_results;
+    uint64_t batch_completions;
+    uint64_t heartbeats;
+    uint64_t goodbyes;
+    uint64_t subscriptions;
+    uint64_t unsubscriptions;
+    uint64_t workers_lost;
+    uint64_t send_refused;             /* XPUB refused at the high-water mark */
+    uint64_t steps_released_by_completion; /* partials that never came */
+    uint64_t worker_table_full;
+    uint64_t bad[TC_OH_BAD_COUNT];
+} tc_oh_stats;
+
+typedef struct tc_oh_config {
+    const char *batch_endpoint;
+    const char *result_endpoint;
+    int send_hwm;
+    int recv_hwm;
+    int linger_ms;
+    long heartbeat_timeout_ms;
+} tc_oh_config;
+
+typedef struct tc_oh {
+    tc_socket batch; /* XPUB, bound */
+    tc_socket result; /* SUB, bound, subscribed to "" */
+    char batch_endpoint[TC_SOCKET_ENDPOINT_MAX];
+    char result_endpoint[TC_SOCKET_ENDPOINT_MAX];
+    int send_hwm, recv_hwm, linger_ms;
+    long heartbeat_timeout_ms;
+    int open;
+
+    tc_oh_worker *workers;
+    size_t nworkers, workers_cap;
+
+    /* FIFO of events: [head, count) in a ring would be tidier; a plain
+     * array compacted on drain is enough at these rates. */
+    tc_oh_event *events;
+    size_t ev_head, ev_count, ev_cap;
+
+    uint64_t batch_seq, dispatch_seq;
+    char batch_id_prefix[32];
+
+    tc_oh_stats stats;
+    /* Last detail per bad reason, so the binding can log each reason once. */
+    char bad_detail[TC_OH_BAD_COUNT][160];
+} tc_oh;
+
+/* Zero *h first. Opens and binds both sockets; 0 ok, -1 with a sentence in
+ * err (and everything opened so far closed again). */
+int tc_oh_open(tc_oh *h, const tc_oh_config *cfg, char *err, size_t errlen);
+
+/* Idempotent; frees the table and the queued events; in a forked child the
+ * sockets are only forgotten. */
+void tc_oh_close(tc_oh *h);
+
+/* Non-zero when the handle was opened by another process. */
+int tc_oh_forked(const tc_oh *h);
+
+/* Reads what is ready on both sockets without waiting (at most
+ * TC_OH_DRAIN_MAX per socket), updating the worker table and queueing
+ * results, then expires silent workers. Returns the number of messages
+ * read, or -1 if a socket failed (errno set). */
+int tc_oh_poll(tc_oh *h);
+
+/* Reports workers silent for heartbeat_timeout_ms as lost. */
+void tc_oh_expire(tc_oh *h);
+
+/* Milliseconds until the next heartbeat expiry could happen (>= 0), or -1
+ * when no live worker is waiting to expire. Lets a waiter wake in time to
+ * report a lost worker. */
+long tc_oh_next_expiry_ms(const tc_oh *h);
+
+/* Picks the live worker for a batch of nsteps: the one with the most free
+ * capacity among those with free >= nsteps; a batch larger than a worker's
+ * whole capacity may go only to that worker while it is fully idle, so an
+ * oversized batch is never refused forever and never piles on a busy
+ * worker. Workers advertising capacity 0 take nothing. Returns the index
+ * in h->workers, or -1. */
+long tc_oh_choose_worker(const tc_oh *h, size_t nsteps);
+
+int tc_oh_worker_live(const tc_oh_worker *w);
+
+/* Writes a fresh batch id ("<prefix>-<seq>", unique per handle) into buf. */
+void tc_oh_next_batch_id(tc_oh *h, char *buf, size_t len);
+
+/* Sends body on topic "batch.<worker id>." and, only when libzmq took it,
+ * records the steps in flight for that worker. 0 ok; -1 with errno: EAGAIN
+ * refused at the high-water mark (counted), ENOMEM, EINVAL, or a socket
+ * error. */
+int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const tc_oh_step *steps,
+                     size_t nsteps, const void *body, size_t len);
+
+/* The oldest queued event, or NULL; tc_oh_event_pop frees it. */
+tc_oh_event *tc_oh_event_peek(tc_oh *h);
+void tc_oh_event_pop(tc_oh *h);
+
+/* Live entries of a worker's in-flight table, in table order; calls fn for each. */
+void tc_oh_worker_each_in_flight(const tc_oh_worker *w, void (*fn)(const tc_oh_inflight *, void *),
+                                 void *arg);
+
+const char *tc_oh_bad_reason_name(tc_oh_bad_reason r);
+
+/* Counts a bad message and keeps a printf-style detail for the log. The
+ * binding uses it too, for a body msgpack-c accepted and the codec did not. */
+void tc_oh_count_bad(tc_oh *h, tc_oh_bad_reason r, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#endif

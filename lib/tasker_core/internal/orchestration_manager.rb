@@ -1,0 +1,104 @@
+# frozen_string_literal: true
+
+module TaskerCore
+  module Internal
+    # Owns the process's one OrchestrationHandle: the handle binds the batch
+    # and result endpoints, and a second binder in the same process would
+    # fail, so everything that orchestrates goes through this singleton.
+    #
+    # Fork-aware: a child process gets a fresh manager (and so a fresh
+    # handle on first use); the parent's handle is left alone in the child,
+    # where using it would raise ForkSafetyError and GC only forgets it.
+    class OrchestrationManager
+      # Used until TaskerCore.config exists, and for keys it lacks.
+      DEFAULTS = {
+        "enabled" => true,
+        "batch_endpoint" => "tcp://127.0.0.1:5555",
+        "result_endpoint" => "tcp://127.0.0.1:5556",
+        "send_hwm" => 1000,
+        "recv_hwm" => 1000,
+        "linger_ms" => 1000,
+        "heartbeat_timeout_ms" => 5000
+      }.freeze
+
+      @instance = nil
+      @instance_pid = nil
+      @lock = Mutex.new
+
+      class << self
+        def instance
+          @lock.synchronize do
+            if @instance.nil? || @instance_pid != Process.pid
+              @instance = new
+              @instance_pid = Process.pid
+            end
+            @instance
+          end
+        end
+      end
+
+      def initialize
+        @lock = Mutex.new
+        @handle = nil
+        @pid = Process.pid
+      end
+
+      # The handle, built from zeromq.* config on first use.
+      def orchestration_handle
+        @lock.synchronize do
+          forget_inherited_handle
+          @handle ||= OrchestrationHandle.new(**handle_options)
+        end
+      end
+
+      def handle_built?
+        @lock.synchronize do
+          forget_inherited_handle
+          !@handle.nil?
+        end
+      end
+
+      # Closes the handle; the next #orchestration_handle builds a new one
+      # (with the configuration as it is then).
+      def close
+        @lock.synchronize do
+          forget_inherited_handle
+          @handle&.close
+          @handle = nil
+        end
+        nil
+      end
+      alias reset! close
+
+      # The keyword arguments OrchestrationHandle.new gets.
+      def handle_options
+        zeromq = zeromq_config
+        {
+          enabled: zeromq.fetch("enabled"),
+          batch_endpoint: zeromq.fetch("batch_endpoint"),
+          result_endpoint: zeromq.fetch("result_endpoint"),
+          send_hwm: zeromq.fetch("send_hwm"),
+          recv_hwm: zeromq.fetch("recv_hwm"),
+          linger_ms: zeromq.fetch("linger_ms"),
+          heartbeat_timeout_ms: zeromq.fetch("heartbeat_timeout_ms")
+        }
+      end
+
+      private
+
+      def zeromq_config
+        configured = TaskerCore.respond_to?(:config) ? TaskerCore.config.dig("zeromq") : nil
+        DEFAULTS.merge((configured || {}).to_h.transform_keys(&:to_s).slice(*DEFAULTS.keys))
+      end
+
+      # The instance itself may have crossed a fork when someone kept a
+      # reference to it: never touch the parent's handle here.
+      def forget_inherited_handle
+        return if @pid == Process.pid
+
+        @handle = nil
+        @pid = Process.pid
+      end
+    end
+  end
+end

@@ -1,0 +1,478 @@
+# frozen_string_literal: true
+
+RSpec.describe TaskerCore::OrchestrationHandle do
+  let(:heartbeat_timeout_ms) { 10_000 }
+  let(:handle) do
+    described_class.new(batch_endpoint: "tcp://127.0.0.1:*", result_endpoint: "tcp://127.0.0.1:*",
+                        send_hwm: 1000, recv_hwm: 1000, linger_ms: 0, heartbeat_timeout_ms: heartbeat_timeout_ms)
+  end
+  let(:peers) { [] }
+  let(:loops) { ENV["TASKER_CORE_GC_STRESS"] == "1" ? 2 : 20 }
+
+  after do
+    peers.each(&:close)
+    handle.close
+  end
+
+  def new_peer(id, capacity: 4)
+    cfg = handle.zeromq_config
+    WorkerPeer.new(id: id, batch_endpoint: cfg["batch_endpoint"], result_endpoint: cfg["result_endpoint"],
+                   capacity: capacity).tap { |p| peers << p }
+  end
+
+  def live_ids
+    handle.workers.map { |w| w["id"] }.sort
+  end
+
+  # Start-up as docs/protocol.md has it; the handle is polled meanwhile
+  # (by #workers) because a bound SUB sends its subscription only then.
+  def start_peer(id, capacity: 4)
+    peer = new_peer(id, capacity: capacity)
+    wait_until(message: "orchestrator subscription at #{id}") { handle.workers && peer.orchestrator_seen?(timeout_ms: 5) }
+    peer.heartbeat
+    wait_until(message: "#{id} live") { live_ids.include?(id) }
+    peer
+  end
+
+  def steps(n, first: 1, attempt: 1)
+    Array.new(n) { |i| { "step_id" => first + i, "task_id" => 100, "step_name" => "s#{first + i}", "handler" => "H", "attempt" => attempt } }
+  end
+
+  def collect_results(count)
+    got = []
+    wait_until(message: "#{count} results") do
+      got.concat(handle.receive_results(timeout_ms: 50))
+      got.size >= count
+    end
+    got
+  end
+
+  describe "configuration" do
+    it "reports the endpoints it really bound, ports included" do
+      cfg = handle.zeromq_config
+      expect(cfg["batch_endpoint"]).to match(%r{\Atcp://127\.0\.0\.1:[1-9]\d*\z})
+      expect(cfg["result_endpoint"]).to match(%r{\Atcp://127\.0\.0\.1:[1-9]\d*\z})
+      expect(cfg.values_at("send_hwm", "recv_hwm", "linger_ms", "heartbeat_timeout_ms")).to eq([1000, 1000, 0, heartbeat_timeout_ms])
+      expect(handle.zeromq_enabled?).to be(true)
+      expect(handle.is_zeromq_enabled).to be(true)
+    end
+
+    it "raises ConnectionError naming the endpoint when it cannot bind" do
+      busy = handle.zeromq_config["batch_endpoint"]
+      expect do
+        described_class.new(batch_endpoint: busy, result_endpoint: "tcp://127.0.0.1:*")
+      end.to raise_error(TaskerCore::ConnectionError, /#{Regexp.escape(busy)}/)
+    end
+
+    it "binds nothing when disabled and refuses to publish" do
+      h = described_class.new(batch_endpoint: "tcp://127.0.0.1:1", result_endpoint: "tcp://127.0.0.1:2", enabled: false)
+      expect(h.zeromq_enabled?).to be(false)
+      expect(h.zeromq_config["batch_endpoint"]).to eq("tcp://127.0.0.1:1")
+      expect(h.receive_results).to eq([])
+      expect(h.workers).to eq([])
+      expect { h.publish_batch({ "steps" => steps(1) }) }.to raise_error(TaskerCore::ConfigurationError)
+      h.close
+    end
+  end
+
+  describe "worker liveness" do
+    it "lists a peer only after both its subscription and a heartbeat arrived" do
+      peer = new_peer("w1", capacity: 3)
+      wait_until(message: "subscription seen") { handle.workers && handle.stats[:subscriptions] >= 1 }
+      expect(live_ids).to eq([])
+      wait_until { handle.workers && peer.orchestrator_seen?(timeout_ms: 5) }
+      peer.heartbeat
+      wait_until(message: "w1 live") { live_ids == ["w1"] }
+      w = handle.workers.first
+      expect(w).to include("id" => "w1", "capacity" => 3, "in_flight" => 0, "free" => 3, "pid" => Process.pid)
+      expect(w["host"]).to eq(Socket.gethostname)
+      expect(w["last_heartbeat_at"]).to be_a(Time)
+    end
+
+    it "does not list a peer that heartbeats without subscribing" do
+      cfg = handle.zeromq_config
+      pub = TaskerCore::Socket::Publisher.new(connect: cfg["result_endpoint"])
+      wait_until { handle.workers && pub.subscriptions(timeout_ms: 5).any? }
+      pub.send_message("heartbeat", TaskerCore::Codec.pack({ "protocol_version" => 1, "type" => "heartbeat",
+                                                              "worker_id" => "ghost", "capacity" => 5, "in_flight" => 0 }))
+      wait_until(message: "heartbeat counted") { handle.workers && handle.stats[:heartbeats] == 1 }
+      expect(live_ids).to eq([])
+      expect { handle.publish_batch({ "steps" => steps(1) }) }.to raise_error(TaskerCore::NoWorkersError)
+    ensure
+      pub&.close
+    end
+  end
+
+  describe "#publish_batch" do
+    it "raises NoWorkersError saying how many workers are live and their free capacity" do
+      expect { handle.publish_batch({ "steps" => steps(1) }) }
+        .to raise_error(TaskerCore::NoWorkersError, /0 live worker/)
+      start_peer("w1", capacity: 2)
+      expect { handle.publish_batch({ "steps" => steps(1) }) }.not_to raise_error
+      expect { handle.publish_batch({ "steps" => steps(2, first: 10) }) }
+        .to raise_error(TaskerCore::NoWorkersError, %r{1 live worker.*w1=1/2})
+    end
+
+    it "addresses exactly one worker, the one with the most free capacity, and only it receives the batch" do
+      a = start_peer("wa", capacity: 2)
+      b = start_peer("wb", capacity: 6)
+      c = start_peer("wc", capacity: 4)
+
+      expect(handle.publish_batch({ "steps" => steps(3, first: 1) })).to eq("wb") # free 2/6/4 -> wb (3 left)
+      expect(handle.publish_batch({ "steps" => steps(3, first: 4) })).to eq("wc") # free 2/3/4 -> wc (1 left)
+      expect(handle.publish_batch({ "steps" => steps(2, first: 7) })).to eq("wb") # free 2/3/1 -> wb (1 left)
+      expect(handle.publish_batch({ "steps" => steps(2, first: 9) })).to eq("wa") # free 2/1/1 -> wa
+      expect { handle.publish_batch({ "steps" => steps(2, first: 11) }) }.to raise_error(TaskerCore::NoWorkersError)
+
+      wait_until(message: "batches delivered") do
+        [a, b, c].each { |p| p.receive_batches(timeout_ms: 5) }
+        [a, b, c].sum { |p| p.batches.size } == 4
+      end
+      expect([a, b, c].map { |p| p.batches.size }).to eq([1, 2, 1])
+      expect(b.batches.flat_map { |x| x["steps"].map { |s| s["step_id"] } }).to eq([1, 2, 3, 7, 8])
+      batch = b.batches.first
+      expect(batch).to include("protocol_version" => 1, "type" => "batch", "worker_id" => "wb")
+      expect(batch["batch_id"]).to be_a(String)
+      expect(batch["sent_at"]).to be_a(Float)
+      expect(handle.workers.to_h { |w| [w["id"], w["in_flight"]] }).to eq("wa" => 2, "wb" => 5, "wc" => 3)
+      expect(handle.stats).to include(batches_published: 4, steps_published: 10)
+    end
+
+    it "keeps a given batch_id and generates unique ones otherwise" do
+      peer = start_peer("w1", capacity: 1000)
+      handle.publish_batch({ "batch_id" => "mine-1", "steps" => steps(1) })
+      loops.times { |i| handle.publish_batch({ "steps" => steps(1, first: 10 + i) }) }
+      wait_until { peer.receive_batches(timeout_ms: 5) && peer.batches.size == loops + 1 }
+      ids = peer.batches.map { |x| x["batch_id"] }
+      expect(ids.first).to eq("mine-1")
+      expect(ids.uniq.size).to eq(ids.size)
+    end
+
+    it "gives a batch larger than every capacity to a fully idle worker only" do
+      peer = start_peer("w1", capacity: 2)
+      expect(handle.publish_batch({ "steps" => steps(5) })).to eq("w1")
+      expect { handle.publish_batch({ "steps" => steps(5, first: 10) }) }.to raise_error(TaskerCore::NoWorkersError)
+      expect(handle.workers.first["free"]).to eq(-3)
+      peer.receive_batches(timeout_ms: 1000)
+      expect(peer.batches.first["steps"].size).to eq(5)
+    end
+
+    it "rejects malformed batches with ArgumentError before sending anything" do
+      start_peer("w1")
+      expect { handle.publish_batch({ "steps" => [] }) }.to raise_error(ArgumentError)
+      expect { handle.publish_batch({ "steps" => [{ "step_id" => 1, "task_id" => 1 }] }) }.to raise_error(ArgumentError, /attempt/)
+      expect { handle.publish_batch({ "batch_id" => "x" * 64, "steps" => steps(1) }) }.to raise_error(ArgumentError)
+      expect(handle.stats[:batches_published]).to eq(0)
+    end
+
+    it "waits up to timeout_ms for a worker that starts after the call began (another process)" do
+      cfg = handle.zeromq_config
+      pid = nil
+      caller_thread = Thread.current
+      starter = Thread.new do
+        # The peer starts only once publish_batch is blocked waiting.
+        Thread.pass until caller_thread.status == "sleep"
+        pid = spawn_ruby(WORKER_PEER_SCRIPT, "late", cfg["batch_endpoint"], cfg["result_endpoint"], "4", out: File::NULL)
+      end
+      expect(handle.publish_batch({ "steps" => steps(2) }, timeout_ms: 20_000)).to eq("late")
+      starter.join
+      expect(pid).to be_a(Integer)
+    end
+
+    it "raises NoWorkersError when timeout_ms passes without a worker" do
+      expect { handle.publish_batch({ "steps" => steps(1) }, timeout_ms: 30) }.to raise_error(TaskerCore::NoWorkersError)
+    end
+
+    it "counts and raises a send refused at the high-water mark, recording nothing in flight" do
+      small = described_class.new(batch_endpoint: "tcp://127.0.0.1:*", result_endpoint: "tcp://127.0.0.1:*",
+                                  send_hwm: 1, heartbeat_timeout_ms: 60_000)
+      cfg = small.zeromq_config
+      sub = TaskerCore::Socket::Subscriber.new(connect: cfg["batch_endpoint"], topics: ["batch.slow."], recv_hwm: 1)
+      pub = TaskerCore::Socket::Publisher.new(connect: cfg["result_endpoint"])
+      wait_until { small.workers && pub.subscriptions(timeout_ms: 5).any? }
+      pub.send_message("heartbeat", TaskerCore::Codec.pack({ "protocol_version" => 1, "type" => "heartbeat",
+                                                              "worker_id" => "slow", "capacity" => 1_000_000, "in_flight" => 0 }))
+      wait_until { small.workers.any? }
+      big = "x" * 100_000
+      error = nil
+      published = 0
+      10_000.times do |i|
+        small.publish_batch({ "steps" => [{ "step_id" => i, "task_id" => 1, "attempt" => 1, "pad" => big }] })
+        published += 1
+      rescue TaskerCore::ConnectionError => e
+        error = e
+        break
+      end
+      expect(error.message).to match(/high-water mark/)
+      expect(small.stats[:send_refused]).to eq(1)
+      expect(small.stats[:batches_published]).to eq(published)
+      expect(small.workers.first["in_flight"]).to eq(published)
+    ensure
+      sub&.close
+      pub&.close
+      small&.close
+    end
+  end
+
+  describe "#receive_results" do
+    it "returns partial results and completions in arrival order and frees credit" do
+      peer = start_peer("w1", capacity: 4)
+      handle.publish_batch({ "batch_id" => "b1", "steps" => steps(3) })
+      batch = peer.receive_batches(timeout_ms: 5000).first
+      batch["steps"].reverse_each { |s| peer.partial(batch, s) }
+      peer.completion(batch)
+      got = collect_results(4)
+      expect(got.map { |r| r["type"] }).to eq(%w[partial_result partial_result partial_result batch_completion])
+      expect(got.first(3).map { |r| r["step_id"] }).to eq([3, 2, 1])
+      expect(got.none? { |r| r.key?("duplicate") }).to be(true)
+      expect(handle.workers.first["in_flight"]).to eq(0)
+      expect(handle.stats[:results_received]).to eq(partial_result: 3, batch_completion: 1)
+    end
+
+    it "is non-blocking by default" do
+      expect(handle.receive_results).to eq([])
+    end
+
+    it "buffers results read while publish_batch waited" do
+      peer = start_peer("w1", capacity: 1)
+      handle.publish_batch({ "steps" => steps(1) })
+      batch = peer.receive_batches(timeout_ms: 5000).first
+      peer.partial(batch, batch["steps"].first)
+      # The partial frees the one slot: publish_batch reads it while waiting.
+      expect(handle.publish_batch({ "steps" => steps(1, first: 2) }, timeout_ms: 10_000)).to eq("w1")
+      expect(handle.receive_results.map { |r| r["step_id"] }).to eq([1])
+    end
+
+    it "flags a duplicate or late partial and still returns it" do
+      peer = start_peer("w1")
+      handle.publish_batch({ "steps" => steps(1) })
+      batch = peer.receive_batches(timeout_ms: 5000).first
+      2.times { peer.partial(batch, batch["steps"].first) }
+      peer.partial(batch, batch["steps"].first, attempt: 7)
+      got = collect_results(3)
+      expect(got.map { |r| r["duplicate"] }).to eq([nil, true, true])
+      expect(handle.stats[:bad_messages][:duplicate_result]).to eq(2)
+      expect(handle.workers.first["in_flight"]).to eq(0)
+    end
+
+    it "frees credit of steps whose partial never came once their batch completes" do
+      peer = start_peer("w1", capacity: 4)
+      handle.publish_batch({ "steps" => steps(3) })
+      batch = peer.receive_batches(timeout_ms: 5000).first
+      peer.partial(batch, batch["steps"].first)
+      peer.completion(batch)
+      collect_results(2)
+      expect(handle.workers.first["in_flight"]).to eq(0)
+      expect(handle.stats[:steps_released_by_completion]).to eq(2)
+    end
+
+    it "waits with timeout_ms until a result arrives" do
+      peer = start_peer("w1")
+      handle.publish_batch({ "steps" => steps(1) })
+      batch = peer.receive_batches(timeout_ms: 5000).first
+      peer.partial(batch, batch["steps"].first)
+      expect(handle.receive_results(timeout_ms: 10_000).map { |r| r["step_id"] }).to eq([1])
+    end
+
+    it "is interrupted by Thread#raise while waiting" do
+      waiting = Thread.current
+      interrupter = Thread.new do
+        Thread.pass until waiting.status == "sleep"
+        waiting.raise(RuntimeError, "stop waiting")
+      end
+      expect { handle.receive_results(timeout_ms: 60_000) }.to raise_error(RuntimeError, "stop waiting")
+      interrupter.join
+      expect(handle.receive_results).to eq([])
+    end
+  end
+
+  describe "lost workers" do
+    let(:heartbeat_timeout_ms) { 1000 }
+
+    it "reports a peer that stops heartbeating, with what it had in flight" do
+      peer = start_peer("w1")
+      handle.publish_batch({ "batch_id" => "b1", "steps" => steps(2) })
+      batch = peer.receive_batches(timeout_ms: 5000).first
+      peer.partial(batch, batch["steps"].first)
+      got = []
+      wait_until(message: "worker_lost") do
+        got.concat(handle.receive_results(timeout_ms: 1000))
+        got.any? { |r| r["type"] == "worker_lost" }
+      end
+      lost = got.find { |r| r["type"] == "worker_lost" }
+      expect(lost).to eq("type" => "worker_lost", "worker_id" => "w1", "reason" => "heartbeat_timeout",
+                         "in_flight" => [{ "batch_id" => "b1", "step_id" => 2, "task_id" => 100, "attempt" => 1 }])
+      expect(live_ids).to eq([])
+      expect(handle.stats[:workers_lost]).to eq(1)
+      # Back with a heartbeat, it is live again (it never unsubscribed).
+      peer.heartbeat
+      back = wait_until(message: "w1 live again") { handle.workers.find { |w| w["id"] == "w1" } }
+      expect(back["in_flight"]).to eq(0)
+    end
+
+    context "with a generous heartbeat timeout" do
+      let(:heartbeat_timeout_ms) { 60_000 }
+
+      it "reports a goodbye" do
+        peer = start_peer("w1")
+        handle.publish_batch({ "steps" => steps(1) })
+        peer.goodbye("shutdown")
+        got = collect_results(1)
+        expect(got.first).to include("type" => "worker_lost", "worker_id" => "w1", "reason" => "goodbye")
+        expect(got.first["in_flight"].map { |s| s["step_id"] }).to eq([1])
+        peer.heartbeat # a stray heartbeat after goodbye does not revive it
+        wait_until { handle.workers && handle.stats[:heartbeats] >= 2 }
+        expect(live_ids).to eq([])
+      end
+
+      it "reports a peer that unsubscribes" do
+        peer = start_peer("w1")
+        peer.unsubscribe
+        got = collect_results(1)
+        expect(got.first).to include("type" => "worker_lost", "worker_id" => "w1", "reason" => "unsubscribed", "in_flight" => [])
+      end
+
+      it "reports a peer process killed with SIGKILL, with its in-flight steps", :spawns do
+        cfg = handle.zeromq_config
+        out_r, out_w = IO.pipe
+        pid = spawn_ruby(WORKER_PEER_SCRIPT, "doomed", cfg["batch_endpoint"], cfg["result_endpoint"], "4", out: out_w)
+        out_w.close
+        wait_until(message: "peer live") { live_ids.include?("doomed") }
+        handle.publish_batch({ "batch_id" => "bk", "steps" => steps(2) })
+        wait_until(message: "peer got the batch") { out_r.wait_readable(0.05) && out_r.gets.to_s.start_with?("batch bk") }
+        Process.kill(:KILL, -pid)
+        got = collect_results(1)
+        expect(got.first).to include("type" => "worker_lost", "worker_id" => "doomed", "reason" => "unsubscribed")
+        expect(got.first["in_flight"].map { |s| [s["batch_id"], s["step_id"]] }.sort).to eq([["bk", 1], ["bk", 2]])
+      ensure
+        out_r&.close
+      end
+    end
+  end
+
+  describe "bad input on the result channel" do
+    it "counts every kind, logs each kind once, and keeps serving" do
+      logged = []
+      logger = Object.new
+      logger.define_singleton_method(:warn) { |m| logged << m }
+      settable = TaskerCore.respond_to?(:logger=)
+      if settable
+        TaskerCore.logger = logger
+      else
+        TaskerCore.define_singleton_method(:logger) { logger }
+      end
+
+      peer = start_peer("w1")
+      pack = ->(h) { TaskerCore::Codec.pack(h) }
+      loops.times do
+        peer.raw(["only one frame"])
+        peer.raw(%w[a b c])
+        peer.raw(["partial_result", "\xC1garbage".b])
+        peer.raw(["partial_result", pack.call({ "protocol_version" => 2, "type" => "partial_result" })])
+        peer.raw(["partial_result", pack.call({ "type" => "partial_result" })])
+        peer.raw(["mystery", pack.call({ "protocol_version" => 1, "type" => "mystery" })])
+        peer.raw(["partial_result", pack.call({ "protocol_version" => 1, "type" => "partial_result", "worker_id" => "w1" })])
+        peer.raw(["heartbeat", pack.call({ "protocol_version" => 1, "type" => "heartbeat", "worker_id" => "bad id!", "capacity" => 1 })])
+        peer.raw(["partial_result", pack.call({ "protocol_version" => 1, "type" => "partial_result", "worker_id" => "nobody",
+                                                 "step_id" => 1, "attempt" => 1 })])
+        peer.raw(["partial_result", pack.call([1, 2, 3])])
+      end
+      results = []
+      wait_until(message: "all bad input read") do
+        results.concat(handle.receive_results)
+        handle.stats[:result_socket][:messages_received] >= loops * 10 + 1
+      end
+      # The unknown worker's partial is still handed over, flagged.
+      expect(results.map { |r| [r["worker_id"], r["duplicate"]] }).to eq([["nobody", true]] * loops)
+      bad = handle.stats[:bad_messages]
+      expect(bad).to eq(malformed_frame: 2 * loops, undecodable_body: 2 * loops, wrong_protocol_version: 2 * loops,
+                        unknown_type: loops, invalid_fields: 2 * loops, unknown_worker: loops, duplicate_result: 0)
+      expect(logged.size).to eq(6)
+      expect(logged.grep(/malformed_frame/).size).to eq(1)
+
+      handle.publish_batch({ "steps" => steps(1) })
+      batch = peer.receive_batches(timeout_ms: 5000).first
+      peer.partial(batch, batch["steps"].first)
+      expect(collect_results(1).first).to include("type" => "partial_result", "step_id" => 1)
+    ensure
+      if settable
+        TaskerCore.logger = nil
+      else
+        TaskerCore.singleton_class.send(:remove_method, :logger)
+      end
+    end
+  end
+
+  describe "#stats" do
+    it "includes the socket counters" do
+      peer = start_peer("w1")
+      handle.publish_batch({ "steps" => steps(1) })
+      peer.receive_batches(timeout_ms: 5000)
+      stats = handle.stats
+      expect(stats[:batch_socket][:messages_sent]).to eq(1)
+      expect(stats[:result_socket][:messages_received]).to be >= 1
+      expect(stats[:heartbeats]).to eq(1)
+    end
+  end
+
+  describe "#close" do
+    it "is idempotent and every later use raises ClosedError" do
+      handle.close
+      handle.close
+      expect(handle.closed?).to be(true)
+      expect { handle.receive_results }.to raise_error(TaskerCore::ClosedError)
+      expect { handle.publish_batch({ "steps" => steps(1) }) }.to raise_error(TaskerCore::ClosedError)
+      expect { handle.workers }.to raise_error(TaskerCore::ClosedError)
+    end
+
+    it "frees the endpoints for a new handle" do
+      cfg = handle.zeromq_config
+      handle.close
+      again = described_class.new(batch_endpoint: cfg["batch_endpoint"], result_endpoint: cfg["result_endpoint"])
+      expect(again.zeromq_config["batch_endpoint"]).to eq(cfg["batch_endpoint"])
+      again.close
+    end
+  end
+
+  describe "ownership" do
+    it "raises ThreadOwnershipError from another thread" do
+      handle
+      error = Thread.new { handle.receive_results rescue $! }.value # rubocop:disable Style/RescueModifier
+      expect(error).to be_a(TaskerCore::ThreadOwnershipError)
+    end
+
+    it "raises ForkSafetyError in a forked child, and GC there closes nothing", :spawns do
+      peer = start_peer("w1")
+      r, w = IO.pipe
+      pid = fork do
+        r.close
+        begin
+          handle.receive_results
+          w.write("no error")
+        rescue TaskerCore::ForkSafetyError
+          w.write("ForkSafetyError")
+        end
+        handle.close # only forgets the parent's sockets here
+        GC.start
+        w.close
+        exit!(0)
+      end
+      w.close
+      expect(r.read).to eq("ForkSafetyError")
+      _, status = Process.wait2(pid)
+      expect(status.success?).to be(true)
+      r.close
+      # The parent's sockets survived the child.
+      handle.publish_batch({ "steps" => steps(1) })
+      expect(peer.receive_batches(timeout_ms: 5000).size).to eq(1)
+    end
+  end
+
+  it "survives many handles opened and dropped to the GC" do
+    loops.times do
+      described_class.new(batch_endpoint: "tcp://127.0.0.1:*", result_endpoint: "tcp://127.0.0.1:*")
+    end
+    GC.start
+    expect(handle.receive_results).to eq([])
+  end
+end
