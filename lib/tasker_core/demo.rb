@@ -24,6 +24,7 @@ module TaskerCore
     NAMESPACE = "demo"
     TEMPLATE = "order_fulfilment"
     STOP_GRACE_S = 15
+    CREATE_CHUNK = 20
     SKUS = %w[book-123 lamp-7 mug-42 desk-9 chair-3 pen-1000].freeze
 
     attr_reader :summary
@@ -147,12 +148,17 @@ module TaskerCore
       threads = Array.new(4) do
         Thread.new do
           loop do
-            i = lock.synchronize { next_index.tap { next_index += 1 } }
-            break if i >= @tasks
+            range = lock.synchronize { (next_index...[next_index + CREATE_CHUNK, @tasks].min).tap { next_index += CREATE_CHUNK } }
+            break if range.none?
 
-            ids[i] = Tasks.create_task(name: TEMPLATE, namespace: NAMESPACE, context: order(seed + i + 1),
-                                       templates: templates)
-            lock.synchronize { created += 1 }
+            # One commit per chunk, as a bulk import would do.
+            Store.transaction do
+              range.each do |i|
+                ids[i] = Tasks.create_task(name: TEMPLATE, namespace: NAMESPACE, context: order(seed + i + 1),
+                                           templates: templates)
+              end
+            end
+            lock.synchronize { created += range.size }
           end
         end
       end
@@ -287,6 +293,9 @@ module TaskerCore
       live = @children.reject { |_n, c| c[:status] }
       return if live.empty?
 
+      # A second Ctrl-C while cleaning up hurries it (KILL) instead of abandoning the children.
+      hurry = false
+      previous = %w[INT TERM].to_h { |sig| [sig, trap(sig) { hurry = true }] }
       live.each_value do |c|
         Process.kill(:TERM, c[:pid])
       rescue Errno::ESRCH
@@ -297,7 +306,7 @@ module TaskerCore
         loop do
           break if Process.waitpid(c[:pid], Process::WNOHANG)
 
-          if now > deadline
+          if hurry || now > deadline
             begin
               Process.kill(:KILL, -c[:pid])
             rescue Errno::ESRCH
@@ -313,6 +322,8 @@ module TaskerCore
       end
       @children.clear
       say "stopped the orchestrator and workers"
+    ensure
+      previous&.each { |sig, handler| trap(sig, handler || "DEFAULT") }
     end
 
     def stop_embedded

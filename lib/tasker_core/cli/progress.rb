@@ -38,7 +38,7 @@ module TaskerCore
         if @bar
           @bar.progress = @done
           @bar.stop
-        else
+        elsif @printed != @done
           line
         end
       end
@@ -52,6 +52,7 @@ module TaskerCore
 
       def line
         @last_line = now
+        @printed = @done
         pct = @total.positive? ? (100.0 * @done / @total).round : 100
         eta = rate.positive? && @done < @total ? ", ETA #{format_duration((@total - @done) / rate)}" : ""
         @io.puts "#{@title}: #{@done}/#{@total} (#{pct}%), #{rate.round(1)}#{@unit}/s#{eta}"
