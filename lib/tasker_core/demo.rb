@@ -182,7 +182,8 @@ module TaskerCore
     end
 
     def follow(first_id, last_id)
-      progress = CLI::Progress.new(title: "Tasks finished", total: @tasks, io: @err, unit: " tasks")
+      progress = CLI::Progress.new(title: "Tasks finished", total: @tasks, io: @err, unit: " tasks",
+                                   start: finished_count(first_id, last_id))
       last_done = -1
       last_change = now
       loop do

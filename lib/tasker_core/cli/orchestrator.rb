@@ -32,7 +32,8 @@ module TaskerCore
 
         signal_r, signal_w = IO.pipe
         previous = SIGNALS.to_h { |s| [s, trap(s) { signal_w.write_nonblock(s[0], exception: false) }] }
-        opts = { database_url: url }.merge(@options.slice(:batch_size, :poll_interval_ms, :owner))
+        # "" = libpq's PG* variables: let the loop resolve the URL itself then.
+        opts = { database_url: url.empty? ? nil : url }.compact.merge(@options.slice(:batch_size, :poll_interval_ms, :owner))
         manager.start_orchestration(**opts)
         zmq = config.zeromq
         err.puts "tasker orchestrator: running (pid #{Process.pid}; batches on #{zmq['batch_endpoint']}, " \

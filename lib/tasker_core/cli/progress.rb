@@ -6,19 +6,20 @@ module TaskerCore
     # when io is a terminal, otherwise a plain line every `interval` seconds
     # (and one at the end), which reads well in logs and CI.
     class Progress
-      def initialize(title:, total:, io: $stderr, tty: io.respond_to?(:tty?) && io.tty?, interval: 2.0, unit: "")
+      # start: work already done when the bar appears (left out of the rate).
+      def initialize(title:, total:, io: $stderr, tty: io.respond_to?(:tty?) && io.tty?, interval: 2.0, unit: "", start: 0)
         @title = title
         @total = total
         @io = io
         @interval = interval
         @unit = unit
-        @done = 0
+        @done = @start = [start, total].min
         @started = now
         @last_line = @started
         if tty
           require "ruby-progressbar"
-          @bar = ProgressBar.create(title: title, total: total, output: io,
-                                    format: "%t: %c/%C |%B| %R#{unit}/s %E", throttle_rate: 0.1)
+          @bar = ProgressBar.create(title: title, total: total, output: io, starting_at: @done,
+                                    format: "%t: %c/%C |%B| %r#{unit}/s %E", throttle_rate: 0.1)
         end
       end
 
@@ -45,7 +46,7 @@ module TaskerCore
 
       def rate
         elapsed = now - @started
-        elapsed.positive? ? @done / elapsed : 0.0
+        elapsed.positive? ? (@done - @start) / elapsed : 0.0
       end
 
       private
