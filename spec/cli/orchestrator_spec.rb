@@ -5,6 +5,8 @@ require_relative "cli_helpers"
 RSpec.describe "tasker orchestrator and tasker worker", :db do
   include CLIHelpers
 
+  before { clear_workers }
+
   def loop_available?
     TaskerCore::Internal::OrchestrationManager.method_defined?(:start_orchestration)
   end
