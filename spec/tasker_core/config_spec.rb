@@ -430,8 +430,9 @@ RSpec.describe TaskerCore::Config do
     end
   end
 
-  describe "docs/configuration.md" do
-    let(:doc) { File.read(File.expand_path("../../docs/configuration.md", __dir__)) }
+  ["docs/configuration.md", "README.md"].each do |doc_path|
+  describe doc_path do
+    let(:doc) { File.read(File.expand_path("../../#{doc_path}", __dir__)) }
 
     it "mentions every key, its default and its environment variable" do
       described_class::SCHEMA.each_value do |setting|
@@ -443,8 +444,9 @@ RSpec.describe TaskerCore::Config do
     it "holds the table generated from the schema" do
       table = doc[/<!-- settings:begin -->\n(.*)\n<!-- settings:end -->/m, 1]
       expect(table).to eq(described_class.reference_table),
-                       "docs/configuration.md is out of date; regenerate the table with " \
-                       "ruby -Ilib -rtasker_core/config -e 'puts TaskerCore::Config.reference_table'"
+                       "#{doc_path} is out of date; regenerate the table with " \
+                       "bin/sync-docs"
     end
+  end
   end
 end
