@@ -17,6 +17,9 @@
 
 static VALUE cHandle;
 
+/* How long initialize waits for an endpoint that is still being released. */
+#define BIND_RETRY_MS 2000.0
+
 typedef struct oh_wrap {
     tc_oh core;
     VALUE owner; /* the thread that made it: libzmq sockets are single-threaded */
@@ -265,8 +268,17 @@ static VALUE oh_initialize(int argc, VALUE *argv, VALUE self)
     w->enabled = enabled;
     if (enabled) {
         char err[512] = "";
-        if (tc_oh_open(&w->core, &cfg, err, sizeof(err)) < 0)
-            rb_raise(tc_eConnectionError, "orchestration handle could not start: %s", err);
+        double give_up = now_mono_ms() + BIND_RETRY_MS;
+        while (tc_oh_open(&w->core, &cfg, err, sizeof(err)) < 0) {
+            /* libzmq releases a closed socket's listener on its I/O thread,
+             * a moment after zmq_close: a handle re-made on the same
+             * endpoints (OrchestrationManager#reset!) would find the port
+             * still taken. Wait a little for it, interruptibly. */
+            if (errno != EADDRINUSE || now_mono_ms() >= give_up)
+                rb_raise(tc_eConnectionError, "orchestration handle could not start: %s", err);
+            memset(&w->core, 0, sizeof(w->core));
+            rb_thread_wait_for((struct timeval){.tv_sec = 0, .tv_usec = 10000});
+        }
     } else {
         /* Disabled: no sockets, but the configuration still reads back. */
         w->core.send_hwm = cfg.send_hwm;

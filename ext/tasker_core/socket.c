@@ -50,7 +50,9 @@ static pid_t tc_pid(void)
 
 void *tc_context(void)
 {
-    pid_t pid = tc_pid();
+    /* The real pid here and in close, not the cache: these are the calls
+     * that must never act on a parent's objects, and they are rare. */
+    pid_t pid = getpid();
     void *ctx;
 
     pthread_mutex_lock(&tc_ctx_lock);
@@ -147,7 +149,8 @@ int tc_socket_open(tc_socket *s, int zmq_type, char *err, size_t errlen)
         return -1;
     }
     s->type = zmq_type;
-    s->pid = tc_pid();
+    s->pid = getpid();
+    tc_pid_now = s->pid; /* in case a fork went by without our atfork handler */
     s->fd = -1;
     if (zmq_getsockopt(s->zsock, ZMQ_FD, &s->fd, &fdlen) != 0) {
         e = zmq_errno();
@@ -492,7 +495,7 @@ void tc_socket_close(tc_socket *s)
 {
     if (s->zsock == NULL && s->monitor == NULL && s->stash == NULL)
         return;
-    if (s->pid == tc_pid()) {
+    if (s->pid == getpid()) {
         /* Stop the monitor here, in the owner thread, before either close:
          * with libzmq 4.3.4, leaving it to zmq_close while our PAIR goes
          * away wedges the context's I/O thread, and no later socket in the

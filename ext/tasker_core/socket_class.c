@@ -482,6 +482,12 @@ static VALUE rsocket_close(VALUE self)
     return Qnil;
 }
 
+/* A copy would be a second owner of one libzmq socket. */
+static VALUE rsocket_init_copy(VALUE self, VALUE orig)
+{
+    rb_raise(rb_eTypeError, "can't copy %" PRIsVALUE, rb_obj_class(orig));
+}
+
 static VALUE rsocket_closed_p(VALUE self)
 {
     return rsocket_unchecked(self)->sock.zsock == NULL ? Qtrue : Qfalse;
@@ -706,6 +712,7 @@ void tc_init_socket(void)
     cBase = rb_define_class_under(mSocket, "Base", rb_cObject);
     rb_define_alloc_func(cBase, rsocket_alloc);
     rb_define_private_method(cBase, "_open", rsocket_open, 0);
+    rb_define_method(cBase, "initialize_copy", rsocket_init_copy, 1);
     rb_define_method(cBase, "bind", rsocket_bind, 1);
     rb_define_method(cBase, "connect", rsocket_connect, 1);
     rb_define_method(cBase, "unbind", rsocket_unbind, 1);

@@ -266,6 +266,23 @@ RSpec.describe TaskerCore::Socket do
       expect(TaskerCore::ClosedError.ancestors).to include(TaskerCore::ConnectionError)
     end
 
+    it "cannot be copied" do
+      sub = track(TaskerCore::Socket::Subscriber.new)
+      expect { sub.dup }.to raise_error(TypeError, /can't copy/)
+      expect { sub.clone }.to raise_error(TypeError, /can't copy/)
+    end
+
+    it "leaves sockets dropped without close to the GC, and later sockets still connect" do
+      endpoint = track(TaskerCore::Socket::Publisher.new(bind: "tcp://127.0.0.1:*")).last_endpoint
+      (stress? ? 2 : 10).times { TaskerCore::Socket::Subscriber.new(connect: endpoint) }
+      GC.start
+
+      pub, sub = pair
+      await_event(sub, :connected, endpoint: pub.last_endpoint)
+      pub.send_message("t", "after gc")
+      expect(sub.receive(timeout_ms: 10_000)).to eq(["t", "after gc"])
+    end
+
     it "exposes ZMQ_FD as an Integer while open" do
       expect(track(TaskerCore::Socket::Subscriber.new).fd).to be_a(Integer).and(be >= 0)
     end
