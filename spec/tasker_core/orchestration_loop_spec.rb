@@ -62,7 +62,8 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     a = batch["steps"].first
     expect(a).to include("step_name" => "a", "attempt" => 1, "context" => { "k" => "v" }, "dependency_results" => {},
                          "handler" => "SpecHandlers::Noop")
-    expect(TaskerCore.task(id)[:steps].first).to include(state: "in_progress")
+    # marked dispatched right after the send (the claim committed before it)
+    wait_until(message: "a in progress") { TaskerCore.task(id)[:steps].first[:state] == "in_progress" }
     @peer.partial(batch, a, output: { "from" => "a" })
     @peer.completion(batch)
     b = next_batch["steps"].first
