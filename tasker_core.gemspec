@@ -17,7 +17,7 @@ Gem::Specification.new do |spec|
 
   spec.files = Dir[
     "lib/**/*.rb", "ext/tasker_core/*.{c,h,rb}", "config/**/*.yml", "db/**/*.sql",
-    "docs/**/*.md", "exe/*", "README.md", "LICENSE"
+    "docs/**/*.md", "exe/*", "examples/order_fulfilment/**/*.{rb,yml}", "README.md", "LICENSE"
   ]
   spec.bindir = "exe"
   spec.executables = Dir["exe/*"].map { |f| File.basename(f) }
@@ -26,4 +26,5 @@ Gem::Specification.new do |spec|
   spec.metadata["rubygems_mfa_required"] = "true"
 
   spec.add_dependency "json_schemer", "~> 2.0" # task templates' context_schema
+  spec.add_dependency "ruby-progressbar", "~> 1.13" # the CLI's progress bars (demo)
 end

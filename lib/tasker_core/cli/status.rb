@@ -1,0 +1,89 @@
+# frozen_string_literal: true
+
+require_relative "table"
+
+module TaskerCore
+  class CLI
+    # tasker status [--json]
+    class Status < Command
+      DESCRIPTION = <<~TEXT.chomp
+        Shows tasks and steps by state, steps completed per second over the last minute
+        (from the step transitions) and the live workers the orchestrator knows
+        (capacity, steps in flight, last heartbeat). --json prints the same for scripts.
+      TEXT
+      WINDOW_S = 60
+      TASK_STATES = %w[pending in_progress complete error cancelled].freeze
+      STEP_STATES = %w[pending enqueued in_progress complete error cancelled resolved_manually].freeze
+
+      private
+
+      def define_options(o)
+        o.on("--json", "print JSON") { @options[:json] = true }
+      end
+
+      def call(_args)
+        use_database!
+        report = Store.with_connection { |c| gather(c) }
+        @options[:json] ? print_json(report) : print_table(report)
+        EXIT_OK
+      end
+
+      def gather(conn)
+        tasks = counts(conn, "tasker_tasks", TASK_STATES)
+        steps = counts(conn, "tasker_workflow_steps", STEP_STATES)
+        done = conn.exec(<<~SQL, [WINDOW_S]).first["n"]
+          SELECT count(*)::int AS n FROM tasker_workflow_step_transitions
+           WHERE to_state = 'complete' AND created_at > now() - make_interval(secs => $1)
+        SQL
+        { "tasks" => tasks, "steps" => steps, "steps_per_second" => (done.to_f / WINDOW_S).round(2),
+          "window_seconds" => WINDOW_S, "workers" => workers(conn) }
+      end
+
+      def counts(conn, table, states)
+        found = conn.exec("SELECT state, count(*)::bigint AS n FROM #{table} GROUP BY state").to_h { |r| [r["state"], r["n"]] }
+        states.to_h { |s| [s, found.fetch(s, 0)] }.merge(found)
+      end
+
+      # Connected workers with a recent heartbeat; nil when the database has
+      # no workers table (the orchestrator's migration has not run).
+      def workers(conn)
+        return nil unless conn.exec("SELECT to_regclass('tasker_workers') IS NOT NULL AS ok").first["ok"]
+
+        timeout_ms = config.zeromq["heartbeat_timeout_ms"]
+        conn.exec(<<~SQL, [timeout_ms]).map(&:to_h)
+          SELECT id, host, pid, capacity, in_flight,
+                 to_char(last_heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS last_heartbeat_at,
+                 round((extract(epoch FROM now() - last_heartbeat_at) * 1000)::numeric)::int AS heartbeat_age_ms
+            FROM tasker_workers
+           WHERE connected AND last_heartbeat_at > now() - make_interval(secs => $1 / 1000.0)
+           ORDER BY id
+        SQL
+      end
+
+      def print_table(report)
+        out.puts "Tasks"
+        out.puts Table.render(%w[STATE COUNT], report["tasks"].to_a)
+        out.puts
+        out.puts "Steps"
+        out.puts Table.render(%w[STATE COUNT], report["steps"].to_a)
+        out.puts
+        out.puts "Throughput: #{report['steps_per_second']} steps/s completed over the last #{WINDOW_S}s"
+        out.puts
+        workers = report["workers"]
+        if workers.nil?
+          out.puts "Workers: unknown (no tasker_workers table: run `tasker db:migrate` with a tasker_core " \
+                   "that has the orchestration loop)"
+        elsif workers.empty?
+          out.puts "Workers: none live"
+        else
+          out.puts "Workers (#{workers.size} live)"
+          rows = workers.map do |w|
+            [w["id"], w["host"], w["pid"], w["capacity"], w["in_flight"], w["last_heartbeat_at"],
+             "#{(w['heartbeat_age_ms'].to_i / 1000.0).round(1)}s ago"]
+          end
+          out.puts Table.render(%w[WORKER HOST PID CAPACITY IN_FLIGHT LAST_HEARTBEAT AGE], rows)
+        end
+      end
+    end
+  end
+end

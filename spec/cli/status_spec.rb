@@ -1,0 +1,89 @@
+# frozen_string_literal: true
+
+require_relative "cli_helpers"
+
+RSpec.describe "tasker status", :db do
+  include CLIHelpers
+  include StoreHelpers
+
+  # Two tasks: one with its first step completed, one cancelled.
+  def seed_tasks
+    first = create_order_task(1)
+    second = create_order_task(2)
+    conn = connect
+    claimed = claim(conn, limit: 1).to_a
+    succeed(conn, claimed)
+    TaskerCore.cancel_task(second)
+    [first, second]
+  end
+
+  it "shows tasks and steps by state, throughput and workers as tables" do
+    seed_tasks
+    r = tasker("status", env: db_env)
+    expect(r.exitstatus).to eq(0), r.err
+    tasks = r.out[/^Tasks\n(.*?)\n\n/m, 1].lines.drop(2).to_h { |l| l.split.then { |s, n| [s, Integer(n)] } }
+    expect(tasks).to eq("pending" => 0, "in_progress" => 1, "complete" => 0, "error" => 0, "cancelled" => 1)
+    steps = r.out[/^Steps\n(.*?)\n\n/m, 1].lines.drop(2).to_h { |l| l.split.then { |s, n| [s, Integer(n)] } }
+    expect(steps).to include("complete" => 1, "pending" => 4, "cancelled" => 5)
+    expect(r.out).to match(%r{^Throughput: 0\.02 steps/s completed over the last 60s$})
+    expect(r.out).to match(/^Workers: (unknown|none live)/)
+  end
+
+  it "prints the same as JSON with --json" do
+    seed_tasks
+    r = tasker("status", "--json", env: db_env)
+    expect(r.exitstatus).to eq(0), r.err
+    report = JSON.parse(r.out)
+    expect(report["tasks"]).to include("in_progress" => 1, "cancelled" => 1, "complete" => 0)
+    expect(report["steps"]).to include("complete" => 1, "cancelled" => 5)
+    expect(report["steps_per_second"]).to eq(0.02)
+    expect(report["window_seconds"]).to eq(60)
+    expect(report).to have_key("workers")
+  end
+
+  it "lists live workers from tasker_workers, leaving out disconnected and silent ones" do
+    name = "tasker_cli_status_#{Process.pid}_#{rand(1 << 30)}"
+    base = db_url.sub(%r{/[^/]+\z}, "")
+    connect("#{base}/postgres").exec(%(CREATE DATABASE "#{name}"))
+    url = "#{base}/#{name}"
+    expect(tasker("db:migrate", env: { "DATABASE_URL" => url }).exitstatus).to eq(0)
+    conn = connect(url)
+    # The orchestration loop's migration creates this table; the columns are the shared contract.
+    conn.exec(<<~SQL)
+      CREATE TABLE IF NOT EXISTS tasker_workers (id text PRIMARY KEY, owner text, host text, pid int, capacity int,
+        in_flight int, last_heartbeat_at timestamptz, connected boolean, updated_at timestamptz)
+    SQL
+    conn.exec(<<~SQL)
+      INSERT INTO tasker_workers VALUES
+        ('w-live', 'orch', 'box-a', 101, 10, 3, now(), true, now()),
+        ('w-gone', 'orch', 'box-b', 102, 10, 0, now(), false, now()),
+        ('w-silent', 'orch', 'box-c', 103, 10, 0, now() - interval '1 hour', true, now())
+    SQL
+    r = tasker("status", "--json", env: { "DATABASE_URL" => url })
+    expect(r.exitstatus).to eq(0), r.err
+    workers = JSON.parse(r.out)["workers"]
+    expect(workers.map { |w| w.values_at("id", "host", "pid", "capacity", "in_flight") }).to eq([["w-live", "box-a", 101, 10, 3]])
+    expect(workers.first["last_heartbeat_at"]).to match(/\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\z/)
+
+    r = tasker("status", env: { "DATABASE_URL" => url })
+    expect(r.out).to include("Workers (1 live)")
+    row = r.out.lines.find { |l| l.start_with?("w-live") }.split
+    expect(row[0..4]).to eq(%w[w-live box-a 101 10 3])
+  ensure
+    close_db_connections
+    connect("#{base}/postgres").exec(%(DROP DATABASE IF EXISTS "#{name}")) if name
+  end
+
+  it "says in one line when the schema is missing" do
+    name = "tasker_cli_empty_#{Process.pid}_#{rand(1 << 30)}"
+    base = db_url.sub(%r{/[^/]+\z}, "")
+    connect("#{base}/postgres").exec(%(CREATE DATABASE "#{name}"))
+    r = tasker("status", env: { "DATABASE_URL" => "#{base}/#{name}" })
+    expect(r.exitstatus).to eq(1)
+    expect(r.err_lines.size).to eq(1)
+    expect(r.err).to include("tasker_tasks", "run `tasker db:migrate`")
+  ensure
+    close_db_connections
+    connect("#{base}/postgres").exec(%(DROP DATABASE IF EXISTS "#{name}")) if name
+  end
+end
