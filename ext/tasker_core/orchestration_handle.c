@@ -7,6 +7,8 @@
  */
 #include "orchestration_handle.h"
 
+#include "codec.h"
+
 #include <msgpack.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -531,7 +533,8 @@ static void handle_result_message(tc_oh *h, const void *body, size_t len)
     msgpack_unpacked u;
     size_t off = 0;
     msgpack_unpacked_init(&u);
-    int rc = msgpack_unpack_next(&u, body, len, &off);
+    /* Refuse made-up container counts before msgpack-c sizes its zone from them. */
+    int rc = tc_codec_check(body, len, NULL, 0) == 0 ? msgpack_unpack_next(&u, body, len, &off) : MSGPACK_UNPACK_PARSE_ERROR;
     if (rc != MSGPACK_UNPACK_SUCCESS || off != len || u.data.type != MSGPACK_OBJECT_MAP) {
         tc_oh_count_bad(h, TC_OH_BAD_UNDECODABLE, "a %zu-byte body that is not one msgpack map", len);
         goto done;

@@ -34,7 +34,7 @@ module TaskerCore
         secret_key&.replace("\0" * secret_key.bytesize) unless secret_key&.frozen?
       end
 
-      # The key in a key file ("#" comment lines ignored). A secret key file
+      # The key in a key file (the first line holding one). A secret key file
       # readable by group or others is refused.
       def read_key_file(path, secret: true)
         stat = File.stat(path)
@@ -43,8 +43,8 @@ module TaskerCore
                 "CURVE secret key file #{path} is readable by group or others (mode #{format('%04o', stat.mode & 0o7777)}); " \
                 "run `chmod 600 #{path}`"
         end
-        key = File.foreach(path).map(&:strip).reject { |l| l.empty? || l.start_with?("#") }.first
-        unless key && valid_key?(key)
+        key = File.foreach(path).filter_map { |l| l.split.first }.find { |t| valid_key?(t) }
+        unless key
           raise ConfigurationError, "#{path} does not hold a CURVE key (40 Z85 characters on one line)"
         end
 
@@ -53,12 +53,17 @@ module TaskerCore
         raise ConfigurationError, "cannot read CURVE key file #{path}: #{e.message}"
       end
 
-      # Public keys, one per line, "#" comments and blank lines ignored.
+      # Public keys, one per line; a line may end in a comment after
+      # whitespace, and lines starting with "#" that hold no key are
+      # comments ("#" is itself a Z85 character, so a key may start with it).
       def read_key_list(path)
-        File.foreach(path).map { |l| l.sub(/#.*/, "").strip }.reject(&:empty?).each_with_index.map do |key, i|
-          raise ConfigurationError, "#{path}: entry #{i + 1} is not a CURVE public key (40 Z85 characters)" unless valid_key?(key)
+        File.foreach(path).each_with_index.filter_map do |line, i|
+          token = line.split.first
+          next if token.nil?
+          next token if valid_key?(token)
+          next if token.start_with?("#")
 
-          key
+          raise ConfigurationError, "#{path}: line #{i + 1} is not a CURVE public key (40 Z85 characters)"
         end
       rescue SystemCallError => e
         raise ConfigurationError, "cannot read allowed client keys file #{path}: #{e.message}"
