@@ -25,6 +25,7 @@ require_relative "tasker_core/store"
 require_relative "tasker_core/embedded_postgres"
 require_relative "tasker_core/tasks"
 require_relative "tasker_core/internal/orchestration_manager"
+require_relative "tasker_core/orchestration_loop"
 
 # tasker_core: durable DAG workflows in PostgreSQL, dispatched to Ruby
 # workers in batches over ZeroMQ.
