@@ -14,6 +14,7 @@ rescue LoadError => e
                    "(Debian: libzmq3-dev libmsgpack-dev libpq-dev; Homebrew: zeromq msgpack libpq)."
 end
 
+require_relative "tasker_core/curve"
 require_relative "tasker_core/protocol"
 require_relative "tasker_core/step_context"
 require_relative "tasker_core/step_handler"

@@ -1,6 +1,8 @@
 # frozen_string_literal: true
 
 $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
+# rake spec:asan points this at its ASan+UBSan build of the extension.
+$LOAD_PATH.unshift ENV["TASKER_CORE_EXT_DIR"] if ENV["TASKER_CORE_EXT_DIR"]
 require "tasker_core"
 require "socket"
 require "timeout"

@@ -199,6 +199,11 @@ static inline int tc_cb_array(tc_unpack_user *u, unsigned int n, tc_codec_val *o
         u->detail = n;
         return TC_E_COUNT;
     }
+    if (u->d->check_only) {
+        o->type = TC_CODEC_T_ARRAY;
+        o->v.obj = 0;
+        return 0;
+    }
     tc_codec_build_array(u->d, (uint32_t)n, o);
     return 0;
 }
@@ -209,13 +214,18 @@ static inline int tc_cb_map(tc_unpack_user *u, unsigned int n, tc_codec_val *o)
         u->detail = n;
         return TC_E_COUNT;
     }
+    if (u->d->check_only) {
+        o->type = TC_CODEC_T_MAP;
+        o->v.obj = 0;
+        return 0;
+    }
     tc_codec_build_map(u->d, (uint32_t)n, o);
     return 0;
 }
 
 static inline int tc_cb_array_item(tc_unpack_user *u, tc_codec_val *c, tc_codec_val o)
 {
-    tc_codec_build_array_push(u->d, c, &o);
+    if (!u->d->check_only) tc_codec_build_array_push(u->d, c, &o);
     return 0;
 }
 
@@ -226,7 +236,7 @@ static inline int tc_cb_map_item(tc_unpack_user *u, tc_codec_val *c, tc_codec_va
     case TC_CODEC_T_BIN:
     case TC_CODEC_T_UINT:
     case TC_CODEC_T_INT:
-        tc_codec_build_map_set(u->d, c, &k, &v);
+        if (!u->d->check_only) tc_codec_build_map_set(u->d, c, &k, &v);
         return 0;
     default:
         u->key_type = k.type;
@@ -323,7 +333,17 @@ static const char *tc_codec_cs_name(unsigned int cs)
     }
 }
 
+static int tc_codec_decode_mode(tc_codec_decoder *d, const char *buf, size_t len, tc_codec_val *out,
+                                int check_only);
+
 int tc_codec_decode(tc_codec_decoder *d, const char *buf, size_t len, tc_codec_val *out)
+{
+    /* Callers fill the fields they know; check_only is ours to set. */
+    return tc_codec_decode_mode(d, buf, len, out, 0);
+}
+
+static int tc_codec_decode_mode(tc_codec_decoder *d, const char *buf, size_t len, tc_codec_val *out,
+                                int check_only)
 {
     struct tc_template_context ctx;
     size_t off = 0;
@@ -331,6 +351,7 @@ int tc_codec_decode(tc_codec_decoder *d, const char *buf, size_t len, tc_codec_v
 
     d->buf = buf;
     d->len = len;
+    d->check_only = check_only;
     d->message[0] = '\0';
     if (len == 0) {
         snprintf(d->message, sizeof(d->message), "empty input: no msgpack value");
@@ -402,4 +423,17 @@ int tc_codec_decode(tc_codec_decoder *d, const char *buf, size_t len, tc_codec_v
         break;
     }
     return -1;
+}
+
+int tc_codec_check(const char *buf, size_t len, char *message, size_t message_len)
+{
+    tc_codec_decoder d;
+    tc_codec_val out;
+    int rc;
+
+    memset(&d, 0, sizeof(d));
+    rc = tc_codec_decode_mode(&d, buf, len, &out, 1);
+    if (rc != 0 && message != NULL && message_len > 0)
+        snprintf(message, message_len, "%s", d.message);
+    return rc;
 }

@@ -132,6 +132,7 @@ typedef struct tc_codec_decoder {
     const char *buf;
     size_t len;
     char message[200];              /* set when tc_codec_decode fails */
+    int check_only;                 /* validate without calling the builders */
 } tc_codec_decoder;
 
 /* Decodes exactly one value that must span all of buf[0, len). Returns 0 and
@@ -151,5 +152,14 @@ void tc_codec_build_map_set(tc_codec_decoder *d, tc_codec_val *map, const tc_cod
                             const tc_codec_val *value);
 
 const char *tc_codec_type_name(tc_codec_type t);
+
+/* Checks, without allocating anything, that buf[0, len) is exactly one
+ * msgpack value under the decoder's rules (depth <= TC_CODEC_MAX_DEPTH,
+ * counts that the input can hold, str/bin/int map keys, only the timestamp
+ * extension). Plain C, never raises: parsers built on msgpack-c's
+ * msgpack_unpack_next call it first, because msgpack-c sizes its zone from
+ * the declared counts (a 6-byte map header can make it ask for 64 GiB).
+ * 0 ok; -1 with the reason in message. */
+int tc_codec_check(const char *buf, size_t len, char *message, size_t message_len);
 
 #endif

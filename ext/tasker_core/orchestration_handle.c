@@ -7,6 +7,8 @@
  */
 #include "orchestration_handle.h"
 
+#include "codec.h"
+
 #include <msgpack.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -17,7 +19,7 @@
 
 static const char *const bad_names[TC_OH_BAD_COUNT] = {
     "malformed_frame", "undecodable_body", "wrong_protocol_version", "unknown_type",
-    "invalid_fields",  "unknown_worker",   "duplicate_result",
+    "invalid_fields",  "unknown_worker",   "duplicate_result", "too_large",
 };
 
 const char *tc_oh_bad_reason_name(tc_oh_bad_reason r)
@@ -330,12 +332,25 @@ int tc_oh_open(tc_oh *h, const tc_oh_config *cfg, char *err, size_t errlen)
     h->recv_hwm = cfg->recv_hwm;
     h->linger_ms = cfg->linger_ms;
     h->heartbeat_timeout_ms = cfg->heartbeat_timeout_ms;
+    h->max_message_bytes = cfg->max_message_bytes;
+    h->max_result_bytes = cfg->max_result_bytes;
+    h->curve = cfg->curve != NULL;
+    if (cfg->curve) snprintf(h->zap_domain, sizeof(h->zap_domain), "%s", cfg->curve->domain);
     /* Batch ids must not repeat across handles or restarts either: a late
      * result for an old batch must not look like one for a new batch. */
     snprintf(h->batch_id_prefix, sizeof(h->batch_id_prefix), "%lx-%lx-%lx", (unsigned long)getpid(),
              (unsigned long)(wall_s() * 1000.0), (unsigned long)((uintptr_t)h >> 4) & 0xffffff);
 
     if (tc_socket_open(&h->batch, ZMQ_XPUB, err, errlen) < 0) goto fail;
+    /* Both sockets are CURVE servers (before bind): a peer whose key is not
+     * on the domain's allow-list never completes a handshake, so it can
+     * neither subscribe to batches nor send results. */
+    if (cfg->curve && tc_curve_apply_server(&h->batch, cfg->curve, err, errlen) < 0) goto fail;
+    /* The batch XPUB receives only subscriptions; keep them small too. */
+    if (cfg->max_message_bytes > 0 &&
+        tc_socket_set_bytes(&h->batch, ZMQ_MAXMSGSIZE, &(int64_t){cfg->max_message_bytes}, sizeof(int64_t), err,
+                            errlen) < 0)
+        goto fail;
     /* NODROP: a full pipe refuses the send (we count and report it) instead
      * of losing the batch silently. VERBOSE: every subscription reaches us,
      * so a worker that reconnects is seen again. */
@@ -348,6 +363,13 @@ int tc_oh_open(tc_oh *h, const tc_oh_config *cfg, char *err, size_t errlen)
         goto fail;
 
     if (tc_socket_open(&h->result, ZMQ_SUB, err, errlen) < 0) goto fail;
+    if (cfg->curve && tc_curve_apply_server(&h->result, cfg->curve, err, errlen) < 0) goto fail;
+    /* A frame over the limit makes libzmq drop that peer's connection (it
+     * reconnects); nothing of it is buffered or reaches the parser. */
+    if (cfg->max_message_bytes > 0 &&
+        tc_socket_set_bytes(&h->result, ZMQ_MAXMSGSIZE, &(int64_t){cfg->max_message_bytes}, sizeof(int64_t), err,
+                            errlen) < 0)
+        goto fail;
     if (tc_socket_set_int(&h->result, ZMQ_RCVHWM, cfg->recv_hwm, err, errlen) < 0 ||
         tc_socket_set_int(&h->result, ZMQ_LINGER, cfg->linger_ms, err, errlen) < 0 ||
         tc_socket_set_bytes(&h->result, ZMQ_SUBSCRIBE, "", 0, err, errlen) < 0 ||
@@ -368,6 +390,7 @@ fail: {
 
 void tc_oh_close(tc_oh *h)
 {
+    if (h->curve && !tc_oh_forked(h)) tc_zap_forget(h->zap_domain);
     tc_socket_close(&h->batch);
     tc_socket_close(&h->result);
     for (size_t i = 0; i < h->nworkers; i++) inflight_clear(&h->workers[i]);
@@ -510,7 +533,8 @@ static void handle_result_message(tc_oh *h, const void *body, size_t len)
     msgpack_unpacked u;
     size_t off = 0;
     msgpack_unpacked_init(&u);
-    int rc = msgpack_unpack_next(&u, body, len, &off);
+    /* Refuse made-up container counts before msgpack-c sizes its zone from them. */
+    int rc = tc_codec_check(body, len, NULL, 0) == 0 ? msgpack_unpack_next(&u, body, len, &off) : MSGPACK_UNPACK_PARSE_ERROR;
     if (rc != MSGPACK_UNPACK_SUCCESS || off != len || u.data.type != MSGPACK_OBJECT_MAP) {
         tc_oh_count_bad(h, TC_OH_BAD_UNDECODABLE, "a %zu-byte body that is not one msgpack map", len);
         goto done;
@@ -680,6 +704,9 @@ int tc_oh_poll(tc_oh *h)
         total++;
         if (n != 2)
             tc_oh_count_bad(h, TC_OH_BAD_MALFORMED_FRAME, "a message of %d frames, not [topic, body]", n);
+        else if (h->max_result_bytes && zmq_msg_size(&frames[1]) > h->max_result_bytes)
+            tc_oh_count_bad(h, TC_OH_BAD_TOO_LARGE, "a %zu-byte body, over max_result_bytes (%zu)",
+                            zmq_msg_size(&frames[1]), h->max_result_bytes);
         else
             handle_result_message(h, zmq_msg_data(&frames[1]), zmq_msg_size(&frames[1]));
         for (int f = 0; f < n; f++) zmq_msg_close(&frames[f]);

@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "curve.h"
 #include "socket.h"
 
 #define TC_OH_PROTOCOL_VERSION 1
@@ -46,6 +47,7 @@ typedef enum tc_oh_bad_reason {
     TC_OH_BAD_INVALID_FIELDS,      /* a required field missing or mistyped */
     TC_OH_BAD_UNKNOWN_WORKER,      /* a result from a worker that is not live */
     TC_OH_BAD_DUPLICATE,           /* a partial for a step not in flight */
+    TC_OH_BAD_TOO_LARGE,           /* a body over max_result_bytes */
     TC_OH_BAD_COUNT
 } tc_oh_bad_reason;
 
@@ -125,6 +127,10 @@ typedef struct tc_oh_config {
     int recv_hwm;
     int linger_ms;
     long heartbeat_timeout_ms;
+    /* Security (docs/security.md). curve NULL: plain TCP. */
+    const tc_curve_server *curve;
+    int max_message_bytes;   /* ZMQ_MAXMSGSIZE on the result socket; <= 0: unlimited */
+    size_t max_result_bytes; /* bodies larger are counted as too_large and dropped; 0: no limit */
 } tc_oh_config;
 
 typedef struct tc_oh {
@@ -150,6 +156,12 @@ typedef struct tc_oh {
     tc_oh_stats stats;
     /* Last detail per bad reason, so the binding can log each reason once. */
     char bad_detail[TC_OH_BAD_COUNT][160];
+
+    /* Security: CURVE server on both sockets with this ZAP domain's allow-list. */
+    int curve;
+    char zap_domain[TC_CURVE_DOMAIN_MAX + 1];
+    int max_message_bytes;
+    size_t max_result_bytes;
 } tc_oh;
 
 /* Zero *h first. Opens and binds both sockets; 0 ok, -1 with a sentence in

@@ -229,21 +229,29 @@ static long kw_long(VALUE v, const char *name, long dflt, long min)
     return n;
 }
 
+static VALUE allow_keys_body(VALUE p)
+{
+    VALUE *a = (VALUE *)p;
+    tc_curve_allow_from_ruby(RSTRING_PTR(a[0]), a[1]);
+    return Qnil;
+}
+
 static VALUE oh_initialize(int argc, VALUE *argv, VALUE self)
 {
-    static ID ids[7];
-    VALUE opts, vals[7];
+    static ID ids[11];
+    VALUE opts, vals[11];
     oh_wrap *w;
     TypedData_Get_Struct(self, oh_wrap, &oh_type, w);
     if (w->initialized) rb_raise(rb_eRuntimeError, "orchestration handle already initialized");
 
     rb_scan_args(argc, argv, ":", &opts);
     if (!ids[0]) {
-        const char *names[7] = {"batch_endpoint", "result_endpoint",      "send_hwm", "recv_hwm",
-                                "linger_ms",      "heartbeat_timeout_ms", "enabled"};
-        for (int i = 0; i < 7; i++) ids[i] = rb_intern(names[i]);
+        const char *names[11] = {"batch_endpoint", "result_endpoint",      "send_hwm", "recv_hwm",
+                                 "linger_ms",      "heartbeat_timeout_ms", "enabled",  "curve_secret_key",
+                                 "curve_allowed_client_keys", "max_message_bytes", "max_result_bytes"};
+        for (int i = 0; i < 11; i++) ids[i] = rb_intern(names[i]);
     }
-    rb_get_kwargs(opts, ids, 0, 7, vals);
+    rb_get_kwargs(opts, ids, 0, 11, vals);
 
     int enabled = vals[6] == Qundef ? 1 : RTEST(vals[6]);
     VALUE be = vals[0] == Qundef ? Qnil : vals[0];
@@ -260,7 +268,27 @@ static VALUE oh_initialize(int argc, VALUE *argv, VALUE self)
         .recv_hwm = (int)kw_long(vals[3], "recv_hwm", 1000, 0),
         .linger_ms = (int)kw_long(vals[4], "linger_ms", 0, -1),
         .heartbeat_timeout_ms = kw_long(vals[5], "heartbeat_timeout_ms", 5000, 1),
+        .max_message_bytes = (int)kw_long(vals[9], "max_message_bytes", 0, 0),
+        .max_result_bytes = (size_t)kw_long(vals[10], "max_result_bytes", 0, 0),
     };
+    /* CURVE: the secret key is decoded onto the stack and wiped after the
+     * sockets took it; the allow-list goes to the ZAP handler under a new
+     * domain before anything binds. */
+    tc_curve_server curve;
+    memset(&curve, 0, sizeof(curve));
+    VALUE secret = vals[7] == Qundef ? Qnil : vals[7];
+    if (enabled && !NIL_P(secret)) {
+        tc_curve_key_from_ruby(secret, curve.secret_key, "curve_secret_key");
+        tc_curve_new_domain(curve.domain, sizeof(curve.domain));
+        VALUE allow[2] = {rb_str_new_cstr(curve.domain), vals[8] == Qundef ? rb_ary_new() : vals[8]};
+        int state = 0;
+        rb_protect(allow_keys_body, (VALUE)allow, &state);
+        if (state) {
+            tc_curve_wipe(&curve, sizeof(curve));
+            rb_jump_tag(state);
+        }
+        cfg.curve = &curve;
+    }
 
     memset(&w->core, 0, sizeof(w->core));
     w->pid = getpid();
@@ -274,8 +302,11 @@ static VALUE oh_initialize(int argc, VALUE *argv, VALUE self)
              * a moment after zmq_close: a handle re-made on the same
              * endpoints (OrchestrationManager#reset!) would find the port
              * still taken. Wait a little for it, interruptibly. */
-            if (errno != EADDRINUSE || now_mono_ms() >= give_up)
+            if (errno != EADDRINUSE || now_mono_ms() >= give_up) {
+                tc_curve_wipe(&curve, sizeof(curve));
+                if (cfg.curve) tc_zap_forget(curve.domain);
                 rb_raise(tc_eConnectionError, "orchestration handle could not start: %s", err);
+            }
             memset(&w->core, 0, sizeof(w->core));
             rb_thread_wait_for((struct timeval){.tv_sec = 0, .tv_usec = 10000});
         }
@@ -288,6 +319,7 @@ static VALUE oh_initialize(int argc, VALUE *argv, VALUE self)
         snprintf(w->core.batch_endpoint, sizeof(w->core.batch_endpoint), "%s", cfg.batch_endpoint);
         snprintf(w->core.result_endpoint, sizeof(w->core.result_endpoint), "%s", cfg.result_endpoint);
     }
+    tc_curve_wipe(curve.secret_key, sizeof(curve.secret_key));
     w->initialized = 1;
     RB_GC_GUARD(be);
     RB_GC_GUARD(re);
@@ -299,6 +331,22 @@ static VALUE oh_initialize(int argc, VALUE *argv, VALUE self)
 static VALUE oh_enabled_p(VALUE self)
 {
     return oh_get_any(self)->enabled ? Qtrue : Qfalse;
+}
+
+static VALUE oh_curve_p(VALUE self)
+{
+    return oh_get_any(self)->core.curve ? Qtrue : Qfalse;
+}
+
+/* Swaps the allow-list (under the ZAP handler's mutex); takes effect for
+ * the next handshake. Any thread may call it. */
+static VALUE oh_set_allowed_client_keys(VALUE self, VALUE keys)
+{
+    oh_wrap *w = oh_get_any(self);
+    if (!w->core.curve) rb_raise(tc_eConfigurationError, "this orchestration handle does not use CURVE");
+    if (w->closed) rb_raise(tc_eClosedError, "orchestration handle is closed");
+    tc_curve_allow_from_ruby(w->core.zap_domain, keys);
+    return keys;
 }
 
 static VALUE oh_closed_p(VALUE self)
@@ -319,6 +367,9 @@ static VALUE oh_zeromq_config(VALUE self)
     rb_hash_aset(h, str_lit("heartbeat_timeout_ms"), LONG2NUM(w->core.heartbeat_timeout_ms));
     rb_hash_aset(h, str_lit("xpub_nodrop"), Qtrue);
     rb_hash_aset(h, str_lit("xpub_verbose"), Qtrue);
+    rb_hash_aset(h, str_lit("curve"), w->core.curve ? Qtrue : Qfalse);
+    rb_hash_aset(h, str_lit("max_message_bytes"), INT2NUM(w->core.max_message_bytes));
+    rb_hash_aset(h, str_lit("max_result_bytes"), SIZET2NUM(w->core.max_result_bytes));
     return h;
 }
 
@@ -418,6 +469,13 @@ static VALUE oh_stats(VALUE self)
     for (int r = 0; r < TC_OH_BAD_COUNT; r++)
         rb_hash_aset(bad, SYM(tc_oh_bad_reason_name((tc_oh_bad_reason)r)), ULL2NUM(st->bad[r]));
     rb_hash_aset(h, SYM("bad_messages"), bad);
+    if (w->core.curve) {
+        tc_zap_counts zc = tc_zap_domain_counts(w->core.zap_domain);
+        VALUE zh = rb_hash_new();
+        rb_hash_aset(zh, SYM("allowed"), ULL2NUM(zc.allowed));
+        rb_hash_aset(zh, SYM("denied"), ULL2NUM(zc.denied));
+        rb_hash_aset(h, SYM("handshakes"), zh);
+    }
     rb_hash_aset(h, SYM("batch_socket"), socket_counters(&bc));
     rb_hash_aset(h, SYM("result_socket"), socket_counters(&rc));
     if (w->loop && w->pid == getpid()) {
@@ -860,6 +918,8 @@ void tc_init_orchestration_handle(void)
     rb_define_method(cHandle, "stats", oh_stats, 0);
     rb_define_method(cHandle, "close", oh_close, 0);
     rb_define_method(cHandle, "closed?", oh_closed_p, 0);
+    rb_define_method(cHandle, "curve?", oh_curve_p, 0);
+    rb_define_method(cHandle, "allowed_client_keys=", oh_set_allowed_client_keys, 1);
     rb_define_const(cHandle, "MAX_BATCH_ID_BYTES", INT2FIX(TC_OH_BATCH_ID_MAX));
     rb_define_private_method(cHandle, "_start_orchestration", oh_start_orchestration, 5);
     rb_define_method(cHandle, "stop_orchestration", oh_stop_orchestration, -1);

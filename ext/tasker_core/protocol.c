@@ -6,6 +6,8 @@
  */
 #include "protocol.h"
 
+#include "codec.h"
+
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -116,6 +118,9 @@ tc_proto_err tc_proto_parse(msgpack_unpacked *u, const char *body, size_t len, t
 {
     size_t off = 0;
     memset(out, 0, sizeof(*out));
+    /* Before msgpack-c sizes its zone from counts a peer made up. */
+    if (tc_codec_check(body, len, NULL, 0) != 0)
+        FAIL(TC_PROTO_ERR_UNDECODABLE, "a %zu-byte body that is not one well-formed msgpack value", len);
     if (msgpack_unpack_next(u, body, len, &off) != MSGPACK_UNPACK_SUCCESS || off != len ||
         u->data.type != MSGPACK_OBJECT_MAP)
         FAIL(TC_PROTO_ERR_UNDECODABLE, "a %zu-byte body that is not one msgpack map", len);

@@ -10,6 +10,7 @@
  */
 #include "tasker_core.h"
 #include "socket.h"
+#include "curve.h"
 
 #include <ruby/io.h>
 #include <time.h>
@@ -430,6 +431,50 @@ static VALUE rsocket_linger(VALUE self) { return get_int_opt(self, ZMQ_LINGER); 
 static VALUE rsocket_set_linger(VALUE self, VALUE v) { return set_int_opt(self, ZMQ_LINGER, v); }
 
 /* Counters stay readable after close: they describe what happened. */
+static VALUE rsocket_set_max_message_bytes(VALUE self, VALUE v)
+{
+    int64_t n = NUM2LL(v);
+    char err[256];
+    if (tc_socket_set_bytes(&rsocket_get(self)->sock, ZMQ_MAXMSGSIZE, &n, sizeof(n), err, sizeof(err)) < 0)
+        rb_raise(tc_eConnectionError, "%s", err);
+    return v;
+}
+
+/* CURVE server (before bind): secret key in Z85, ZAP domain whose
+ * allow-list (TaskerCore::Curve.allow) decides who may connect. */
+static VALUE rsocket_curve_server(VALUE self, VALUE secret, VALUE domain)
+{
+    tc_rsocket *r = rsocket_get(self);
+    tc_curve_server c;
+    char err[256];
+    const char *d = StringValueCStr(domain);
+    if (strlen(d) > TC_CURVE_DOMAIN_MAX) rb_raise(rb_eArgError, "ZAP domain longer than %d bytes", TC_CURVE_DOMAIN_MAX);
+    memset(&c, 0, sizeof(c));
+    tc_curve_key_from_ruby(secret, c.secret_key, "the server secret key");
+    snprintf(c.domain, sizeof(c.domain), "%s", d);
+    int rc = tc_curve_apply_server(&r->sock, &c, err, sizeof(err));
+    tc_curve_wipe(&c, sizeof(c));
+    if (rc < 0) rb_raise(tc_eConfigurationError, "could not make the socket a CURVE server: %s", err);
+    RB_GC_GUARD(domain);
+    return Qnil;
+}
+
+/* CURVE client (before connect): all three keys in Z85. */
+static VALUE rsocket_curve_client(VALUE self, VALUE server_key, VALUE public_key, VALUE secret_key)
+{
+    tc_rsocket *r = rsocket_get(self);
+    tc_curve_client c;
+    char err[256];
+    memset(&c, 0, sizeof(c));
+    tc_curve_key_from_ruby(server_key, c.server_key, "the server public key");
+    tc_curve_key_from_ruby(public_key, c.public_key, "the client public key");
+    tc_curve_key_from_ruby(secret_key, c.secret_key, "the client secret key");
+    int rc = tc_curve_apply_client(&r->sock, &c, err, sizeof(err));
+    tc_curve_wipe(&c, sizeof(c));
+    if (rc < 0) rb_raise(tc_eConfigurationError, "could not make the socket a CURVE client: %s", err);
+    return Qnil;
+}
+
 static VALUE rsocket_stats(VALUE self)
 {
     tc_socket_counters c = rsocket_unchecked(self)->sock.counters;
@@ -724,6 +769,9 @@ void tc_init_socket(void)
     rb_define_method(cBase, "recv_hwm=", rsocket_set_recv_hwm, 1);
     rb_define_method(cBase, "linger", rsocket_linger, 0);
     rb_define_method(cBase, "linger=", rsocket_set_linger, 1);
+    rb_define_method(cBase, "max_message_bytes=", rsocket_set_max_message_bytes, 1);
+    rb_define_private_method(cBase, "_curve_server", rsocket_curve_server, 2);
+    rb_define_private_method(cBase, "_curve_client", rsocket_curve_client, 3);
     rb_define_method(cBase, "stats", rsocket_stats, 0);
     rb_define_method(cBase, "events", rsocket_events, 0);
     rb_define_method(cBase, "close", rsocket_close, 0);

@@ -42,4 +42,5 @@ RUBY_FUNC_EXPORTED void Init_tasker_core_ext(void)
     tc_init_socket();
     tc_init_orchestration_handle();
     tc_init_store();
+    tc_init_curve();
 }

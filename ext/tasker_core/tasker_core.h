@@ -25,5 +25,6 @@ void tc_init_codec(void);
 void tc_init_socket(void);
 void tc_init_orchestration_handle(void);
 void tc_init_store(void);
+void tc_init_curve(void);
 
 #endif

@@ -35,7 +35,8 @@ module TaskerCore
       "step retry" => %w[step_retry StepRetry],
       "step resolve" => %w[step_resolve StepResolve],
       "status" => %w[status Status],
-      "demo" => %w[demo Demo]
+      "demo" => %w[demo Demo],
+      "keygen" => %w[keygen Keygen]
     }.freeze
     GROUPS = COMMANDS.keys.filter_map { |k| k.split(" ", 2).first if k.include?(" ") }.uniq.freeze
 
@@ -49,7 +50,8 @@ module TaskerCore
       "step retry" => "retry a step that is in error",
       "step resolve" => "mark a step as done by hand, with its output",
       "status" => "tasks by state, throughput and live workers",
-      "demo" => "run an order-fulfilment workflow end to end and report its figures"
+      "demo" => "run an order-fulfilment workflow end to end and report its figures",
+      "keygen" => "write a CurveZMQ key pair (PREFIX.key, PREFIX.pub; mode 0600)"
     }.freeze
 
     def self.start(argv, out: $stdout, err: $stderr)

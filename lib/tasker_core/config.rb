@@ -16,6 +16,7 @@ module TaskerCore
   class Config
     Setting = Struct.new(:key, :type, :default, :doc, :min, :max, :values, :env, :nullable, keyword_init: true)
 
+    CURVE_KEY = %r{\A[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\z}
     ENDPOINT_EXPECTATION = "an endpoint tcp://host:port (port 1..65535 or *), ipc://path or inproc://name"
 
     # key path => how it is checked, its default and what it means.
@@ -41,6 +42,34 @@ module TaskerCore
                   doc: "How long a silent worker stays live; must exceed zeromq.heartbeat_interval_ms."),
       Setting.new(key: "zeromq.max_message_bytes", type: :integer, default: 16 * 1024 * 1024, min: 1,
                   doc: "Largest message a socket accepts; a bigger one is refused (ZMQ_MAXMSGSIZE)."),
+      Setting.new(key: "zeromq.max_result_bytes", type: :integer, default: 4 * 1024 * 1024, min: 0,
+                  doc: "Largest result body the orchestrator parses; a bigger one is counted (bad_messages too_large) " \
+                       "and dropped, and the step is re-dispatched later. 0 = only zeromq.max_message_bytes applies."),
+      Setting.new(key: "zeromq.max_batch_steps", type: :integer, default: 10_000, min: 1,
+                  doc: "Most steps a worker accepts in one batch; a bigger batch is counted (bad_messages " \
+                       "batch_too_large) and dropped, and its steps are re-dispatched after their lease."),
+      Setting.new(key: "zeromq.curve.enabled", type: :boolean, default: false,
+                  doc: "Authenticate and encrypt both channels with CurveZMQ: the orchestrator is the CURVE " \
+                       "server, workers are clients and must be on the allow-list (docs/security.md)."),
+      Setting.new(key: "zeromq.curve.server_public_key", type: :curve_key, default: nil, nullable: true,
+                  env: "TASKER_CURVE_SERVER_PUBLIC_KEY",
+                  doc: "The orchestrator's public key (Z85, 40 characters); workers need it."),
+      Setting.new(key: "zeromq.curve.server_secret_key_file", type: :string, default: nil, nullable: true,
+                  env: "TASKER_CURVE_SERVER_SECRET_KEY_FILE",
+                  doc: "File holding the orchestrator's secret key (mode 0600, else refused). " \
+                       "TASKER_CURVE_SERVER_SECRET_KEY, when set, holds the key itself and wins."),
+      Setting.new(key: "zeromq.curve.client_public_key", type: :curve_key, default: nil, nullable: true,
+                  env: "TASKER_CURVE_CLIENT_PUBLIC_KEY",
+                  doc: "This worker's public key (Z85); null = derived from its secret key."),
+      Setting.new(key: "zeromq.curve.client_secret_key_file", type: :string, default: nil, nullable: true,
+                  env: "TASKER_CURVE_CLIENT_SECRET_KEY_FILE",
+                  doc: "File holding this worker's secret key (mode 0600, else refused). " \
+                       "TASKER_CURVE_CLIENT_SECRET_KEY, when set, holds the key itself and wins."),
+      Setting.new(key: "zeromq.curve.allowed_client_keys", type: :curve_key_list, default: [],
+                  doc: "Public keys (Z85) of the workers allowed to connect; every other client is refused."),
+      Setting.new(key: "zeromq.curve.allowed_client_keys_file", type: :string, default: nil, nullable: true,
+                  env: "TASKER_CURVE_ALLOWED_CLIENT_KEYS_FILE",
+                  doc: "File of allowed worker public keys, one per line (# comments), added to allowed_client_keys."),
       Setting.new(key: "worker.max_workers", type: :integer, default: 10, min: 1, max: 1024,
                   doc: "Threads per worker process running step handlers; advertised as its capacity."),
       Setting.new(key: "worker.step_timeout_ms", type: :integer, default: 30_000, min: 1,
@@ -213,6 +242,8 @@ module TaskerCore
         when :string then value.is_a?(String) && !value.empty?
         when :enum then setting.values.include?(value)
         when :endpoint then value.is_a?(String) && endpoint?(value)
+        when :curve_key then value.is_a?(String) && value.match?(CURVE_KEY)
+        when :curve_key_list then value.is_a?(Array) && value.all? { |k| k.is_a?(String) && k.match?(CURVE_KEY) }
         end
       end
 
@@ -236,6 +267,8 @@ module TaskerCore
         when :string then setting.nullable ? "a non-empty String or null" : "a non-empty String"
         when :enum then "one of #{setting.values.map(&:inspect).join(', ')}"
         when :endpoint then ENDPOINT_EXPECTATION
+        when :curve_key then "a CURVE public key (40 Z85 characters) or null"
+        when :curve_key_list then "a list of CURVE public keys (40 Z85 characters each)"
         end
       end
 

@@ -12,6 +12,21 @@ module TaskerCore
   module Socket
     # Common to both kinds: bind/connect, options, stats, events, close.
     class Base
+      # The ZAP domain of a CURVE server socket, else nil.
+      attr_reader :zap_domain
+
+      # Swaps a CURVE server's allow-list.
+      def allowed_client_keys=(keys)
+        raise ConfigurationError, "not a CURVE server socket" unless @zap_domain
+
+        TaskerCore::Curve.allow(@zap_domain, keys)
+      end
+
+      # {allowed:, denied:} handshakes of a CURVE server socket.
+      def handshakes
+        @zap_domain ? TaskerCore::Curve.zap_counts(@zap_domain) : { allowed: 0, denied: 0 }
+      end
+
       def inspect
         state = closed? ? "closed" : (last_endpoint || "unbound")
         "#<#{self.class.name} #{state}>"
@@ -23,15 +38,30 @@ module TaskerCore
 
       # Opens the socket, applies the block, and binds/connects; closes it
       # again if anything raises so a failed constructor leaks nothing.
-      def open_with(bind, connect)
+      #
+      # curve_server: { secret_key:, allowed_client_keys: [...] } makes it a
+      # CURVE server whose allow-list (a ZAP domain of its own) decides who
+      # may connect; curve_client: { server_key:, public_key:, secret_key: }
+      # makes it a CURVE client. Keys are Z85 strings (TaskerCore::Curve).
+      def open_with(bind, connect, curve_server: nil, curve_client: nil, max_message_bytes: nil)
         _open
         ok = false
+        self.max_message_bytes = max_message_bytes if max_message_bytes
+        if curve_server
+          @zap_domain = TaskerCore::Curve.new_domain
+          TaskerCore::Curve.allow(@zap_domain, curve_server.fetch(:allowed_client_keys, []))
+          _curve_server(curve_server.fetch(:secret_key), @zap_domain)
+        end
+        _curve_client(curve_client.fetch(:server_key), curve_client.fetch(:public_key), curve_client.fetch(:secret_key)) if curve_client
         yield
         Array(bind).each { |endpoint| self.bind(endpoint) }
         Array(connect).each { |endpoint| self.connect(endpoint) }
         ok = true
       ensure
-        close unless ok
+        unless ok
+          TaskerCore::Curve.forget(@zap_domain) if @zap_domain
+          close
+        end
       end
     end
 
@@ -39,9 +69,9 @@ module TaskerCore
     # high-water mark returns false and is counted in stats[:send_dropped],
     # and every subscription arrives in #subscriptions.
     class Publisher < Base
-      def initialize(bind: nil, connect: nil, send_hwm: 1000, linger: 0)
+      def initialize(bind: nil, connect: nil, send_hwm: 1000, linger: 0, **security)
         super()
-        open_with(bind, connect) do
+        open_with(bind, connect, **security) do
           self.send_hwm = send_hwm
           self.linger = linger
         end
@@ -56,9 +86,9 @@ module TaskerCore
 
     # SUB socket. Messages come back as arrays of binary strings (frames).
     class Subscriber < Base
-      def initialize(bind: nil, connect: nil, topics: [""], recv_hwm: 1000, linger: 0)
+      def initialize(bind: nil, connect: nil, topics: [""], recv_hwm: 1000, linger: 0, **security)
         super()
-        open_with(bind, connect) do
+        open_with(bind, connect, **security) do
           self.recv_hwm = recv_hwm
           self.linger = linger
           Array(topics).each { |topic| subscribe(topic) }

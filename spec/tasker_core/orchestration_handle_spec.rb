@@ -386,7 +386,7 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       expect(results.map { |r| [r["worker_id"], r["duplicate"]] }).to eq([["nobody", true]] * loops)
       bad = handle.stats[:bad_messages]
       expect(bad).to eq(malformed_frame: 2 * loops, undecodable_body: 2 * loops, wrong_protocol_version: 2 * loops,
-                        unknown_type: loops, invalid_fields: 2 * loops, unknown_worker: loops, duplicate_result: 0)
+                        unknown_type: loops, invalid_fields: 2 * loops, unknown_worker: loops, duplicate_result: 0, too_large: 0)
       expect(logged.size).to eq(6)
       expect(logged.grep(/malformed_frame/).size).to eq(1)
 

@@ -113,10 +113,17 @@ module TaskerCore
           recv_hwm: zeromq.fetch("recv_hwm"),
           linger_ms: zeromq.fetch("linger_ms"),
           heartbeat_timeout_ms: zeromq.fetch("heartbeat_timeout_ms")
-        }
+        }.merge(security_options)
       end
 
       private
+
+      # CURVE keys, allow-list and message limits (docs/security.md).
+      def security_options
+        return {} unless TaskerCore.respond_to?(:config) && zeromq_config.fetch("enabled")
+
+        TaskerCore::Curve.handle_options(TaskerCore.config)
+      end
 
       def zeromq_config
         configured = TaskerCore.respond_to?(:config) ? TaskerCore.config.dig("zeromq") : nil

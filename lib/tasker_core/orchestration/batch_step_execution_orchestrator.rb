@@ -57,6 +57,9 @@ module TaskerCore
                      recv_hwm: self.class.setting("zeromq.recv_hwm"),
                      linger_ms: self.class.setting("zeromq.linger_ms"),
                      timeout_grace_s: TIMEOUT_GRACE_S,
+                     curve: :config,
+                     max_message_bytes: self.class.setting("zeromq.max_message_bytes"),
+                     max_batch_steps: self.class.setting("zeromq.max_batch_steps"),
                      logger: nil)
         @worker_id = worker_id || Protocol.generate_worker_id
         raise ArgumentError, "worker_id #{@worker_id.inspect} must match #{Protocol::WORKER_ID_PATTERN.source}" unless Protocol.valid_worker_id?(@worker_id)
@@ -73,6 +76,11 @@ module TaskerCore
         @recv_hwm = recv_hwm
         @linger_ms = linger_ms
         @timeout_grace_s = timeout_grace_s
+        # CURVE client keys ({server_key:, public_key:, secret_key:}) or nil;
+        # read now so a bad key file fails here, not in the I/O thread.
+        @curve = curve == :config ? TaskerCore::Curve.client_options(TaskerCore.config) : curve
+        @max_message_bytes = max_message_bytes
+        @max_batch_steps = max_batch_steps
         @logger = logger || (TaskerCore.respond_to?(:logger) && TaskerCore.logger) || Logger.new($stderr)
 
         @mutex = Mutex.new # guards job states, @running, @pool, @next_wake_at
@@ -110,6 +118,11 @@ module TaskerCore
         end
         @mutex.synchronize { @max_workers.times { @pool << spawn_pool_thread } }
         self
+      end
+
+      # Never shows the CURVE secret key.
+      def inspect
+        "#<#{self.class.name} worker_id=#{@worker_id.inspect} max_workers=#{@max_workers} curve=#{!@curve.nil?}>"
       end
 
       # The exception that ended the I/O thread, if one did.
@@ -292,9 +305,11 @@ module TaskerCore
         @peer_subscriptions = 0
         @next_heartbeat_at = nil
         @retry_at = nil
+        security = { curve_client: @curve, max_message_bytes: @max_message_bytes }.compact
         @sub = TaskerCore::Socket::Subscriber.new(connect: @batch_endpoint, topics: [Protocol.batch_topic(@worker_id)],
-                                                  recv_hwm: @recv_hwm, linger: @linger_ms)
-        @pub = TaskerCore::Socket::Publisher.new(connect: @result_endpoint, send_hwm: @send_hwm, linger: @linger_ms)
+                                                  recv_hwm: @recv_hwm, linger: @linger_ms, **security)
+        @pub = TaskerCore::Socket::Publisher.new(connect: @result_endpoint, send_hwm: @send_hwm, linger: @linger_ms,
+                                                 **security.slice(:curve_client))
       end
 
       def close_sockets
@@ -418,6 +433,10 @@ module TaskerCore
         return bad(:wrong_worker, "a batch for worker #{msg['worker_id']}") unless msg["worker_id"] == @worker_id
 
         steps = msg["steps"]
+        if @max_batch_steps && steps.size > @max_batch_steps
+          return bad(:batch_too_large, "a batch of #{steps.size} steps (zeromq.max_batch_steps is #{@max_batch_steps})")
+        end
+
         batch = BatchState.new(id: msg["batch_id"], steps: steps, statuses: Array.new(steps.size), reported: 0)
         bump(:batches_received)
         bump(:steps_received, steps.size)

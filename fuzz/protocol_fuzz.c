@@ -1,0 +1,47 @@
+/*
+ * protocol_fuzz.c: libFuzzer harness for the result-channel message parser
+ * of the native loop (ext/tasker_core/protocol.c): parse, then re-encode
+ * the pieces the loop splices into its SQL parameters (output, error) and
+ * walk the batch_completion steps, as the loop does.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "protocol.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    char *buf = malloc(size ? size : 1);
+    memcpy(buf, data, size);
+    msgpack_unpacked u;
+    msgpack_unpacked_init(&u);
+    tc_proto_msg m;
+    char detail[160];
+    memset(&m, 0, sizeof(m));
+    detail[0] = '\0';
+    tc_proto_err e = tc_proto_parse(&u, buf, size, &m, detail, sizeof(detail));
+    if (e == TC_PROTO_OK) {
+        volatile size_t sink = 0;
+        for (size_t i = 0; i < m.worker_id.len; i++) sink += (unsigned char)m.worker_id.ptr[i];
+        for (size_t i = 0; i < m.batch_id.len; i++) sink += (unsigned char)m.batch_id.ptr[i];
+        msgpack_sbuffer sb;
+        msgpack_sbuffer_init(&sb);
+        if (m.type == TC_PROTO_PARTIAL_RESULT) {
+            if (tc_proto_pack_object(&sb, m.output) != 0) abort();
+            if (tc_proto_pack_object(&sb, m.error) != 0) abort();
+        }
+        if (m.type == TC_PROTO_BATCH_COMPLETION && m.steps) {
+            if (m.steps->type != MSGPACK_OBJECT_ARRAY) abort();
+            if (tc_proto_pack_object(&sb, m.steps) != 0) abort();
+        }
+        sink += sb.size;
+        (void)sink;
+        msgpack_sbuffer_destroy(&sb);
+    } else if (e <= TC_PROTO_OK || e >= TC_PROTO_ERR_COUNT || strnlen(detail, sizeof(detail)) == sizeof(detail)) {
+        abort();
+    }
+    msgpack_unpacked_destroy(&u);
+    free(buf);
+    return 0;
+}

@@ -1,0 +1,268 @@
+# frozen_string_literal: true
+
+require "tmpdir"
+require "yaml"
+require "stringio"
+require "logger"
+
+# CurveZMQ on both channels (docs/security.md): real sockets, real worker
+# processes (exe/tasker-worker), the ZAP handler's allow-list.
+RSpec.describe "CurveZMQ", :no_valgrind do
+  HANDLERS_FILE = File.expand_path("../fixtures/integration_handlers.rb", __dir__)
+  WORKER = File.expand_path("../../exe/tasker-worker", __dir__)
+  curve = TaskerCore::Curve
+
+  before(:all) do
+    @dir = Dir.mktmpdir("tasker_core_curve")
+    @server_pub, @server_sec = curve.keypair
+    @worker_pub, @worker_sec = curve.keypair
+    @intruder_pub, @intruder_sec = curve.keypair
+  end
+
+  after(:all) { FileUtils.rm_rf(@dir) }
+
+  after do
+    @handle&.close
+    (@pids || []).each do |pid|
+      Process.kill(:KILL, -pid)
+    rescue Errno::ESRCH
+      nil
+    end
+    (@pids || []).each do |pid|
+      Process.wait(pid)
+    rescue Errno::ECHILD
+      nil
+    end
+  end
+
+  def new_handle(allowed: [@worker_pub], **opts)
+    @handle = TaskerCore::OrchestrationHandle.new(batch_endpoint: "tcp://127.0.0.1:*", result_endpoint: "tcp://127.0.0.1:*",
+                                                  heartbeat_timeout_ms: 1500, curve_secret_key: @server_sec,
+                                                  curve_allowed_client_keys: allowed, **opts)
+  end
+
+  def config_file(curve_enabled: true)
+    path = File.join(@dir, "config-#{rand(1 << 30)}.yml")
+    File.write(path, { "default" => {
+      "zeromq" => { "heartbeat_interval_ms" => 200, "heartbeat_timeout_ms" => 1500,
+                    "curve" => { "enabled" => curve_enabled, "server_public_key" => @server_pub } },
+      "logging" => { "level" => ENV["CURVE_SPEC_DEBUG"] ? "debug" : "error" }
+    } }.to_yaml)
+    path
+  end
+
+  def spawn_worker(handle, secret:, curve_enabled: true, worker_id: "w#{rand(1 << 30)}")
+    cfg = handle.zeromq_config
+    env = { "TASKER_CONFIG_PATH" => config_file(curve_enabled: curve_enabled), "TASKER_ENV" => "test",
+            "TASKER_CURVE_CLIENT_SECRET_KEY" => secret }
+    pid = Process.spawn(env, RbConfig.ruby, "-I", File.join(SpecHelpers::ROOT, "lib"), WORKER,
+                        "--handlers", HANDLERS_FILE, "--concurrency", "4", "--worker-id", worker_id,
+                        "--batch-endpoint", cfg["batch_endpoint"], "--result-endpoint", cfg["result_endpoint"],
+                        pgroup: true, err: ENV["CURVE_SPEC_DEBUG"] ? $stderr : File::NULL, out: File::NULL)
+    (@pids ||= []) << pid
+    worker_id
+  end
+
+  def step(id)
+    { "step_id" => id, "task_id" => 1, "step_name" => "s#{id}", "handler" => "IntegrationHandlers::Succeed",
+      "handler_config" => {}, "attempt" => 1, "timeout_ms" => 10_000, "context" => {}, "dependency_results" => {} }
+  end
+
+  def pump_until(handle, results = [], timeout: 30, message: "condition")
+    wait_until(timeout: timeout, message: message) do
+      results.concat(handle.receive_results(timeout_ms: 50))
+      yield results
+    end
+    results
+  end
+
+  describe "keys" do
+    it "makes Z85 key pairs whose public key derives from the secret key" do
+      pub, sec = curve.keypair
+      expect([pub.size, sec.size]).to eq([40, 40])
+      expect(curve.valid_key?(pub)).to be(true)
+      expect(curve.public_key(sec)).to eq(pub)
+      expect(curve.valid_key?("not a key")).to be(false)
+    end
+
+    it "writes key files with mode 0600 and refuses to overwrite them" do
+      prefix = File.join(@dir, "orchestrator")
+      pub_path, sec_path, pub = curve.write_keypair(prefix)
+      expect(File.stat(sec_path).mode & 0o777).to eq(0o600)
+      expect(File.stat(pub_path).mode & 0o777).to eq(0o600)
+      expect(curve.read_key_file(pub_path, secret: false)).to eq(pub)
+      expect(curve.public_key(curve.read_key_file(sec_path))).to eq(pub)
+      expect { curve.write_keypair(prefix) }.to raise_error(TaskerCore::ConfigurationError, /already exists/)
+    end
+
+    it "refuses a secret key file readable by group or others, without showing the key" do
+      _pub, sec_path, = curve.write_keypair(File.join(@dir, "loose-#{rand(1 << 30)}"))
+      secret = curve.read_key_file(sec_path)
+      File.chmod(0o644, sec_path)
+      expect { curve.read_key_file(sec_path) }.to raise_error(TaskerCore::ConfigurationError) { |e|
+        expect(e.message).to include("chmod 600", "0644")
+        expect(e.message).not_to include(secret)
+      }
+    end
+
+    it "tasker keygen writes a key pair and prints only the public key" do
+      prefix = File.join(@dir, "cli-#{rand(1 << 30)}")
+      out = IO.popen([RbConfig.ruby, "-I", File.join(SpecHelpers::ROOT, "lib"),
+                      File.join(SpecHelpers::ROOT, "exe/tasker"), "keygen", prefix], err: %i[child out], &:read)
+      expect($?.exitstatus).to eq(0)
+      secret = curve.read_key_file("#{prefix}.key")
+      expect(out).to include(curve.public_key(secret))
+      expect(out).not_to include(secret)
+      expect(File.stat("#{prefix}.key").mode & 0o777).to eq(0o600)
+    end
+
+    it "reads the server's options from configuration, the secret from a file or the environment" do
+      _pub, sec_path, = curve.write_keypair(File.join(@dir, "srv-#{rand(1 << 30)}"))
+      list = File.join(@dir, "allowed-#{rand(1 << 30)}")
+      File.write(list, "# workers\n#{@worker_pub}\n\n#{@intruder_pub} # another\n")
+      config = TaskerCore::Config.load(overrides: { zeromq: { curve: {
+        enabled: true, server_secret_key_file: sec_path, allowed_client_keys: [@worker_pub], allowed_client_keys_file: list
+      } } })
+      opts = curve.handle_options(config)
+      expect(opts[:curve_secret_key]).to eq(curve.read_key_file(sec_path))
+      expect(opts[:curve_allowed_client_keys]).to eq([@worker_pub, @intruder_pub])
+      expect(opts[:max_message_bytes]).to eq(config.dig("zeromq", "max_message_bytes"))
+
+      ENV[curve::SERVER_SECRET_ENV] = @server_sec
+      expect(curve.handle_options(config)[:curve_secret_key]).to eq(@server_sec)
+    ensure
+      ENV.delete(curve::SERVER_SECRET_ENV)
+    end
+
+    it "refuses CURVE without a secret key, naming the setting" do
+      config = TaskerCore::Config.load(overrides: { zeromq: { curve: { enabled: true } } })
+      expect { curve.handle_options(config) }.to raise_error(TaskerCore::ConfigurationError, /server_secret_key_file/)
+      expect { curve.client_options(config) }.to raise_error(TaskerCore::ConfigurationError, /server_public_key/)
+    end
+
+    it "refuses a malformed key in the configuration" do
+      expect { TaskerCore::Config.load(overrides: { zeromq: { curve: { allowed_client_keys: ["short"] } } }) }
+        .to raise_error(TaskerCore::ConfigurationError, /allowed_client_keys/)
+    end
+  end
+
+  describe "sockets" do
+    # A bound SUB attaches new peers only when it is used: keep it polled.
+    def subscriptions_of(pub, server, secs)
+      seen = []
+      deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + secs
+      while seen.empty? && Process.clock_gettime(Process::CLOCK_MONOTONIC) < deadline
+        server.receive(timeout_ms: 0)
+        seen.concat(pub.subscriptions(timeout_ms: 20))
+      end
+      seen
+    end
+
+    it "lets an allowed client in and keeps a wrong key and a plain client out" do
+      server = TaskerCore::Socket::Subscriber.new(bind: "tcp://127.0.0.1:*",
+                                                  curve_server: { secret_key: @server_sec, allowed_client_keys: [@worker_pub] })
+      ep = server.last_endpoint
+      good = TaskerCore::Socket::Publisher.new(connect: ep, curve_client: { server_key: @server_pub, public_key: @worker_pub, secret_key: @worker_sec })
+      bad = TaskerCore::Socket::Publisher.new(connect: ep, curve_client: { server_key: @server_pub, public_key: @intruder_pub, secret_key: @intruder_sec })
+      plain = TaskerCore::Socket::Publisher.new(connect: ep)
+      expect(subscriptions_of(good, server, 10)).to eq([[:subscribe, ""]])
+      wait_until(message: "the intruder's handshake denied") { server.receive(timeout_ms: 10).nil? && server.handshakes[:denied] >= 1 }
+      expect(bad.subscriptions(timeout_ms: 0)).to eq([])
+      expect(plain.subscriptions(timeout_ms: 0)).to eq([])
+      [bad, plain, good].each { |p| p.send_message("t", "from #{p.equal?(good) ? 'good' : 'other'}") }
+      got = []
+      wait_until(message: "the allowed client's message") { (m = server.receive(timeout_ms: 50)) && got << m; got.any? }
+      expect(got).to eq([%w[t from\ good]])
+      expect(server.receive(timeout_ms: 200)).to be_nil
+      expect(server.handshakes).to include(allowed: 1)
+    ensure
+      [good, bad, plain, server].compact.each(&:close)
+    end
+
+    it "swaps the allow-list for the next handshake" do
+      server = TaskerCore::Socket::Subscriber.new(bind: "tcp://127.0.0.1:*",
+                                                  curve_server: { secret_key: @server_sec, allowed_client_keys: [] })
+      server.allowed_client_keys = [@intruder_pub]
+      client = TaskerCore::Socket::Publisher.new(connect: server.last_endpoint,
+                                                 curve_client: { server_key: @server_pub, public_key: @intruder_pub, secret_key: @intruder_sec })
+      expect(subscriptions_of(client, server, 10)).to eq([[:subscribe, ""]])
+    ensure
+      [client, server].compact.each(&:close)
+    end
+  end
+
+  describe "the orchestration handle" do
+    it "dispatches to a worker whose key is allowed and never sees one whose key is not" do
+      handle = new_handle
+      expect(handle.curve?).to be(true)
+      good = spawn_worker(handle, secret: @worker_sec)
+      spawn_worker(handle, secret: @intruder_sec, worker_id: "intruder")
+      spawn_worker(handle, secret: @intruder_sec, curve_enabled: false, worker_id: "plaintext")
+      results = pump_until(handle, message: "the allowed worker live and both others denied") do
+        handle.workers.map { |w| w["id"] } == [good] && handle.stats[:handshakes][:denied] >= 1
+      end
+      handle.publish_batch({ "batch_id" => "b1", "steps" => [step(1), step(2)] })
+      pump_until(handle, results, message: "the batch's completion") { |r| r.any? { |m| m["type"] == "batch_completion" } }
+      expect(results.select { |m| m["type"] == "partial_result" }.map { |m| [m["worker_id"], m["status"]] })
+        .to eq([[good, "complete"], [good, "complete"]])
+      expect(handle.workers.map { |w| w["id"] }).to eq([good])
+    end
+
+    it "accepts nothing a peer without a key sends: forged heartbeats and results change nothing" do
+      handle = new_handle
+      good = spawn_worker(handle, secret: @worker_sec)
+      results = pump_until(handle, message: "the worker live") { handle.workers.any? }
+      handle.publish_batch({ "batch_id" => "b1", "steps" => [step(7)] })
+      forger = TaskerCore::Socket::Publisher.new(connect: handle.zeromq_config["result_endpoint"])
+      forged = TaskerCore::Protocol.partial_result(batch_id: "b1", worker_id: good, step_id: 7, task_id: 1, attempt: 1,
+                                                    started_at: Time.now, finished_at: Time.now, output: { "forged" => true })
+      beat = TaskerCore::Protocol.heartbeat(worker_id: "forger", capacity: 100, in_flight: 0)
+      20.times do
+        forger.send_parts(TaskerCore::Protocol.encode(forged))
+        forger.send_parts(TaskerCore::Protocol.encode(beat))
+        forger.send_parts(["partial_result", "\xC1garbage".b])
+      end
+      pump_until(handle, results, message: "the real result") { |r| r.any? { |m| m["type"] == "batch_completion" } }
+      partials = results.select { |m| m["type"] == "partial_result" }
+      expect(partials.size).to eq(1)
+      expect(partials.first["output"]).not_to include("forged")
+      expect(handle.workers.map { |w| w["id"] }).to eq([good])
+      # Nothing of the forger's reached the parser at all.
+      expect(handle.stats[:bad_messages].values.sum).to eq(0)
+    ensure
+      forger&.close
+    end
+
+    it "counts and drops result bodies over max_result_bytes and keeps serving" do
+      handle = new_handle(allowed: [@worker_pub], max_result_bytes: 200)
+      spawn_worker(handle, secret: @worker_sec)
+      results = pump_until(handle, message: "the worker live") { handle.workers.any? }
+      handle.publish_batch({ "batch_id" => "big", "steps" => [step(1)] })
+      pump_until(handle, results, message: "the oversized partial counted") { handle.stats[:bad_messages][:too_large] >= 1 }
+      expect(results.select { |m| m["type"] == "partial_result" }).to eq([])
+    end
+  end
+
+  describe "without CURVE" do
+    it "warns once when binding a non-loopback address" do
+      log = StringIO.new
+      old = TaskerCore.logger
+      TaskerCore.logger = Logger.new(log)
+      curve.reset_warning!
+      config = TaskerCore::Config.load(overrides: { zeromq: { batch_endpoint: "tcp://0.0.0.0:5555" } })
+      expect(curve.handle_options(config)).not_to include(:curve_secret_key)
+      curve.handle_options(config)
+      expect(log.string.scan("without CURVE").size).to eq(1)
+      expect(log.string).to include("tcp://0.0.0.0:5555")
+    ensure
+      TaskerCore.logger = old
+      curve.reset_warning!
+    end
+
+    it "stays quiet for loopback, ipc and inproc endpoints" do
+      expect(%w[tcp://127.0.0.1:1 tcp://localhost:2 tcp://[::1]:3 ipc:///tmp/x inproc://y]
+               .map { |e| curve.loopback_endpoint?(e) }).to all(be(true))
+      expect(%w[tcp://*:1 tcp://0.0.0.0:1 tcp://10.0.0.5:1 tcp://eth0:1].map { |e| curve.loopback_endpoint?(e) }).to all(be(false))
+    end
+  end
+end
