@@ -187,12 +187,17 @@ RSpec.describe "durable orchestration", :db, :no_valgrind do
 
     it "never dispatches a step attempt twice with two orchestrators on one database" do
       use_templates(template("chain", [echo("a"), echo("b", ["a"]), echo("c", ["b"])]))
-      ids = Array.new(150) { |i| TaskerCore.create_task(name: "chain", context: { "n" => i }) }
       2.times do
         batch_ep, result_ep = endpoints
         spawn_orchestrator(db_url, batch_ep, result_ep, lease_ms: 5000)
         spawn_durable_worker(batch_ep, result_ep, concurrency: 10)
       end
+      # Both orchestrators have a live worker before any work exists, so
+      # both are polling for it when it arrives.
+      wait_until(timeout: 30, message: "a live worker on each orchestrator") do
+        conn.exec("SELECT count(DISTINCT owner) AS n FROM tasker_workers WHERE connected").first["n"] == 2
+      end
+      ids = Array.new(150) { |i| TaskerCore.create_task(name: "chain", context: { "n" => i }) }
       wait_for_tasks(conn, ids, timeout: 60)
       dup = conn.exec(<<~SQL).to_a
         SELECT step_id, attempt FROM tasker_workflow_step_transitions WHERE to_state IN ('enqueued', 'in_progress')

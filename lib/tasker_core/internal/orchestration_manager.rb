@@ -10,17 +10,6 @@ module TaskerCore
     # handle on first use); the parent's handle is left alone in the child,
     # where using it would raise ForkSafetyError and GC only forgets it.
     class OrchestrationManager
-      # Used until TaskerCore.config exists, and for keys it lacks.
-      DEFAULTS = {
-        "enabled" => true,
-        "batch_endpoint" => "tcp://127.0.0.1:5555",
-        "result_endpoint" => "tcp://127.0.0.1:5556",
-        "send_hwm" => 1000,
-        "recv_hwm" => 1000,
-        "linger_ms" => 1000,
-        "heartbeat_timeout_ms" => 5000
-      }.freeze
-
       @instance = nil
       @instance_pid = nil
       @lock = Mutex.new
@@ -102,9 +91,10 @@ module TaskerCore
         !handle.nil? && !handle.closed? && handle.orchestrating?
       end
 
-      # The keyword arguments OrchestrationHandle.new gets.
+      # The keyword arguments OrchestrationHandle.new gets, from zeromq.* in
+      # TaskerCore.config.
       def handle_options
-        zeromq = zeromq_config
+        zeromq = TaskerCore.config.zeromq
         {
           enabled: zeromq.fetch("enabled"),
           batch_endpoint: zeromq.fetch("batch_endpoint"),
@@ -120,14 +110,9 @@ module TaskerCore
 
       # CURVE keys, allow-list and message limits (docs/security.md).
       def security_options
-        return {} unless TaskerCore.respond_to?(:config) && zeromq_config.fetch("enabled")
+        return {} unless TaskerCore.config.dig("zeromq", "enabled")
 
         TaskerCore::Curve.handle_options(TaskerCore.config)
-      end
-
-      def zeromq_config
-        configured = TaskerCore.respond_to?(:config) ? TaskerCore.config.dig("zeromq") : nil
-        DEFAULTS.merge((configured || {}).to_h.transform_keys(&:to_s).slice(*DEFAULTS.keys))
       end
 
       # The instance itself may have crossed a fork when someone kept a

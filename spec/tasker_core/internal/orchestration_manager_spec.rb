@@ -2,17 +2,17 @@
 
 RSpec.describe TaskerCore::Internal::OrchestrationManager do
   let(:manager) { described_class.instance }
-  let(:options) { { batch_endpoint: "tcp://127.0.0.1:*", result_endpoint: "tcp://127.0.0.1:*", linger_ms: 0 } }
-
-  # Configuration comes from TaskerCore.config once the config branch is in;
-  # here the options are pinned so the specs bind free ports.
+  # Free ports, through the configuration the manager reads.
   before do
     manager.reset!
-    opts = manager.handle_options.merge(options)
-    allow(manager).to receive(:handle_options).and_return(opts)
+    TaskerCore.configure(overrides: { zeromq: { batch_endpoint: "tcp://127.0.0.1:*",
+                                                result_endpoint: "tcp://127.0.0.1:*", linger_ms: 0 } })
   end
 
-  after { manager.reset! }
+  after do
+    manager.reset!
+    TaskerCore.reset_config!
+  end
 
   it "is one instance per process" do
     expect(described_class.instance).to be(manager)
@@ -34,12 +34,14 @@ RSpec.describe TaskerCore::Internal::OrchestrationManager do
     expect(manager.orchestration_handle).not_to be(first)
   end
 
-  it "reads zeromq settings with built-in defaults for what config lacks" do
+  it "builds the handle's options from the zeromq section of the configuration" do
     opts = described_class.new.handle_options
-    expect(opts.keys).to contain_exactly(:enabled, :batch_endpoint, :result_endpoint, :send_hwm, :recv_hwm,
-                                         :linger_ms, :heartbeat_timeout_ms)
-    expect(opts[:heartbeat_timeout_ms]).to be_a(Integer)
-    expect(opts[:batch_endpoint]).to start_with("tcp://")
+    zeromq = TaskerCore.config.zeromq
+    expect(opts).to include(enabled: zeromq["enabled"], batch_endpoint: zeromq["batch_endpoint"],
+                            result_endpoint: zeromq["result_endpoint"], send_hwm: zeromq["send_hwm"],
+                            recv_hwm: zeromq["recv_hwm"], linger_ms: zeromq["linger_ms"],
+                            heartbeat_timeout_ms: zeromq["heartbeat_timeout_ms"],
+                            max_message_bytes: zeromq["max_message_bytes"])
   end
 
   it "gives a forked child a fresh manager and leaves the parent's handle alone", :spawns do
