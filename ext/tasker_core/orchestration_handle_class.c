@@ -13,6 +13,7 @@
 
 #include "codec.h"
 #include "orchestration_handle.h"
+#include "orchestration_loop.h"
 
 static VALUE cHandle;
 
@@ -28,7 +29,34 @@ typedef struct oh_wrap {
     int closed;
     unsigned logged; /* bad reasons already logged, one bit each */
     size_t reported_memory;
+    /* The native loop; kept after it stops so its stats stay readable. */
+    tc_loop *loop;
 } oh_wrap;
+
+static int orchestrating(const oh_wrap *w)
+{
+    return w->loop && tc_loop_running(w->loop) && w->pid == getpid();
+}
+
+/* While the loop runs it is the sockets' only user. */
+static void raise_if_orchestrating(oh_wrap *w, const char *what)
+{
+    if (orchestrating(w))
+        rb_raise(tc_eError, "%s: the orchestration loop owns the sockets (stop_orchestration first)", what);
+}
+
+/* Stops a running loop from a finalizer or close: no GVL release, no raise.
+ * The loop needs no Ruby, so joining with the GVL held cannot deadlock. */
+static void stop_loop_now(oh_wrap *w)
+{
+    if (!w->loop) return;
+    /* A forked child has no such thread: never join or touch it. */
+    if (w->pid != getpid()) return;
+    if (tc_loop_running(w->loop)) {
+        tc_loop_request_stop(w->loop);
+        tc_loop_join(w->loop, -1, NULL);
+    }
+}
 
 static size_t core_memory(const tc_oh *h)
 {
@@ -61,6 +89,8 @@ static void oh_mark(void *p)
 static void oh_free(void *p)
 {
     oh_wrap *w = p;
+    stop_loop_now(w);
+    if (w->loop && w->pid == getpid()) tc_loop_free(w->loop);
     /* In a forked child tc_oh_close only forgets the parent's sockets. */
     if (w->initialized && !w->closed) tc_oh_close(&w->core);
     if (w->reported_memory) rb_gc_adjust_memory_usage(-(ssize_t)w->reported_memory);
@@ -311,32 +341,66 @@ static VALUE worker_hash(const tc_oh_worker *wk)
  * results read meanwhile stay queued for receive_results. */
 static VALUE oh_workers(VALUE self)
 {
-    oh_wrap *w = oh_get(self);
+    oh_wrap *w = oh_get_any(self);
+    /* Any thread may read the table while the loop owns the sockets. */
+    if (!orchestrating(w)) w = oh_get(self);
     VALUE ary = rb_ary_new();
     if (!w->enabled) return ary;
+    if (orchestrating(w)) {
+        /* The loop keeps the table current; copy it under its lock (no
+         * Ruby allocation while holding it). */
+        tc_loop_lock(w->loop);
+        size_t n = 0;
+        for (size_t i = 0; i < w->core.nworkers; i++) n += tc_oh_worker_live(&w->core.workers[i]);
+        tc_oh_worker *copy = n ? malloc(n * sizeof(*copy)) : NULL;
+        size_t k = 0;
+        if (copy)
+            for (size_t i = 0; i < w->core.nworkers; i++)
+                if (tc_oh_worker_live(&w->core.workers[i])) {
+                    copy[k] = w->core.workers[i];
+                    copy[k].slots = NULL;
+                    k++;
+                }
+        tc_loop_unlock(w->loop);
+        for (size_t i = 0; i < k; i++) rb_ary_push(ary, worker_hash(&copy[i]));
+        free(copy);
+        return ary;
+    }
     poll_or_raise(w);
     for (size_t i = 0; i < w->core.nworkers; i++)
         if (tc_oh_worker_live(&w->core.workers[i])) rb_ary_push(ary, worker_hash(&w->core.workers[i]));
     return ary;
 }
 
-static VALUE socket_counters(const tc_socket *s)
+static VALUE socket_counters(const tc_socket_counters *c)
 {
     VALUE h = rb_hash_new();
-    rb_hash_aset(h, ID2SYM(rb_intern("messages_sent")), ULL2NUM(s->counters.messages_sent));
-    rb_hash_aset(h, ID2SYM(rb_intern("bytes_sent")), ULL2NUM(s->counters.bytes_sent));
-    rb_hash_aset(h, ID2SYM(rb_intern("messages_received")), ULL2NUM(s->counters.messages_received));
-    rb_hash_aset(h, ID2SYM(rb_intern("bytes_received")), ULL2NUM(s->counters.bytes_received));
-    rb_hash_aset(h, ID2SYM(rb_intern("send_dropped")), ULL2NUM(s->counters.send_dropped));
+    rb_hash_aset(h, ID2SYM(rb_intern("messages_sent")), ULL2NUM(c->messages_sent));
+    rb_hash_aset(h, ID2SYM(rb_intern("bytes_sent")), ULL2NUM(c->bytes_sent));
+    rb_hash_aset(h, ID2SYM(rb_intern("messages_received")), ULL2NUM(c->messages_received));
+    rb_hash_aset(h, ID2SYM(rb_intern("bytes_received")), ULL2NUM(c->bytes_received));
+    rb_hash_aset(h, ID2SYM(rb_intern("send_dropped")), ULL2NUM(c->send_dropped));
     return h;
 }
 
 #define SYM(s) ID2SYM(rb_intern(s))
 
+static VALUE loop_stats_hash(tc_loop *l);
+
 static VALUE oh_stats(VALUE self)
 {
     oh_wrap *w = oh_get_any(self);
-    const tc_oh_stats *st = &w->core.stats;
+    tc_oh_stats copy;
+    tc_socket_counters bc = w->core.batch.counters, rc = w->core.result.counters;
+    int locked = orchestrating(w);
+    if (locked) {
+        tc_loop_lock(w->loop);
+        bc = w->core.batch.counters;
+        rc = w->core.result.counters;
+    }
+    copy = w->core.stats;
+    if (locked) tc_loop_unlock(w->loop);
+    const tc_oh_stats *st = &copy;
     VALUE h = rb_hash_new(), results = rb_hash_new(), bad = rb_hash_new();
     rb_hash_aset(h, SYM("batches_published"), ULL2NUM(st->batches_published));
     rb_hash_aset(h, SYM("steps_published"), ULL2NUM(st->steps_published));
@@ -354,8 +418,13 @@ static VALUE oh_stats(VALUE self)
     for (int r = 0; r < TC_OH_BAD_COUNT; r++)
         rb_hash_aset(bad, SYM(tc_oh_bad_reason_name((tc_oh_bad_reason)r)), ULL2NUM(st->bad[r]));
     rb_hash_aset(h, SYM("bad_messages"), bad);
-    rb_hash_aset(h, SYM("batch_socket"), socket_counters(&w->core.batch));
-    rb_hash_aset(h, SYM("result_socket"), socket_counters(&w->core.result));
+    rb_hash_aset(h, SYM("batch_socket"), socket_counters(&bc));
+    rb_hash_aset(h, SYM("result_socket"), socket_counters(&rc));
+    if (w->loop && w->pid == getpid()) {
+        VALUE ls = loop_stats_hash(w->loop);
+        rb_hash_aset(h, str_lit("loop"), ls);
+        rb_hash_aset(h, SYM("loop"), ls);
+    }
     return h;
 }
 
@@ -419,7 +488,9 @@ static VALUE oh_publish_batch(int argc, VALUE *argv, VALUE self)
         rb_get_kwargs(opts, &id_timeout, 0, 1, &v);
         if (v != Qundef) tmo = v;
     }
-    oh_wrap *w = oh_get(self);
+    oh_wrap *w = oh_get_any(self);
+    raise_if_orchestrating(w, "publish_batch");
+    w = oh_get(self);
     if (!w->enabled)
         rb_raise(tc_eConfigurationError, "ZeroMQ is disabled (zeromq.enabled is false): no batch can be published");
     long timeout_ms = kw_long(tmo, "timeout_ms", 0, 0);
@@ -574,7 +645,9 @@ static VALUE oh_receive_results(int argc, VALUE *argv, VALUE self)
         rb_get_kwargs(opts, &id_timeout, 0, 1, &v);
         if (v != Qundef) tmo = v;
     }
-    oh_wrap *w = oh_get(self);
+    oh_wrap *w = oh_get_any(self);
+    raise_if_orchestrating(w, "receive_results");
+    w = oh_get(self);
     if (!w->enabled) return rb_ary_new();
     int forever = NIL_P(tmo);
     long timeout_ms = kw_long(tmo, "timeout_ms", 0, 0);
@@ -601,12 +674,171 @@ static VALUE oh_close(VALUE self)
 {
     oh_wrap *w = oh_get_any(self);
     if (w->closed) return Qnil;
-    if (w->pid == getpid() && w->owner != rb_thread_current())
+    if (w->pid == getpid() && w->owner != rb_thread_current() && !orchestrating(w))
         rb_raise(tc_eThreadOwnershipError, "orchestration handle closed from a thread other than its owner");
+    if (orchestrating(w)) rb_funcall(self, rb_intern("stop_orchestration"), 0);
     w->closed = 1;
     if (w->enabled) tc_oh_close(&w->core);
     sync_memory(w);
     return Qnil;
+}
+
+/* ---- the native orchestration loop ------------------------------------------ */
+
+static VALUE loop_stats_hash(tc_loop *l)
+{
+    tc_loop_stats st;
+    tc_loop_stats_snapshot(l, &st);
+    VALUE h = rb_hash_new();
+#define LS(name, v) rb_hash_aset(h, str_lit(name), ULL2NUM(v))
+    LS("claimed", st.claimed);
+    LS("dispatched", st.dispatched);
+    LS("completed", st.completed);
+    LS("failed", st.failed);
+    LS("retried", st.retried);
+    LS("redispatched", st.redispatched);
+    LS("released", st.released);
+    LS("timed_out", st.timed_out);
+    LS("stale_results", st.stale_results);
+    LS("applied_results", st.applied_results);
+    LS("results_dropped", st.results_dropped);
+    LS("bad_results", st.bad_results);
+    LS("pending_results", st.pending_results);
+    LS("db_reconnects", st.db_reconnects);
+    LS("db_errors", st.db_errors);
+    LS("claim_calls", st.claim_calls);
+    LS("apply_calls", st.apply_calls);
+    LS("loop_iterations", st.iterations);
+    LS("loop_latency_us_last", st.latency_last_us);
+    LS("loop_latency_us_max", st.latency_max_us);
+    LS("loop_latency_us_p50", st.latency_p50_us);
+    LS("loop_latency_us_p99", st.latency_p99_us);
+#undef LS
+    rb_hash_aset(h, str_lit("loop_latency_us_avg"), DBL2NUM(st.latency_avg_us));
+    rb_hash_aset(h, str_lit("db_connected"), st.db_connected ? Qtrue : Qfalse);
+    rb_hash_aset(h, str_lit("running"), tc_loop_running(l) ? Qtrue : Qfalse);
+    rb_hash_aset(h, str_lit("last_db_error"), st.last_db_error[0] ? str_lit(st.last_db_error) : Qnil);
+    return h;
+}
+
+struct connect_arg {
+    tc_loop *loop;
+    int rc;
+    char err[1024];
+};
+
+static void *connect_nogvl(void *p)
+{
+    struct connect_arg *a = p;
+    a->rc = tc_loop_connect(a->loop, a->err, sizeof(a->err));
+    return NULL;
+}
+
+/*
+ * _start_orchestration(database_url, owner, batch_size, lease_ms, poll_interval_ms) -> self
+ * (start_orchestration in lib/tasker_core/orchestration_loop.rb fills in
+ * the defaults.) Connects first, so a bad URL raises StoreError here
+ * rather than retrying forever in the thread.
+ */
+static VALUE oh_start_orchestration(VALUE self, VALUE url, VALUE owner, VALUE batch_size, VALUE lease_ms,
+                                    VALUE poll_ms)
+{
+    oh_wrap *w = oh_get(self);
+    if (!w->enabled)
+        rb_raise(tc_eConfigurationError, "ZeroMQ is disabled (zeromq.enabled is false): nothing to orchestrate");
+    if (orchestrating(w)) rb_raise(tc_eError, "the orchestration loop is already running");
+    StringValueCStr(url);
+    StringValueCStr(owner);
+    if (RSTRING_LEN(owner) == 0 || RSTRING_LEN(owner) > TC_LOOP_OWNER_MAX)
+        rb_raise(rb_eArgError, "owner must be 1..%d bytes", TC_LOOP_OWNER_MAX);
+    tc_loop_config cfg = {
+        .conninfo = RSTRING_PTR(url),
+        .owner = RSTRING_PTR(owner),
+        .batch_size = (int)kw_long(batch_size, "batch_size", 100, 1),
+        .lease_ms = (int)kw_long(lease_ms, "lease_ms", 10000, 0),
+        .poll_interval_ms = (int)kw_long(poll_ms, "poll_interval_ms", 50, 1),
+    };
+    if (w->loop) {
+        tc_loop_free(w->loop);
+        w->loop = NULL;
+    }
+    char err[512];
+    tc_loop *l = tc_loop_new(&w->core, &cfg, err, sizeof(err));
+    if (!l) rb_raise(tc_eError, "%s", err);
+    struct connect_arg a = {.loop = l};
+    rb_thread_call_without_gvl(connect_nogvl, &a, RUBY_UBF_IO, NULL);
+    if (a.rc != 0) {
+        tc_loop_free(l);
+        rb_raise(tc_eStoreError, "orchestration loop could not connect: %s", a.err);
+    }
+    if (tc_loop_start(l, err, sizeof(err)) != 0) {
+        tc_loop_free(l);
+        rb_raise(tc_eError, "%s", err);
+    }
+    w->loop = l;
+    RB_GC_GUARD(url);
+    RB_GC_GUARD(owner);
+    return self;
+}
+
+struct join_arg {
+    tc_loop *loop;
+    long timeout_ms;
+    volatile int interrupted;
+    int rc;
+};
+
+static void *join_nogvl(void *p)
+{
+    struct join_arg *a = p;
+    a->rc = tc_loop_join(a->loop, a->timeout_ms, &a->interrupted);
+    return NULL;
+}
+
+/* Ctrl-C / Thread#kill: stop asking to wait; the loop was already told to stop. */
+static void join_ubf(void *p)
+{
+    struct join_arg *a = p;
+    a->interrupted = 1;
+    tc_loop_request_stop(a->loop);
+}
+
+/*
+ * stop_orchestration(timeout_ms: 10_000) -> true
+ * Stops the loop (it writes back the results it has, and releases the steps
+ * still out with workers) and joins it with the GVL released; the sockets
+ * then belong to the calling thread. Raises TaskerCore::Error when the loop
+ * did not stop in time (it keeps stopping; call again to wait more).
+ */
+static VALUE oh_stop_orchestration(int argc, VALUE *argv, VALUE self)
+{
+    VALUE opts, tmo = Qundef;
+    rb_scan_args(argc, argv, ":", &opts);
+    if (!NIL_P(opts)) {
+        static ID id_timeout;
+        if (!id_timeout) id_timeout = rb_intern("timeout_ms");
+        rb_get_kwargs(opts, &id_timeout, 0, 1, &tmo);
+    }
+    oh_wrap *w = oh_get_any(self);
+    if (w->pid != getpid())
+        rb_raise(tc_eForkSafetyError, "the orchestration loop belongs to process %ld, not this forked child",
+                 (long)w->pid);
+    long timeout_ms = kw_long(tmo, "timeout_ms", 10000, 0);
+    if (!orchestrating(w)) return Qtrue;
+    struct join_arg a = {.loop = w->loop, .timeout_ms = timeout_ms};
+    tc_loop_request_stop(w->loop);
+    rb_thread_call_without_gvl(join_nogvl, &a, join_ubf, &a);
+    if (a.rc != 0) {
+        rb_thread_check_ints();
+        rb_raise(tc_eError, "the orchestration loop did not stop within %ld ms", timeout_ms);
+    }
+    w->owner = rb_thread_current();
+    return Qtrue;
+}
+
+static VALUE oh_orchestrating_p(VALUE self)
+{
+    return orchestrating(oh_get_any(self)) ? Qtrue : Qfalse;
 }
 
 void tc_init_orchestration_handle(void)
@@ -624,4 +856,7 @@ void tc_init_orchestration_handle(void)
     rb_define_method(cHandle, "close", oh_close, 0);
     rb_define_method(cHandle, "closed?", oh_closed_p, 0);
     rb_define_const(cHandle, "MAX_BATCH_ID_BYTES", INT2FIX(TC_OH_BATCH_ID_MAX));
+    rb_define_private_method(cHandle, "_start_orchestration", oh_start_orchestration, 5);
+    rb_define_method(cHandle, "stop_orchestration", oh_stop_orchestration, -1);
+    rb_define_method(cHandle, "orchestrating?", oh_orchestrating_p, 0);
 }

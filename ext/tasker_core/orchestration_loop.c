@@ -1,0 +1,1045 @@
+/*
+ * orchestration_loop.c: the native orchestration loop (see
+ * orchestration_loop.h). One iteration: read what the sockets have
+ * (results, heartbeats, subscriptions) through the handle core, write the
+ * results back with one tasker_apply_results call, release the steps of
+ * lost workers, claim as many ready steps as the live workers have room
+ * for, send them as batches, then mark them dispatched with one call.
+ * Messages are hints; PostgreSQL decides: every statement is keyed on
+ * (step, attempt), so a result applied twice or late changes nothing.
+ */
+#include "orchestration_loop.h"
+
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <msgpack.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "protocol.h"
+#include "store.h"
+
+typedef struct pending_result {
+    int64_t step_id;
+    int64_t attempt;
+    int success, retryable;
+    int64_t retry_after_ms; /* -1: none */
+    char *output, *error;   /* msgpack bytes, malloc'd; NULL = SQL NULL */
+    size_t output_len, error_len;
+} pending_result;
+
+typedef struct step_pair {
+    int64_t step_id;
+    int64_t attempt;
+} step_pair;
+
+typedef struct pair_list {
+    step_pair *v;
+    size_t n, cap;
+} pair_list;
+
+/* A growable text buffer for array literals; oom sticks. */
+typedef struct sbuf {
+    char *p;
+    size_t len, cap;
+    int oom;
+} sbuf;
+
+struct tc_loop {
+    tc_oh *oh;
+    pthread_mutex_t mu;
+    pthread_t thread;
+    int started, joined;
+    atomic_int stop;
+    int wake[2];
+
+    char *conninfo;
+    char owner[TC_LOOP_OWNER_MAX + 1];
+    int batch_size, lease_ms, poll_interval_ms, housekeeping_interval_ms;
+    size_t max_pending;
+
+    tc_store db;
+    int db_up, ever_connected, listening;
+    long backoff_ms;
+    int64_t next_connect_ms, next_housekeeping_ms;
+    int apply_failures;
+
+    pending_result *results;
+    size_t nresults, results_cap;
+    pair_list lost;    /* in flight on a lost worker: release, count as redispatched */
+    pair_list unsent;  /* claimed but not sent: release, count as released */
+    size_t rotate;
+
+    tc_loop_stats st; /* under mu */
+    uint64_t lat_ring[TC_LOOP_LATENCY_RING];
+    uint64_t lat_total_us;
+};
+
+/* ---- small helpers ------------------------------------------------------ */
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static uint64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+static double wall_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void sb_reserve(sbuf *b, size_t more)
+{
+    if (b->oom || b->len + more + 1 <= b->cap) return;
+    size_t nc = b->cap ? b->cap : 256;
+    while (nc < b->len + more + 1) nc *= 2;
+    char *p = realloc(b->p, nc);
+    if (!p) {
+        b->oom = 1;
+        return;
+    }
+    b->p = p;
+    b->cap = nc;
+}
+
+static void sb_put(sbuf *b, const char *s, size_t n)
+{
+    sb_reserve(b, n);
+    if (b->oom) return;
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+static void sb_puts(sbuf *b, const char *s)
+{
+    sb_put(b, s, strlen(s));
+}
+
+static void sb_printf(sbuf *b, const char *fmt, long long v)
+{
+    char tmp[32];
+    int n = snprintf(tmp, sizeof(tmp), fmt, v);
+    sb_put(b, tmp, (size_t)n);
+}
+
+static void sb_reset(sbuf *b)
+{
+    b->len = 0;
+    b->oom = 0;
+    if (b->p) b->p[0] = '\0';
+}
+
+static void sb_free(sbuf *b)
+{
+    free(b->p);
+    memset(b, 0, sizeof(*b));
+}
+
+/* An element of a bytea[] literal: "\\x<hex>" (the array parser eats one
+ * level of backslashes, bytea input reads the \x form). */
+static void sb_bytea_elem(sbuf *b, const char *p, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    if (!p) {
+        sb_puts(b, "NULL");
+        return;
+    }
+    sb_reserve(b, 2 * n + 6);
+    if (b->oom) return;
+    char *o = b->p + b->len;
+    *o++ = '"';
+    *o++ = '\\';
+    *o++ = '\\';
+    *o++ = 'x';
+    for (size_t i = 0; i < n; i++) {
+        *o++ = hex[(unsigned char)p[i] >> 4];
+        *o++ = hex[(unsigned char)p[i] & 15];
+    }
+    *o++ = '"';
+    b->len = (size_t)(o - b->p);
+    b->p[b->len] = '\0';
+}
+
+/* An element of a text[] literal, always quoted (an unquoted NULL would be
+ * read as SQL NULL). */
+static void sb_text_elem(sbuf *b, const char *p, size_t n)
+{
+    sb_put(b, "\"", 1);
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] == '"' || p[i] == '\\') sb_put(b, "\\", 1);
+        sb_put(b, &p[i], 1);
+    }
+    sb_put(b, "\"", 1);
+}
+
+static int pairs_push(pair_list *l, int64_t step_id, int64_t attempt)
+{
+    if (l->n == l->cap) {
+        size_t nc = l->cap ? l->cap * 2 : 64;
+        step_pair *v = realloc(l->v, nc * sizeof(*v));
+        if (!v) return -1;
+        l->v = v;
+        l->cap = nc;
+    }
+    l->v[l->n].step_id = step_id;
+    l->v[l->n].attempt = attempt;
+    l->n++;
+    return 0;
+}
+
+static void pairs_literals(const pair_list *l, sbuf *ids, sbuf *attempts)
+{
+    sb_reset(ids);
+    sb_reset(attempts);
+    sb_puts(ids, "{");
+    sb_puts(attempts, "{");
+    for (size_t i = 0; i < l->n; i++) {
+        sb_printf(ids, i ? ",%lld" : "%lld", (long long)l->v[i].step_id);
+        sb_printf(attempts, i ? ",%lld" : "%lld", (long long)l->v[i].attempt);
+    }
+    sb_puts(ids, "}");
+    sb_puts(attempts, "}");
+}
+
+static void result_free(pending_result *r)
+{
+    free(r->output);
+    free(r->error);
+}
+
+/* ---- the database connection --------------------------------------------- */
+
+static void note_db_error(tc_loop *l, const char *what)
+{
+    pthread_mutex_lock(&l->mu);
+    l->st.db_errors++;
+    snprintf(l->st.last_db_error, sizeof(l->st.last_db_error), "%s: %s", what, l->db.err);
+    pthread_mutex_unlock(&l->mu);
+}
+
+/* After a failed statement: a lost connection is closed and retried with
+ * backoff; anything else is only counted. Returns non-zero when the
+ * connection was lost. */
+static int db_failed(tc_loop *l, const char *what)
+{
+    note_db_error(l, what);
+    if (tc_store_ok(&l->db)) return 0;
+    tc_store_close(&l->db);
+    l->db_up = 0;
+    l->listening = 0;
+    l->backoff_ms = 50;
+    l->next_connect_ms = mono_ms() + l->backoff_ms;
+    pthread_mutex_lock(&l->mu);
+    l->st.db_connected = 0;
+    pthread_mutex_unlock(&l->mu);
+    return 1;
+}
+
+static int db_connect(tc_loop *l)
+{
+    if (tc_store_connect(&l->db, l->conninfo, 2, NULL) != 0) return -1;
+    /* Task creation and releases notify; hearing it wakes the loop at
+     * once instead of at the next poll interval. Polling still works
+     * without it (PgBouncer in transaction mode drops LISTEN). */
+    PGresult *r = tc_store_exec(&l->db, "LISTEN tasker_steps_ready", 0, NULL, NULL, NULL);
+    l->listening = r != NULL;
+    PQclear(r);
+    l->db_up = 1;
+    pthread_mutex_lock(&l->mu);
+    if (l->ever_connected) l->st.db_reconnects++;
+    l->st.db_connected = 1;
+    pthread_mutex_unlock(&l->mu);
+    l->ever_connected = 1;
+    l->backoff_ms = 50;
+    return 0;
+}
+
+static void ensure_db(tc_loop *l)
+{
+    if (l->db_up || mono_ms() < l->next_connect_ms) return;
+    if (db_connect(l) == 0) return;
+    note_db_error(l, "reconnect");
+    l->backoff_ms = l->backoff_ms * 2 > 2000 ? 2000 : l->backoff_ms * 2;
+    l->next_connect_ms = mono_ms() + l->backoff_ms;
+}
+
+static PGresult *exec_text(tc_loop *l, const char *sql, int n, const char *const *vals)
+{
+    return tc_store_exec(&l->db, sql, n, vals, NULL, NULL);
+}
+
+/* ---- results in, results out --------------------------------------------- */
+
+static void count_bad(tc_loop *l, tc_proto_err e, const char *detail)
+{
+    pthread_mutex_lock(&l->mu);
+    l->st.bad_results++;
+    pthread_mutex_unlock(&l->mu);
+    (void)e;
+    (void)detail;
+}
+
+static int copy_packed(const msgpack_object *obj, char **out, size_t *len)
+{
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    if (tc_proto_pack_object(&sb, obj) != 0) {
+        msgpack_sbuffer_destroy(&sb);
+        return -1;
+    }
+    *out = sb.data; /* ownership moves to the pending result */
+    *len = sb.size;
+    return 0;
+}
+
+static void take_result(tc_loop *l, const tc_oh_event *ev)
+{
+    msgpack_unpacked u;
+    tc_proto_msg m;
+    char detail[160];
+    msgpack_unpacked_init(&u);
+    tc_proto_err e = tc_proto_parse(&u, ev->body, ev->len, &m, detail, sizeof(detail));
+    if (e != TC_PROTO_OK) {
+        count_bad(l, e, detail);
+        goto done;
+    }
+    if (m.type != TC_PROTO_PARTIAL_RESULT) goto done; /* completions only free credit, in the core */
+    if (l->nresults >= l->max_pending) {
+        /* PostgreSQL has been away long: the claim deadline re-dispatches these. */
+        pthread_mutex_lock(&l->mu);
+        l->st.results_dropped++;
+        pthread_mutex_unlock(&l->mu);
+        goto done;
+    }
+    if (l->nresults == l->results_cap) {
+        size_t nc = l->results_cap ? l->results_cap * 2 : 256;
+        pending_result *v = realloc(l->results, nc * sizeof(*v));
+        if (!v) goto done;
+        l->results = v;
+        l->results_cap = nc;
+    }
+    pending_result r = {.step_id = m.step_id, .attempt = m.attempt, .success = m.success,
+                        .retryable = m.retryable, .retry_after_ms = m.retry_after_ms};
+    if (m.success) {
+        if (copy_packed(m.output, &r.output, &r.output_len) != 0) goto done;
+    } else if (copy_packed(m.error, &r.error, &r.error_len) != 0) {
+        goto done;
+    }
+    l->results[l->nresults++] = r;
+done:
+    msgpack_unpacked_destroy(&u);
+}
+
+/* Drains the core's event queue (mu held). */
+static void drain_events(tc_loop *l)
+{
+    tc_oh_event *ev;
+    while ((ev = tc_oh_event_peek(l->oh)) != NULL) {
+        if (ev->kind == TC_OH_EV_LOST) {
+            for (size_t i = 0; i < ev->n_in_flight; i++)
+                pairs_push(&l->lost, ev->in_flight[i].step_id, ev->in_flight[i].attempt);
+        } else {
+            take_result(l, ev);
+        }
+        tc_oh_event_pop(l->oh);
+    }
+    l->st.pending_results = l->nresults;
+}
+
+static int release_pairs(tc_loop *l, pair_list *pl, uint64_t *counter)
+{
+    if (!pl->n || !l->db_up) return 0;
+    sbuf ids = {0}, att = {0};
+    pairs_literals(pl, &ids, &att);
+    const char *vals[2] = {ids.p, att.p};
+    int rc = -1;
+    if (!ids.oom && !att.oom) {
+        PGresult *r = exec_text(l, "SELECT tasker_release_steps($1::bigint[], $2::int[])", 2, vals);
+        if (r) {
+            long n = atol(PQgetvalue(r, 0, 0));
+            PQclear(r);
+            pthread_mutex_lock(&l->mu);
+            *counter += (uint64_t)n;
+            pthread_mutex_unlock(&l->mu);
+            pl->n = 0;
+            rc = 0;
+        } else if (!db_failed(l, "tasker_release_steps")) {
+            pl->n = 0; /* not a connection problem: the deadline requeues them */
+        }
+    }
+    sb_free(&ids);
+    sb_free(&att);
+    return rc;
+}
+
+/* One tasker_apply_results call for everything pending. */
+static int apply_results(tc_loop *l)
+{
+    if (!l->nresults || !l->db_up) return 0;
+    sbuf b[7] = {{0}};
+    for (int i = 0; i < 7; i++) sb_puts(&b[i], "{");
+    uint64_t ok = 0, bad = 0, retry = 0;
+    for (size_t i = 0; i < l->nresults; i++) {
+        const pending_result *r = &l->results[i];
+        const char *sep = i ? "," : "";
+        for (int k = 0; k < 7; k++) sb_puts(&b[k], sep);
+        sb_printf(&b[0], "%lld", (long long)r->step_id);
+        sb_printf(&b[1], "%lld", (long long)r->attempt);
+        sb_puts(&b[2], r->success ? "t" : "f");
+        sb_bytea_elem(&b[3], r->output, r->output_len);
+        sb_bytea_elem(&b[4], r->error, r->error_len);
+        sb_puts(&b[5], r->retryable ? "t" : "f");
+        if (r->retry_after_ms >= 0)
+            sb_printf(&b[6], "%lld", (long long)r->retry_after_ms);
+        else
+            sb_puts(&b[6], "NULL");
+        if (r->success)
+            ok++;
+        else {
+            bad++;
+            if (r->retryable) retry++;
+        }
+    }
+    int oom = 0;
+    for (int k = 0; k < 7; k++) {
+        sb_puts(&b[k], "}");
+        oom |= b[k].oom;
+    }
+    int rc = -1;
+    if (!oom) {
+        const char *vals[7];
+        for (int k = 0; k < 7; k++) vals[k] = b[k].p;
+        PGresult *r = exec_text(l,
+                                "SELECT applied, stale FROM tasker_apply_results($1::bigint[], $2::int[], "
+                                "$3::boolean[], $4::bytea[], $5::bytea[], $6::boolean[], $7::int[])",
+                                7, vals);
+        if (r) {
+            uint64_t applied = (uint64_t)atoll(PQgetvalue(r, 0, 0));
+            uint64_t stale = (uint64_t)atoll(PQgetvalue(r, 0, 1));
+            PQclear(r);
+            pthread_mutex_lock(&l->mu);
+            l->st.apply_calls++;
+            l->st.applied_results += applied;
+            l->st.stale_results += stale;
+            /* The function reports totals only: when some were stale the
+             * split by outcome is what the workers reported. */
+            l->st.completed += ok;
+            l->st.failed += bad;
+            l->st.retried += retry;
+            pthread_mutex_unlock(&l->mu);
+            rc = 0;
+        } else if (!db_failed(l, "tasker_apply_results")) {
+            /* Deadlocks and serialization failures pass; anything else
+             * three times in a row would fail forever: drop the batch and
+             * let the claim deadline take those steps. */
+            if (strncmp(l->db.sqlstate, "40", 2) != 0 || ++l->apply_failures >= 3) {
+                pthread_mutex_lock(&l->mu);
+                l->st.results_dropped += l->nresults;
+                pthread_mutex_unlock(&l->mu);
+                rc = 0;
+            }
+        }
+    }
+    if (rc == 0) {
+        for (size_t i = 0; i < l->nresults; i++) result_free(&l->results[i]);
+        l->nresults = 0;
+        l->apply_failures = 0;
+    }
+    for (int k = 0; k < 7; k++) sb_free(&b[k]);
+    pthread_mutex_lock(&l->mu);
+    l->st.pending_results = l->nresults;
+    pthread_mutex_unlock(&l->mu);
+    return rc;
+}
+
+/* ---- claiming and dispatching -------------------------------------------- */
+
+static int64_t be64(const char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return (int64_t)be64toh(v);
+}
+
+static int32_t be32(const char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return (int32_t)be32toh(v);
+}
+
+/* A one-dimensional array in PostgreSQL's binary format. */
+typedef struct bin_array {
+    const char *p, *end;
+    int32_t n;
+} bin_array;
+
+static int array_open(bin_array *a, const char *p, int len)
+{
+    a->end = p + len;
+    a->n = 0;
+    if (len < 12) return -1;
+    int32_t ndim = be32(p);
+    if (ndim == 0) {
+        a->p = p + 12;
+        return 0;
+    }
+    if (ndim != 1 || len < 20) return -1;
+    a->n = be32(p + 12);
+    a->p = p + 20;
+    return 0;
+}
+
+/* Next element: 1 with *ptr/*len (*ptr NULL for SQL NULL), 0 at the end, -1 malformed. */
+static int array_next(bin_array *a, const char **ptr, int32_t *len)
+{
+    if (a->p >= a->end) return 0;
+    if (a->end - a->p < 4) return -1;
+    *len = be32(a->p);
+    a->p += 4;
+    if (*len < 0) {
+        *ptr = NULL;
+        return 1;
+    }
+    if (a->end - a->p < *len) return -1;
+    *ptr = a->p;
+    a->p += *len;
+    return 1;
+}
+
+static void pack_str(msgpack_packer *pk, const char *s, size_t n)
+{
+    msgpack_pack_str(pk, n);
+    msgpack_pack_str_body(pk, s, n);
+}
+
+static void pack_key(msgpack_packer *pk, const char *s)
+{
+    pack_str(pk, s, strlen(s));
+}
+
+/* Stored payloads are msgpack already: written straight into the body. */
+static void splice(msgpack_sbuffer *sb, msgpack_packer *pk, const char *p, size_t n)
+{
+    if (!p || n == 0)
+        msgpack_pack_nil(pk);
+    else
+        msgpack_sbuffer_write(sb, p, n);
+}
+
+/* Columns of the claim, binary format. */
+enum { C_STEP, C_TASK, C_NAME, C_HANDLER, C_CONFIG, C_ATTEMPT, C_TIMEOUT, C_CONTEXT, C_DEP_NAMES, C_DEP_OUTPUTS };
+
+static int pack_step(msgpack_sbuffer *sb, msgpack_packer *pk, const PGresult *res, int row)
+{
+    bin_array names, outs;
+    if (array_open(&names, PQgetvalue(res, row, C_DEP_NAMES), PQgetlength(res, row, C_DEP_NAMES)) < 0 ||
+        array_open(&outs, PQgetvalue(res, row, C_DEP_OUTPUTS), PQgetlength(res, row, C_DEP_OUTPUTS)) < 0 ||
+        names.n != outs.n)
+        return -1;
+    msgpack_pack_map(pk, 9);
+    pack_key(pk, "step_id");
+    msgpack_pack_int64(pk, be64(PQgetvalue(res, row, C_STEP)));
+    pack_key(pk, "task_id");
+    msgpack_pack_int64(pk, be64(PQgetvalue(res, row, C_TASK)));
+    pack_key(pk, "step_name");
+    pack_str(pk, PQgetvalue(res, row, C_NAME), (size_t)PQgetlength(res, row, C_NAME));
+    pack_key(pk, "handler");
+    pack_str(pk, PQgetvalue(res, row, C_HANDLER), (size_t)PQgetlength(res, row, C_HANDLER));
+    pack_key(pk, "handler_config");
+    splice(sb, pk, PQgetvalue(res, row, C_CONFIG), (size_t)PQgetlength(res, row, C_CONFIG));
+    pack_key(pk, "attempt");
+    msgpack_pack_int32(pk, be32(PQgetvalue(res, row, C_ATTEMPT)));
+    pack_key(pk, "timeout_ms");
+    msgpack_pack_int32(pk, be32(PQgetvalue(res, row, C_TIMEOUT)));
+    pack_key(pk, "context");
+    splice(sb, pk, PQgetvalue(res, row, C_CONTEXT), (size_t)PQgetlength(res, row, C_CONTEXT));
+    pack_key(pk, "dependency_results");
+    msgpack_pack_map(pk, (size_t)names.n);
+    for (int32_t i = 0; i < names.n; i++) {
+        const char *np, *op;
+        int32_t nl, ol;
+        if (array_next(&names, &np, &nl) != 1 || array_next(&outs, &op, &ol) != 1 || !np) return -1;
+        pack_str(pk, np, (size_t)nl);
+        splice(sb, pk, op, op ? (size_t)ol : 0);
+    }
+    return 0;
+}
+
+static int build_batch(msgpack_sbuffer *sb, const char *batch_id, const char *worker_id, const PGresult *res,
+                       int first, int n)
+{
+    msgpack_packer pk;
+    msgpack_sbuffer_clear(sb);
+    msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 6);
+    pack_key(&pk, "protocol_version");
+    msgpack_pack_int(&pk, TC_OH_PROTOCOL_VERSION);
+    pack_key(&pk, "type");
+    pack_key(&pk, "batch");
+    pack_key(&pk, "batch_id");
+    pack_key(&pk, batch_id);
+    pack_key(&pk, "worker_id");
+    pack_key(&pk, worker_id);
+    pack_key(&pk, "sent_at");
+    msgpack_pack_double(&pk, wall_s());
+    pack_key(&pk, "steps");
+    msgpack_pack_array(&pk, (size_t)n);
+    for (int i = first; i < first + n; i++)
+        if (pack_step(sb, &pk, res, i) < 0) return -1;
+    return 0;
+}
+
+static PGresult *claim(tc_loop *l, long limit)
+{
+    char lim[24], lease[24];
+    snprintf(lim, sizeof(lim), "%ld", limit);
+    snprintf(lease, sizeof(lease), "%d", l->lease_ms);
+    const char *vals[3] = {l->owner, lim, lease};
+    PGconn *c = l->db.conn;
+    if (PQisnonblocking(c)) PQsetnonblocking(c, 0);
+    /* Binary results: ids and attempts without parsing, bytea without
+     * unescaping, arrays as length-prefixed elements. */
+    PGresult *r = PQexecParams(c,
+                               "SELECT step_id, task_id, step_name, handler, handler_config, attempt, timeout_ms, "
+                               "context, dep_names, dep_outputs FROM tasker_claim_steps($1, $2::int, $3::int)",
+                               3, NULL, vals, NULL, NULL, 1);
+    if (r && PQresultStatus(r) == PGRES_TUPLES_OK && PQnfields(r) == 10) return r;
+    const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+    snprintf(l->db.sqlstate, sizeof(l->db.sqlstate), "%s", state ? state : "08006");
+    snprintf(l->db.err, sizeof(l->db.err), "%s", r ? PQresultErrorMessage(r) : PQerrorMessage(c));
+    PQclear(r);
+    return NULL;
+}
+
+/* Claims what the live workers have room for and sends it. Returns 1 when
+ * the claim was full (more may be ready), else 0. */
+static int claim_and_dispatch(tc_loop *l)
+{
+    long total_free = 0, live = 0;
+    pthread_mutex_lock(&l->mu);
+    for (size_t i = 0; i < l->oh->nworkers; i++) {
+        const tc_oh_worker *w = &l->oh->workers[i];
+        if (!tc_oh_worker_live(w) || w->capacity <= 0) continue;
+        live++;
+        long f = (long)(w->capacity - (int64_t)w->used);
+        if (f > 0) total_free += f;
+    }
+    pthread_mutex_unlock(&l->mu);
+    if (total_free <= 0) return 0;
+    long limit = (long)l->batch_size * live;
+    if (limit > total_free) limit = total_free;
+
+    PGresult *res = claim(l, limit);
+    if (!res) {
+        db_failed(l, "tasker_claim_steps");
+        return 0;
+    }
+    int n = PQntuples(res);
+    if (n == 0) {
+        PQclear(res);
+        return 0;
+    }
+
+    pair_list sent = {0};
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    int next = 0;
+    uint64_t batches = 0;
+    pthread_mutex_lock(&l->mu);
+    l->st.claimed += (uint64_t)n;
+    l->st.claim_calls++;
+    size_t nw = l->oh->nworkers;
+    /* Start at a rotating worker so small claims spread over the workers. */
+    for (size_t k = 0; k < nw && next < n; k++) {
+        size_t wi = (l->rotate + k) % nw;
+        tc_oh_worker *w = &l->oh->workers[wi];
+        if (!tc_oh_worker_live(w) || w->capacity <= 0) continue;
+        long f = (long)(w->capacity - (int64_t)w->used);
+        while (f > 0 && next < n) {
+            int take = (int)(f < l->batch_size ? f : l->batch_size);
+            if (take > n - next) take = n - next;
+            char batch_id[TC_OH_BATCH_ID_MAX + 1];
+            tc_oh_next_batch_id(l->oh, batch_id, sizeof(batch_id));
+            tc_oh_step steps[take];
+            for (int i = 0; i < take; i++) {
+                steps[i].step_id = be64(PQgetvalue(res, next + i, C_STEP));
+                steps[i].task_id = be64(PQgetvalue(res, next + i, C_TASK));
+                steps[i].attempt = be32(PQgetvalue(res, next + i, C_ATTEMPT));
+            }
+            int ok = build_batch(&sb, batch_id, w->id, res, next, take) == 0 &&
+                     tc_oh_send_batch(l->oh, wi, batch_id, steps, (size_t)take, sb.data, sb.size) == 0;
+            for (int i = 0; i < take; i++)
+                pairs_push(ok ? &sent : &l->unsent, steps[i].step_id, steps[i].attempt);
+            next += take;
+            if (!ok) break; /* refused at the high-water mark: this worker is not reading */
+            batches++;
+            f -= take;
+        }
+    }
+    l->rotate++;
+    for (; next < n; next++)
+        pairs_push(&l->unsent, be64(PQgetvalue(res, next, C_STEP)), be32(PQgetvalue(res, next, C_ATTEMPT)));
+    l->st.dispatched += sent.n;
+    pthread_mutex_unlock(&l->mu);
+    msgpack_sbuffer_destroy(&sb);
+    PQclear(res);
+
+    if (sent.n) {
+        /* A failure here is harmless: results apply to enqueued steps too. */
+        sbuf ids = {0}, att = {0};
+        pairs_literals(&sent, &ids, &att);
+        const char *vals[2] = {ids.p, att.p};
+        PGresult *r = (ids.oom || att.oom)
+                          ? NULL
+                          : exec_text(l, "SELECT tasker_mark_dispatched($1::bigint[], $2::int[])", 2, vals);
+        if (r)
+            PQclear(r);
+        else
+            db_failed(l, "tasker_mark_dispatched");
+        sb_free(&ids);
+        sb_free(&att);
+    }
+    free(sent.v);
+    release_pairs(l, &l->unsent, &l->st.released);
+    return n == limit;
+}
+
+/* ---- housekeeping -------------------------------------------------------- */
+
+static void upsert_workers(tc_loop *l)
+{
+    sbuf b[6] = {{0}};
+    for (int k = 0; k < 6; k++) sb_puts(&b[k], "{");
+    int count = 0;
+    pthread_mutex_lock(&l->mu);
+    for (size_t i = 0; i < l->oh->nworkers; i++) {
+        const tc_oh_worker *w = &l->oh->workers[i];
+        if (!tc_oh_worker_live(w)) continue;
+        const char *sep = count++ ? "," : "";
+        for (int k = 0; k < 6; k++) sb_puts(&b[k], sep);
+        sb_text_elem(&b[0], w->id, strlen(w->id));
+        sb_text_elem(&b[1], w->host, strlen(w->host));
+        sb_printf(&b[2], "%lld", (long long)w->pid);
+        sb_printf(&b[3], "%lld", (long long)w->capacity);
+        sb_printf(&b[4], "%lld", (long long)w->used);
+        char t[40];
+        snprintf(t, sizeof(t), "%.6f", w->last_heartbeat_at);
+        sb_puts(&b[5], t);
+    }
+    pthread_mutex_unlock(&l->mu);
+    int oom = 0;
+    for (int k = 0; k < 6; k++) {
+        sb_puts(&b[k], "}");
+        oom |= b[k].oom;
+    }
+    if (!oom) {
+        const char *vals[7] = {l->owner, b[0].p, b[1].p, b[2].p, b[3].p, b[4].p, b[5].p};
+        PGresult *r = exec_text(l,
+                                "SELECT tasker_upsert_workers($1, $2::text[], $3::text[], $4::int[], $5::int[], "
+                                "$6::int[], $7::float8[])",
+                                7, vals);
+        if (r)
+            PQclear(r);
+        else
+            db_failed(l, "tasker_upsert_workers");
+    }
+    for (int k = 0; k < 6; k++) sb_free(&b[k]);
+}
+
+static void housekeeping(tc_loop *l)
+{
+    int64_t now = mono_ms();
+    if (now < l->next_housekeeping_ms) return;
+    l->next_housekeeping_ms = now + l->housekeeping_interval_ms;
+    const char *lim[1] = {"1000"};
+    PGresult *r = exec_text(l, "SELECT tasker_requeue_expired($1::int)", 1, lim);
+    if (r) {
+        long n = atol(PQgetvalue(r, 0, 0));
+        PQclear(r);
+        pthread_mutex_lock(&l->mu);
+        l->st.timed_out += (uint64_t)n;
+        pthread_mutex_unlock(&l->mu);
+    } else if (db_failed(l, "tasker_requeue_expired")) {
+        return;
+    }
+    upsert_workers(l);
+}
+
+/* ---- the thread ------------------------------------------------------------ */
+
+static void drain_notifications(tc_loop *l)
+{
+    if (!l->db_up || !l->listening) return;
+    if (!PQconsumeInput(l->db.conn)) {
+        snprintf(l->db.err, sizeof(l->db.err), "%s", PQerrorMessage(l->db.conn));
+        db_failed(l, "LISTEN");
+        return;
+    }
+    PGnotify *n;
+    while ((n = PQnotifies(l->db.conn)) != NULL) PQfreemem(n);
+}
+
+static void wait_for_work(tc_loop *l)
+{
+    zmq_pollitem_t items[4];
+    int n = 0;
+    items[n++] = (zmq_pollitem_t){.socket = l->oh->batch.zsock, .events = ZMQ_POLLIN};
+    items[n++] = (zmq_pollitem_t){.socket = l->oh->result.zsock, .events = ZMQ_POLLIN};
+    items[n++] = (zmq_pollitem_t){.fd = l->wake[0], .events = ZMQ_POLLIN};
+    int pq = -1;
+    if (l->db_up && l->listening && (pq = tc_store_socket(&l->db)) >= 0)
+        items[n++] = (zmq_pollitem_t){.fd = pq, .events = ZMQ_POLLIN};
+
+    int64_t now = mono_ms();
+    long timeout = l->poll_interval_ms;
+    long exp = tc_oh_next_expiry_ms(l->oh); /* only this thread changes the table */
+    if (exp >= 0 && exp + 1 < timeout) timeout = exp + 1;
+    if (l->db_up && l->next_housekeeping_ms - now < timeout)
+        timeout = (long)(l->next_housekeeping_ms - now);
+    if (!l->db_up && l->next_connect_ms - now < timeout) timeout = (long)(l->next_connect_ms - now);
+    if (timeout < 0) timeout = 0;
+
+    if (zmq_poll(items, n, timeout) <= 0) return;
+    if (items[2].revents & ZMQ_POLLIN) {
+        char buf[64];
+        while (read(l->wake[0], buf, sizeof(buf)) > 0) {
+        }
+    }
+    if (n == 4 && (items[3].revents & ZMQ_POLLIN)) drain_notifications(l);
+}
+
+static void record_latency(tc_loop *l, uint64_t us)
+{
+    pthread_mutex_lock(&l->mu);
+    l->lat_ring[l->st.iterations % TC_LOOP_LATENCY_RING] = us;
+    l->st.iterations++;
+    l->lat_total_us += us;
+    l->st.latency_last_us = us;
+    if (us > l->st.latency_max_us) l->st.latency_max_us = us;
+    pthread_mutex_unlock(&l->mu);
+}
+
+static int iterate(tc_loop *l)
+{
+    pthread_mutex_lock(&l->mu);
+    tc_oh_poll(l->oh);
+    drain_events(l);
+    pthread_mutex_unlock(&l->mu);
+
+    ensure_db(l);
+    if (!l->db_up) return 0;
+    release_pairs(l, &l->lost, &l->st.redispatched);
+    release_pairs(l, &l->unsent, &l->st.released);
+    apply_results(l);
+    if (!l->db_up) return 0;
+    housekeeping(l);
+    if (!l->db_up) return 0;
+    /* Claimed right after applying: a dependent step goes out as soon as
+     * its last parent's result is in. */
+    return claim_and_dispatch(l);
+}
+
+struct in_flight_ctx {
+    pair_list *pl;
+};
+
+static void collect_in_flight(const tc_oh_inflight *e, void *arg)
+{
+    pairs_push(arg, e->step_id, e->attempt);
+}
+
+/* On stop: write back what arrived, and hand the steps still out with
+ * workers back to the database, so the next orchestrator sends them again
+ * now rather than after their deadline. */
+static void shutdown_loop(tc_loop *l)
+{
+    pthread_mutex_lock(&l->mu);
+    tc_oh_poll(l->oh);
+    drain_events(l);
+    for (size_t i = 0; i < l->oh->nworkers; i++) tc_oh_worker_each_in_flight(&l->oh->workers[i], collect_in_flight, &l->unsent);
+    pthread_mutex_unlock(&l->mu);
+    if (l->db_up) {
+        apply_results(l);
+        release_pairs(l, &l->lost, &l->st.redispatched);
+        release_pairs(l, &l->unsent, &l->st.released);
+        /* mark this orchestrator's workers disconnected */
+        const char *vals[7] = {l->owner, "{}", "{}", "{}", "{}", "{}", "{}"};
+        PGresult *r = exec_text(l,
+                                "SELECT tasker_upsert_workers($1, $2::text[], $3::text[], $4::int[], $5::int[], "
+                                "$6::int[], $7::float8[])",
+                                7, vals);
+        PQclear(r);
+    }
+    tc_store_close(&l->db);
+    l->db_up = 0;
+    pthread_mutex_lock(&l->mu);
+    l->st.db_connected = 0;
+    pthread_mutex_unlock(&l->mu);
+}
+
+static void *loop_main(void *arg)
+{
+    tc_loop *l = arg;
+    while (!atomic_load(&l->stop)) {
+        uint64_t t0 = mono_us();
+        int more = iterate(l);
+        record_latency(l, mono_us() - t0);
+        if (!more && !atomic_load(&l->stop)) wait_for_work(l);
+    }
+    shutdown_loop(l);
+    return NULL;
+}
+
+/* ---- public ------------------------------------------------------------------ */
+
+tc_loop *tc_loop_new(tc_oh *oh, const tc_loop_config *cfg, char *err, size_t errlen)
+{
+    tc_loop *l = calloc(1, sizeof(*l));
+    if (!l) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    l->wake[0] = l->wake[1] = -1;
+    l->oh = oh;
+    l->conninfo = strdup(cfg->conninfo ? cfg->conninfo : "");
+    snprintf(l->owner, sizeof(l->owner), "%s", cfg->owner ? cfg->owner : "tasker");
+    l->batch_size = cfg->batch_size > 0 ? cfg->batch_size : 100;
+    l->lease_ms = cfg->lease_ms >= 0 ? cfg->lease_ms : 10000;
+    l->poll_interval_ms = cfg->poll_interval_ms > 0 ? cfg->poll_interval_ms : 50;
+    l->housekeeping_interval_ms = cfg->housekeeping_interval_ms > 0 ? cfg->housekeeping_interval_ms : 1000;
+    l->max_pending = cfg->max_pending_results ? cfg->max_pending_results : 100000;
+    l->backoff_ms = 50;
+    pthread_mutex_init(&l->mu, NULL);
+    if (!l->conninfo || pipe2(l->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
+        snprintf(err, errlen, "could not set up the loop: %s", strerror(errno));
+        tc_loop_free(l);
+        return NULL;
+    }
+    return l;
+}
+
+int tc_loop_connect(tc_loop *l, char *err, size_t errlen)
+{
+    if (db_connect(l) != 0) {
+        snprintf(err, errlen, "%s", l->db.err);
+        return -1;
+    }
+    return 0;
+}
+
+int tc_loop_start(tc_loop *l, char *err, size_t errlen)
+{
+    atomic_store(&l->stop, 0);
+    int rc = pthread_create(&l->thread, NULL, loop_main, l);
+    if (rc != 0) {
+        snprintf(err, errlen, "could not start the orchestration thread: %s", strerror(rc));
+        return -1;
+    }
+    l->started = 1;
+    l->joined = 0;
+    return 0;
+}
+
+void tc_loop_request_stop(tc_loop *l)
+{
+    atomic_store(&l->stop, 1);
+    if (l->wake[1] >= 0) {
+        ssize_t w = write(l->wake[1], "x", 1);
+        (void)w; /* a full pipe already wakes the loop */
+    }
+}
+
+int tc_loop_join(tc_loop *l, long timeout_ms, volatile int *interrupt)
+{
+    if (!l->started || l->joined) return 0;
+    int64_t deadline = timeout_ms < 0 ? -1 : mono_ms() + timeout_ms;
+    for (;;) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 50 * 1000000L; /* short slices: notice interrupts */
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        int rc = pthread_timedjoin_np(l->thread, NULL, &ts);
+        if (rc == 0) {
+            l->joined = 1;
+            return 0;
+        }
+        if (interrupt && *interrupt) return -1;
+        if (deadline >= 0 && mono_ms() >= deadline) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
+    }
+}
+
+int tc_loop_running(const tc_loop *l)
+{
+    return l && l->started && !l->joined;
+}
+
+void tc_loop_free(tc_loop *l)
+{
+    if (!l) return;
+    tc_store_close(&l->db);
+    for (size_t i = 0; i < l->nresults; i++) result_free(&l->results[i]);
+    free(l->results);
+    free(l->lost.v);
+    free(l->unsent.v);
+    free(l->conninfo);
+    if (l->wake[0] >= 0) close(l->wake[0]);
+    if (l->wake[1] >= 0) close(l->wake[1]);
+    pthread_mutex_destroy(&l->mu);
+    free(l);
+}
+
+void tc_loop_lock(tc_loop *l)
+{
+    pthread_mutex_lock(&l->mu);
+}
+
+void tc_loop_unlock(tc_loop *l)
+{
+    pthread_mutex_unlock(&l->mu);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+void tc_loop_stats_snapshot(tc_loop *l, tc_loop_stats *out)
+{
+    uint64_t ring[TC_LOOP_LATENCY_RING];
+    pthread_mutex_lock(&l->mu);
+    *out = l->st;
+    size_t n = l->st.iterations < TC_LOOP_LATENCY_RING ? (size_t)l->st.iterations : TC_LOOP_LATENCY_RING;
+    memcpy(ring, l->lat_ring, n * sizeof(uint64_t));
+    out->latency_avg_us = l->st.iterations ? (double)l->lat_total_us / (double)l->st.iterations : 0;
+    pthread_mutex_unlock(&l->mu);
+    if (n) {
+        qsort(ring, n, sizeof(uint64_t), cmp_u64);
+        out->latency_p50_us = ring[n / 2];
+        out->latency_p99_us = ring[(n * 99) / 100 < n ? (n * 99) / 100 : n - 1];
+    }
+}

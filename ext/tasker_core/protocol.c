@@ -1,0 +1,158 @@
+/*
+ * protocol.c: parses result-channel messages of wire protocol v1 into C
+ * structs (see protocol.h). Validation is strict on the fields the loop
+ * acts on and lenient on the rest, so a newer worker that adds keys still
+ * talks to this orchestrator.
+ */
+#include "protocol.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+static const char *const err_names[TC_PROTO_ERR_COUNT] = {"ok", "undecodable_body", "wrong_protocol_version",
+                                                          "unknown_type", "invalid_fields"};
+
+const char *tc_proto_err_name(tc_proto_err e)
+{
+    return (e >= 0 && e < TC_PROTO_ERR_COUNT) ? err_names[e] : "unknown";
+}
+
+static const msgpack_object *get(const msgpack_object *map, const char *key)
+{
+    size_t kl = strlen(key);
+    for (uint32_t i = 0; i < map->via.map.size; i++) {
+        const msgpack_object *k = &map->via.map.ptr[i].key;
+        if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == kl && memcmp(k->via.str.ptr, key, kl) == 0)
+            return &map->via.map.ptr[i].val;
+    }
+    return NULL;
+}
+
+static int as_int(const msgpack_object *v, int64_t *out)
+{
+    if (!v) return 0;
+    if (v->type == MSGPACK_OBJECT_POSITIVE_INTEGER && v->via.u64 <= INT64_MAX) {
+        *out = (int64_t)v->via.u64;
+        return 1;
+    }
+    if (v->type == MSGPACK_OBJECT_NEGATIVE_INTEGER) {
+        *out = v->via.i64;
+        return 1;
+    }
+    return 0;
+}
+
+static int as_str(const msgpack_object *v, tc_proto_str *out)
+{
+    if (!v || v->type != MSGPACK_OBJECT_STR) return 0;
+    out->ptr = v->via.str.ptr;
+    out->len = v->via.str.size;
+    return 1;
+}
+
+static int str_eq(tc_proto_str s, const char *lit)
+{
+    return s.len == strlen(lit) && memcmp(s.ptr, lit, s.len) == 0;
+}
+
+#define FAIL(reason, ...)                                  \
+    do {                                                   \
+        if (detail) snprintf(detail, detail_len, __VA_ARGS__); \
+        return reason;                                     \
+    } while (0)
+
+static tc_proto_err parse_partial(const msgpack_object *m, tc_proto_msg *out, char *detail, size_t detail_len)
+{
+    tc_proto_str status;
+    if (!as_str(get(m, "worker_id"), &out->worker_id) || !as_int(get(m, "step_id"), &out->step_id) ||
+        !as_int(get(m, "attempt"), &out->attempt) || out->attempt < 1)
+        FAIL(TC_PROTO_ERR_FIELDS, "partial_result without worker_id, step_id and attempt >= 1");
+    as_int(get(m, "task_id"), &out->task_id);
+    as_str(get(m, "batch_id"), &out->batch_id);
+    if (!as_str(get(m, "status"), &status)) FAIL(TC_PROTO_ERR_FIELDS, "partial_result without a status");
+    if (str_eq(status, "complete"))
+        out->success = 1;
+    else if (str_eq(status, "error"))
+        out->success = 0;
+    else
+        FAIL(TC_PROTO_ERR_FIELDS, "partial_result with status %.*s", (int)(status.len > 32 ? 32 : status.len),
+             status.ptr);
+    out->output = get(m, "output");
+    out->retryable = 1;
+    out->retry_after_ms = -1;
+    const msgpack_object *e = get(m, "error");
+    if (e && e->type == MSGPACK_OBJECT_MAP) {
+        out->error = e;
+        const msgpack_object *r = get(e, "retryable");
+        if (r && r->type == MSGPACK_OBJECT_BOOLEAN) out->retryable = r->via.boolean;
+        const msgpack_object *ra = get(e, "retry_after");
+        double secs = -1;
+        if (ra && (ra->type == MSGPACK_OBJECT_FLOAT32 || ra->type == MSGPACK_OBJECT_FLOAT64))
+            secs = ra->via.f64;
+        else if (ra && ra->type == MSGPACK_OBJECT_POSITIVE_INTEGER)
+            secs = (double)ra->via.u64;
+        /* Capped at a day: the store keeps it in an int of milliseconds. */
+        if (secs >= 0 && isfinite(secs)) out->retry_after_ms = (int64_t)(secs > 86400 ? 86400000 : secs * 1000.0);
+    } else if (e && e->type != MSGPACK_OBJECT_NIL) {
+        FAIL(TC_PROTO_ERR_FIELDS, "partial_result whose error is neither a map nor nil");
+    } else if (!out->success) {
+        FAIL(TC_PROTO_ERR_FIELDS, "partial_result with status error and no error map");
+    }
+    return TC_PROTO_OK;
+}
+
+tc_proto_err tc_proto_parse(msgpack_unpacked *u, const char *body, size_t len, tc_proto_msg *out, char *detail,
+                            size_t detail_len)
+{
+    size_t off = 0;
+    memset(out, 0, sizeof(*out));
+    if (msgpack_unpack_next(u, body, len, &off) != MSGPACK_UNPACK_SUCCESS || off != len ||
+        u->data.type != MSGPACK_OBJECT_MAP)
+        FAIL(TC_PROTO_ERR_UNDECODABLE, "a %zu-byte body that is not one msgpack map", len);
+    const msgpack_object *m = &u->data;
+    int64_t version;
+    if (!as_int(get(m, "protocol_version"), &version) || version != 1)
+        FAIL(TC_PROTO_ERR_VERSION, "a message without protocol_version 1");
+    tc_proto_str type;
+    if (!as_str(get(m, "type"), &type)) FAIL(TC_PROTO_ERR_TYPE, "a message without a type");
+
+    if (str_eq(type, "partial_result")) {
+        out->type = TC_PROTO_PARTIAL_RESULT;
+        return parse_partial(m, out, detail, detail_len);
+    }
+    if (str_eq(type, "batch_completion")) {
+        out->type = TC_PROTO_BATCH_COMPLETION;
+        const msgpack_object *steps = get(m, "steps");
+        if (!as_str(get(m, "worker_id"), &out->worker_id) || !as_str(get(m, "batch_id"), &out->batch_id) ||
+            !steps || steps->type != MSGPACK_OBJECT_ARRAY)
+            FAIL(TC_PROTO_ERR_FIELDS, "batch_completion without worker_id, batch_id and steps");
+        out->steps = steps;
+        return TC_PROTO_OK;
+    }
+    if (str_eq(type, "heartbeat")) {
+        out->type = TC_PROTO_HEARTBEAT;
+        if (!as_str(get(m, "worker_id"), &out->worker_id) || !as_int(get(m, "capacity"), &out->capacity) ||
+            out->capacity < 0)
+            FAIL(TC_PROTO_ERR_FIELDS, "heartbeat without worker_id and capacity >= 0");
+        as_int(get(m, "pid"), &out->pid);
+        as_int(get(m, "in_flight"), &out->in_flight);
+        as_str(get(m, "host"), &out->host);
+        return TC_PROTO_OK;
+    }
+    if (str_eq(type, "goodbye")) {
+        out->type = TC_PROTO_GOODBYE;
+        if (!as_str(get(m, "worker_id"), &out->worker_id)) FAIL(TC_PROTO_ERR_FIELDS, "goodbye without worker_id");
+        as_str(get(m, "reason"), &out->reason);
+        return TC_PROTO_OK;
+    }
+    FAIL(TC_PROTO_ERR_TYPE, "a message of unknown type %.*s", (int)(type.len > 40 ? 40 : type.len), type.ptr);
+}
+
+int tc_proto_pack_object(msgpack_sbuffer *sbuf, const msgpack_object *obj)
+{
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, sbuf, msgpack_sbuffer_write);
+    if (!obj) return msgpack_pack_nil(&pk);
+    return msgpack_pack_object(&pk, *obj);
+}

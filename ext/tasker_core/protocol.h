@@ -1,0 +1,73 @@
+/*
+ * protocol.h: wire protocol v1 messages from the result channel
+ * (docs/protocol.md), parsed in plain C with msgpack-c for the native
+ * orchestration loop. Never raises, never touches Ruby.
+ *
+ * Parsed fields point into the msgpack_unpacked zone and the body buffer
+ * (msgpack-c references strings in place): both must outlive the struct.
+ */
+#ifndef TASKER_CORE_PROTOCOL_H
+#define TASKER_CORE_PROTOCOL_H
+
+#include <msgpack.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum tc_proto_type {
+    TC_PROTO_PARTIAL_RESULT = 1,
+    TC_PROTO_BATCH_COMPLETION,
+    TC_PROTO_HEARTBEAT,
+    TC_PROTO_GOODBYE
+} tc_proto_type;
+
+/* Why a body was refused; counted per reason by the caller. */
+typedef enum tc_proto_err {
+    TC_PROTO_OK = 0,
+    TC_PROTO_ERR_UNDECODABLE,   /* not exactly one msgpack map */
+    TC_PROTO_ERR_VERSION,       /* protocol_version missing or not 1 */
+    TC_PROTO_ERR_TYPE,          /* type missing or unknown */
+    TC_PROTO_ERR_FIELDS,        /* a required field missing or of the wrong type */
+    TC_PROTO_ERR_COUNT
+} tc_proto_err;
+
+typedef struct tc_proto_str {
+    const char *ptr;
+    size_t len;
+} tc_proto_str;
+
+typedef struct tc_proto_msg {
+    tc_proto_type type;
+    tc_proto_str worker_id;
+    tc_proto_str batch_id; /* partial_result, batch_completion */
+
+    /* partial_result */
+    int64_t step_id, task_id, attempt;
+    int success;                  /* status "complete" */
+    const msgpack_object *output; /* NULL when absent */
+    const msgpack_object *error;  /* a map, or NULL */
+    int retryable;                /* from error.retryable; true when unsaid */
+    int64_t retry_after_ms;       /* from error.retry_after (seconds); -1 when nil */
+
+    /* batch_completion: an array of {step_id, attempt, status} */
+    const msgpack_object *steps;
+
+    /* heartbeat */
+    int64_t pid, capacity, in_flight;
+    tc_proto_str host;
+
+    /* goodbye */
+    tc_proto_str reason;
+} tc_proto_msg;
+
+/* Parses body into *out. u must be initialised by the caller (and
+ * destroyed after the last use of *out). On failure returns the reason and
+ * writes a short description into detail. */
+tc_proto_err tc_proto_parse(msgpack_unpacked *u, const char *body, size_t len, tc_proto_msg *out, char *detail,
+                            size_t detail_len);
+
+const char *tc_proto_err_name(tc_proto_err e);
+
+/* Appends obj (or nil for NULL) re-encoded as msgpack to sbuf; 0 ok, -1 out of memory. */
+int tc_proto_pack_object(msgpack_sbuffer *sbuf, const msgpack_object *obj);
+
+#endif
