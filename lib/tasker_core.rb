@@ -24,6 +24,7 @@ require_relative "tasker_core/store"
 require_relative "tasker_core/embedded_postgres"
 require_relative "tasker_core/tasks"
 require_relative "tasker_core/internal/orchestration_manager"
+require_relative "tasker_core/orchestration_loop"
 require_relative "tasker_core/instrumentation"
 require_relative "tasker_core/discovery"
 

@@ -8,6 +8,7 @@
  * Messages are hints; PostgreSQL decides: every statement is keyed on
  * (step, attempt), so a result applied twice or late changes nothing.
  */
+#define _GNU_SOURCE /* pipe2, pthread_timedjoin_np */
 #include "orchestration_loop.h"
 
 #include <endian.h>
@@ -230,7 +231,7 @@ static void note_db_error(tc_loop *l, const char *what)
 {
     pthread_mutex_lock(&l->mu);
     l->st.db_errors++;
-    snprintf(l->st.last_db_error, sizeof(l->st.last_db_error), "%s: %s", what, l->db.err);
+    snprintf(l->st.last_db_error, sizeof(l->st.last_db_error), "%.60s: %.180s", what, l->db.err);
     pthread_mutex_unlock(&l->mu);
 }
 
@@ -287,13 +288,12 @@ static PGresult *exec_text(tc_loop *l, const char *sql, int n, const char *const
 
 /* ---- results in, results out --------------------------------------------- */
 
+/* mu held (called while draining the core's events). */
 static void count_bad(tc_loop *l, tc_proto_err e, const char *detail)
 {
-    pthread_mutex_lock(&l->mu);
     l->st.bad_results++;
-    pthread_mutex_unlock(&l->mu);
-    (void)e;
-    (void)detail;
+    l->st.bad_by_reason[e]++;
+    snprintf(l->st.last_bad_result, sizeof(l->st.last_bad_result), "%s: %s", tc_proto_err_name(e), detail);
 }
 
 static int copy_packed(const msgpack_object *obj, char **out, size_t *len)
@@ -309,6 +309,7 @@ static int copy_packed(const msgpack_object *obj, char **out, size_t *len)
     return 0;
 }
 
+/* mu held. */
 static void take_result(tc_loop *l, const tc_oh_event *ev)
 {
     msgpack_unpacked u;
@@ -323,9 +324,7 @@ static void take_result(tc_loop *l, const tc_oh_event *ev)
     if (m.type != TC_PROTO_PARTIAL_RESULT) goto done; /* completions only free credit, in the core */
     if (l->nresults >= l->max_pending) {
         /* PostgreSQL has been away long: the claim deadline re-dispatches these. */
-        pthread_mutex_lock(&l->mu);
         l->st.results_dropped++;
-        pthread_mutex_unlock(&l->mu);
         goto done;
     }
     if (l->nresults == l->results_cap) {
@@ -507,7 +506,7 @@ static int array_open(bin_array *a, const char *p, int len)
     return 0;
 }
 
-/* Next element: 1 with *ptr/*len (*ptr NULL for SQL NULL), 0 at the end, -1 malformed. */
+/* Next element: 1 with *ptr and *len (*ptr NULL for SQL NULL), 0 at the end, -1 malformed. */
 static int array_next(bin_array *a, const char **ptr, int32_t *len)
 {
     if (a->p >= a->end) return 0;
@@ -536,7 +535,7 @@ static void pack_key(msgpack_packer *pk, const char *s)
 }
 
 /* Stored payloads are msgpack already: written straight into the body. */
-static void splice(msgpack_sbuffer *sb, msgpack_packer *pk, const char *p, size_t n)
+static void splice_msgpack(msgpack_sbuffer *sb, msgpack_packer *pk, const char *p, size_t n)
 {
     if (!p || n == 0)
         msgpack_pack_nil(pk);
@@ -564,13 +563,13 @@ static int pack_step(msgpack_sbuffer *sb, msgpack_packer *pk, const PGresult *re
     pack_key(pk, "handler");
     pack_str(pk, PQgetvalue(res, row, C_HANDLER), (size_t)PQgetlength(res, row, C_HANDLER));
     pack_key(pk, "handler_config");
-    splice(sb, pk, PQgetvalue(res, row, C_CONFIG), (size_t)PQgetlength(res, row, C_CONFIG));
+    splice_msgpack(sb, pk, PQgetvalue(res, row, C_CONFIG), (size_t)PQgetlength(res, row, C_CONFIG));
     pack_key(pk, "attempt");
     msgpack_pack_int32(pk, be32(PQgetvalue(res, row, C_ATTEMPT)));
     pack_key(pk, "timeout_ms");
     msgpack_pack_int32(pk, be32(PQgetvalue(res, row, C_TIMEOUT)));
     pack_key(pk, "context");
-    splice(sb, pk, PQgetvalue(res, row, C_CONTEXT), (size_t)PQgetlength(res, row, C_CONTEXT));
+    splice_msgpack(sb, pk, PQgetvalue(res, row, C_CONTEXT), (size_t)PQgetlength(res, row, C_CONTEXT));
     pack_key(pk, "dependency_results");
     msgpack_pack_map(pk, (size_t)names.n);
     for (int32_t i = 0; i < names.n; i++) {
@@ -578,7 +577,7 @@ static int pack_step(msgpack_sbuffer *sb, msgpack_packer *pk, const PGresult *re
         int32_t nl, ol;
         if (array_next(&names, &np, &nl) != 1 || array_next(&outs, &op, &ol) != 1 || !np) return -1;
         pack_str(pk, np, (size_t)nl);
-        splice(sb, pk, op, op ? (size_t)ol : 0);
+        splice_msgpack(sb, pk, op, op ? (size_t)ol : 0);
     }
     return 0;
 }

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "orchestration_handle.h"
+#include "protocol.h"
 
 #define TC_LOOP_OWNER_MAX 127
 #define TC_LOOP_LATENCY_RING 1024
@@ -37,7 +38,9 @@ typedef struct tc_loop_stats {
     uint64_t latency_last_us, latency_max_us, latency_p50_us, latency_p99_us;
     double latency_avg_us;
     uint64_t pending_results;
+    uint64_t bad_by_reason[TC_PROTO_ERR_COUNT];
     char last_db_error[256];
+    char last_bad_result[200];
 } tc_loop_stats;
 
 typedef struct tc_loop tc_loop;

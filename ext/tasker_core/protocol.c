@@ -43,12 +43,21 @@ static int as_int(const msgpack_object *v, int64_t *out)
     return 0;
 }
 
+/* Ruby packs binary-encoded Strings (a worker id built from
+ * Socket.gethostname, for one) as bin: text fields accept either. */
 static int as_str(const msgpack_object *v, tc_proto_str *out)
 {
-    if (!v || v->type != MSGPACK_OBJECT_STR) return 0;
-    out->ptr = v->via.str.ptr;
-    out->len = v->via.str.size;
-    return 1;
+    if (v && v->type == MSGPACK_OBJECT_STR) {
+        out->ptr = v->via.str.ptr;
+        out->len = v->via.str.size;
+        return 1;
+    }
+    if (v && v->type == MSGPACK_OBJECT_BIN) {
+        out->ptr = v->via.bin.ptr;
+        out->len = v->via.bin.size;
+        return 1;
+    }
+    return 0;
 }
 
 static int str_eq(tc_proto_str s, const char *lit)

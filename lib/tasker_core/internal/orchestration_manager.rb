@@ -70,6 +70,38 @@ module TaskerCore
       end
       alias reset! close
 
+      # Starts the native orchestration loop on this process's handle (see
+      # OrchestrationHandle#start_orchestration). The database is
+      # database.url / DATABASE_URL unless database_url: is given; with
+      # none, raises ConfigurationError: the tooling (bin/setup, bin/test),
+      # not the library, starts an embedded PostgreSQL.
+      def start_orchestration(**opts)
+        url = opts[:database_url] || OrchestrationHandle.configured_database_url
+        if url.nil? || url.empty?
+          raise ConfigurationError, "no database configured for the orchestration loop: set DATABASE_URL " \
+                                    "(or database.url in config/tasker-config.yml)"
+        end
+
+        orchestration_handle.start_orchestration(**opts, database_url: url)
+        self
+      end
+
+      def stop_orchestration(timeout_ms: 10_000)
+        handle = @lock.synchronize do
+          forget_inherited_handle
+          @handle
+        end
+        handle.nil? || handle.closed? ? true : handle.stop_orchestration(timeout_ms: timeout_ms)
+      end
+
+      def orchestrating?
+        handle = @lock.synchronize do
+          forget_inherited_handle
+          @handle
+        end
+        !handle.nil? && !handle.closed? && handle.orchestrating?
+      end
+
       # The keyword arguments OrchestrationHandle.new gets.
       def handle_options
         zeromq = zeromq_config
