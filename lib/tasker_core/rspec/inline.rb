@@ -25,8 +25,12 @@ module TaskerCore
       # Creates a task from a template and runs it to the end (complete,
       # error or cancelled). Returns a Result (its #task is TaskerCore.task).
       def run(name:, namespace: "default", version: nil, context: {}, templates: TaskerCore.task_templates)
-        id = Tasks.create_task(name: name, namespace: namespace, version: version, context: context,
-                               templates: templates)
+        id = if templates.equal?(TaskerCore.task_templates) # the public call: task_created is emitted
+               TaskerCore.create_task(name: name, namespace: namespace, version: version, context: context)
+             else
+               Tasks.create_task(name: name, namespace: namespace, version: version, context: context,
+                                 templates: templates)
+             end
         run_task(id)
       end
 
