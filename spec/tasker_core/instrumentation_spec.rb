@@ -4,6 +4,7 @@ require "tasker_core/rspec"
 
 RSpec.describe TaskerCore::Instrumentation do
   after { described_class.clear! }
+  after(:all) { TaskerCore::RSpec::Stack.shutdown! }
 
   it "delivers events to plain subscribers, per event or for all, and isolates a raising one" do
     got = []

@@ -34,6 +34,9 @@ end
 RSpec.describe "tasker_core/rspec" do
   include TaskerCore::RSpec::Helpers
 
+  # Leave no orchestrator running on the shared database for other spec files.
+  after(:all) { TaskerCore::RSpec::Stack.shutdown! }
+
   # One cluster for the whole suite: the kit's stack uses the specs' database.
   around do |example|
     before = ENV["DATABASE_URL"]
