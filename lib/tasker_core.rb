@@ -26,6 +26,9 @@ require_relative "tasker_core/embedded_postgres"
 require_relative "tasker_core/tasks"
 require_relative "tasker_core/internal/orchestration_manager"
 require_relative "tasker_core/orchestration_loop"
+require_relative "tasker_core/instrumentation"
+require_relative "tasker_core/discovery"
+require_relative "tasker_core/railtie" if defined?(Rails::Railtie)
 
 # tasker_core: durable DAG workflows in PostgreSQL, dispatched to Ruby
 # workers in batches over ZeroMQ.

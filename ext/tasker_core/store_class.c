@@ -474,6 +474,59 @@ static VALUE conn_server_version(VALUE self)
     return INT2NUM(PQserverVersion(get_conn(self)->store.conn));
 }
 
+
+/* ---- LISTEN/NOTIFY ---- */
+
+/* Turns one PGnotify into [channel, payload, backend_pid] and frees it. */
+static VALUE notify_to_ary(PGnotify *n)
+{
+    VALUE channel = rb_utf8_str_new_cstr(n->relname);
+    VALUE payload = rb_utf8_str_new_cstr(n->extra ? n->extra : "");
+    int pid = n->be_pid;
+    PQfreemem(n);
+    return rb_ary_new_from_args(3, channel, payload, INT2NUM(pid));
+}
+
+/* #wait_for_notify(timeout = nil) -> [channel, payload, backend_pid] or nil
+ * after timeout seconds (nil waits forever). Returns a notification that
+ * an earlier query already read at once. The wait is on the libpq socket
+ * with the GVL released and is interruptible; the connection must have run
+ * LISTEN itself (a session connection, not PgBouncer in transaction mode). */
+static VALUE conn_wait_for_notify(int argc, VALUE *argv, VALUE self)
+{
+    VALUE timeout;
+    rb_scan_args(argc, argv, "01", &timeout);
+    double max_s = NIL_P(timeout) ? -1.0 : NUM2DBL(timeout);
+    if (max_s < 0 && !NIL_P(timeout))
+        rb_raise(rb_eArgError, "timeout must be nil or >= 0");
+    tc_conn *c = get_conn(self);
+    if (c->busy)
+        rb_raise(tc_eStoreError, "TaskerCore::Store::Connection is running a query for another thread");
+    double deadline = max_s >= 0 ? monotonic_now() + max_s : 0;
+
+    for (;;) {
+        PGnotify *n = PQnotifies(c->store.conn);
+        if (n)
+            return notify_to_ary(n);
+        double left = -1.0;
+        if (max_s >= 0) {
+            left = deadline - monotonic_now();
+            if (left <= 0)
+                return Qnil;
+        }
+        /* the connection may be checked again after the wait (Thread#kill
+         * ends the wait by raising, which leaves nothing half-read) */
+        wait_fd(tc_store_socket(&c->store), RB_WAITFD_IN, left);
+        c = get_conn(self);
+        if (!PQconsumeInput(c->store.conn)) {
+            snprintf(c->store.err, sizeof(c->store.err), "waiting for a notification: %s",
+                     PQerrorMessage(c->store.conn));
+            c->store.sqlstate[0] = '\0';
+            raise_store_error(&c->store);
+        }
+    }
+}
+
 void tc_init_store(void)
 {
     VALUE mStore = rb_define_module_under(tc_mTaskerCore, "Store");
@@ -489,4 +542,5 @@ void tc_init_store(void)
     rb_define_method(cConnection, "usable?", conn_usable_p, 0);
     rb_define_method(cConnection, "owner_pid", conn_owner_pid, 0);
     rb_define_method(cConnection, "server_version", conn_server_version, 0);
+    rb_define_method(cConnection, "wait_for_notify", conn_wait_for_notify, -1);
 }

@@ -92,6 +92,13 @@ module TaskerCore
       Setting.new(key: "tasks.template_dir", type: :string, default: "config/tasks",
                   doc: "Folder of task template YAML files (*.yml), relative to the application root " \
                        "(Rails.root, else the current directory) unless absolute."),
+      Setting.new(key: "discovery.name", type: :string, default: nil, nullable: true, env: "TASKER_DISCOVERY_NAME",
+                  doc: "Discovery through PostgreSQL: an orchestrator registers its endpoints under this name; " \
+                       "a worker with it set (and no endpoints on its command line) looks them up and follows " \
+                       "changes. null = off (workers use zeromq.*_endpoint)."),
+      Setting.new(key: "discovery.ttl_ms", type: :integer, default: 15_000, min: 300,
+                  doc: "Lease of a discovery registration; renewed every ttl/3. A crashed orchestrator's entry " \
+                       "disappears this long after its last renewal."),
       Setting.new(key: "logging.level", type: :enum, default: "info", values: %w[debug info warn error],
                   env: "TASKER_LOG_LEVEL",
                   doc: "Level of TaskerCore.logger (when it is the gem's own logger)."),

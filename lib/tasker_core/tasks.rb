@@ -128,8 +128,13 @@ module TaskerCore
     # Creates a task from a template; returns its id. The same identity_key
     # returns the existing task's id. See TaskerCore::Tasks.
     def create_task(name:, namespace: "default", version: nil, context: {}, identity_key: nil)
-      Tasks.create_task(name: name, namespace: namespace, version: version, context: context,
-                        identity_key: identity_key)
+      id = Tasks.create_task(name: name, namespace: namespace, version: version, context: context,
+                             identity_key: identity_key)
+      if Instrumentation.listening?(:task_created)
+        Instrumentation.instrument(:task_created, task_id: id, name: name.to_s, namespace: namespace.to_s,
+                                                  version: version, identity_key: identity_key)
+      end
+      id
     end
 
     def task(id) = Tasks.task(id)

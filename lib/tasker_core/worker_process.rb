@@ -12,7 +12,7 @@ module TaskerCore
   #   CONT       take work again
   class WorkerProcess
     USAGE = "Usage: tasker-worker --handlers PATH [--concurrency N] [--batch-endpoint E] " \
-            "[--result-endpoint E] [--worker-id ID] [--shutdown-timeout SECONDS]"
+            "[--result-endpoint E] [--discovery NAME] [--worker-id ID] [--shutdown-timeout SECONDS]"
 
     SIGNAL_BYTES = { "TERM" => "T", "INT" => "I", "TSTP" => "S", "CONT" => "C" }.freeze
 
@@ -36,6 +36,7 @@ module TaskerCore
         o.on("--concurrency N", Integer, "threads running steps (worker.max_workers)") { |v| options[:concurrency] = v }
         o.on("--batch-endpoint E", "where the orchestrator publishes batches") { |v| options[:batch_endpoint] = v }
         o.on("--result-endpoint E", "where the orchestrator receives results") { |v| options[:result_endpoint] = v }
+        o.on("--discovery NAME", "look the endpoints up under this name (discovery.name) and follow changes") { |v| options[:discovery] = v }
         o.on("--worker-id ID", "this worker's id (default: host-pid-random)") { |v| options[:worker_id] = v }
         o.on("--shutdown-timeout SECONDS", Float, "how long TERM waits for running steps") { |v| options[:shutdown_timeout] = v }
       end.parse!(argv.dup)
@@ -45,8 +46,10 @@ module TaskerCore
     end
 
     def initialize(handlers:, concurrency: nil, batch_endpoint: nil, result_endpoint: nil, worker_id: nil,
-                   shutdown_timeout: nil, logger: nil)
+                   shutdown_timeout: nil, discovery: nil, logger: nil)
       @handler_paths = handlers
+      # Discovery is used when no endpoint is given on the command line.
+      @discovery = discovery || (batch_endpoint || result_endpoint ? nil : TaskerCore.config.dig("discovery", "name"))
       @shutdown_timeout = shutdown_timeout
       @logger = logger || (TaskerCore.respond_to?(:logger) && TaskerCore.logger) || Logger.new($stderr)
       # Only what was given on the command line; the rest defaults from config.
@@ -59,18 +62,47 @@ module TaskerCore
       load_handlers
       signal_r, signal_w = IO.pipe
       previous = install_traps(signal_w)
-      worker = Orchestration::BatchStepExecutionOrchestrator.new(**@orchestrator_options, logger: @logger)
+      discovered = discover_endpoints(signal_r) if @discovery
+      return 0 if @discovery && discovered.nil? # TERM/INT while waiting for an orchestrator
+
+      worker = Orchestration::BatchStepExecutionOrchestrator.new(**@orchestrator_options, **(discovered || {}),
+                                                                 logger: @logger)
       worker.start
+      watcher = follow_discovery(worker) if @discovery
       wait_for_stop(signal_r, worker)
       stopped = @shutdown_timeout ? worker.stop(timeout: @shutdown_timeout) : worker.stop
       worker.error || !stopped ? 1 : 0
     ensure
+      watcher&.stop
       previous&.each { |sig, handler| trap(sig, handler || "DEFAULT") }
       signal_r&.close
       signal_w&.close
     end
 
     private
+
+    # Waits for an orchestrator registered under the discovery name; nil when
+    # a stop signal came first.
+    def discover_endpoints(signal_r)
+      logged = false
+      loop do
+        entry = Discovery.lookup(@discovery)
+        if entry
+          @logger.info("tasker worker: orchestrator #{@discovery.inspect} is #{entry.owner} " \
+                       "(#{entry.batch_endpoint}, #{entry.result_endpoint})")
+          return { step_sub_endpoint: entry.batch_endpoint, result_pub_endpoint: entry.result_endpoint }
+        end
+        @logger.info("tasker worker: waiting for an orchestrator registered as #{@discovery.inspect}") unless logged
+        logged = true
+        return nil if IO.select([signal_r], nil, nil, 0.5) && %w[T I].include?(signal_r.read_nonblock(1, exception: false))
+      end
+    end
+
+    def follow_discovery(worker)
+      Discovery.watch(@discovery, logger: @logger) do |entry|
+        worker.reconnect(batch_endpoint: entry.batch_endpoint, result_endpoint: entry.result_endpoint) if entry
+      end
+    end
 
     def load_handlers
       @handler_paths.each do |path|

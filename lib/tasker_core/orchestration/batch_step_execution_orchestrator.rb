@@ -99,6 +99,29 @@ module TaskerCore
         @stop_timeout_s = @shutdown_timeout_s
         @next_wake_at = nil
         @io_thread = nil
+        @endpoint_change = nil # [batch, result] for the I/O thread to reconnect to (discovery)
+        @connection_history = [] # socket monitor events, newest last (CONNECTION_HISTORY kept)
+      end
+
+      CONNECTION_HISTORY = 50
+      # Reconnect attempts while an orchestrator is away: not kept in the history.
+      NOISY_EVENTS = %i[connect_delayed connect_retried].freeze
+
+      # Moves both sockets to new endpoints (a new orchestrator took over).
+      # Accepted steps keep running; results not yet sent go to the new one.
+      def reconnect(batch_endpoint:, result_endpoint:)
+        @mutex.synchronize { @endpoint_change = [batch_endpoint, result_endpoint] }
+        wake
+        self
+      end
+
+      def endpoints
+        { batch_endpoint: @batch_endpoint, result_endpoint: @result_endpoint }
+      end
+
+      # [{socket: :batch|:result, event:, endpoint:, at:}], oldest first.
+      def connection_history
+        @stats_mutex.synchronize { @connection_history.dup }
       end
 
       # Connects and starts the I/O thread and the pool. Raises the error the
@@ -170,7 +193,8 @@ module TaskerCore
       def stats
         @stats_mutex.synchronize do
           @stats.merge(bad_messages: @stats[:bad_messages].dup, in_flight: @in_flight || 0,
-                       worker_id: @worker_id, peer_subscribed: (@peer_subscriptions || 0).positive?)
+                       worker_id: @worker_id, peer_subscribed: (@peer_subscriptions || 0).positive?,
+                       endpoints: endpoints, connection_history: @connection_history.dup)
         end
       end
 
@@ -209,6 +233,7 @@ module TaskerCore
 
         frames = status = nil
         claimed = false
+        instrument_step(:step_started, job)
         begin
           Thread.handle_interrupt(TimeoutInterrupt => :immediate) do
             output, error = execute(job)
@@ -227,9 +252,30 @@ module TaskerCore
         if claimed
           @results << Outgoing.new(frames: frames, kind: status, job: job)
           wake
+          instrument_step(status == Protocol::STATUS_COMPLETE ? :step_completed : :step_failed, job, frames)
         else
           bump(:late_results_discarded)
         end
+      end
+
+      # Events for TaskerCore.subscribe / ActiveSupport::Notifications (a
+      # timed-out step is reported by the watchdog, not here).
+      def instrument_step(event, job, frames = nil)
+        return unless Instrumentation.listening?(event)
+
+        step = job.step
+        payload = { step_id: step["step_id"], task_id: step["task_id"], step_name: step["step_name"],
+                    handler: step["handler"], attempt: step["attempt"], worker_id: @worker_id, batch_id: job.batch.id }
+        if frames
+          payload[:duration_ms] = ((Time.now.to_f - job.started_at) * 1000).round(3)
+          if event == :step_failed
+            error = Protocol.decode(frames)["error"] || {}
+            payload.merge!(error_class: error["class"], error_message: error["message"], retryable: error["retryable"])
+          end
+        end
+        Instrumentation.instrument(event, payload)
+      rescue StandardError => e
+        @logger.warn("tasker worker #{@worker_id}: instrumenting #{event}: #{e.message}")
       end
 
       def execute(job)
@@ -312,6 +358,34 @@ module TaskerCore
                                                  **security.slice(:curve_client))
       end
 
+      def apply_endpoint_change
+        change = @mutex.synchronize { @endpoint_change.tap { @endpoint_change = nil } }
+        return false if change.nil? || change == [@batch_endpoint, @result_endpoint]
+
+        record_socket_events
+        @logger.info("tasker worker #{@worker_id}: moving to batches from #{change[0]}, results to #{change[1]}")
+        @sub.close
+        @pub.close
+        @batch_endpoint, @result_endpoint = change
+        @peer_subscriptions = 0
+        @next_heartbeat_at = nil
+        @sub = TaskerCore::Socket::Subscriber.new(connect: @batch_endpoint, topics: [Protocol.batch_topic(@worker_id)],
+                                                  recv_hwm: @recv_hwm, linger: @linger_ms)
+        @pub = TaskerCore::Socket::Publisher.new(connect: @result_endpoint, send_hwm: @send_hwm, linger: @linger_ms)
+        true
+      end
+
+      def record_socket_events
+        events = @sub.events.map { |e| e.merge(socket: :batch) } + @pub.events.map { |e| e.merge(socket: :result) }
+        events.reject! { |e| NOISY_EVENTS.include?(e[:event]) }
+        return if events.empty?
+
+        @stats_mutex.synchronize do
+          @connection_history.concat(events.sort_by { |e| e[:at] })
+          @connection_history.shift(@connection_history.size - CONNECTION_HISTORY) if @connection_history.size > CONNECTION_HISTORY
+        end
+      end
+
       def close_sockets
         @sub&.close
         @pub&.close
@@ -327,6 +401,8 @@ module TaskerCore
         loop do
           readable = TaskerCore::Socket.select([@sub, @pub, @wake_r], wait_ms(drain_deadline))
           drain_wake_pipe if readable.include?(@wake_r)
+          readable = [] if apply_endpoint_change
+          record_socket_events
           if @stop_requested && drain_deadline.nil?
             drain_deadline = monotonic + @stop_timeout_s
             @logger.info("tasker worker #{@worker_id}: draining #{@in_flight} step(s)")

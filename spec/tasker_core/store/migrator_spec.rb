@@ -14,10 +14,11 @@ RSpec.describe TaskerCore::Store::Migrator do
     conn.transaction do
       conn.exec("CREATE SCHEMA tasker_migrate_spec")
       conn.exec("SET LOCAL search_path TO tasker_migrate_spec")
-      expect(described_class.new(conn).migrate!).to eq([1, 2])
+      expect(described_class.new(conn).migrate!).to eq([1, 2, 3])
       tables = conn.exec("SELECT tablename FROM pg_tables WHERE schemaname = 'tasker_migrate_spec'").map { |r| r["tablename"] }
       expect(tables).to include("tasker_tasks", "tasker_workflow_steps", "tasker_workflow_step_edges",
-                                "tasker_task_transitions", "tasker_workflow_step_transitions", "tasker_schema_migrations", "tasker_workers")
+                                "tasker_task_transitions", "tasker_workflow_step_transitions", "tasker_schema_migrations", "tasker_workers",
+                                "tasker_orchestrators")
       conn.exec("ROLLBACK") # leave nothing behind (the block sees an aborted transaction as closed)
     end
   end

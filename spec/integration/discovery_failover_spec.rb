@@ -1,0 +1,70 @@
+# frozen_string_literal: true
+
+require "yaml"
+require_relative "../fixtures/durable_handlers"
+
+RSpec.describe "Discovery failover", :db do
+  let(:name) { "orders-#{SecureRandom.hex(3)}" }
+  let(:script) { File.expand_path("../fixtures/discovery_orchestrator.rb", __dir__) }
+
+  before do
+    use_templates(template("chain", [
+                             step("a", handler: "DurableHandlers::Slow", handler_config: { "sleep_ms" => 250 }, timeout_ms: 2000),
+                             step("b", ["a"], handler: "DurableHandlers::Slow", handler_config: { "sleep_ms" => 250 }, timeout_ms: 2000)
+                           ]))
+  end
+
+  after { cleanup_durable }
+
+  def spawn_discovering_orchestrator(batch, result)
+    r, w = IO.pipe
+    pid = Process.spawn(RbConfig.ruby, "-I", File.join(SpecHelpers::ROOT, "lib"), script,
+                        db_url, batch, result, name, "1.0", out: w, pgroup: true)
+    w.close
+    (@spawned_pids ||= []) << pid
+    [pid, r]
+  end
+
+  def spawn_discovering_worker
+    dir = Dir.mktmpdir("tasker_discovery")
+    (@tmp_dirs ||= []) << dir
+    config = File.join(dir, "tasker-config.yml")
+    File.write(config, { "default" => { "zeromq" => { "heartbeat_interval_ms" => 200 },
+                                        "discovery" => { "name" => name, "ttl_ms" => 1000 },
+                                        "logging" => { "level" => "error" } } }.to_yaml)
+    env = { "TASKER_CONFIG_PATH" => config, "TASKER_ENV" => "test", "DATABASE_URL" => db_url }
+    pid = Process.spawn(env, RbConfig.ruby, "-I", File.join(SpecHelpers::ROOT, "lib"), DurableHelpers::WORKER_EXE,
+                        "--handlers", DurableHelpers::DURABLE_HANDLERS, "--concurrency", "4", pgroup: true)
+    (@spawned_pids ||= []) << pid
+    pid
+  end
+
+  it "moves a worker to a second orchestrator when the first is killed, with no step lost" do
+    conn = connect
+    ids = Array.new(40) { |i| TaskerCore.create_task(name: "chain", context: { "n" => i }) }
+    a_batch = tcp_endpoint
+    a_pid, a_out = spawn_discovering_orchestrator(a_batch, tcp_endpoint)
+    expect(a_out.wait_readable(30) && a_out.gets&.chomp).to eq("ready")
+    spawn_discovering_worker
+    wait_until(timeout: 30, message: "some tasks done through the first orchestrator") do
+      task_states(conn, ids)["complete"].to_i >= 3
+    end
+
+    b_batch = tcp_endpoint
+    b_pid, b_out = spawn_discovering_orchestrator(b_batch, tcp_endpoint) # a standby: waits for the name
+    kill9(a_pid)
+    expect(b_out.wait_readable(30) && b_out.gets&.chomp).to eq("ready")
+    expect(TaskerCore::Discovery.lookup(name, url: db_url).batch_endpoint).to eq(b_batch)
+
+    wait_for_tasks(conn, ids, timeout: 60)
+    steps = conn.exec("SELECT state, count(*) AS n FROM tasker_workflow_steps WHERE task_id = ANY($1::bigint[]) GROUP BY state",
+                      [ids]).to_h { |r| [r["state"], r["n"]] }
+    expect(steps).to eq("complete" => 80)
+    # the second orchestrator really did the rest through the same worker
+    by_b = conn.exec(<<~SQL, [ids, "%-#{b_pid}-%"]).first["n"]
+      SELECT count(DISTINCT step_id) AS n FROM tasker_workflow_step_transitions
+       WHERE task_id = ANY($1::bigint[]) AND to_state = 'enqueued' AND owner LIKE $2
+    SQL
+    expect(by_b).to be_positive
+  end
+end
