@@ -94,30 +94,16 @@ module TaskerCore
         Watcher.new(name, url: url, poll_interval: poll_interval, logger: logger, &block).start
       end
 
-      # Orchestrator side: starts the orchestration loop and registers the
-      # handle's endpoints under discovery.name (when set). See
-      # #on_orchestration_started for the hook OrchestrationManager calls.
+      # Orchestrator side: starts the orchestration loop, registering the
+      # handle's endpoints under name (OrchestrationManager#start_orchestration
+      # calls #on_orchestration_started).
       def start_orchestration(name: configured_name, ttl: configured_ttl, wait: 0, **loop_options)
-        manager = Internal::OrchestrationManager.instance
-        if manager.respond_to?(:start_orchestration)
-          manager.start_orchestration(**loop_options)
-        else
-          manager.orchestration_handle.start_orchestration(**loop_options)
-        end
-        on_orchestration_started(manager.orchestration_handle, name: name, ttl: ttl, wait: wait)
-      rescue StandardError
-        manager&.stop_orchestration if manager.respond_to?(:stop_orchestration) && manager.orchestrating?
-        raise
+        Internal::OrchestrationManager.instance.start_orchestration(discovery: { name: name, ttl: ttl, wait: wait },
+                                                                    **loop_options)
       end
 
       def stop_orchestration(timeout_ms: 10_000)
-        on_orchestration_stopping
-        manager = Internal::OrchestrationManager.instance
-        if manager.respond_to?(:stop_orchestration)
-          manager.stop_orchestration(timeout_ms: timeout_ms)
-        else
-          manager.orchestration_handle.stop_orchestration(timeout_ms: timeout_ms)
-        end
+        Internal::OrchestrationManager.instance.stop_orchestration(timeout_ms: timeout_ms)
       end
 
       # The hook: registers the handle's endpoints under name (nil: discovery

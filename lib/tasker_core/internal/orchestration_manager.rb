@@ -64,18 +64,30 @@ module TaskerCore
       # database.url / DATABASE_URL unless database_url: is given; with
       # none, raises ConfigurationError: the tooling (bin/setup, bin/test),
       # not the library, starts an embedded PostgreSQL.
-      def start_orchestration(**opts)
+      #
+      # When discovery.name is set (or discovery: { name: } is given), the
+      # handle's endpoints are registered under that name in PostgreSQL once
+      # the loop runs, and revoked when it stops (TaskerCore::Discovery).
+      def start_orchestration(discovery: {}, **opts)
         url = opts[:database_url] || OrchestrationHandle.configured_database_url
         if url.nil? || url.empty?
           raise ConfigurationError, "no database configured for the orchestration loop: set DATABASE_URL " \
                                     "(or database.url in config/tasker-config.yml)"
         end
 
-        orchestration_handle.start_orchestration(**opts, database_url: url)
+        handle = orchestration_handle
+        handle.start_orchestration(**opts, database_url: url)
+        begin
+          TaskerCore::Discovery.on_orchestration_started(handle, **discovery)
+        rescue StandardError
+          handle.stop_orchestration
+          raise
+        end
         self
       end
 
       def stop_orchestration(timeout_ms: 10_000)
+        TaskerCore::Discovery.on_orchestration_stopping
         handle = @lock.synchronize do
           forget_inherited_handle
           @handle
