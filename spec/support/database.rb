@@ -52,17 +52,6 @@ module DatabaseHelpers
   end
 end
 
-# Until branch codec lands TaskerCore::Codec (C), specs pack with the msgpack gem.
-unless defined?(TaskerCore::Codec) && TaskerCore::Codec.respond_to?(:pack)
-  require "msgpack"
-  module TaskerCore
-    module Codec
-      def self.pack(obj) = MessagePack.pack(obj)
-      def self.unpack(str, symbolize_keys: false) = MessagePack.unpack(str, symbolize_keys: symbolize_keys)
-    end
-  end
-end
-
 RSpec.configure do |config|
   config.include DatabaseHelpers
   config.after do
