@@ -37,9 +37,19 @@ CREATE TABLE tasker_tasks (
 );
 CREATE INDEX tasker_tasks_unfinished ON tasker_tasks (id) WHERE state IN ('pending', 'in_progress');
 
+-- Steps, edges and the histories carry no foreign keys (tasks keep theirs to
+-- templates). Their rows are written only by the functions below, in the
+-- statement (tasker_create_task: the call) that writes the task or step they
+-- belong to, so they cannot point at a missing row. A key check is a query
+-- and a row lock per written row: about 10 per task created (one per step)
+-- and 4 per step run (one per transition), more than the rest of the work,
+-- and its plan, cached per connection, goes on scanning the parent table
+-- whole when it was made while the table looked empty. Deleting (or
+-- truncating) tasks or steps removes what belongs to them through the
+-- statement-level triggers below, as ON DELETE CASCADE did.
 CREATE TABLE tasker_workflow_steps (
   id               bigserial PRIMARY KEY,
-  task_id          bigint NOT NULL REFERENCES tasker_tasks (id) ON DELETE CASCADE,
+  task_id          bigint NOT NULL,
   name             text NOT NULL,
   handler          text NOT NULL,
   handler_config   bytea NOT NULL,
@@ -78,20 +88,15 @@ CREATE INDEX tasker_workflow_steps_in_flight ON tasker_workflow_steps (claim_dea
 CREATE INDEX tasker_workflow_steps_errored ON tasker_workflow_steps (task_id) WHERE state = 'error';
 
 CREATE TABLE tasker_workflow_step_edges (
-  from_step_id bigint NOT NULL REFERENCES tasker_workflow_steps (id) ON DELETE CASCADE,
-  to_step_id   bigint NOT NULL REFERENCES tasker_workflow_steps (id) ON DELETE CASCADE,
+  from_step_id bigint NOT NULL,
+  to_step_id   bigint NOT NULL,
   PRIMARY KEY (from_step_id, to_step_id),
   CHECK (from_step_id <> to_step_id)
 );
 CREATE INDEX tasker_workflow_step_edges_to ON tasker_workflow_step_edges (to_step_id);
 
--- The two histories are append-only logs written only by the functions
--- below, in the statement that makes the change. They carry no foreign key:
--- a key check per appended row (a lookup and a row lock on the task or step,
--- about four per step run) cost more than the rest of the step's bookkeeping.
--- Deleting or truncating tasks or steps removes their history through the
--- statement-level triggers further down, as ON DELETE CASCADE did.
--- Keyed by (owner, id): the one index both identifies a row and reads one
+-- The two histories are append-only logs, written by the functions in the
+-- statement that makes the change. Keyed by (owner, id): the one index both identifies a row and reads one
 -- task's or step's history in order (one index entry per appended row).
 CREATE TABLE tasker_task_transitions (
   id         bigserial NOT NULL,
@@ -154,44 +159,51 @@ CREATE TRIGGER tasker_tasks_state_guard
     (OLD.state = 'error'       AND NEW.state IN ('in_progress', 'complete', 'cancelled'))))
   EXECUTE FUNCTION tasker_refuse_task_transition();
 
--- History goes with its task or step (the histories have no foreign keys):
--- one DELETE per statement, through the transition table.
-CREATE FUNCTION tasker_delete_task_history() RETURNS trigger LANGUAGE plpgsql AS $$
+-- What belongs to a deleted task or step goes with it (no foreign keys, see
+-- tasker_workflow_steps): one DELETE per table per statement, through the
+-- transition table. Deleting a task deletes its steps, which deletes their
+-- edges and history.
+CREATE FUNCTION tasker_delete_task_rows() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   DELETE FROM tasker_task_transitions h USING gone WHERE h.task_id = gone.id;
+  DELETE FROM tasker_workflow_steps s USING gone WHERE s.task_id = gone.id;
   RETURN NULL;
 END $$;
 
-CREATE TRIGGER tasker_tasks_delete_history
+CREATE TRIGGER tasker_tasks_delete_rows
   AFTER DELETE ON tasker_tasks REFERENCING OLD TABLE AS gone
-  FOR EACH STATEMENT EXECUTE FUNCTION tasker_delete_task_history();
+  FOR EACH STATEMENT EXECUTE FUNCTION tasker_delete_task_rows();
 
-CREATE FUNCTION tasker_delete_step_history() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION tasker_delete_step_rows() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   DELETE FROM tasker_workflow_step_transitions h USING gone WHERE h.step_id = gone.id;
+  DELETE FROM tasker_workflow_step_edges e USING gone WHERE e.from_step_id = gone.id;
+  DELETE FROM tasker_workflow_step_edges e USING gone WHERE e.to_step_id = gone.id;
   RETURN NULL;
 END $$;
 
-CREATE TRIGGER tasker_workflow_steps_delete_history
+CREATE TRIGGER tasker_workflow_steps_delete_rows
   AFTER DELETE ON tasker_workflow_steps REFERENCING OLD TABLE AS gone
-  FOR EACH STATEMENT EXECUTE FUNCTION tasker_delete_step_history();
+  FOR EACH STATEMENT EXECUTE FUNCTION tasker_delete_step_rows();
 
--- TRUNCATE tasker_tasks CASCADE reaches the steps and edges through their
--- foreign keys; the histories are emptied here (a DELETE: a TRUNCATE that
--- names them too has them open already; then they are empty and it is free).
-CREATE FUNCTION tasker_truncate_history() RETURNS trigger LANGUAGE plpgsql AS $$
+-- TRUNCATE of tasks or steps empties what belongs to them (a DELETE: a
+-- TRUNCATE that names those tables too has them open already; they are then
+-- empty and the DELETE is free).
+CREATE FUNCTION tasker_truncate_rows() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+  DELETE FROM tasker_workflow_step_transitions;
+  DELETE FROM tasker_workflow_step_edges;
   IF TG_TABLE_NAME = 'tasker_tasks' THEN
     DELETE FROM tasker_task_transitions;
+    DELETE FROM tasker_workflow_steps;
   END IF;
-  DELETE FROM tasker_workflow_step_transitions;
   RETURN NULL;
 END $$;
 
-CREATE TRIGGER tasker_tasks_truncate_history
-  AFTER TRUNCATE ON tasker_tasks FOR EACH STATEMENT EXECUTE FUNCTION tasker_truncate_history();
-CREATE TRIGGER tasker_workflow_steps_truncate_history
-  AFTER TRUNCATE ON tasker_workflow_steps FOR EACH STATEMENT EXECUTE FUNCTION tasker_truncate_history();
+CREATE TRIGGER tasker_tasks_truncate_rows
+  AFTER TRUNCATE ON tasker_tasks FOR EACH STATEMENT EXECUTE FUNCTION tasker_truncate_rows();
+CREATE TRIGGER tasker_workflow_steps_truncate_rows
+  AFTER TRUNCATE ON tasker_workflow_steps FOR EACH STATEMENT EXECUTE FUNCTION tasker_truncate_rows();
 
 -- ---------------------------------------------------------------------------
 -- Helpers.
@@ -294,15 +306,21 @@ DECLARE
   v_template bigint;
   v_task bigint;
 BEGIN
-  INSERT INTO tasker_task_templates (namespace, name, version, definition)
-  VALUES (p_namespace, p_name, p_version, p_definition)
-  ON CONFLICT (namespace, name, version)
-    DO UPDATE SET definition = EXCLUDED.definition, updated_at = now()
-    WHERE tasker_task_templates.definition IS DISTINCT FROM EXCLUDED.definition
-  RETURNING id INTO v_template;
+  -- The template as stored (the common case: one read, no write), else
+  -- stored or updated now.
+  SELECT id INTO v_template FROM tasker_task_templates
+   WHERE namespace = p_namespace AND name = p_name AND version = p_version AND definition = p_definition;
   IF v_template IS NULL THEN
-    SELECT id INTO v_template FROM tasker_task_templates
-     WHERE namespace = p_namespace AND name = p_name AND version = p_version;
+    INSERT INTO tasker_task_templates (namespace, name, version, definition)
+    VALUES (p_namespace, p_name, p_version, p_definition)
+    ON CONFLICT (namespace, name, version)
+      DO UPDATE SET definition = EXCLUDED.definition, updated_at = now()
+      WHERE tasker_task_templates.definition IS DISTINCT FROM EXCLUDED.definition
+    RETURNING id INTO v_template;
+    IF v_template IS NULL THEN
+      SELECT id INTO v_template FROM tasker_task_templates
+       WHERE namespace = p_namespace AND name = p_name AND version = p_version;
+    END IF;
   END IF;
 
   INSERT INTO tasker_tasks (template_id, namespace, name, version, context, identity_key,
