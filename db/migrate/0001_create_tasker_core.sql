@@ -340,12 +340,14 @@ BEGIN
   WITH steps AS (
     INSERT INTO tasker_workflow_steps (task_id, name, handler, handler_config, pending_parents, retryable,
                                        max_attempts, backoff_base_ms, backoff_cap_ms, jitter, timeout_ms)
-    SELECT v_task, x.name, x.handler, x.config,
-           (SELECT count(*) FROM unnest(p_edge_to) AS e(to_name) WHERE e.to_name = x.name),
+    SELECT v_task, x.name, x.handler, x.config, coalesce(p.n, 0),
            x.retryable, x.max_attempts, x.base, x.cap, x.jitter, x.timeout
       FROM unnest(p_step_names, p_handlers, p_handler_configs, p_timeouts_ms, p_retryable, p_max_attempts,
                   p_backoff_base_ms, p_backoff_cap_ms, p_jitter)
-           AS x(name, handler, config, timeout, retryable, max_attempts, base, cap, jitter)
+           WITH ORDINALITY AS x(name, handler, config, timeout, retryable, max_attempts, base, cap, jitter, ord)
+      LEFT JOIN (SELECT e.to_name, count(*)::int AS n FROM unnest(p_edge_to) AS e(to_name) GROUP BY e.to_name) p
+        ON p.to_name = x.name
+     ORDER BY x.ord  -- ids in template order
     RETURNING id, name
   ), edges AS (
     INSERT INTO tasker_workflow_step_edges (from_step_id, to_step_id)
