@@ -37,9 +37,19 @@ CREATE TABLE tasker_tasks (
 );
 CREATE INDEX tasker_tasks_unfinished ON tasker_tasks (id) WHERE state IN ('pending', 'in_progress');
 
+-- Steps, edges and the histories carry no foreign keys (tasks keep theirs to
+-- templates). Their rows are written only by the functions below, in the
+-- statement (tasker_create_task: the call) that writes the task or step they
+-- belong to, so they cannot point at a missing row. A key check is a query
+-- and a row lock per written row: about 10 per task created (one per step)
+-- and 4 per step run (one per transition), more than the rest of the work,
+-- and its plan, cached per connection, goes on scanning the parent table
+-- whole when it was made while the table looked empty. Deleting (or
+-- truncating) tasks or steps removes what belongs to them through the
+-- statement-level triggers below, as ON DELETE CASCADE did.
 CREATE TABLE tasker_workflow_steps (
   id               bigserial PRIMARY KEY,
-  task_id          bigint NOT NULL REFERENCES tasker_tasks (id) ON DELETE CASCADE,
+  task_id          bigint NOT NULL,
   name             text NOT NULL,
   handler          text NOT NULL,
   handler_config   bytea NOT NULL,
@@ -78,77 +88,122 @@ CREATE INDEX tasker_workflow_steps_in_flight ON tasker_workflow_steps (claim_dea
 CREATE INDEX tasker_workflow_steps_errored ON tasker_workflow_steps (task_id) WHERE state = 'error';
 
 CREATE TABLE tasker_workflow_step_edges (
-  from_step_id bigint NOT NULL REFERENCES tasker_workflow_steps (id) ON DELETE CASCADE,
-  to_step_id   bigint NOT NULL REFERENCES tasker_workflow_steps (id) ON DELETE CASCADE,
+  from_step_id bigint NOT NULL,
+  to_step_id   bigint NOT NULL,
   PRIMARY KEY (from_step_id, to_step_id),
   CHECK (from_step_id <> to_step_id)
 );
 CREATE INDEX tasker_workflow_step_edges_to ON tasker_workflow_step_edges (to_step_id);
 
+-- The two histories are append-only logs, written by the functions in the
+-- statement that makes the change. Keyed by (owner, id): the one index both identifies a row and reads one
+-- task's or step's history in order (one index entry per appended row).
 CREATE TABLE tasker_task_transitions (
-  id         bigserial PRIMARY KEY,
-  task_id    bigint NOT NULL REFERENCES tasker_tasks (id) ON DELETE CASCADE,
+  id         bigserial NOT NULL,
+  task_id    bigint NOT NULL,
   from_state text,
   to_state   text NOT NULL,
   reason     text,
-  created_at timestamptz NOT NULL DEFAULT now()
+  created_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (task_id, id)
 );
-CREATE INDEX tasker_task_transitions_task ON tasker_task_transitions (task_id, id);
 
 CREATE TABLE tasker_workflow_step_transitions (
-  id         bigserial PRIMARY KEY,
-  step_id    bigint NOT NULL REFERENCES tasker_workflow_steps (id) ON DELETE CASCADE,
+  id         bigserial NOT NULL,
+  step_id    bigint NOT NULL,
   task_id    bigint NOT NULL,
   from_state text,
   to_state   text NOT NULL,
   attempt    int NOT NULL,
   owner      text,
   reason     text,
-  created_at timestamptz NOT NULL DEFAULT now()
+  created_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (step_id, id)
 );
-CREATE INDEX tasker_workflow_step_transitions_step ON tasker_workflow_step_transitions (step_id, id);
 
 -- ---------------------------------------------------------------------------
--- State machines, enforced on every UPDATE that changes a state.
+-- State machines, enforced on every UPDATE that changes a state. The legal
+-- transitions are the triggers' WHEN conditions, evaluated inline for each
+-- updated row without a function call; the PL/pgSQL function only runs to
+-- raise, for an illegal one. So a direct UPDATE by anyone is refused, and a
+-- legal change (three per step run) costs one expression, not a trigger call.
 
-CREATE FUNCTION tasker_guard_step_transition() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION tasker_refuse_step_transition() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  IF NOT (
+  RAISE EXCEPTION 'illegal workflow step transition % -> % (step %)', OLD.state, NEW.state, OLD.id
+    USING ERRCODE = 'TK001';
+END $$;
+
+CREATE TRIGGER tasker_workflow_steps_state_guard
+  BEFORE UPDATE OF state ON tasker_workflow_steps
+  FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state AND NOT (
     (OLD.state = 'pending'     AND NEW.state IN ('enqueued', 'cancelled', 'resolved_manually')) OR
     (OLD.state = 'enqueued'    AND NEW.state IN ('in_progress', 'pending', 'complete', 'error',
                                                  'cancelled', 'resolved_manually')) OR
     (OLD.state = 'in_progress' AND NEW.state IN ('pending', 'complete', 'error', 'cancelled',
                                                  'resolved_manually')) OR
-    (OLD.state = 'error'       AND NEW.state IN ('pending', 'cancelled', 'resolved_manually'))
-  ) THEN
-    RAISE EXCEPTION 'illegal workflow step transition % -> % (step %)', OLD.state, NEW.state, OLD.id
-      USING ERRCODE = 'TK001';
-  END IF;
-  RETURN NEW;
-END $$;
+    (OLD.state = 'error'       AND NEW.state IN ('pending', 'cancelled', 'resolved_manually'))))
+  EXECUTE FUNCTION tasker_refuse_step_transition();
 
-CREATE TRIGGER tasker_workflow_steps_state_guard
-  BEFORE UPDATE OF state ON tasker_workflow_steps
-  FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
-  EXECUTE FUNCTION tasker_guard_step_transition();
-
-CREATE FUNCTION tasker_guard_task_transition() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION tasker_refuse_task_transition() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  IF NOT (
-    (OLD.state = 'pending'     AND NEW.state IN ('in_progress', 'complete', 'error', 'cancelled')) OR
-    (OLD.state = 'in_progress' AND NEW.state IN ('complete', 'error', 'cancelled')) OR
-    (OLD.state = 'error'       AND NEW.state IN ('in_progress', 'complete', 'cancelled'))
-  ) THEN
-    RAISE EXCEPTION 'illegal task transition % -> % (task %)', OLD.state, NEW.state, OLD.id
-      USING ERRCODE = 'TK001';
-  END IF;
-  RETURN NEW;
+  RAISE EXCEPTION 'illegal task transition % -> % (task %)', OLD.state, NEW.state, OLD.id
+    USING ERRCODE = 'TK001';
 END $$;
 
 CREATE TRIGGER tasker_tasks_state_guard
   BEFORE UPDATE OF state ON tasker_tasks
-  FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
-  EXECUTE FUNCTION tasker_guard_task_transition();
+  FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state AND NOT (
+    (OLD.state = 'pending'     AND NEW.state IN ('in_progress', 'complete', 'error', 'cancelled')) OR
+    (OLD.state = 'in_progress' AND NEW.state IN ('complete', 'error', 'cancelled')) OR
+    (OLD.state = 'error'       AND NEW.state IN ('in_progress', 'complete', 'cancelled'))))
+  EXECUTE FUNCTION tasker_refuse_task_transition();
+
+-- What belongs to a deleted task or step goes with it (no foreign keys, see
+-- tasker_workflow_steps): one DELETE per table per statement, through the
+-- transition table. Deleting a task deletes its steps, which deletes their
+-- edges and history.
+CREATE FUNCTION tasker_delete_task_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  DELETE FROM tasker_task_transitions h USING gone WHERE h.task_id = gone.id;
+  DELETE FROM tasker_workflow_steps s USING gone WHERE s.task_id = gone.id;
+  RETURN NULL;
+END $$;
+
+CREATE TRIGGER tasker_tasks_delete_rows
+  AFTER DELETE ON tasker_tasks REFERENCING OLD TABLE AS gone
+  FOR EACH STATEMENT EXECUTE FUNCTION tasker_delete_task_rows();
+
+CREATE FUNCTION tasker_delete_step_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  DELETE FROM tasker_workflow_step_transitions h USING gone WHERE h.step_id = gone.id;
+  DELETE FROM tasker_workflow_step_edges e USING gone WHERE e.from_step_id = gone.id;
+  DELETE FROM tasker_workflow_step_edges e USING gone WHERE e.to_step_id = gone.id;
+  RETURN NULL;
+END $$;
+
+CREATE TRIGGER tasker_workflow_steps_delete_rows
+  AFTER DELETE ON tasker_workflow_steps REFERENCING OLD TABLE AS gone
+  FOR EACH STATEMENT EXECUTE FUNCTION tasker_delete_step_rows();
+
+-- TRUNCATE of tasks or steps empties what belongs to them (a DELETE: a
+-- TRUNCATE that names those tables too has them open already; they are then
+-- empty and the DELETE is free).
+CREATE FUNCTION tasker_truncate_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  DELETE FROM tasker_workflow_step_transitions;
+  DELETE FROM tasker_workflow_step_edges;
+  IF TG_TABLE_NAME = 'tasker_tasks' THEN
+    DELETE FROM tasker_task_transitions;
+    DELETE FROM tasker_workflow_steps;
+  END IF;
+  RETURN NULL;
+END $$;
+
+CREATE TRIGGER tasker_tasks_truncate_rows
+  AFTER TRUNCATE ON tasker_tasks FOR EACH STATEMENT EXECUTE FUNCTION tasker_truncate_rows();
+CREATE TRIGGER tasker_workflow_steps_truncate_rows
+  AFTER TRUNCATE ON tasker_workflow_steps FOR EACH STATEMENT EXECUTE FUNCTION tasker_truncate_rows();
 
 -- ---------------------------------------------------------------------------
 -- Helpers.
@@ -181,37 +236,45 @@ $$;
 --   a step in error (and the task pending/in_progress) -> error
 --   in error but no step in error any more            -> in_progress
 -- Returns how many tasks changed state.
-CREATE FUNCTION tasker_finalize_tasks(p_task_ids bigint[]) RETURNS int LANGUAGE plpgsql AS $$
+CREATE FUNCTION tasker_finalize_tasks(p_task_ids bigint[]) RETURNS int
+LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
 #variable_conflict use_column
 DECLARE
-  r record;
-  v_to text;
-  v_changed int := 0;
+  v_changed int;
+  v_finished bigint[];
 BEGIN
-  FOR r IN
-    SELECT t.id, t.state, t.remaining_steps,
-           EXISTS (SELECT 1 FROM tasker_workflow_steps s WHERE s.task_id = t.id AND s.state = 'error') AS errored
-    FROM tasker_tasks t
-    WHERE t.id = ANY (p_task_ids) AND t.state IN ('pending', 'in_progress', 'error')
-    ORDER BY t.id
-    FOR UPDATE OF t
-  LOOP
-    v_to := CASE
-      WHEN r.remaining_steps = 0 THEN 'complete'
-      WHEN r.errored AND r.state <> 'error' THEN 'error'
-      WHEN NOT r.errored AND r.state = 'error' THEN 'in_progress'
-    END;
-    CONTINUE WHEN v_to IS NULL;
-    UPDATE tasker_tasks SET state = v_to, updated_at = now(),
-           finished_at = CASE WHEN v_to IN ('complete', 'error') THEN now() END
-     WHERE id = r.id;
+  -- One statement for all the tasks: lock them in id order, compute each
+  -- one's target state, move those that change and log them.
+  WITH cand AS (
+    SELECT t.id, t.state AS old_state,
+           CASE
+             WHEN t.remaining_steps = 0 THEN 'complete'
+             WHEN t.state <> 'error' AND EXISTS (
+               SELECT 1 FROM tasker_workflow_steps s WHERE s.task_id = t.id AND s.state = 'error') THEN 'error'
+             WHEN t.state = 'error' AND NOT EXISTS (
+               SELECT 1 FROM tasker_workflow_steps s WHERE s.task_id = t.id AND s.state = 'error') THEN 'in_progress'
+           END AS to_state
+      FROM tasker_tasks t
+     WHERE t.id = ANY (p_task_ids) AND t.state IN ('pending', 'in_progress', 'error')
+     ORDER BY t.id
+       FOR UPDATE OF t
+  ), moved AS (
+    UPDATE tasker_tasks t
+       SET state = c.to_state, updated_at = now(),
+           finished_at = CASE WHEN c.to_state IN ('complete', 'error') THEN now() END
+      FROM cand c
+     WHERE t.id = c.id AND c.to_state IS NOT NULL
+    RETURNING t.id, c.old_state, c.to_state
+  ), logged AS (
     INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)
-    VALUES (r.id, r.state, v_to, 'finalize');
-    IF v_to IN ('complete', 'error') THEN
-      PERFORM pg_notify('tasker_task_finished', r.id::text);
-    END IF;
-    v_changed := v_changed + 1;
-  END LOOP;
+    SELECT m.id, m.old_state, m.to_state, 'finalize' FROM moved m
+  )
+  SELECT count(*), array_agg(m.id ORDER BY m.id) FILTER (WHERE m.to_state IN ('complete', 'error'))
+    INTO v_changed, v_finished FROM moved m;
+
+  IF v_finished IS NOT NULL THEN
+    PERFORM pg_notify('tasker_task_finished', f::text) FROM unnest(v_finished) AS f;
+  END IF;
   RETURN v_changed;
 END $$;
 
@@ -243,15 +306,21 @@ DECLARE
   v_template bigint;
   v_task bigint;
 BEGIN
-  INSERT INTO tasker_task_templates (namespace, name, version, definition)
-  VALUES (p_namespace, p_name, p_version, p_definition)
-  ON CONFLICT (namespace, name, version)
-    DO UPDATE SET definition = EXCLUDED.definition, updated_at = now()
-    WHERE tasker_task_templates.definition IS DISTINCT FROM EXCLUDED.definition
-  RETURNING id INTO v_template;
+  -- The template as stored (the common case: one read, no write), else
+  -- stored or updated now.
+  SELECT id INTO v_template FROM tasker_task_templates
+   WHERE namespace = p_namespace AND name = p_name AND version = p_version AND definition = p_definition;
   IF v_template IS NULL THEN
-    SELECT id INTO v_template FROM tasker_task_templates
-     WHERE namespace = p_namespace AND name = p_name AND version = p_version;
+    INSERT INTO tasker_task_templates (namespace, name, version, definition)
+    VALUES (p_namespace, p_name, p_version, p_definition)
+    ON CONFLICT (namespace, name, version)
+      DO UPDATE SET definition = EXCLUDED.definition, updated_at = now()
+      WHERE tasker_task_templates.definition IS DISTINCT FROM EXCLUDED.definition
+    RETURNING id INTO v_template;
+    IF v_template IS NULL THEN
+      SELECT id INTO v_template FROM tasker_task_templates
+       WHERE namespace = p_namespace AND name = p_name AND version = p_version;
+    END IF;
   END IF;
 
   INSERT INTO tasker_tasks (template_id, namespace, name, version, context, identity_key,
@@ -266,25 +335,32 @@ BEGIN
     RETURN;
   END IF;
 
-  INSERT INTO tasker_workflow_steps (task_id, name, handler, handler_config, pending_parents, retryable,
-                                     max_attempts, backoff_base_ms, backoff_cap_ms, jitter, timeout_ms)
-  SELECT v_task, x.name, x.handler, x.config,
-         (SELECT count(*) FROM unnest(p_edge_to) AS e(to_name) WHERE e.to_name = x.name),
-         x.retryable, x.max_attempts, x.base, x.cap, x.jitter, x.timeout
-    FROM unnest(p_step_names, p_handlers, p_handler_configs, p_timeouts_ms, p_retryable, p_max_attempts,
-                p_backoff_base_ms, p_backoff_cap_ms, p_jitter)
-         AS x(name, handler, config, timeout, retryable, max_attempts, base, cap, jitter);
-
-  INSERT INTO tasker_workflow_step_edges (from_step_id, to_step_id)
-  SELECT f.id, t.id
-    FROM unnest(p_edge_from, p_edge_to) AS e(from_name, to_name)
-    JOIN tasker_workflow_steps f ON f.task_id = v_task AND f.name = e.from_name
-    JOIN tasker_workflow_steps t ON t.task_id = v_task AND t.name = e.to_name;
+  -- Steps, edges and the creation transitions in one statement, from the
+  -- rows the INSERT returns (no read of the steps table).
+  WITH steps AS (
+    INSERT INTO tasker_workflow_steps (task_id, name, handler, handler_config, pending_parents, retryable,
+                                       max_attempts, backoff_base_ms, backoff_cap_ms, jitter, timeout_ms)
+    SELECT v_task, x.name, x.handler, x.config, coalesce(p.n, 0),
+           x.retryable, x.max_attempts, x.base, x.cap, x.jitter, x.timeout
+      FROM unnest(p_step_names, p_handlers, p_handler_configs, p_timeouts_ms, p_retryable, p_max_attempts,
+                  p_backoff_base_ms, p_backoff_cap_ms, p_jitter)
+           WITH ORDINALITY AS x(name, handler, config, timeout, retryable, max_attempts, base, cap, jitter, ord)
+      LEFT JOIN (SELECT e.to_name, count(*)::int AS n FROM unnest(p_edge_to) AS e(to_name) GROUP BY e.to_name) p
+        ON p.to_name = x.name
+     ORDER BY x.ord  -- ids in template order
+    RETURNING id, name
+  ), edges AS (
+    INSERT INTO tasker_workflow_step_edges (from_step_id, to_step_id)
+    SELECT f.id, t.id
+      FROM unnest(p_edge_from, p_edge_to) AS e(from_name, to_name)
+      JOIN steps f ON f.name = e.from_name
+      JOIN steps t ON t.name = e.to_name
+  )
+  INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, reason)
+  SELECT s.id, v_task, NULL, 'pending', 0, 'created' FROM steps s;
 
   INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)
   VALUES (v_task, NULL, 'pending', 'created');
-  INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, reason)
-  SELECT s.id, v_task, NULL, 'pending', 0, 'created' FROM tasker_workflow_steps s WHERE s.task_id = v_task;
 
   PERFORM pg_notify('tasker_steps_ready', '');
   RETURN QUERY SELECT v_task, true;
@@ -293,14 +369,19 @@ END $$;
 -- ---------------------------------------------------------------------------
 -- The orchestration loop's functions (see docs/store.md).
 
+-- The loop's functions run every statement with a plan made for the call
+-- (plan_cache_mode = force_custom_plan): a plan cached while the tables were
+-- small (a new or just truncated database) would keep scanning them whole as
+-- they grow. Planning costs a few µs per call of up to a batch of steps.
 CREATE FUNCTION tasker_claim_steps(p_owner text, p_limit int, p_lease_ms int)
 RETURNS TABLE (step_id bigint, task_id bigint, step_name text, handler text, handler_config bytea,
                attempt int, timeout_ms int, context bytea, dep_names text[], dep_outputs bytea[])
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
 #variable_conflict use_column
-DECLARE
-  v_ids bigint[];
 BEGIN
+  -- One statement: lock the ready steps, claim them, log them, start their
+  -- pending tasks, and return them with their context and parents' outputs.
+  RETURN QUERY
   WITH ready AS (
     SELECT s.id FROM tasker_workflow_steps s
       JOIN tasker_tasks t ON t.id = s.task_id
@@ -315,43 +396,33 @@ BEGIN
            claim_deadline = now() + (s.timeout_ms + p_lease_ms) * interval '1 millisecond',
            last_attempt_at = now(), updated_at = now()
       FROM ready WHERE s.id = ready.id
-    RETURNING s.id, s.task_id, s.attempts
+    RETURNING s.id, s.task_id, s.name, s.handler, s.handler_config, s.attempts, s.timeout_ms
   ), logged AS (
     INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, owner, reason)
     SELECT c.id, c.task_id, 'pending', 'enqueued', c.attempts, p_owner, 'claimed' FROM claimed c
-  )
-  SELECT array_agg(c.id ORDER BY c.id) INTO v_ids FROM claimed c;
-
-  IF v_ids IS NULL THEN
-    RETURN;
-  END IF;
-
-  WITH started AS (
+  ), started AS (
     UPDATE tasker_tasks t SET state = 'in_progress', updated_at = now()
-     WHERE t.id IN (SELECT s.task_id FROM tasker_workflow_steps s WHERE s.id = ANY (v_ids))
-       AND t.state = 'pending'
+     WHERE t.id IN (SELECT c.task_id FROM claimed c) AND t.state = 'pending'
     RETURNING t.id
+  ), started_logged AS (
+    INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)
+    SELECT started.id, 'pending', 'in_progress', 'claimed' FROM started
   )
-  INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)
-  SELECT started.id, 'pending', 'in_progress', 'claimed' FROM started;
-
-  RETURN QUERY
-  SELECT s.id, s.task_id, s.name, s.handler, s.handler_config, s.attempts, s.timeout_ms, t.context,
+  SELECT c.id, c.task_id, c.name, c.handler, c.handler_config, c.attempts, c.timeout_ms, t.context,
          coalesce(d.names, '{}'::text[]), coalesce(d.outputs, '{}'::bytea[])
-    FROM tasker_workflow_steps s
-    JOIN tasker_tasks t ON t.id = s.task_id
+    FROM claimed c
+    JOIN tasker_tasks t ON t.id = c.task_id
     LEFT JOIN LATERAL (
       SELECT array_agg(p.name ORDER BY p.name) AS names, array_agg(p.output ORDER BY p.name) AS outputs
         FROM tasker_workflow_step_edges e
         JOIN tasker_workflow_steps p ON p.id = e.from_step_id
-       WHERE e.to_step_id = s.id
+       WHERE e.to_step_id = c.id
     ) d ON true
-   WHERE s.id = ANY (v_ids)
-   ORDER BY s.id;
+   ORDER BY c.id;
 END $$;
 
 CREATE FUNCTION tasker_mark_dispatched(p_step_ids bigint[], p_attempts int[]) RETURNS int
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
 DECLARE
   v_n int;
 BEGIN
@@ -371,14 +442,17 @@ END $$;
 CREATE FUNCTION tasker_apply_results(p_step_ids bigint[], p_attempts int[], p_success boolean[],
                                      p_outputs bytea[], p_errors bytea[], p_retryable boolean[],
                                      p_retry_after_ms int[])
-RETURNS TABLE (applied int, stale int) LANGUAGE plpgsql AS $$
+RETURNS TABLE (applied int, stale int)
+LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
 #variable_conflict use_column
 DECLARE
   v_total int := coalesce(cardinality(p_step_ids), 0);
   v_ids bigint[]; v_attempts int[]; v_success boolean[]; v_outputs bytea[]; v_errors bytea[];
   v_retryable boolean[]; v_after int[]; v_old text[];
   v_done bigint[];
+  v_done_tasks bigint[];
   v_tasks bigint[];
+  v_finished bigint[];
 BEGIN
   -- Lock the rows still in flight with the attempt reported; a duplicate
   -- within the call (first wins), a late result (the step moved on) or an
@@ -439,19 +513,62 @@ BEGIN
            CASE WHEN upd.success THEN 'result' WHEN upd.state = 'pending' THEN 'retry' ELSE 'failed' END
       FROM upd
   )
-  SELECT array_agg(upd.id) FILTER (WHERE upd.state = 'complete'), array_agg(DISTINCT upd.task_id)
-    INTO v_done, v_tasks FROM upd;
+  SELECT array_agg(upd.id) FILTER (WHERE upd.state = 'complete'),
+         array_agg(upd.task_id) FILTER (WHERE upd.state = 'complete'),
+         array_agg(DISTINCT upd.task_id)
+    INTO v_done, v_done_tasks, v_tasks FROM upd;
 
+  -- The children of the completed steps have one parent fewer to wait for.
   IF v_done IS NOT NULL THEN
-    PERFORM tasker_steps_done(v_done);
+    UPDATE tasker_workflow_steps c SET pending_parents = c.pending_parents - d.n
+      FROM (SELECT e.to_step_id, count(*)::int AS n FROM tasker_workflow_step_edges e
+             WHERE e.from_step_id = ANY (v_done) GROUP BY e.to_step_id) d
+     WHERE c.id = d.to_step_id;
   END IF;
-  PERFORM tasker_finalize_tasks(v_tasks);
+
+  -- Each task once per call, in id order: its remaining_steps counter less
+  -- its steps completed here, and the state its steps call for (as
+  -- tasker_finalize_tasks), in one UPDATE; the state changes logged.
+  WITH d AS (
+    SELECT x.task_id, count(*)::int AS n FROM unnest(v_done_tasks) AS x(task_id) GROUP BY x.task_id
+  ), cand AS (
+    SELECT t.id, t.state AS old_state, t.remaining_steps - coalesce(d.n, 0) AS remaining,
+           CASE
+             WHEN t.state NOT IN ('pending', 'in_progress', 'error') THEN NULL
+             WHEN t.remaining_steps - coalesce(d.n, 0) = 0 THEN 'complete'
+             WHEN t.state <> 'error' AND EXISTS (
+               SELECT 1 FROM tasker_workflow_steps s WHERE s.task_id = t.id AND s.state = 'error') THEN 'error'
+             WHEN t.state = 'error' AND NOT EXISTS (
+               SELECT 1 FROM tasker_workflow_steps s WHERE s.task_id = t.id AND s.state = 'error') THEN 'in_progress'
+           END AS to_state
+      FROM tasker_tasks t LEFT JOIN d ON d.task_id = t.id
+     WHERE t.id = ANY (v_tasks)
+     ORDER BY t.id
+       FOR UPDATE OF t
+  ), moved AS (
+    UPDATE tasker_tasks t
+       SET remaining_steps = c.remaining, state = coalesce(c.to_state, t.state), updated_at = now(),
+           finished_at = CASE WHEN c.to_state IS NULL THEN t.finished_at
+                              WHEN c.to_state IN ('complete', 'error') THEN now() END
+      FROM cand c
+     WHERE t.id = c.id AND (c.to_state IS NOT NULL OR c.remaining <> t.remaining_steps)
+    RETURNING t.id, c.old_state, c.to_state
+  ), logged AS (
+    INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)
+    SELECT m.id, m.old_state, m.to_state, 'finalize' FROM moved m WHERE m.to_state IS NOT NULL
+  )
+  SELECT array_agg(m.id ORDER BY m.id) FILTER (WHERE m.to_state IN ('complete', 'error'))
+    INTO v_finished FROM moved m;
+
+  IF v_finished IS NOT NULL THEN
+    PERFORM pg_notify('tasker_task_finished', f::text) FROM unnest(v_finished) AS f;
+  END IF;
 
   RETURN QUERY SELECT cardinality(v_ids), v_total - cardinality(v_ids);
 END $$;
 
 CREATE FUNCTION tasker_release_steps(p_step_ids bigint[], p_attempts int[]) RETURNS int
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
 DECLARE
   v_n int;
 BEGIN
@@ -478,7 +595,8 @@ BEGIN
   RETURN v_n;
 END $$;
 
-CREATE FUNCTION tasker_requeue_expired(p_limit int) RETURNS int LANGUAGE plpgsql AS $$
+CREATE FUNCTION tasker_requeue_expired(p_limit int) RETURNS int
+LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
 DECLARE
   v_ids bigint[];
   v_attempts int[];

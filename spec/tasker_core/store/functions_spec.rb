@@ -176,6 +176,42 @@ RSpec.describe "the store's SQL functions", :db do
       .to raise_error(TaskerCore::StoreError)
   end
 
+  it "lets a legal state change through the guard, also from a direct UPDATE" do
+    id = TaskerCore.create_task(name: "linear")
+    conn.exec("UPDATE tasker_workflow_steps SET state = 'cancelled' WHERE task_id = $1", [id])
+    conn.exec("UPDATE tasker_tasks SET state = 'cancelled' WHERE id = $1", [id])
+    expect(conn.exec("SELECT DISTINCT state FROM tasker_workflow_steps WHERE task_id = $1", [id]).map { |r| r["state"] })
+      .to eq(["cancelled"])
+    expect(task_state(conn, id)).to eq("cancelled")
+  end
+
+  it "deletes a task's steps, edges and histories with the task (statement triggers, no foreign keys)" do
+    gone = TaskerCore.create_task(name: "diamond")
+    kept = TaskerCore.create_task(name: "linear")
+    run_to_completion(conn)
+    count = lambda do |task_id|
+      conn.exec(<<~SQL, [task_id]).first.transform_values(&:to_i)
+        SELECT (SELECT count(*) FROM tasker_workflow_steps WHERE task_id = $1) AS steps,
+               (SELECT count(*) FROM tasker_workflow_step_edges e JOIN tasker_workflow_steps s ON s.id = e.to_step_id
+                 WHERE s.task_id = $1) AS edges,
+               (SELECT count(*) FROM tasker_workflow_step_transitions WHERE task_id = $1) AS step_history,
+               (SELECT count(*) FROM tasker_task_transitions WHERE task_id = $1) AS task_history
+      SQL
+    end
+    before_kept = count.call(kept)
+    expect(count.call(gone).values).to all(be_positive)
+    conn.exec("DELETE FROM tasker_tasks WHERE id = $1", [gone])
+    expect(count.call(gone).values).to all(eq(0))
+    expect(conn.exec("SELECT count(*) AS n FROM tasker_workflow_step_edges").first["n"]).to eq(before_kept["edges"])
+    expect(count.call(kept)).to eq(before_kept)
+
+    conn.exec("TRUNCATE tasker_tasks")
+    expect(conn.exec(<<~SQL).first.values).to all(eq(0))
+      SELECT (SELECT count(*) FROM tasker_workflow_steps) AS a, (SELECT count(*) FROM tasker_workflow_step_edges) AS b,
+             (SELECT count(*) FROM tasker_workflow_step_transitions) AS c, (SELECT count(*) FROM tasker_task_transitions) AS d
+    SQL
+  end
+
   it "completes a fan-out/fan-in of 50 with every dependency output reaching the join" do
     use_templates(template("fan", [step("start"), *Array.new(50) { |i| step("w#{i}", ["start"]) },
                                    step("join", Array.new(50) { |i| "w#{i}" })]))

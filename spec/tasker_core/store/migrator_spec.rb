@@ -14,7 +14,7 @@ RSpec.describe TaskerCore::Store::Migrator do
     conn.transaction do
       conn.exec("CREATE SCHEMA tasker_migrate_spec")
       conn.exec("SET LOCAL search_path TO tasker_migrate_spec")
-      expect(described_class.new(conn).migrate!).to eq([1, 2, 3])
+      expect(described_class.new(conn).migrate!).to eq(described_class.migrations.map(&:version))
       tables = conn.exec("SELECT tablename FROM pg_tables WHERE schemaname = 'tasker_migrate_spec'").map { |r| r["tablename"] }
       expect(tables).to include("tasker_tasks", "tasker_workflow_steps", "tasker_workflow_step_edges",
                                 "tasker_task_transitions", "tasker_workflow_step_transitions", "tasker_schema_migrations", "tasker_workers",
