@@ -21,12 +21,14 @@
 #   STORE_STEPS=5000 STORE_MODES=drain ruby bench/store_bench.rb
 #   STORE_PROFILE=1 ruby bench/store_bench.rb          # + pg_stat_statements (track=all) top statements
 #   STORE_WRITE=0                                      # do not write bench/results/store.json
+#   STORE_BASELINE_JSON=f STORE_BASELINE_NAME=n        # add the rows of an earlier run as contender n
 
 $LOAD_PATH.unshift File.expand_path("../lib", __dir__)
 require_relative "lib/harness"
 require "tasker_core"
 require "tmpdir"
 require "fileutils"
+require "json"
 
 module Bench
   class Store
@@ -239,16 +241,23 @@ if $PROGRAM_NAME == __FILE__
     bench.stop
   end
 
+  contender = ENV.fetch("STORE_CONTENDER", "ours")
   rows = runs.flat_map do |mode, rs|
     label = "#{steps} steps, #{mode}"
-    [Bench.row(label: label, contender: "store", metric: "steps/s", unit: "steps/s",
+    [Bench.row(label: label, contender: contender, metric: "steps/s", unit: "steps/s",
                samples: rs.map { |r| r["steps_per_s"] }, runs: rs),
-     Bench.row(label: label, contender: "store", metric: "draining backend CPU per step", unit: "µs",
+     Bench.row(label: label, contender: contender, metric: "draining backend CPU per step", unit: "µs",
                samples: rs.map { |r| r["drain_backend_cpu_us_per_step"] }),
-     Bench.row(label: label, contender: "store", metric: "cluster CPU per step", unit: "µs",
+     Bench.row(label: label, contender: contender, metric: "cluster CPU per step", unit: "µs",
                samples: rs.map { |r| r["cluster_cpu_us_per_step"] })]
   end
   rows.each { |r| Bench.print_row(r) }
+  # STORE_BASELINE_JSON=path: the rows of an earlier run (another revision of
+  # the SQL, run with this harness) join the file as contender STORE_BASELINE_NAME.
+  if (base = ENV["STORE_BASELINE_JSON"])
+    name = ENV.fetch("STORE_BASELINE_NAME", "before")
+    rows += JSON.parse(File.read(base))["rows"].map { |r| r.merge("contender" => name) }
+  end
   unless ENV["STORE_WRITE"] == "0" || profile
     Bench.write_result(ENV.fetch("STORE_RESULT_NAME", "store"),
                        parameters: { "steps" => steps, "repeats" => repeats, "modes" => modes,

@@ -46,6 +46,11 @@ namespace :bench do
     bench_ruby "bench/scale_bench.rb"
   end
 
+  desc "Store only: the loop's SQL functions from one connection (STORE_STEPS=N, STORE_MODES=drain,concurrent)"
+  task store: :compile do
+    bench_ruby "bench/store_bench.rb"
+  end
+
   desc "Rebuild the results table in bench/README.md from bench/results/*.json"
   task :report do
     bench_ruby "bench/report.rb"
