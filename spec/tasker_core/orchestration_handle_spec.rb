@@ -165,7 +165,7 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       expect(handle.stats[:batches_published]).to eq(0)
     end
 
-    it "waits up to timeout_ms for a worker that starts after the call began (another process)" do
+    it "waits up to timeout_ms for a worker that starts after the call began (another process)", :spawns do
       cfg = handle.zeromq_config
       pid = nil
       caller_thread = Thread.current
