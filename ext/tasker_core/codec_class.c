@@ -338,7 +338,8 @@ static inline VALUE tc_utf8_key(const char *ptr, uint32_t len)
     uint32_t h = 2166136261u, i, slot;
     VALUE c;
 
-    if (len > TC_KEY_CACHE_MAXLEN)
+    /* msgpack-c hands over an empty string as (NULL, 0); memcmp must not see NULL. */
+    if (len == 0 || len > TC_KEY_CACHE_MAXLEN)
         return tc_interned(ptr, len, rb_utf8_encoding());
     for (i = 0; i < len; i++)
         h = (h ^ (unsigned char)ptr[i]) * 16777619u;
