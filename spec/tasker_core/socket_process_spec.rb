@@ -9,10 +9,9 @@ RSpec.describe TaskerCore::Socket, "across processes" do
     Timeout.timeout(30) { Array.new(count) { io.gets&.chomp } }
   end
 
-  # :no_valgrind on the examples that spawn Ruby: under `rake spec:valgrind`
-  # (ruby_memcheck, --trace-children=yes) each child would start under
-  # valgrind too, and children killed after the example leave truncated
-  # reports. The fork examples stay in.
+  # :no_valgrind on the examples that spawn Ruby: what runs under valgrind
+  # is this process, and a child killed after the example proves nothing
+  # there. The fork examples stay in.
   it "fans one message out to three subscribers in separate processes", :no_valgrind do
     pub = track(TaskerCore::Socket::Publisher.new(bind: "tcp://127.0.0.1:*"))
     r, w = IO.pipe
