@@ -100,21 +100,33 @@ RSpec.describe "examples/rails_app" do
     expect(File.read(log("orchestrator"))).to match(/tasker orchestrator: stopped/)
   end
 
-  it "rails generate tasker_core:install writes a config, a template, a handler and bin/tasker that the Railtie loads" do
-    app = File.join(@tmp, "generated_app")
+  # A copy of the app without the files the generator writes; its bundle
+  # points at the gem by absolute path (the copy lives elsewhere).
+  def scratch_app(name, active_record: false)
+    app = File.join(@tmp, name)
     FileUtils.mkdir_p(app)
     %w[Gemfile Gemfile.lock Rakefile config.ru app bin config].each { |f| FileUtils.cp_r(File.join(RailsAppHelpers::APP_ROOT, f), app) }
-    # The copy lives elsewhere: point its bundle at the gem by absolute path.
-    { "Gemfile" => ['path: "../.."', %(path: "#{RailsAppHelpers::GEM_ROOT}")], "Gemfile.lock" => ["remote: ../..", "remote: #{RailsAppHelpers::GEM_ROOT}"] }
-      .each { |f, (from, to)| File.write(File.join(app, f), File.read(File.join(app, f)).sub(from, to)) }
+    edits = { "Gemfile" => ['path: "../.."', %(path: "#{RailsAppHelpers::GEM_ROOT}")],
+              "Gemfile.lock" => ["remote: ../..", "remote: #{RailsAppHelpers::GEM_ROOT}"] }
+    edits["config/application.rb"] = [/^require "action_controller\/railtie"/, %(require "active_record/railtie"\n\\0)] if active_record
+    edits.each { |f, (from, to)| File.write(File.join(app, f), File.read(File.join(app, f)).sub(from, to)) }
     FileUtils.rm_rf(%w[config/tasker-config.yml config/tasks app/handlers bin/tasker].map { |f| File.join(app, f) })
+    app
+  end
 
+  def generate_install(app)
     out, status = run_app(@env, "bin/rails", "generate", "tasker_core:install", chdir: app)
     expect(status).to be_success, out
     written = %w[config/tasker-config.yml config/tasks/example_task.yml app/handlers/example_handler.rb bin/tasker]
     written.each { |f| expect(out).to match(%r{create\s+#{Regexp.escape(f)}}) }
     expect(written.reject { |f| File.file?(File.join(app, f)) }).to eq([])
     expect(File.executable?(File.join(app, "bin/tasker"))).to be(true)
+    out
+  end
+
+  it "rails generate tasker_core:install writes a config, a template, a handler and bin/tasker that the Railtie loads" do
+    app = scratch_app("generated_app")
+    out = generate_install(app)
     expect(out).to include("bin/tasker db:migrate") # no ActiveRecord here: no Rails migration, the binstub instead
     expect(Dir[File.join(app, "db/migrate/*")]).to eq([])
     expect(File.read(File.join(app, "config/tasker-config.yml"))).to include("e.g. rails_app")
@@ -137,5 +149,27 @@ RSpec.describe "examples/rails_app" do
     out, status = run_app(@env, "bin/tasker", "--help", chdir: app)
     expect(status).to be_success, out
     expect(out).to include("orchestrator", "worker", "db:migrate")
+  end
+
+  it "in an app with ActiveRecord, the generator also writes a Rails migration that applies tasker_core's schema" do
+    app = scratch_app("generated_ar_app", active_record: true)
+    generate_install(app)
+    migrations = Dir[File.join(app, "db/migrate/*_install_tasker_core.rb")]
+    expect(migrations.size).to eq(1)
+    expect(File.read(migrations.first)).to include("class InstallTaskerCore < ActiveRecord::Migration[7.0]")
+
+    # Its #up is TaskerCore::Store.migrate! through the gem's own connection. Outside `rails runner`,
+    # whose ActiveRecord would connect with the pg gem, which this bundle does not have.
+    script = <<~RUBY
+      require "active_record"
+      require "tasker_core"
+      require #{migrations.first.dump}
+      InstallTaskerCore.new.up
+      n = TaskerCore::Store.with_connection { |c| c.exec("SELECT count(*) AS n FROM tasker_schema_migrations").first["n"] }
+      puts "migrations=\#{n}"
+    RUBY
+    out, status = run_app(@env, RbConfig.ruby, "-rbundler/setup", "-e", script, chdir: app)
+    expect(status).to be_success, out
+    expect(out[/migrations=(\d+)/, 1].to_i).to be_positive
   end
 end
