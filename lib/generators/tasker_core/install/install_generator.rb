@@ -1,7 +1,9 @@
 # frozen_string_literal: true
 
 require "rails/generators"
-require "rails/generators/active_record"
+# Only an app that loads ActiveRecord gets the Rails migration; the others
+# apply the schema with `bin/tasker db:migrate` (or `rails tasker:migrate`).
+require "rails/generators/active_record" if defined?(::ActiveRecord::Railtie)
 
 module TaskerCore
   module Generators
@@ -38,6 +40,12 @@ module TaskerCore
       end
 
       def migration
+        unless defined?(::ActiveRecord::Railtie)
+          say "No ActiveRecord in this app: apply tasker_core's schema with `bin/tasker db:migrate` " \
+              "(or `bin/rails tasker:migrate`).", :yellow
+          return
+        end
+
         if respond_to?(:migration_template, true)
           migration_template "migration.rb.tt", "db/migrate/install_tasker_core.rb"
         else
@@ -46,6 +54,11 @@ module TaskerCore
       end
 
       private
+
+      # The discovery name suggested in the config: the app's module, underscored.
+      def app_name
+        ::Rails.application ? ::Rails.application.class.module_parent_name.underscore : "my_app"
+      end
 
       def migration_version = "[#{::ActiveRecord::VERSION::MAJOR}.#{::ActiveRecord::VERSION::MINOR}]"
     end

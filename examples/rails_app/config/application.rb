@@ -1,0 +1,20 @@
+# frozen_string_literal: true
+
+require_relative "boot"
+
+require "rails"
+require "action_controller/railtie"
+
+# Loads tasker_core, whose Railtie reads config/tasker-config.yml, loads
+# config/tasks/ and autoloads app/handlers/.
+Bundler.require(*Rails.groups)
+
+module RailsApp
+  # An API-only app with no database of its own: orders become tasker_core
+  # tasks (TaskerCore.create_task), run by `bin/tasker worker` processes and
+  # one `bin/tasker orchestrator`.
+  class Application < Rails::Application
+    config.load_defaults 7.0
+    config.api_only = true
+  end
+end

@@ -1,0 +1,25 @@
+# frozen_string_literal: true
+
+# rake examples: the example Rails app's spec (examples/rails_app), with the
+# app's own bundle. Its locked gems are installed with `gem install` when
+# missing, as bin/setup does for the main Gemfile (no gem server is named).
+EXAMPLE_APP = File.expand_path("../examples/rails_app", __dir__)
+
+namespace :examples do
+  desc "Install examples/rails_app's locked gems that are missing"
+  task :gems do
+    require "bundler"
+    lock = Bundler::LockfileParser.new(File.read(File.join(EXAMPLE_APP, "Gemfile.lock")))
+    missing = lock.specs.reject { |s| s.source.is_a?(Bundler::Source::Path) }
+                  .reject { |s| Gem::Specification.find_all_by_name(s.name, "= #{s.version}").any? }
+    # The lock lists every gem: install exactly those, no newer dependency.
+    missing.each { |s| sh "gem", "install", "--no-document", "--ignore-dependencies", s.name, "-v", s.version.to_s }
+    sh({ "BUNDLE_GEMFILE" => File.join(EXAMPLE_APP, "Gemfile") }, "bundle", "check")
+  end
+end
+
+desc "Run the example Rails app's spec (boots it, creates a task over HTTP, completes it through a worker)"
+task examples: %i[compile examples:gems] do
+  sh({ "BUNDLE_GEMFILE" => File.join(EXAMPLE_APP, "Gemfile") },
+     "bundle", "exec", "rspec", "--default-path", "examples/rails_app/spec", "examples/rails_app/spec")
+end
