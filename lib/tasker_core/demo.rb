@@ -99,8 +99,8 @@ module TaskerCore
 
     def start_processes(url)
       env = { "DATABASE_URL" => url,
-              "TASKER_BATCH_ENDPOINT" => "tcp://127.0.0.1:#{free_port}",
-              "TASKER_RESULT_ENDPOINT" => "tcp://127.0.0.1:#{free_port}" }
+              "TASKER_BATCH_ENDPOINT" => "tcp://127.0.0.1:#{TaskerCore::Socket.free_tcp_port}",
+              "TASKER_RESULT_ENDPOINT" => "tcp://127.0.0.1:#{TaskerCore::Socket.free_tcp_port}" }
       common = [*(@config_path ? ["--config", @config_path] : []), *(@env ? ["--env", @env] : [])]
       spawn_child("orchestrator", env, ["orchestrator", "--stats-interval", "5", *common])
       @workers.times do |i|
@@ -331,13 +331,6 @@ module TaskerCore
       Store.disconnect!
       EmbeddedPostgres.stop(dir: @embedded_dir)
       say "stopped the embedded PostgreSQL"
-    end
-
-    def free_port
-      server = TCPServer.new("127.0.0.1", 0)
-      server.addr[1]
-    ensure
-      server&.close
     end
 
     def relative(path)

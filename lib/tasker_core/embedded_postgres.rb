@@ -147,20 +147,13 @@ module TaskerCore
 
       def launch(dir)
         port = File.file?(port_file(dir)) ? File.read(port_file(dir)).to_i : 0
-        port = free_port unless port.positive? && port_free?(port)
+        port = TaskerCore::Socket.free_tcp_port unless port.positive? && port_free?(port)
         File.write(port_file(dir), "#{port}\n")
         opts = "-c listen_addresses=127.0.0.1 -c port=#{port} -c unix_socket_directories='#{run_dir(dir)}' " \
                "-c fsync=on -c max_connections=100"
         run!(pg_ctl, "start", "-D", data_dir(dir), "-l", File.join(dir, "postgres.log"), "-w", "-t", "60",
              "-o", opts)
         port
-      end
-
-      def free_port
-        server = TCPServer.new("127.0.0.1", 0)
-        server.addr[1]
-      ensure
-        server&.close
       end
 
       def port_free?(port)

@@ -1,5 +1,7 @@
 # frozen_string_literal: true
 
+require "socket"
+
 module TaskerCore
   # ZeroMQ sockets: Publisher (XPUB) and Subscriber (SUB). The classes and
   # their C methods come from the extension (ext/tasker_core/socket_class.c),
@@ -10,6 +12,15 @@ module TaskerCore
   # elsewhere, until that thread ends) and to the process that made it
   # (ForkSafetyError in a forked child: make a new one there).
   module Socket
+    # A TCP port on 127.0.0.1 that nobody listens on right now, for endpoints
+    # chosen at run time (the demo, the rspec kit, the embedded PostgreSQL).
+    def self.free_tcp_port
+      server = ::TCPServer.new("127.0.0.1", 0)
+      server.addr[1]
+    ensure
+      server&.close
+    end
+
     # Common to both kinds: bind/connect, options, stats, events, close.
     class Base
       # The ZAP domain of a CURVE server socket, else nil.

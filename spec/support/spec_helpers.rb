@@ -8,12 +8,7 @@ module SpecHelpers
   ROOT = File.expand_path("../..", __dir__)
 
   # A TCP port nobody listens on right now.
-  def free_port
-    server = TCPServer.new("127.0.0.1", 0)
-    server.addr[1]
-  ensure
-    server&.close
-  end
+  def free_port = TaskerCore::Socket.free_tcp_port
 
   def tcp_endpoint
     "tcp://127.0.0.1:#{free_port}"

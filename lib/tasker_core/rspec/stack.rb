@@ -67,8 +67,8 @@ module TaskerCore
       def start_processes
         return resume_orchestration if @worker_pid
 
-        @batch_endpoint = "tcp://127.0.0.1:#{free_port}"
-        @result_endpoint = "tcp://127.0.0.1:#{free_port}"
+        @batch_endpoint = "tcp://127.0.0.1:#{TaskerCore::Socket.free_tcp_port}"
+        @result_endpoint = "tcp://127.0.0.1:#{TaskerCore::Socket.free_tcp_port}"
         @handle = OrchestrationHandle.new(batch_endpoint: @batch_endpoint, result_endpoint: @result_endpoint,
                                           heartbeat_timeout_ms: 3000, linger_ms: 0)
         @handle.start_orchestration(database_url: @url, lease_ms: 2000, poll_interval_ms: 20)
@@ -143,13 +143,6 @@ module TaskerCore
         raise Error, "TaskerCore::RSpec::Stack.handler_paths is empty: name the files or folders of your handlers" if paths.empty?
 
         paths.flat_map { |p| ["--handlers", File.expand_path(p)] }
-      end
-
-      def free_port
-        server = TCPServer.new("127.0.0.1", 0)
-        server.addr[1]
-      ensure
-        server&.close
       end
 
       def monotonic = Process.clock_gettime(Process::CLOCK_MONOTONIC)
