@@ -441,7 +441,7 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       expect(error).to be_a(TaskerCore::ThreadOwnershipError)
     end
 
-    it "raises ForkSafetyError in a forked child, and GC there closes nothing", :spawns do
+    it "raises ForkSafetyError in a forked child, and GC there closes nothing", :spawns, :forks do
       peer = start_peer("w1")
       r, w = IO.pipe
       pid = fork do

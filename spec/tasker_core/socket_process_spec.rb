@@ -63,7 +63,7 @@ RSpec.describe TaskerCore::Socket, "across processes" do
     r&.close
   end
 
-  describe "fork" do
+  describe "fork", :forks do
     it "refuses the parent's sockets in the child, allows new ones, and leaves the parent's working" do
       pub = TaskerCore::Socket::Publisher.new(bind: "tcp://127.0.0.1:*")
       sub = TaskerCore::Socket::Subscriber.new(connect: pub.last_endpoint)
