@@ -8,6 +8,7 @@
 #include "orchestration_handle.h"
 
 #include "codec.h"
+#include "protocol.h"
 
 #include <msgpack.h>
 #include <stdarg.h>
@@ -572,6 +573,20 @@ static void handle_result_message(tc_oh *h, const void *body, size_t len)
             snprintf(w->host, sizeof(w->host), "%.*s", (int)(hn > TC_OH_HOST_MAX ? TC_OH_HOST_MAX : hn), host);
         w->pid = pid;
         w->capacity = capacity;
+        tc_proto_conn conn;
+        tc_proto_parse_connection(m, &conn);
+        w->connects = conn.connects;
+        w->disconnects = conn.disconnects;
+        /* Kept only when it looks like an event name ([a-z0-9_], short): it
+         * goes into a text column as is. */
+        size_t en = conn.last_event.ptr && conn.last_event.len <= TC_OH_CONN_EVENT_MAX ? conn.last_event.len : 0;
+        for (size_t k = 0; k < en; k++) {
+            char ch = conn.last_event.ptr[k];
+            if (!((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_')) en = 0;
+        }
+        if (en) memcpy(w->last_connection_event, conn.last_event.ptr, en);
+        w->last_connection_event[en] = '\0';
+        w->last_connection_event_at = conn.last_event_at;
         w->heartbeated = 1;
         w->last_heartbeat_at = wall_s();
         w->last_heartbeat_mono_ms = mono_ms();

@@ -28,6 +28,8 @@
  * into every in-flight entry so a lost worker can report them. */
 #define TC_OH_BATCH_ID_MAX 63
 #define TC_OH_HOST_MAX 255
+/* Longest last_connection_event kept (socket monitor event names are short). */
+#define TC_OH_CONN_EVENT_MAX 31
 #define TC_OH_REASON_MAX 127
 /* The table is bounded so that a flood of subscriptions or heartbeats with
  * made-up ids cannot grow it without limit. */
@@ -75,6 +77,10 @@ typedef struct tc_oh_worker {
     char host[TC_OH_HOST_MAX + 1];
     int64_t pid;
     int64_t capacity;
+    /* from the heartbeat's optional "connection" (zeros/"" when unsaid) */
+    int64_t connects, disconnects;
+    char last_connection_event[TC_OH_CONN_EVENT_MAX + 1];
+    double last_connection_event_at; /* epoch seconds, 0 when unsaid */
     int subscribed;       /* "\x01batch.<id>." seen on the XPUB */
     int heartbeated;      /* a heartbeat arrived and has not expired */
     int said_goodbye;     /* no revival by a stray heartbeat until it unsubscribes */

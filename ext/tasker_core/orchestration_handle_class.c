@@ -385,6 +385,14 @@ static VALUE worker_hash(const tc_oh_worker *wk)
     rb_hash_aset(h, str_lit("pid"), LL2NUM(wk->pid));
     rb_hash_aset(h, str_lit("host"), str_lit(wk->host));
     rb_hash_aset(h, str_lit("last_heartbeat_at"), rb_time_nano_new(sec, (long)((t - (double)sec) * 1e9)));
+    rb_hash_aset(h, str_lit("connects"), LL2NUM(wk->connects));
+    rb_hash_aset(h, str_lit("disconnects"), LL2NUM(wk->disconnects));
+    rb_hash_aset(h, str_lit("last_connection_event"),
+                 wk->last_connection_event[0] ? str_lit(wk->last_connection_event) : Qnil);
+    double ct = wk->last_connection_event_at;
+    time_t csec = (time_t)ct;
+    rb_hash_aset(h, str_lit("last_connection_event_at"),
+                 ct > 0 ? rb_time_nano_new(csec, (long)((ct - (double)csec) * 1e9)) : Qnil);
     return h;
 }
 

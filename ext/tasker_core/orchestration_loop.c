@@ -723,17 +723,23 @@ static int claim_and_dispatch(tc_loop *l)
 
 /* ---- housekeeping -------------------------------------------------------- */
 
+/* db/migrate/0004: the workers' socket monitor totals ride along. */
+#define UPSERT_WORKERS_SQL                                                                                   \
+    "SELECT tasker_upsert_workers($1, $2::text[], $3::text[], $4::int[], $5::int[], $6::int[], $7::float8[], " \
+    "$8::int[], $9::int[], $10::text[], $11::float8[])"
+
 static void upsert_workers(tc_loop *l)
 {
-    sbuf b[6] = {{0}};
-    for (int k = 0; k < 6; k++) sb_puts(&b[k], "{");
+    enum { NB = 10 };
+    sbuf b[NB] = {{0}};
+    for (int k = 0; k < NB; k++) sb_puts(&b[k], "{");
     int count = 0;
     pthread_mutex_lock(&l->mu);
     for (size_t i = 0; i < l->oh->nworkers; i++) {
         const tc_oh_worker *w = &l->oh->workers[i];
         if (!tc_oh_worker_live(w)) continue;
         const char *sep = count++ ? "," : "";
-        for (int k = 0; k < 6; k++) sb_puts(&b[k], sep);
+        for (int k = 0; k < NB; k++) sb_puts(&b[k], sep);
         sb_text_elem(&b[0], w->id, strlen(w->id));
         sb_text_elem(&b[1], w->host, strlen(w->host));
         sb_printf(&b[2], "%lld", (long long)w->pid);
@@ -742,25 +748,35 @@ static void upsert_workers(tc_loop *l)
         char t[40];
         snprintf(t, sizeof(t), "%.6f", w->last_heartbeat_at);
         sb_puts(&b[5], t);
+        sb_printf(&b[6], "%lld", (long long)w->connects);
+        sb_printf(&b[7], "%lld", (long long)w->disconnects);
+        if (w->last_connection_event[0])
+            sb_text_elem(&b[8], w->last_connection_event, strlen(w->last_connection_event));
+        else
+            sb_puts(&b[8], "NULL");
+        if (w->last_connection_event_at > 0) {
+            snprintf(t, sizeof(t), "%.6f", w->last_connection_event_at);
+            sb_puts(&b[9], t);
+        } else {
+            sb_puts(&b[9], "NULL");
+        }
     }
     pthread_mutex_unlock(&l->mu);
     int oom = 0;
-    for (int k = 0; k < 6; k++) {
+    for (int k = 0; k < NB; k++) {
         sb_puts(&b[k], "}");
         oom |= b[k].oom;
     }
     if (!oom) {
-        const char *vals[7] = {l->owner, b[0].p, b[1].p, b[2].p, b[3].p, b[4].p, b[5].p};
-        PGresult *r = exec_text(l,
-                                "SELECT tasker_upsert_workers($1, $2::text[], $3::text[], $4::int[], $5::int[], "
-                                "$6::int[], $7::float8[])",
-                                7, vals);
+        const char *vals[NB + 1] = {l->owner, b[0].p, b[1].p, b[2].p, b[3].p, b[4].p,
+                                    b[5].p,   b[6].p, b[7].p, b[8].p, b[9].p};
+        PGresult *r = exec_text(l, UPSERT_WORKERS_SQL, NB + 1, vals);
         if (r)
             PQclear(r);
         else
             db_failed(l, "tasker_upsert_workers");
     }
-    for (int k = 0; k < 6; k++) sb_free(&b[k]);
+    for (int k = 0; k < NB; k++) sb_free(&b[k]);
 }
 
 static void housekeeping(tc_loop *l)
@@ -880,11 +896,8 @@ static void shutdown_loop(tc_loop *l)
         release_pairs(l, &l->lost, &l->st.redispatched);
         release_pairs(l, &l->unsent, &l->st.released);
         /* mark this orchestrator's workers disconnected */
-        const char *vals[7] = {l->owner, "{}", "{}", "{}", "{}", "{}", "{}"};
-        PGresult *r = exec_text(l,
-                                "SELECT tasker_upsert_workers($1, $2::text[], $3::text[], $4::int[], $5::int[], "
-                                "$6::int[], $7::float8[])",
-                                7, vals);
+        const char *vals[11] = {l->owner, "{}", "{}", "{}", "{}", "{}", "{}", "{}", "{}", "{}", "{}"};
+        PGresult *r = exec_text(l, UPSERT_WORKERS_SQL, 11, vals);
         PQclear(r);
     }
     tc_store_close(&l->db);

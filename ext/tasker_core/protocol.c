@@ -67,6 +67,27 @@ static int str_eq(tc_proto_str s, const char *lit)
     return s.len == strlen(lit) && memcmp(s.ptr, lit, s.len) == 0;
 }
 
+void tc_proto_parse_connection(const msgpack_object *m, tc_proto_conn *out)
+{
+    memset(out, 0, sizeof(*out));
+    const msgpack_object *c = m && m->type == MSGPACK_OBJECT_MAP ? get(m, "connection") : NULL;
+    if (!c || c->type != MSGPACK_OBJECT_MAP) return;
+    /* Stored in int columns: out of range reads as unsaid. */
+    if (!as_int(get(c, "connects"), &out->connects) || out->connects < 0 || out->connects > INT32_MAX)
+        out->connects = 0;
+    if (!as_int(get(c, "disconnects"), &out->disconnects) || out->disconnects < 0 || out->disconnects > INT32_MAX)
+        out->disconnects = 0;
+    if (!as_str(get(c, "last_event"), &out->last_event)) out->last_event = (tc_proto_str){NULL, 0};
+    const msgpack_object *at = get(c, "last_event_at");
+    double t = 0;
+    if (at && (at->type == MSGPACK_OBJECT_FLOAT32 || at->type == MSGPACK_OBJECT_FLOAT64))
+        t = at->via.f64;
+    else if (at && at->type == MSGPACK_OBJECT_POSITIVE_INTEGER)
+        t = (double)at->via.u64;
+    /* Up to the year 5000 or so, well inside timestamptz. */
+    out->last_event_at = isfinite(t) && t > 0 && t < 1e11 ? t : 0;
+}
+
 #define FAIL(reason, ...)                                  \
     do {                                                   \
         if (detail) snprintf(detail, detail_len, __VA_ARGS__); \
@@ -152,6 +173,7 @@ tc_proto_err tc_proto_parse(msgpack_unpacked *u, const char *body, size_t len, t
         as_int(get(m, "pid"), &out->pid);
         as_int(get(m, "in_flight"), &out->in_flight);
         as_str(get(m, "host"), &out->host);
+        tc_proto_parse_connection(m, &out->connection);
         return TC_PROTO_OK;
     }
     if (str_eq(type, "goodbye")) {

@@ -35,6 +35,15 @@ typedef struct tc_proto_str {
     size_t len;
 } tc_proto_str;
 
+/* A heartbeat's optional "connection": the worker's socket monitor totals.
+ * Absent (an older worker) or of the wrong type: zeros and a NULL
+ * last_event; a bad field is ignored, never the message. */
+typedef struct tc_proto_conn {
+    int64_t connects, disconnects;
+    tc_proto_str last_event; /* ptr NULL when unsaid */
+    double last_event_at;    /* epoch seconds; 0 when unsaid */
+} tc_proto_conn;
+
 typedef struct tc_proto_msg {
     tc_proto_type type;
     tc_proto_str worker_id;
@@ -54,6 +63,7 @@ typedef struct tc_proto_msg {
     /* heartbeat */
     int64_t pid, capacity, in_flight;
     tc_proto_str host;
+    tc_proto_conn connection;
 
     /* goodbye */
     tc_proto_str reason;
@@ -66,6 +76,10 @@ tc_proto_err tc_proto_parse(msgpack_unpacked *u, const char *body, size_t len, t
                             size_t detail_len);
 
 const char *tc_proto_err_name(tc_proto_err e);
+
+/* Reads the optional "connection" of heartbeat map m into *out (zeroed
+ * first); see tc_proto_conn. */
+void tc_proto_parse_connection(const msgpack_object *m, tc_proto_conn *out);
 
 /* Appends obj (or nil for NULL) re-encoded as msgpack to sbuf; 0 ok, -1 out of memory. */
 int tc_proto_pack_object(msgpack_sbuffer *sbuf, const msgpack_object *obj);

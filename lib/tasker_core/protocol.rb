@@ -81,6 +81,14 @@ module TaskerCore
       ["retry_after", NUM_OR_NIL, "a Float (seconds) or nil"]
     ].freeze
 
+    # A heartbeat's optional "connection" (the worker's socket monitor totals).
+    CONNECTION_FIELDS = [
+      ["connects", NON_NEG_INT, "an Integer >= 0"],
+      ["disconnects", NON_NEG_INT, "an Integer >= 0"],
+      ["last_event", ->(v) { v.nil? || v.is_a?(String) }, "a String or nil"],
+      ["last_event_at", NUM_OR_NIL, "a Float (epoch seconds) or nil"]
+    ].freeze
+
     COMPLETION_STEP_FIELDS = [
       ["step_id", INT, "an Integer"],
       ["attempt", POS_INT, "an Integer >= 1"],
@@ -206,9 +214,19 @@ module TaskerCore
                                      "status" => s[:status] || s["status"] } } }
     end
 
-    def heartbeat(worker_id:, capacity:, in_flight:, pid: Process.pid, host: ::Socket.gethostname, sent_at: now)
-      { "protocol_version" => VERSION, "type" => HEARTBEAT, "worker_id" => worker_id, "pid" => pid,
-        "host" => host, "capacity" => capacity, "in_flight" => in_flight, "sent_at" => sent_at.to_f }
+    # connection: optional {"connects", "disconnects", "last_event", "last_event_at"}
+    # from the worker's socket monitor; left out when nil.
+    def heartbeat(worker_id:, capacity:, in_flight:, pid: Process.pid, host: ::Socket.gethostname, sent_at: now,
+                  connection: nil)
+      msg = { "protocol_version" => VERSION, "type" => HEARTBEAT, "worker_id" => worker_id, "pid" => pid,
+              "host" => host, "capacity" => capacity, "in_flight" => in_flight, "sent_at" => sent_at.to_f }
+      if connection
+        c = connection.transform_keys(&:to_s)
+        msg["connection"] = { "connects" => c["connects"], "disconnects" => c["disconnects"],
+                              "last_event" => c["last_event"]&.to_s,
+                              "last_event_at" => c["last_event_at"]&.to_f }
+      end
+      msg
     end
 
     def goodbye(worker_id:, reason:)
@@ -272,6 +290,8 @@ module TaskerCore
         msg["steps"].each_with_index { |s, i| check_nested!(type, s, COMPLETION_STEP_FIELDS, "steps[#{i}]") }
       when PARTIAL_RESULT
         check_partial!(msg)
+      when HEARTBEAT
+        check_nested!(type, msg["connection"], CONNECTION_FIELDS, "connection") if msg.key?("connection")
       end
       msg
     end

@@ -62,16 +62,24 @@ RSpec.describe "tasker status", :db do
         ('w-gone', 'orch', 'box-b', 102, 10, 0, now(), false, now()),
         ('w-silent', 'orch', 'box-c', 103, 10, 0, now() - interval '1 hour', true, now())
     SQL
+    conn.exec(<<~SQL)
+      UPDATE tasker_workers SET connects = 3, disconnects = 1, last_connection_event = 'connected',
+             last_connection_event_at = '2026-01-02T03:04:05.678Z' WHERE id = 'w-live'
+    SQL
     r = tasker("status", "--json", env: { "DATABASE_URL" => url })
     expect(r.exitstatus).to eq(0), r.err
     workers = JSON.parse(r.out)["workers"]
     expect(workers.map { |w| w.values_at("id", "host", "pid", "capacity", "in_flight") }).to eq([["w-live", "box-a", 101, 10, 3]])
     expect(workers.first["last_heartbeat_at"]).to match(/\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\z/)
+    expect(workers.first).to include("connects" => 3, "disconnects" => 1, "last_connection_event" => "connected",
+                                     "last_connection_event_at" => "2026-01-02T03:04:05.678Z")
 
     r = tasker("status", env: { "DATABASE_URL" => url })
     expect(r.out).to include("Workers (1 live)")
     row = r.out.lines.find { |l| l.start_with?("w-live") }.split
     expect(row[0..4]).to eq(%w[w-live box-a 101 10 3])
+    expect(r.out).to include("CONNECTS/DISCONNECTS", "LAST_EVENT(AT)")
+    expect(row[-3..]).to eq(["3/1", "connected", "(2026-01-02T03:04:05.678Z)"])
   ensure
     close_db_connections
     connect("#{base}/postgres").exec(%(DROP DATABASE IF EXISTS "#{name}")) if name

@@ -1,5 +1,7 @@
 # frozen_string_literal: true
 
+require "json"
+require "open3"
 require_relative "../fixtures/durable_handlers"
 
 # The native orchestration loop against a real PostgreSQL and real worker
@@ -69,6 +71,30 @@ RSpec.describe "durable orchestration", :db, :no_valgrind do
     expect(stats["apply_calls"]).to be <= stats["loop_iterations"]
     expect(stats["apply_calls"]).to be < 59 # results are written in batches, not one round trip per step
     expect(steps_completed_twice(conn)).to be_empty
+  end
+
+  it "records each worker's socket connection history in tasker_workers for tasker status" do
+    start_loop(workers: 1)
+    row = nil
+    wait_until(timeout: 30, message: "the worker's connection history upserted") do
+      row = conn.exec(<<~SQL).first
+        SELECT connects, disconnects, last_connection_event, last_connection_event_at IS NOT NULL AS at_known
+          FROM tasker_workers WHERE connected
+      SQL
+      row && row["connects"] >= 1
+    end
+    # Both sockets connected once; nothing dropped yet.
+    expect(row).to include("disconnects" => 0, "last_connection_event" => "connected", "at_known" => true)
+    expect(row["connects"]).to be_between(1, 2)
+
+    out, err, st = Open3.capture3({ "DATABASE_URL" => db_url, "TASKER_ENV" => "test" }, RbConfig.ruby, "-I",
+                                  File.join(SpecHelpers::ROOT, "lib"), File.join(SpecHelpers::ROOT, "exe", "tasker"),
+                                  "status", "--json")
+    expect(st.exitstatus).to eq(0), err
+    worker = JSON.parse(out)["workers"].first
+    expect(worker["connects"]).to be >= 1
+    expect(worker).to include("disconnects" => 0, "last_connection_event" => "connected")
+    expect(worker["last_connection_event_at"]).to match(/\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\z/)
   end
 
   it "runs 1,000 tasks with 2 worker processes" do

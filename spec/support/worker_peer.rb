@@ -26,9 +26,12 @@ class WorkerPeer
     @orchestrator_seen ||= @pub.subscriptions(timeout_ms: timeout_ms).any? { |kind, topic| kind == :subscribe && topic == "" }
   end
 
-  def heartbeat(capacity: @capacity, in_flight: 0)
-    send_message("heartbeat", "worker_id" => @id, "pid" => Process.pid, "host" => Socket.gethostname,
-                              "capacity" => capacity, "in_flight" => in_flight, "sent_at" => Time.now.to_f)
+  # connection: the optional "connection" field as is (any value), left out when omitted.
+  def heartbeat(capacity: @capacity, in_flight: 0, **opt)
+    fields = { "worker_id" => @id, "pid" => Process.pid, "host" => Socket.gethostname,
+               "capacity" => capacity, "in_flight" => in_flight, "sent_at" => Time.now.to_f }
+    fields["connection"] = opt[:connection] if opt.key?(:connection)
+    send_message("heartbeat", fields)
   end
 
   def goodbye(reason = "shutdown")

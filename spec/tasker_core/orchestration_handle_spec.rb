@@ -89,6 +89,35 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       expect(w["last_heartbeat_at"]).to be_a(Time)
     end
 
+    it "keeps a heartbeat's optional connection totals, ignoring a malformed one but not the heartbeat" do
+      peer = start_peer("w1")
+      expect(handle.workers.first).to include("connects" => 0, "disconnects" => 0, "last_connection_event" => nil,
+                                              "last_connection_event_at" => nil)
+      peer.heartbeat(connection: { "connects" => 3, "disconnects" => 1, "last_event" => "connected",
+                                   "last_event_at" => 1_732_300_000.5 })
+      wait_until(message: "connection totals") { handle.workers.first["connects"] == 3 }
+      w = handle.workers.first
+      expect(w).to include("disconnects" => 1, "last_connection_event" => "connected")
+      expect(w["last_connection_event_at"].to_f).to be_within(0.001).of(1_732_300_000.5)
+
+      beats = handle.stats[:heartbeats]
+      peer.heartbeat(capacity: 9, connection: "not a map")
+      wait_until(message: "the next heartbeat") { handle.workers.first["capacity"] == 9 }
+      expect(handle.workers.first).to include("connects" => 0, "last_connection_event" => nil)
+      peer.heartbeat(capacity: 8, connection: { "connects" => "x", "disconnects" => 2, "last_event" => 5,
+                                                "last_event_at" => "y" })
+      wait_until(message: "the next heartbeat") { handle.workers.first["capacity"] == 8 }
+      expect(handle.workers.first).to include("connects" => 0, "disconnects" => 2, "last_connection_event" => nil,
+                                              "last_connection_event_at" => nil)
+      peer.heartbeat(capacity: 7, connection: { "connects" => 1 << 40, "disconnects" => 1, "last_event" => "up'; --",
+                                                "last_event_at" => 1e300 })
+      wait_until(message: "the next heartbeat") { handle.workers.first["capacity"] == 7 }
+      expect(handle.workers.first).to include("connects" => 0, "disconnects" => 1, "last_connection_event" => nil,
+                                              "last_connection_event_at" => nil)
+      expect(handle.stats[:heartbeats]).to eq(beats + 3)
+      expect(handle.stats[:bad_messages].values.sum).to eq(0)
+    end
+
     it "does not list a peer that heartbeats without subscribing" do
       cfg = handle.zeromq_config
       pub = TaskerCore::Socket::Publisher.new(connect: cfg["result_endpoint"])

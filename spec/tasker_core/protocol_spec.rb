@@ -41,6 +41,27 @@ RSpec.describe TaskerCore::Protocol do
     expect(messages.map { |m| m["type"] }.uniq).to match_array(described_class::TYPES)
   end
 
+  it "adds a heartbeat's optional connection field and validates it when present" do
+    hb = described_class.heartbeat(worker_id: "w-1", capacity: 4, in_flight: 0,
+                                   connection: { connects: 2, disconnects: 1, last_event: :connected,
+                                                 last_event_at: Time.at(1_732_300_000) })
+    expect(hb["connection"]).to eq("connects" => 2, "disconnects" => 1, "last_event" => "connected",
+                                   "last_event_at" => 1_732_300_000.0)
+    expect(described_class.validate!(hb)).to equal(hb)
+    expect(described_class.heartbeat(worker_id: "w-1", capacity: 4, in_flight: 0)).not_to have_key("connection")
+    quiet = described_class.heartbeat(worker_id: "w-1", capacity: 4, in_flight: 0,
+                                      connection: { "connects" => 0, "disconnects" => 0, "last_event" => nil,
+                                                    "last_event_at" => nil })
+    expect(described_class.validate!(quiet)).to equal(quiet)
+
+    bad = hb.merge("connection" => hb["connection"].merge("connects" => -1))
+    expect { described_class.validate!(bad) }.to raise_error(TaskerCore::Protocol::MessageError) { |e|
+      expect(e.field).to eq("connection.connects")
+    }
+    expect { described_class.validate!(hb.merge("connection" => "up")) }
+      .to raise_error(TaskerCore::Protocol::MessageError) { |e| expect(e.field).to eq("connection") }
+  end
+
   it "derives status and duration in a partial result" do
     expect(partial).to include("status" => "complete", "error" => nil, "duration_ms" => 250.0)
   end

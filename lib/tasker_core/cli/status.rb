@@ -9,7 +9,8 @@ module TaskerCore
       DESCRIPTION = <<~TEXT.chomp
         Shows tasks and steps by state, steps completed per second over the last minute
         (from the step transitions) and the live workers the orchestrator knows
-        (capacity, steps in flight, last heartbeat). --json prints the same for scripts.
+        (capacity, steps in flight, last heartbeat, socket connects/disconnects and
+        the last connection event). --json prints the same for scripts.
       TEXT
       WINDOW_S = 60
       TASK_STATES = %w[pending in_progress complete error cancelled].freeze
@@ -45,7 +46,9 @@ module TaskerCore
       end
 
       # Connected workers with a recent heartbeat; nil when the database has
-      # no workers table (the orchestrator's migration has not run).
+      # no workers table (the orchestrator's migration has not run). The
+      # connection columns (migration 0004) read through to_jsonb so an older
+      # schema shows zeros and nulls instead of failing.
       def workers(conn)
         return nil unless conn.exec("SELECT to_regclass('tasker_workers') IS NOT NULL AS ok").first["ok"]
 
@@ -53,8 +56,13 @@ module TaskerCore
         conn.exec(<<~SQL, [timeout_ms]).map(&:to_h)
           SELECT id, host, pid, capacity, in_flight,
                  to_char(last_heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS last_heartbeat_at,
-                 round((extract(epoch FROM now() - last_heartbeat_at) * 1000)::numeric)::int AS heartbeat_age_ms
-            FROM tasker_workers
+                 round((extract(epoch FROM now() - last_heartbeat_at) * 1000)::numeric)::int AS heartbeat_age_ms,
+                 coalesce((to_jsonb(w) ->> 'connects')::int, 0) AS connects,
+                 coalesce((to_jsonb(w) ->> 'disconnects')::int, 0) AS disconnects,
+                 to_jsonb(w) ->> 'last_connection_event' AS last_connection_event,
+                 to_char((to_jsonb(w) ->> 'last_connection_event_at')::timestamptz AT TIME ZONE 'UTC',
+                         'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS last_connection_event_at
+            FROM tasker_workers w
            WHERE connected AND last_heartbeat_at > now() - make_interval(secs => $1 / 1000.0)
            ORDER BY id
         SQL
@@ -79,10 +87,20 @@ module TaskerCore
           out.puts "Workers (#{workers.size} live)"
           rows = workers.map do |w|
             [w["id"], w["host"], w["pid"], w["capacity"], w["in_flight"], w["last_heartbeat_at"],
-             "#{(w['heartbeat_age_ms'].to_i / 1000.0).round(1)}s ago"]
+             "#{(w['heartbeat_age_ms'].to_i / 1000.0).round(1)}s ago", "#{w['connects']}/#{w['disconnects']}",
+             last_event(w)]
           end
-          out.puts Table.render(%w[WORKER HOST PID CAPACITY IN_FLIGHT LAST_HEARTBEAT AGE], rows)
+          out.puts Table.render(%w[WORKER HOST PID CAPACITY IN_FLIGHT LAST_HEARTBEAT AGE CONNECTS/DISCONNECTS
+                                   LAST_EVENT(AT)], rows)
         end
+      end
+
+      def last_event(worker)
+        event = worker["last_connection_event"]
+        return "-" unless event
+
+        at = worker["last_connection_event_at"]
+        at ? "#{event} (#{at})" : event
       end
     end
   end

@@ -101,6 +101,8 @@ module TaskerCore
         @io_thread = nil
         @endpoint_change = nil # [batch, result] for the I/O thread to reconnect to (discovery)
         @connection_history = [] # socket monitor events, newest last (CONNECTION_HISTORY kept)
+        # Lifetime totals over both sockets, sent in each heartbeat's "connection".
+        @connection_counts = { "connects" => 0, "disconnects" => 0, "last_event" => nil, "last_event_at" => nil }
       end
 
       CONNECTION_HISTORY = 50
@@ -122,6 +124,14 @@ module TaskerCore
       # [{socket: :batch|:result, event:, endpoint:, at:}], oldest first.
       def connection_history
         @stats_mutex.synchronize { @connection_history.dup }
+      end
+
+      # {"connects", "disconnects", "last_event", "last_event_at"}: the
+      # connected/disconnected socket monitor events of both sockets since
+      # start (not only the kept history) and the latest of them; the
+      # heartbeat's optional "connection" field.
+      def connection_summary
+        @stats_mutex.synchronize { @connection_counts.dup }
       end
 
       # Connects and starts the I/O thread and the pool. Raises the error the
@@ -380,10 +390,24 @@ module TaskerCore
         events.reject! { |e| NOISY_EVENTS.include?(e[:event]) }
         return if events.empty?
 
+        events.sort_by! { |e| e[:at] }
         @stats_mutex.synchronize do
-          @connection_history.concat(events.sort_by { |e| e[:at] })
+          events.each { |e| count_connection_event(e) }
+          @connection_history.concat(events)
           @connection_history.shift(@connection_history.size - CONNECTION_HISTORY) if @connection_history.size > CONNECTION_HISTORY
         end
+      end
+
+      # Only connected/disconnected change the connection state; handshake
+      # and close events are kept in the history but not counted here.
+      def count_connection_event(event)
+        key = { connected: "connects", disconnected: "disconnects" }[event[:event]]
+        return unless key
+
+        c = @connection_counts
+        c[key] += 1
+        c["last_event"] = event[:event].to_s
+        c["last_event_at"] = event[:at].to_f
       end
 
       def close_sockets
@@ -632,7 +656,8 @@ module TaskerCore
       def send_heartbeat_if_due
         return unless @next_heartbeat_at && monotonic >= @next_heartbeat_at
 
-        msg = Protocol.heartbeat(worker_id: @worker_id, capacity: current_capacity, in_flight: @in_flight)
+        msg = Protocol.heartbeat(worker_id: @worker_id, capacity: current_capacity, in_flight: @in_flight,
+                                 connection: connection_summary)
         # A refused heartbeat is not retried: the next one supersedes it.
         bump(:heartbeats_sent) if @pub.send_parts(Protocol.encode(msg))
         @next_heartbeat_at = monotonic + @heartbeat_interval_s
