@@ -95,8 +95,20 @@ module TaskerCore
       # Empties every tasker table (templates are re-recorded on create_task).
       def reset!
         Store.pool = Store::Pool.new(url: @url, size: 5, connect_timeout: 5) unless Store.instance_variable_get(:@pool)&.url == @url
-        Store.with_connection { |c| c.exec("TRUNCATE #{TABLES.join(', ')} RESTART IDENTITY CASCADE") }
+        truncate_tables
         self
+      end
+
+      # The orchestration loop may be writing while the tables are emptied;
+      # PostgreSQL then breaks the lock cycle by failing one side (40P01),
+      # and emptying again is safe.
+      def truncate_tables(attempts: 3)
+        Store.with_connection { |c| c.exec("TRUNCATE #{TABLES.join(', ')} RESTART IDENTITY CASCADE") }
+      rescue StoreError => e
+        attempts -= 1
+        raise unless e.sqlstate == "40P01" && attempts.positive?
+
+        retry
       end
 
       def workers = @handle ? @handle.workers : []
