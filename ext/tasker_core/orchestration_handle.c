@@ -446,20 +446,9 @@ int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const 
 
 /* ---- receiving --------------------------------------------------------- */
 
-static const msgpack_object *map_get(const msgpack_object *map, const char *key)
-{
-    size_t kl = strlen(key);
-    for (uint32_t i = 0; i < map->via.map.size; i++) {
-        const msgpack_object *k = &map->via.map.ptr[i].key;
-        if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == kl && memcmp(k->via.str.ptr, key, kl) == 0)
-            return &map->via.map.ptr[i].val;
-    }
-    return NULL;
-}
-
 static int get_int(const msgpack_object *map, const char *key, int64_t *out)
 {
-    const msgpack_object *v = map_get(map, key);
+    const msgpack_object *v = tc_proto_map_get(map, key);
     if (!v) return 0;
     if (v->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
         if (v->via.u64 > INT64_MAX) return 0;
@@ -475,7 +464,7 @@ static int get_int(const msgpack_object *map, const char *key, int64_t *out)
 
 static int get_str(const msgpack_object *map, const char *key, const char **p, size_t *n)
 {
-    const msgpack_object *v = map_get(map, key);
+    const msgpack_object *v = tc_proto_map_get(map, key);
     /* Ruby packs binary-encoded Strings (Socket.gethostname, for one) as
      * bin: accept either for text fields. */
     if (v && v->type == MSGPACK_OBJECT_STR) {

@@ -534,6 +534,19 @@ static VALUE no_workers_error(oh_wrap *w, size_t nsteps)
                                      nsteps, live, live ? " (free/capacity: " : "", desc, live ? ")" : ""));
 }
 
+/* The optional timeout_ms: keyword (the only one these methods take), or dflt. */
+static VALUE timeout_kwarg(VALUE opts, VALUE dflt)
+{
+    static ID id_timeout;
+    VALUE v = Qundef;
+    if (NIL_P(opts))
+        return dflt;
+    if (!id_timeout)
+        id_timeout = rb_intern("timeout_ms");
+    rb_get_kwargs(opts, &id_timeout, 0, 1, &v);
+    return v == Qundef ? dflt : v;
+}
+
 /*
  * publish_batch(batch, timeout_ms: nil) -> worker id
  * Sends the batch to one worker's topic. Without a worker that can take it,
@@ -545,15 +558,9 @@ static VALUE no_workers_error(oh_wrap *w, size_t nsteps)
  */
 static VALUE oh_publish_batch(int argc, VALUE *argv, VALUE self)
 {
-    VALUE batch, opts, tmo = Qnil;
+    VALUE batch, opts;
     rb_scan_args(argc, argv, "1:", &batch, &opts);
-    if (!NIL_P(opts)) {
-        static ID id_timeout;
-        if (!id_timeout) id_timeout = rb_intern("timeout_ms");
-        VALUE v;
-        rb_get_kwargs(opts, &id_timeout, 0, 1, &v);
-        if (v != Qundef) tmo = v;
-    }
+    VALUE tmo = timeout_kwarg(opts, Qnil);
     oh_wrap *w = oh_get_any(self);
     raise_if_orchestrating(w, "publish_batch");
     w = oh_get(self);
@@ -702,15 +709,9 @@ static VALUE drain_events(oh_wrap *w)
  */
 static VALUE oh_receive_results(int argc, VALUE *argv, VALUE self)
 {
-    VALUE opts, tmo = INT2FIX(0);
+    VALUE opts;
     rb_scan_args(argc, argv, ":", &opts);
-    if (!NIL_P(opts)) {
-        static ID id_timeout;
-        if (!id_timeout) id_timeout = rb_intern("timeout_ms");
-        VALUE v;
-        rb_get_kwargs(opts, &id_timeout, 0, 1, &v);
-        if (v != Qundef) tmo = v;
-    }
+    VALUE tmo = timeout_kwarg(opts, INT2FIX(0));
     oh_wrap *w = oh_get_any(self);
     raise_if_orchestrating(w, "receive_results");
     w = oh_get(self);

@@ -20,7 +20,8 @@ const char *tc_proto_err_name(tc_proto_err e)
     return (e >= 0 && e < TC_PROTO_ERR_COUNT) ? err_names[e] : "unknown";
 }
 
-static const msgpack_object *get(const msgpack_object *map, const char *key)
+/* The value under a str key of a msgpack map, or NULL. */
+const msgpack_object *tc_proto_map_get(const msgpack_object *map, const char *key)
 {
     size_t kl = strlen(key);
     for (uint32_t i = 0; i < map->via.map.size; i++) {
@@ -70,15 +71,15 @@ static int str_eq(tc_proto_str s, const char *lit)
 void tc_proto_parse_connection(const msgpack_object *m, tc_proto_conn *out)
 {
     memset(out, 0, sizeof(*out));
-    const msgpack_object *c = m && m->type == MSGPACK_OBJECT_MAP ? get(m, "connection") : NULL;
+    const msgpack_object *c = m && m->type == MSGPACK_OBJECT_MAP ? tc_proto_map_get(m, "connection") : NULL;
     if (!c || c->type != MSGPACK_OBJECT_MAP) return;
     /* Stored in int columns: out of range reads as unsaid. */
-    if (!as_int(get(c, "connects"), &out->connects) || out->connects < 0 || out->connects > INT32_MAX)
+    if (!as_int(tc_proto_map_get(c, "connects"), &out->connects) || out->connects < 0 || out->connects > INT32_MAX)
         out->connects = 0;
-    if (!as_int(get(c, "disconnects"), &out->disconnects) || out->disconnects < 0 || out->disconnects > INT32_MAX)
+    if (!as_int(tc_proto_map_get(c, "disconnects"), &out->disconnects) || out->disconnects < 0 || out->disconnects > INT32_MAX)
         out->disconnects = 0;
-    if (!as_str(get(c, "last_event"), &out->last_event)) out->last_event = (tc_proto_str){NULL, 0};
-    const msgpack_object *at = get(c, "last_event_at");
+    if (!as_str(tc_proto_map_get(c, "last_event"), &out->last_event)) out->last_event = (tc_proto_str){NULL, 0};
+    const msgpack_object *at = tc_proto_map_get(c, "last_event_at");
     double t = 0;
     if (at && (at->type == MSGPACK_OBJECT_FLOAT32 || at->type == MSGPACK_OBJECT_FLOAT64))
         t = at->via.f64;
@@ -97,12 +98,12 @@ void tc_proto_parse_connection(const msgpack_object *m, tc_proto_conn *out)
 static tc_proto_err parse_partial(const msgpack_object *m, tc_proto_msg *out, char *detail, size_t detail_len)
 {
     tc_proto_str status;
-    if (!as_str(get(m, "worker_id"), &out->worker_id) || !as_int(get(m, "step_id"), &out->step_id) ||
-        !as_int(get(m, "attempt"), &out->attempt) || out->attempt < 1)
+    if (!as_str(tc_proto_map_get(m, "worker_id"), &out->worker_id) || !as_int(tc_proto_map_get(m, "step_id"), &out->step_id) ||
+        !as_int(tc_proto_map_get(m, "attempt"), &out->attempt) || out->attempt < 1)
         FAIL(TC_PROTO_ERR_FIELDS, "partial_result without worker_id, step_id and attempt >= 1");
-    as_int(get(m, "task_id"), &out->task_id);
-    as_str(get(m, "batch_id"), &out->batch_id);
-    if (!as_str(get(m, "status"), &status)) FAIL(TC_PROTO_ERR_FIELDS, "partial_result without a status");
+    as_int(tc_proto_map_get(m, "task_id"), &out->task_id);
+    as_str(tc_proto_map_get(m, "batch_id"), &out->batch_id);
+    if (!as_str(tc_proto_map_get(m, "status"), &status)) FAIL(TC_PROTO_ERR_FIELDS, "partial_result without a status");
     if (str_eq(status, "complete"))
         out->success = 1;
     else if (str_eq(status, "error"))
@@ -110,15 +111,15 @@ static tc_proto_err parse_partial(const msgpack_object *m, tc_proto_msg *out, ch
     else
         FAIL(TC_PROTO_ERR_FIELDS, "partial_result with status %.*s", (int)(status.len > 32 ? 32 : status.len),
              status.ptr);
-    out->output = get(m, "output");
+    out->output = tc_proto_map_get(m, "output");
     out->retryable = 1;
     out->retry_after_ms = -1;
-    const msgpack_object *e = get(m, "error");
+    const msgpack_object *e = tc_proto_map_get(m, "error");
     if (e && e->type == MSGPACK_OBJECT_MAP) {
         out->error = e;
-        const msgpack_object *r = get(e, "retryable");
+        const msgpack_object *r = tc_proto_map_get(e, "retryable");
         if (r && r->type == MSGPACK_OBJECT_BOOLEAN) out->retryable = r->via.boolean;
-        const msgpack_object *ra = get(e, "retry_after");
+        const msgpack_object *ra = tc_proto_map_get(e, "retry_after");
         double secs = -1;
         if (ra && (ra->type == MSGPACK_OBJECT_FLOAT32 || ra->type == MSGPACK_OBJECT_FLOAT64))
             secs = ra->via.f64;
@@ -147,10 +148,10 @@ tc_proto_err tc_proto_parse(msgpack_unpacked *u, const char *body, size_t len, t
         FAIL(TC_PROTO_ERR_UNDECODABLE, "a %zu-byte body that is not one msgpack map", len);
     const msgpack_object *m = &u->data;
     int64_t version;
-    if (!as_int(get(m, "protocol_version"), &version) || version != 1)
+    if (!as_int(tc_proto_map_get(m, "protocol_version"), &version) || version != 1)
         FAIL(TC_PROTO_ERR_VERSION, "a message without protocol_version 1");
     tc_proto_str type;
-    if (!as_str(get(m, "type"), &type)) FAIL(TC_PROTO_ERR_TYPE, "a message without a type");
+    if (!as_str(tc_proto_map_get(m, "type"), &type)) FAIL(TC_PROTO_ERR_TYPE, "a message without a type");
 
     if (str_eq(type, "partial_result")) {
         out->type = TC_PROTO_PARTIAL_RESULT;
@@ -158,8 +159,8 @@ tc_proto_err tc_proto_parse(msgpack_unpacked *u, const char *body, size_t len, t
     }
     if (str_eq(type, "batch_completion")) {
         out->type = TC_PROTO_BATCH_COMPLETION;
-        const msgpack_object *steps = get(m, "steps");
-        if (!as_str(get(m, "worker_id"), &out->worker_id) || !as_str(get(m, "batch_id"), &out->batch_id) ||
+        const msgpack_object *steps = tc_proto_map_get(m, "steps");
+        if (!as_str(tc_proto_map_get(m, "worker_id"), &out->worker_id) || !as_str(tc_proto_map_get(m, "batch_id"), &out->batch_id) ||
             !steps || steps->type != MSGPACK_OBJECT_ARRAY)
             FAIL(TC_PROTO_ERR_FIELDS, "batch_completion without worker_id, batch_id and steps");
         out->steps = steps;
@@ -167,19 +168,19 @@ tc_proto_err tc_proto_parse(msgpack_unpacked *u, const char *body, size_t len, t
     }
     if (str_eq(type, "heartbeat")) {
         out->type = TC_PROTO_HEARTBEAT;
-        if (!as_str(get(m, "worker_id"), &out->worker_id) || !as_int(get(m, "capacity"), &out->capacity) ||
+        if (!as_str(tc_proto_map_get(m, "worker_id"), &out->worker_id) || !as_int(tc_proto_map_get(m, "capacity"), &out->capacity) ||
             out->capacity < 0)
             FAIL(TC_PROTO_ERR_FIELDS, "heartbeat without worker_id and capacity >= 0");
-        as_int(get(m, "pid"), &out->pid);
-        as_int(get(m, "in_flight"), &out->in_flight);
-        as_str(get(m, "host"), &out->host);
+        as_int(tc_proto_map_get(m, "pid"), &out->pid);
+        as_int(tc_proto_map_get(m, "in_flight"), &out->in_flight);
+        as_str(tc_proto_map_get(m, "host"), &out->host);
         tc_proto_parse_connection(m, &out->connection);
         return TC_PROTO_OK;
     }
     if (str_eq(type, "goodbye")) {
         out->type = TC_PROTO_GOODBYE;
-        if (!as_str(get(m, "worker_id"), &out->worker_id)) FAIL(TC_PROTO_ERR_FIELDS, "goodbye without worker_id");
-        as_str(get(m, "reason"), &out->reason);
+        if (!as_str(tc_proto_map_get(m, "worker_id"), &out->worker_id)) FAIL(TC_PROTO_ERR_FIELDS, "goodbye without worker_id");
+        as_str(tc_proto_map_get(m, "reason"), &out->reason);
         return TC_PROTO_OK;
     }
     FAIL(TC_PROTO_ERR_TYPE, "a message of unknown type %.*s", (int)(type.len > 40 ? 40 : type.len), type.ptr);

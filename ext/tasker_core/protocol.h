@@ -84,4 +84,7 @@ void tc_proto_parse_connection(const msgpack_object *m, tc_proto_conn *out);
 /* Appends obj (or nil for NULL) re-encoded as msgpack to sbuf; 0 ok, -1 out of memory. */
 int tc_proto_pack_object(msgpack_sbuffer *sbuf, const msgpack_object *obj);
 
+/* The value under a str key of a msgpack map (linear scan), or NULL. */
+const msgpack_object *tc_proto_map_get(const msgpack_object *map, const char *key);
+
 #endif
