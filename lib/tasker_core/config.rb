@@ -43,11 +43,24 @@ module TaskerCore
       Setting.new(key: "zeromq.max_message_bytes", type: :integer, default: 16 * 1024 * 1024, min: 1,
                   doc: "Largest message a socket accepts; a bigger one is refused (ZMQ_MAXMSGSIZE)."),
       Setting.new(key: "zeromq.max_result_bytes", type: :integer, default: 4 * 1024 * 1024, min: 0,
-                  doc: "Largest result body the orchestrator parses; a bigger one is counted (bad_messages too_large) " \
-                       "and dropped, and the step is re-dispatched later. 0 = only zeromq.max_message_bytes applies."),
+                  doc: "Largest result body the orchestrator accepts. Each batch tells workers the limit; a worker " \
+                       "fails a step whose result would be bigger (PayloadTooLargeError, not retryable). A bigger " \
+                       "body that arrives anyway is counted (too_large) and dropped. 0 = only " \
+                       "zeromq.max_message_bytes applies."),
       Setting.new(key: "zeromq.max_batch_steps", type: :integer, default: 10_000, min: 1,
-                  doc: "Most steps a worker accepts in one batch; a bigger batch is counted (bad_messages " \
-                       "batch_too_large) and dropped, and its steps are re-dispatched after their lease."),
+                  doc: "Most steps a worker accepts in one batch (advertised in its heartbeats; the orchestrator " \
+                       "never sends more). Steps beyond it are refused with a batch_refusal and dispatched again."),
+      Setting.new(key: "zeromq.max_payload_depth", type: :integer, default: 24, min: 1, max: 28,
+                  doc: "Deepest nesting of maps and arrays in a task context, a handler_config or a step output. " \
+                       "create_task refuses a deeper context (PayloadTooDeepError); a deeper output fails its " \
+                       "step, not retryable. Messages add at most four levels, under the decoder's fixed 32."),
+      Setting.new(key: "zeromq.max_context_bytes", type: :integer, default: 4 * 1024 * 1024, min: 1,
+                  doc: "Largest packed task context create_task accepts (PayloadTooLargeError beyond it)."),
+      Setting.new(key: "zeromq.allow_insecure", type: :boolean, default: false,
+                  doc: "Allow the orchestrator to bind a non-loopback address without CURVE. Off, such a bind " \
+                       "is refused (ConfigurationError). On, anyone who can reach the ports can take batches " \
+                       "(contexts and outputs included), send results that are applied, and fill the " \
+                       "orchestrator's queues; see docs/security.md."),
       Setting.new(key: "zeromq.curve.enabled", type: :boolean, default: false,
                   doc: "Authenticate and encrypt both channels with CurveZMQ: the orchestrator is the CURVE " \
                        "server, workers are clients and must be on the allow-list (docs/security.md)."),
@@ -81,6 +94,11 @@ module TaskerCore
       Setting.new(key: "orchestration.dispatch_timeout_ms", type: :integer, default: 10_000, min: 1,
                   doc: "How long past a step's own timeout the orchestrator waits for its result " \
                        "before it treats the step as lost and dispatches it again."),
+      Setting.new(key: "orchestration.max_lost_attempts", type: :integer, default: 5, min: 1, max: 1000,
+                  doc: "How many times a step may be lost (its worker or orchestrator lost, its lease expired, " \
+                       "its batch refused) and dispatched again without spending its retry budget. One more " \
+                       "loss fails it with StepLostError, not retryable: a step that kills every worker that " \
+                       "runs it stops there."),
       Setting.new(key: "database.url", type: :string, default: nil, nullable: true, env: "DATABASE_URL",
                   doc: "PostgreSQL connection URL or conninfo string; null = libpq's PG* environment variables."),
       Setting.new(key: "database.pool", type: :integer, default: 5, min: 1, max: 1000,

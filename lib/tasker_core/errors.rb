@@ -52,6 +52,27 @@ module TaskerCore
   # A step ran past its timeout.
   class StepTimeoutError < Error; end
 
+  # A payload (task context, handler_config, step output, message) over a
+  # size or depth limit. The message names the payload, its size or depth
+  # and the limit (docs/reliability.md, "Limits").
+  class PayloadError < Error; end
+
+  # A payload larger than its limit (zeromq.max_context_bytes,
+  # zeromq.max_result_bytes, a worker's max_message_bytes).
+  class PayloadTooLargeError < PayloadError; end
+
+  # A payload nested deeper than zeromq.max_payload_depth.
+  class PayloadTooDeepError < PayloadError; end
+
+  # A worker refused a step of a batch it received (docs/protocol.md,
+  # batch_refusal); stored as the step's error when the refusal is final.
+  class BatchRefusedError < Error; end
+
+  # A step was dispatched more than orchestration.max_lost_attempts times
+  # without a result coming back (its worker or orchestrator was lost each
+  # time): it fails instead of taking down more workers.
+  class StepLostError < Error; end
+
   # Raised by a step handler: the step failed but may succeed if retried.
   class RetryableError < Error
     attr_reader :retry_after
