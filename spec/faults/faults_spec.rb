@@ -21,15 +21,6 @@ RSpec.describe "faults", :db, :no_valgrind do
     cleanup_durable
   end
 
-  def fault_config(zeromq = {})
-    dir = Dir.mktmpdir("tasker_faults")
-    (@tmp_dirs ||= []) << dir
-    File.join(dir, "tasker-config.yml").tap do |path|
-      File.write(path, { "default" => { "zeromq" => { "heartbeat_interval_ms" => 200 }.merge(zeromq),
-                                        "logging" => { "level" => "error" } } }.to_yaml)
-    end
-  end
-
   def spawn_worker(config: fault_config, concurrency: 5, env: {})
     cfg = @handle.zeromq_config
     pid = Process.spawn({ "TASKER_CONFIG_PATH" => config, "TASKER_ENV" => "test" }.merge(env),
@@ -65,24 +56,6 @@ RSpec.describe "faults", :db, :no_valgrind do
 
   def slow(name, deps = [], sleep_ms: 100, **extra)
     step(name, deps, handler: "DurableHandlers::Slow", handler_config: { "sleep_ms" => sleep_ms }, **extra)
-  end
-
-  # Every task reached a final state (complete unless told otherwise), and
-  # each step has exactly one 'complete' transition if it is complete, none
-  # otherwise: no output lost, none applied twice.
-  def expect_finished_exactly_once(ids, state: "complete", c: conn)
-    wait_for_tasks(c, ids, state: state, timeout: 90)
-    rows = c.exec(<<~SQL, ["{#{ids.join(',')}}"]).to_a
-      SELECT s.id, s.state,
-             (SELECT count(*) FROM tasker_workflow_step_transitions t
-               WHERE t.step_id = s.id AND t.to_state = 'complete') AS applied
-        FROM tasker_workflow_steps s WHERE s.task_id = ANY($1::bigint[])
-    SQL
-    expect(rows).not_to be_empty
-    bad = rows.reject { |r| r["applied"].to_i == (r["state"] == "complete" ? 1 : 0) }
-    expect(bad).to eq([])
-    expect(steps_completed_twice(c)).to be_empty
-    rows
   end
 
   it "loses nothing when a worker is killed with -9 mid-batch, 10 times in a run" do
