@@ -17,6 +17,8 @@ module TaskerCore
     Setting = Struct.new(:key, :type, :default, :doc, :min, :max, :values, :env, :nullable, keyword_init: true)
 
     CURVE_KEY = %r{\A[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\z}
+    DURATION = /\A[1-9]\d*[smhd]\z/
+    DURATION_UNITS = { "s" => 1, "m" => 60, "h" => 3600, "d" => 86_400 }.freeze
     ENDPOINT_EXPECTATION = "an endpoint tcp://host:port (port 1..65535 or *), ipc://path or inproc://name"
 
     # key path => how it is checked, its default and what it means.
@@ -120,6 +122,18 @@ module TaskerCore
       Setting.new(key: "logging.level", type: :enum, default: "info", values: %w[debug info warn error],
                   env: "TASKER_LOG_LEVEL",
                   doc: "Level of TaskerCore.logger (when it is the gem's own logger)."),
+      Setting.new(key: "logging.format", type: :enum, default: "text", values: %w[text json],
+                  env: "TASKER_LOG_FORMAT",
+                  doc: "Format of the gem's own logger: text (ISO 8601 UTC time with milliseconds, level, " \
+                       "process, message, then key=value fields) or json (one object per line: time, level, pid, " \
+                       "progname, message and the fields task_id, step_id, step_name, attempt, worker_id where known)."),
+      Setting.new(key: "retention.finished_after", type: :duration, default: "14d", nullable: true,
+                  doc: "Finished tasks (complete, error, cancelled) older than this are deleted with their steps, " \
+                       "edges and histories by the orchestrator process, a small batch per transaction, one " \
+                       "orchestrator at a time. A duration: a whole number and s, m, h or d (\"90m\", \"14d\"). " \
+                       "null = keep everything."),
+      Setting.new(key: "retention.interval_s", type: :integer, default: 600, min: 1,
+                  doc: "How often the orchestrator process looks for finished tasks past retention.finished_after."),
     ].to_h { |s| [s.key, s.freeze] }.freeze
 
     # Every key that holds settings rather than a value: "zeromq", "worker", ...
@@ -157,12 +171,20 @@ module TaskerCore
         check_layer(overrides, path: path, source: "overrides")
         data = deep_merge(data, overrides)
         check_relations(data, path: path, source: %(environment "#{env}"))
-        new(data, environment: env, path: path)
+        new(data, environment: env, path: path, environments: sections.keys - [BASE_SECTION])
       end
 
       # { "zeromq.enabled" => true, ... } for every key in SCHEMA.
       def defaults
         SCHEMA.transform_values(&:default)
+      end
+
+      # "14d" -> 1_209_600 (seconds); ArgumentError for anything else.
+      def duration_seconds(text)
+        text = text.to_s.strip
+        raise ArgumentError, "expected a duration such as 7d, 12h, 30m or 45s, got #{text.inspect}" unless text.match?(DURATION)
+
+        Integer(text[0...-1], 10) * DURATION_UNITS.fetch(text[-1])
       end
 
       def environment_from_env
@@ -269,6 +291,7 @@ module TaskerCore
         when :endpoint then value.is_a?(String) && endpoint?(value)
         when :curve_key then value.is_a?(String) && value.match?(CURVE_KEY)
         when :curve_key_list then value.is_a?(Array) && value.all? { |k| k.is_a?(String) && k.match?(CURVE_KEY) }
+        when :duration then value.is_a?(String) && value.match?(DURATION)
         end
       end
 
@@ -294,6 +317,7 @@ module TaskerCore
         when :endpoint then ENDPOINT_EXPECTATION
         when :curve_key then "a CURVE public key (40 Z85 characters) or null"
         when :curve_key_list then "a list of CURVE public keys (40 Z85 characters each)"
+        when :duration then "a duration such as \"14d\" (a whole number and s, m, h or d)#{' or null' if setting.nullable}"
         end
       end
 
@@ -353,12 +377,14 @@ module TaskerCore
 
     private_class_method :new
 
-    attr_reader :environment, :path
+    # environments: the sections the file names besides default:.
+    attr_reader :environment, :path, :environments
 
-    def initialize(data, environment:, path:)
+    def initialize(data, environment:, path:, environments: [])
       @data = self.class.send(:deep_freeze, data)
       @environment = environment.dup.freeze
       @path = path.dup.freeze
+      @environments = environments.map { |e| e.dup.freeze }.freeze
       freeze
     end
 
@@ -371,6 +397,7 @@ module TaskerCore
     def database = @data["database"]
     def logging = @data["logging"]
     def tasks = @data["tasks"]
+    def retention = @data["retention"]
 
     # Keeps a password in database.url out of logs and consoles.
     def inspect

@@ -10,9 +10,12 @@ module TaskerCore
         Runs the orchestration loop in the foreground: it binds zeromq.batch_endpoint and
         zeromq.result_endpoint, claims ready steps from the database in batches, sends them to
         live workers and writes their results back. Run one per database.
-        Signals: TERM/INT stop the loop cleanly (in-flight steps are re-dispatched later) and exit 0.
+        Signals: TERM/INT stop the loop cleanly (results written back, in-flight steps released) and exit 0;
+        a second TERM/INT exits at once (130). Logs go through TaskerCore.logger (logging.level, logging.format).
       TEXT
       SIGNALS = %w[TERM INT].freeze
+      # How often the foreground loop wakes to look at the loop's counters.
+      WAKE_S = 0.5
 
       private
 
@@ -20,7 +23,8 @@ module TaskerCore
         o.on("--batch-size N", Integer, "most steps claimed and sent per batch (default orchestration.batch_size)") { |v| @options[:batch_size] = v }
         o.on("--poll-interval-ms MS", Integer, "how often the loop looks for ready steps when idle (default 50)") { |v| @options[:poll_interval_ms] = v }
         o.on("--owner NAME", "the name this orchestrator claims steps under (default host-pid-random)") { |v| @options[:owner] = v }
-        o.on("--stats-interval SECONDS", Float, "log the loop's counters this often (default 10; 0 = never)") { |v| @options[:stats_interval] = v }
+        o.on("--stats-interval SECONDS", Float, "log the loop's counters at most this often, when they changed " \
+                                                "(default 10; 0 = never)") { |v| @options[:stats_interval] = v }
       end
 
       def call(_args)
@@ -36,12 +40,11 @@ module TaskerCore
         opts = { database_url: url.empty? ? nil : url }.compact.merge(@options.slice(:batch_size, :poll_interval_ms, :owner))
         manager.start_orchestration(**opts)
         zmq = config.zeromq
-        err.puts "tasker orchestrator: running (pid #{Process.pid}; batches on #{zmq['batch_endpoint']}, " \
-                 "results on #{zmq['result_endpoint']}); TERM or INT stops it"
-        err.flush
+        logger.info("tasker orchestrator: running (pid #{Process.pid}; batches on #{zmq['batch_endpoint']}, " \
+                    "results on #{zmq['result_endpoint']}); TERM or INT stops it")
         status = wait(signal_r, manager)
-        manager.stop_orchestration
-        err.puts "tasker orchestrator: stopped (#{summary(manager)})"
+        stop(manager)
+        logger.info("tasker orchestrator: stopped (#{summary(manager)})")
         status
       ensure
         previous&.each { |s, h| trap(s, h || "DEFAULT") }
@@ -49,22 +52,52 @@ module TaskerCore
         signal_w&.close
       end
 
-      # Until a signal (-> 0) or the loop stopping by itself (-> 1).
+      def logger = TaskerCore.logger
+
+      # Stopping writes back the results the loop has and releases the steps
+      # still out with workers (OrchestrationHandle#stop_orchestration). A
+      # second TERM/INT meanwhile exits at once: what was not released yet is
+      # claimed again by any orchestrator when its claim deadline (the
+      # step's timeout plus orchestration.dispatch_timeout_ms) passes.
+      def stop(manager)
+        # Raised in the main thread by the trap, wherever it is (the native
+        # join included: it wakes for interrupts).
+        SIGNALS.each { |s| trap(s) { raise HardStop, s } }
+        logger.info("tasker orchestrator: stopping (writing back results, releasing in-flight steps); " \
+                    "TERM or INT again exits at once")
+        manager.stop_orchestration
+      rescue HardStop => e
+        logger.warn("tasker orchestrator: second #{e.message}: exiting at once; steps still claimed return to " \
+                    "the queue at their claim deadline")
+        Process.exit!(EXIT_INTERRUPTED)
+      end
+
+      # A second TERM/INT while stopping; not a StandardError, so nothing on
+      # the way swallows it.
+      class HardStop < Exception; end # rubocop:disable Lint/InheritException
+
+      # Until a signal (-> 0) or the loop stopping by itself (-> 1). The
+      # counters are logged when they changed, at most every --stats-interval
+      # seconds: an idle orchestrator writes nothing.
       def wait(signal_r, manager)
         interval = @options.fetch(:stats_interval, 10.0)
-        next_stats = interval.positive? ? now + interval : nil
+        next_stats = now + interval
+        last = summary(manager)
         loop do
-          return EXIT_OK if IO.select([signal_r], nil, nil, 0.5) && signal_r.read_nonblock(16, exception: false)
+          return EXIT_OK if IO.select([signal_r], nil, nil, WAKE_S) && signal_r.read_nonblock(16, exception: false)
 
           unless manager.orchestrating?
-            err.puts "tasker orchestrator: the orchestration loop stopped by itself (#{summary(manager)})"
+            logger.error("tasker orchestrator: the orchestration loop stopped by itself (#{summary(manager)})")
             return EXIT_FAILURE
           end
-          if next_stats && now >= next_stats
-            err.puts "tasker orchestrator: #{summary(manager)}"
-            err.flush
-            next_stats = now + interval
-          end
+          next unless interval.positive? && now >= next_stats
+
+          current = summary(manager)
+          next if current == last
+
+          logger.info("tasker orchestrator: #{current}")
+          last = current
+          next_stats = now + interval
         end
       end
 

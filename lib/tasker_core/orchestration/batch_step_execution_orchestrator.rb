@@ -310,12 +310,35 @@ module TaskerCore
       # an output the codec cannot pack turns into a failed step.
       def encode_partial(job, output, error)
         msg = partial_for(job, output: output, error: error, started_at: job.started_at)
-        [Protocol.encode(msg), msg["status"]]
+        frames = Protocol.encode(msg)
+        log_partial(job, msg)
+        [frames, msg["status"]]
       rescue TaskerCore::ProtocolError, TypeError, ArgumentError, RangeError, EncodingError => e
         err = Protocol.error_object(klass: e.class.name, retryable: false, backtrace: [],
                                     message: "the step's output could not be encoded: #{e.message}")
         msg = partial_for(job, error: err, started_at: job.started_at)
+        log_partial(job, msg)
         [Protocol.encode(msg), msg["status"]]
+      end
+
+      # Each step at debug, each failed attempt at warn, with the step's
+      # fields (TaskerCore::Logging::Event).
+      def log_partial(job, msg)
+        error = msg["error"]
+        return unless error || @logger.debug?
+
+        step = job.step
+        fields = { task_id: step["task_id"], step_id: step["step_id"], step_name: step["step_name"],
+                   attempt: step["attempt"], worker_id: @worker_id, duration_ms: msg["duration_ms"] }
+        if error
+          @logger.warn(Logging.event("tasker worker: step #{step['step_name']} failed: #{error['class']}: " \
+                                     "#{error['message']}", **fields, error_class: error["class"],
+                                                             retryable: error["retryable"]))
+        else
+          @logger.debug(Logging.event("tasker worker: step #{step['step_name']} complete", **fields))
+        end
+      rescue StandardError => e
+        @logger.error("tasker worker #{@worker_id}: logging a step: #{e.class}: #{e.message}")
       end
 
       def partial_for(job, started_at:, output: nil, error: nil)
@@ -630,6 +653,7 @@ module TaskerCore
       def report_timeout(job, message)
         error = Protocol.error_object(klass: TaskerCore::StepTimeoutError.name, message: message, retryable: true)
         msg = partial_for(job, error: error, started_at: job.started_at)
+        log_partial(job, msg)
         bump(:steps_failed)
         report(Outgoing.new(frames: Protocol.encode(msg), kind: Protocol::STATUS_ERROR, job: job))
       end
