@@ -29,6 +29,7 @@ module TaskerCore
       def initialize
         @lock = Mutex.new
         @handle = nil
+        @sweeper = nil
         @pid = Process.pid
       end
 
@@ -83,10 +84,12 @@ module TaskerCore
           handle.stop_orchestration
           raise
         end
+        start_retention(url)
         self
       end
 
       def stop_orchestration(timeout_ms: 10_000)
+        stop_retention
         TaskerCore::Discovery.on_orchestration_stopping
         handle = @lock.synchronize do
           forget_inherited_handle
@@ -119,6 +122,19 @@ module TaskerCore
       end
 
       private
+
+      # The periodic cleanup of finished tasks (retention.finished_after;
+      # TaskerCore::Retention), a Ruby thread beside the native loop.
+      def start_retention(url)
+        sweeper = TaskerCore::Retention::Sweeper.from_config(url: url)&.start
+        old = @lock.synchronize { @sweeper.tap { @sweeper = sweeper } }
+        old&.stop
+      end
+
+      def stop_retention
+        sweeper = @lock.synchronize { @sweeper.tap { @sweeper = nil } }
+        sweeper&.stop
+      end
 
       # CURVE keys, allow-list and message limits (docs/security.md).
       def security_options
