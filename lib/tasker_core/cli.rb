@@ -30,11 +30,14 @@ module TaskerCore
       "worker" => %w[worker Worker],
       "db:migrate" => %w[db_migrate DbMigrate],
       "task create" => %w[task_create TaskCreate],
+      "task list" => %w[task_list TaskList],
       "task show" => %w[task_show TaskShow],
       "task cancel" => %w[task_cancel TaskCancel],
       "step retry" => %w[step_retry StepRetry],
       "step resolve" => %w[step_resolve StepResolve],
       "status" => %w[status Status],
+      "workers" => %w[workers Workers],
+      "cleanup" => %w[cleanup Cleanup],
       "demo" => %w[demo Demo],
       "keygen" => %w[keygen Keygen]
     }.freeze
@@ -45,11 +48,14 @@ module TaskerCore
       "worker" => "run a worker process that executes step handlers",
       "db:migrate" => "create or update the database schema",
       "task create" => "create a task from a task template",
+      "task list" => "list tasks, newest first, filtered by state, name, namespace or age",
       "task show" => "show a task and its steps",
       "task cancel" => "cancel an unfinished task",
       "step retry" => "retry a step that is in error",
       "step resolve" => "mark a step as done by hand, with its output",
       "status" => "tasks by state, throughput and live workers",
+      "workers" => "the workers the orchestrators know: capacity, in flight, heartbeat age, connections",
+      "cleanup" => "delete finished tasks older than a duration, with their steps and histories",
       "demo" => "run an order-fulfilment workflow end to end and report its figures",
       "keygen" => "write a CurveZMQ key pair (PREFIX.key, PREFIX.pub; mode 0600)"
     }.freeze
@@ -67,6 +73,7 @@ module TaskerCore
       trace = ENV["TASKER_TRACE"] == "1" || argv.include?("--trace")
       name, rest = resolve(argv)
       return help(@out) && EXIT_OK if name == :help
+      return help(@err) && EXIT_USAGE if name == :usage
       return EXIT_OK if name == :version && @out.puts("tasker #{TaskerCore::VERSION}").nil?
 
       command_class(name).new(name: name, out: @out, err: @err, trace: trace).run(rest)
@@ -85,14 +92,15 @@ module TaskerCore
     # command name (`tasker --env test status`): they are passed on.
     def resolve(argv)
       leading = []
-      while argv.first&.start_with?("-") && !%w[-h --help --version].include?(argv.first)
+      while argv.first&.start_with?("-") && !%w[-h --help --version -v].include?(argv.first)
         opt = argv.shift
         leading << opt
         leading << argv.shift if %w[--config --env].include?(opt) && argv.any?
       end
       word = argv.shift
-      return [:help, []] if word.nil? || %w[-h --help help].include?(word)
-      return [:version, []] if word == "--version"
+      return [:usage, []] if word.nil?
+      return [:help, []] if %w[-h --help help].include?(word)
+      return [:version, []] if %w[--version -v].include?(word)
 
       if GROUPS.include?(word)
         sub = argv.first
@@ -141,6 +149,8 @@ module TaskerCore
       io.puts "  --env ENV      configuration environment (default TASKER_ENV, RAILS_ENV, RACK_ENV, development)"
       io.puts "  --trace        print backtraces with errors (also TASKER_TRACE=1)"
       io.puts "  -h, --help     help for the command"
+      io.puts
+      io.puts "tasker -v, --version prints the version. Times are ISO 8601 in UTC with milliseconds."
       io.puts
       io.puts "The database is DATABASE_URL, else database.url from the configuration."
       true

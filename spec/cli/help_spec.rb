@@ -5,8 +5,8 @@ require_relative "cli_helpers"
 RSpec.describe "tasker (help, usage errors, configuration)" do
   include CLIHelpers
 
-  commands = ["orchestrator", "worker", "db:migrate", "task create", "task show", "task cancel", "step retry",
-              "step resolve", "status", "demo"].freeze
+  commands = ["orchestrator", "worker", "db:migrate", "task create", "task list", "task show", "task cancel",
+              "step retry", "step resolve", "status", "workers", "cleanup", "demo"].freeze
 
   it "lists every command with --help, on stdout, exit 0" do
     r = tasker("--help")
@@ -44,6 +44,29 @@ RSpec.describe "tasker (help, usage errors, configuration)" do
       expect(r.err).to include("--help")
       expect(r.out).to be_empty
     end
+  end
+
+  it "prints the usage on stderr and exits 2 when given no command" do
+    r = tasker
+    expect(r.exitstatus).to eq(2)
+    expect(r.err).to start_with("Usage: tasker COMMAND")
+    expect(r.out).to be_empty
+  end
+
+  it "prints the version with --version and -v" do
+    %w[--version -v].each do |flag|
+      r = tasker(flag)
+      expect([r.exitstatus, r.out]).to eq([0, "tasker #{TaskerCore::VERSION}\n"])
+    end
+  end
+
+  it "refuses an --env the configuration file does not name, exit 2, and suggests the near one" do
+    r = tasker("--env", "prodction", "status")
+    expect(r.exitstatus).to eq(2)
+    expect(r.err).to include('tasker status: unknown environment "prodction"', "development, test, production",
+                             '(did you mean "production"?)')
+    r = tasker("status", "--env", "production")
+    expect(r.err).to include("no database is configured")
   end
 
   it "fails in one sentence, exit 1, when no database is configured" do

@@ -67,7 +67,7 @@ RSpec.describe "tasker db:migrate, task and step commands", :db do
     lines = r.out.lines.map(&:rstrip)
     expect(lines.first).to eq("task #{id}  demo/order_fulfilment@1.0.0  pending")
     header = lines.index { |l| l.start_with?("STEP") }
-    expect(lines[header].split).to eq(%w[STEP NAME STATE ATTEMPTS FAILURES DEPENDS_ON DURATION LAST_ERROR])
+    expect(lines[header].split).to eq(%w[STEP NAME STATE ATTEMPTS FAILURES DEPENDS_ON DURATION FINISHED])
     rows = lines[(header + 2)..].map(&:split)
     expect(rows.map { |r| r[1] }).to eq(%w[validate_order reserve_inventory charge_payment ship_order notify_customer])
     expect(rows.map { |r| r[2] }.uniq).to eq(["pending"])

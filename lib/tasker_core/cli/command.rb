@@ -90,8 +90,17 @@ module TaskerCore
         raise UsageError, "missing #{self.class::ARGUMENTS.split.reject { |a| a.start_with?("[") }[args.size] || 'argument'}"
       end
 
+      # An --env the configuration file has no section for is a usage error
+      # (a misspelt environment would otherwise run on the defaults).
       def configure!
         TaskerCore.configure(path: @options[:config], env: @options[:env])
+        env = @options[:env]
+        return if env.nil? || config.environments.include?(env)
+
+        named = config.environments.empty? ? "no environments" : config.environments.join(", ")
+        guess = DidYouMean::SpellChecker.new(dictionary: config.environments).correct(env).first
+        raise UsageError, "unknown environment #{env.inspect}: #{config.path} names #{named}" \
+                          "#{" (did you mean #{guess.inspect}?)" if guess}"
       end
 
       def config = TaskerCore.config
@@ -143,8 +152,27 @@ module TaskerCore
         EXIT_FAILURE
       end
 
+      # Times become ISO 8601 strings (UTC, milliseconds).
       def print_json(value)
-        out.puts JSON.pretty_generate(value)
+        out.puts JSON.pretty_generate(json_ready(value))
+      end
+
+      def json_ready(value)
+        case value
+        when Hash then value.to_h { |k, v| [k, json_ready(v)] }
+        when Array then value.map { |v| json_ready(v) }
+        when Time then TaskerCore.iso8601(value)
+        else value
+        end
+      end
+
+      def stamp(time) = TaskerCore.iso8601(time)
+
+      # "7d", "12h", "30m", "45s" -> seconds; a usage error otherwise.
+      def duration_arg(value, option)
+        Config.duration_seconds(value)
+      rescue ArgumentError => e
+        raise UsageError, "#{option}: #{e.message}"
       end
     end
   end

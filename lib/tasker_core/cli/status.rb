@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require_relative "table"
+require_relative "workers"
 
 module TaskerCore
   class CLI
@@ -45,27 +46,8 @@ module TaskerCore
         states.to_h { |s| [s, found.fetch(s, 0)] }.merge(found)
       end
 
-      # Connected workers with a recent heartbeat; nil when the database has
-      # no workers table (the orchestrator's migration has not run). The
-      # connection columns (migration 0004) read through to_jsonb so an older
-      # schema shows zeros and nulls instead of failing.
       def workers(conn)
-        return nil unless conn.exec("SELECT to_regclass('tasker_workers') IS NOT NULL AS ok").first["ok"]
-
-        timeout_ms = config.zeromq["heartbeat_timeout_ms"]
-        conn.exec(<<~SQL, [timeout_ms]).map(&:to_h)
-          SELECT id, host, pid, capacity, in_flight,
-                 to_char(last_heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS last_heartbeat_at,
-                 round((extract(epoch FROM now() - last_heartbeat_at) * 1000)::numeric)::int AS heartbeat_age_ms,
-                 coalesce((to_jsonb(w) ->> 'connects')::int, 0) AS connects,
-                 coalesce((to_jsonb(w) ->> 'disconnects')::int, 0) AS disconnects,
-                 to_jsonb(w) ->> 'last_connection_event' AS last_connection_event,
-                 to_char((to_jsonb(w) ->> 'last_connection_event_at')::timestamptz AT TIME ZONE 'UTC',
-                         'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS last_connection_event_at
-            FROM tasker_workers w
-           WHERE connected AND last_heartbeat_at > now() - make_interval(secs => $1 / 1000.0)
-           ORDER BY id
-        SQL
+        Workers.list(conn, heartbeat_timeout_ms: config.zeromq["heartbeat_timeout_ms"])
       end
 
       def print_table(report)
@@ -85,22 +67,8 @@ module TaskerCore
           out.puts "Workers: none live"
         else
           out.puts "Workers (#{workers.size} live)"
-          rows = workers.map do |w|
-            [w["id"], w["host"], w["pid"], w["capacity"], w["in_flight"], w["last_heartbeat_at"],
-             "#{(w['heartbeat_age_ms'].to_i / 1000.0).round(1)}s ago", "#{w['connects']}/#{w['disconnects']}",
-             last_event(w)]
-          end
-          out.puts Table.render(%w[WORKER HOST PID CAPACITY IN_FLIGHT LAST_HEARTBEAT AGE CONNECTS/DISCONNECTS
-                                   LAST_EVENT(AT)], rows)
+          out.puts Table.render(Workers::HEADERS, Workers.rows(workers))
         end
-      end
-
-      def last_event(worker)
-        event = worker["last_connection_event"]
-        return "-" unless event
-
-        at = worker["last_connection_event_at"]
-        at ? "#{event} (#{at})" : event
       end
     end
   end

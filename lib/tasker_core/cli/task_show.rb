@@ -8,7 +8,8 @@ module TaskerCore
     class TaskShow < Command
       ARGUMENTS = "ID"
       ARITY = 1
-      DESCRIPTION = "Shows a task, its context and its steps (state, attempts, dependencies, last error)."
+      DESCRIPTION = "Shows a task, its context and its steps (state, attempts, dependencies), then each step's output\n" \
+                    "and whole last error with its backtrace. Times are ISO 8601 (UTC, milliseconds)."
 
       private
 
@@ -25,17 +26,16 @@ module TaskerCore
         out.puts "task #{task[:id]}  #{task[:namespace]}/#{task[:name]}@#{task[:version]}  #{task[:status]}"
         out.puts "identity key: #{task[:identity_key]}" if task[:identity_key]
         out.puts "created #{stamp(task[:created_at])}#{"  finished #{stamp(task[:finished_at])}" if task[:finished_at]}"
-        out.puts "context: #{JSON.generate(task[:context])}"
+        out.puts "context: #{shown(task[:context])}"
         out.puts
         rows = task[:steps].map do |s|
           [s[:id], s[:name], s[:state], "#{s[:attempts]}/#{s[:max_attempts]}", s[:failures],
-           s[:depends_on].empty? ? nil : s[:depends_on].join(","), duration(s), error_text(s[:error])]
+           s[:depends_on].empty? ? nil : s[:depends_on].join(","), duration(s), stamp(s[:finished_at])]
         end
-        out.puts Table.render(%w[STEP NAME STATE ATTEMPTS FAILURES DEPENDS_ON DURATION LAST_ERROR], rows)
+        out.puts Table.render(%w[STEP NAME STATE ATTEMPTS FAILURES DEPENDS_ON DURATION FINISHED], rows)
+        task[:steps].each { |s| print_details(s) }
         EXIT_OK
       end
-
-      def stamp(time) = time&.strftime("%Y-%m-%d %H:%M:%S.%L UTC")
 
       def duration(step)
         return nil unless step[:finished_at] && step[:last_attempt_at]
@@ -43,12 +43,32 @@ module TaskerCore
         "#{((step[:finished_at] - step[:last_attempt_at]) * 1000).round(1)}ms"
       end
 
-      def error_text(error)
-        return nil unless error.is_a?(Hash)
+      # Each step's output and last error, whole (backtrace included).
+      def print_details(step)
+        error = step[:error]
+        return if step[:output].nil? && !error.is_a?(Hash)
 
-        text = [error["class"], error["message"]].compact.join(": ")
-        text.size > 60 ? "#{text[0, 57]}..." : text
+        out.puts
+        out.puts "step #{step[:id]} #{step[:name]} (#{step[:state]})"
+        out.puts "  output: #{shown(step[:output])}" unless step[:output].nil?
+        return unless error.is_a?(Hash)
+
+        retry_note = error["retryable"] == false ? " (not retryable)" : ""
+        out.puts "  last error#{" at #{stamp(step[:last_failure_at])}" if step[:last_failure_at]}#{retry_note}:"
+        lines = "#{error['class']}: #{error['message']}".lines.map(&:chomp)
+        lines.each { |l| out.puts "    #{escaped(l)}" }
+        Array(error["backtrace"]).each { |l| out.puts "      #{escaped(l.to_s)}" }
       end
+
+      # Task data as one line of JSON (control characters escaped); data JSON
+      # cannot hold (binary strings) shown as Ruby would inspect it.
+      def shown(value)
+        JSON.generate(value)
+      rescue JSON::GeneratorError, EncodingError
+        value.inspect
+      end
+
+      def escaped(text) = text.scrub.gsub(/[\x00-\x08\x0b-\x1f\x7f]/) { |c| c.inspect[1...-1] }
     end
   end
 end
