@@ -26,5 +26,4 @@ Gem::Specification.new do |spec|
   spec.metadata["rubygems_mfa_required"] = "true"
 
   spec.add_dependency "json_schemer", "~> 2.0" # task templates' context_schema
-  spec.add_dependency "ruby-progressbar", "~> 1.13" # the CLI's progress bars (demo)
 end
