@@ -49,10 +49,16 @@ module Bench
                 "$4::bytea[], $5::bytea[], $6::boolean[], $7::int[])"
     UNFINISHED_SQL = "SELECT count(*) AS n FROM tasker_tasks WHERE state IN ('pending', 'in_progress')"
 
-    attr_reader :settings
+    attr_reader :settings, :conn
 
     def initialize(profile: false)
       @profile = profile
+      reset_timings
+    end
+
+    # Wall time per SQL call, reported by #run; cleared for each measured run.
+    def reset_timings
+      @call_s = Hash.new(0.0)
     end
 
     def start
@@ -147,7 +153,7 @@ module Bench
     # mode: "drain" or "concurrent". Returns the result Hash of one run.
     def run(mode, steps)
       reset
-      @call_s = Hash.new(0.0)
+      reset_timings
       ntasks = steps / STEPS_PER_TASK
       create_s = nil
       if mode == "drain"

@@ -51,6 +51,11 @@ namespace :bench do
     bench_ruby "bench/store_bench.rb"
   end
 
+  desc "Retention: new steps/s while 1M old finished steps are deleted, vs without (RETENTION_FINISHED_STEPS, RETENTION_NEW_STEPS)"
+  task retention: :compile do
+    bench_ruby "bench/retention_bench.rb"
+  end
+
   desc "Rebuild the results table in bench/README.md from bench/results/*.json"
   task :report do
     bench_ruby "bench/report.rb"
