@@ -310,35 +310,12 @@ module TaskerCore
       # an output the codec cannot pack turns into a failed step.
       def encode_partial(job, output, error)
         msg = partial_for(job, output: output, error: error, started_at: job.started_at)
-        frames = Protocol.encode(msg)
-        log_partial(job, msg)
-        [frames, msg["status"]]
+        [Protocol.encode(msg), msg["status"]]
       rescue TaskerCore::ProtocolError, TypeError, ArgumentError, RangeError, EncodingError => e
         err = Protocol.error_object(klass: e.class.name, retryable: false, backtrace: [],
                                     message: "the step's output could not be encoded: #{e.message}")
         msg = partial_for(job, error: err, started_at: job.started_at)
-        log_partial(job, msg)
         [Protocol.encode(msg), msg["status"]]
-      end
-
-      # Each step at debug, each failed attempt at warn, with the step's
-      # fields (TaskerCore::Logging::Event).
-      def log_partial(job, msg)
-        error = msg["error"]
-        return unless error || @logger.debug?
-
-        step = job.step
-        fields = { task_id: step["task_id"], step_id: step["step_id"], step_name: step["step_name"],
-                   attempt: step["attempt"], worker_id: @worker_id, duration_ms: msg["duration_ms"] }
-        if error
-          @logger.warn(Logging.event("tasker worker: step #{step['step_name']} failed: #{error['class']}: " \
-                                     "#{error['message']}", **fields, error_class: error["class"],
-                                                             retryable: error["retryable"]))
-        else
-          @logger.debug(Logging.event("tasker worker: step #{step['step_name']} complete", **fields))
-        end
-      rescue StandardError => e
-        @logger.error("tasker worker #{@worker_id}: logging a step: #{e.class}: #{e.message}")
       end
 
       def partial_for(job, started_at:, output: nil, error: nil)
@@ -600,10 +577,34 @@ module TaskerCore
         return unless @open_jobs.delete?(job)
 
         @outbox << out
+        log_partial(out)
         batch = job.batch
         batch.statuses[job.index] = out.kind
         batch.reported += 1
         enqueue_completion(batch) if batch.reported == batch.steps.size
+      end
+
+      # One line per attempt, when its partial is queued: each step at debug,
+      # a failed attempt at warn with its error class and message, with the
+      # step's fields (TaskerCore::Logging::Event).
+      def log_partial(out)
+        failed = out.kind != Protocol::STATUS_COMPLETE
+        return unless failed || @logger.debug?
+
+        step = out.job.step
+        fields = { task_id: step["task_id"], step_id: step["step_id"], step_name: step["step_name"],
+                   attempt: step["attempt"], worker_id: @worker_id }
+        unless failed
+          @logger.debug(Logging.event("tasker worker: step #{step['step_name']} complete", **fields))
+          return
+        end
+
+        error = Protocol.decode(out.frames)["error"] || {}
+        @logger.warn(Logging.event("tasker worker: step #{step['step_name']} failed: #{error['class']}: " \
+                                   "#{error['message']}", **fields, error_class: error["class"],
+                                                           retryable: error["retryable"]))
+      rescue StandardError => e
+        @logger.error("tasker worker #{@worker_id}: logging a step: #{e.class}: #{e.message}")
       end
 
       def enqueue_completion(batch)
@@ -653,7 +654,6 @@ module TaskerCore
       def report_timeout(job, message)
         error = Protocol.error_object(klass: TaskerCore::StepTimeoutError.name, message: message, retryable: true)
         msg = partial_for(job, error: error, started_at: job.started_at)
-        log_partial(job, msg)
         bump(:steps_failed)
         report(Outgoing.new(frames: Protocol.encode(msg), kind: Protocol::STATUS_ERROR, job: job))
       end
