@@ -41,7 +41,8 @@ module TaskerCore
         template.validate_context!(context)
         steps = template.steps
         edges = steps.flat_map { |s| s.depends_on.map { |d| [d, s.name] } }
-        row = Store.with_connection do |c|
+        # With an identity_key a repeat returns the task already created.
+        row = Store.with_connection(idempotent: !identity_key.nil?) do |c|
           c.exec(<<~SQL, [
             SELECT task_id, created FROM tasker_create_task($1, $2, $3, $4::jsonb, $5::bytea, $6,
               $7::text[], $8::text[], $9::bytea[], $10::int[], $11::boolean[], $12::int[], $13::int[], $14::int[],
@@ -61,7 +62,7 @@ module TaskerCore
       # A Hash describing the task and each of its steps, or nil when there
       # is no such task.
       def task(id)
-        Store.with_connection do |c|
+        Store.with_connection(idempotent: true) do |c|
           t = c.exec(TASK_SQL, [Integer(id)]).first or return nil
           steps = c.exec(STEPS_SQL, [t["id"]])
           task_hash(t, steps)
@@ -74,7 +75,7 @@ module TaskerCore
       def wait_for(id, timeout:)
         deadline = timeout && Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
         loop do
-          state = Store.with_connection do |c|
+          state = Store.with_connection(idempotent: true) do |c|
             c.exec("SELECT state FROM tasker_tasks WHERE id = $1", [Integer(id)]).first&.fetch("state")
           end
           raise Error, "no task #{id}" unless state
