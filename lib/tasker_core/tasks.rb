@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "json"
+require_relative "payload"
 require_relative "store"
 require_relative "task_template_registry"
 
@@ -39,6 +40,7 @@ module TaskerCore
                       templates: TaskerCore.task_templates)
         template = templates.find(name: name, namespace: namespace, version: version)
         template.validate_context!(context)
+        packed = Payload.pack_checked(context, what: "the context of a #{template.full_name} task")
         steps = template.steps
         edges = steps.flat_map { |s| s.depends_on.map { |d| [d, s.name] } }
         # With an identity_key a repeat returns the task already created.
@@ -49,7 +51,7 @@ module TaskerCore
               $15::float8[], $16::text[], $17::text[])
           SQL
             template.namespace, template.name, template.version, JSON.generate(template.definition),
-            Codec.pack(context), identity_key&.to_s,
+            packed, identity_key&.to_s,
             steps.map(&:name), steps.map(&:handler), steps.map { |s| Codec.pack(s.handler_config) },
             steps.map(&:timeout_ms), steps.map(&:retryable), steps.map(&:max_attempts),
             steps.map(&:backoff_base_ms), steps.map(&:backoff_cap_ms), steps.map(&:jitter),
