@@ -22,7 +22,7 @@ module TaskerCore
         FROM tasker_tasks WHERE id = $1
     SQL
     STEPS_SQL = <<~SQL
-      SELECT s.id, s.name, s.handler, s.state, s.attempts, s.failures, s.max_attempts, s.pending_parents,
+      SELECT s.id, s.name, s.handler, s.state, s.attempts, s.failures, s.lost_attempts, s.max_attempts, s.pending_parents,
              s.output, s.last_error,
              ARRAY(SELECT p.name FROM tasker_workflow_step_edges e JOIN tasker_workflow_steps p ON p.id = e.from_step_id
                     WHERE e.to_step_id = s.id ORDER BY p.name) AS depends_on,
@@ -115,7 +115,8 @@ module TaskerCore
           steps: steps.map do |s|
             {
               id: s["id"], name: s["name"], handler: s["handler"], state: s["state"], attempts: s["attempts"],
-              failures: s["failures"], max_attempts: s["max_attempts"], depends_on: s["depends_on"],
+              failures: s["failures"], lost_attempts: s["lost_attempts"], max_attempts: s["max_attempts"],
+              depends_on: s["depends_on"],
               pending_parents: s["pending_parents"], output: unpack(s["output"]), error: unpack(s["last_error"]),
               created_at: time(s["created_at"]), updated_at: time(s["updated_at"]),
               next_attempt_at: time(s["next_attempt_at"]), last_attempt_at: time(s["last_attempt_at"]),
