@@ -5,6 +5,9 @@ require_relative "table"
 module TaskerCore
   class CLI
     # tasker task show ID
+    #
+    # Payloads are msgpack; in JSON a msgpack binary value (bin) is shown as
+    # {"$binary": "<base64>"}, and a binary map key as "$binary:<base64>".
     class TaskShow < Command
       ARGUMENTS = "ID"
       ARITY = 1
@@ -14,14 +17,14 @@ module TaskerCore
       private
 
       def define_options(o)
-        o.on("--json", "print the task as JSON") { @options[:json] = true }
+        o.on("--json", "print the task as JSON (a binary value as {\"$binary\": BASE64})") { @options[:json] = true }
       end
 
       def call(args)
         id = integer_arg(args.first, "ID")
         use_database!
         task = Tasks.task(id) or raise Error, "there is no task #{id}"
-        return print_json(task) || EXIT_OK if @options[:json]
+        return print_json(json_safe(task)) || EXIT_OK if @options[:json]
 
         out.puts "task #{task[:id]}  #{task[:namespace]}/#{task[:name]}@#{task[:version]}  #{task[:status]}"
         out.puts "identity key: #{task[:identity_key]}" if task[:identity_key]
@@ -36,6 +39,25 @@ module TaskerCore
         task[:steps].each { |s| print_details(s) }
         EXIT_OK
       end
+
+      # Strings JSON can carry as they are; msgpack bin values (binary
+      # Strings) as {"$binary" => base64}.
+      def json_safe(value)
+        case value
+        when Hash then value.to_h { |k, v| [json_key(k), json_safe(v)] }
+        when Array then value.map { |v| json_safe(v) }
+        when String then binary?(value) ? { "$binary" => [value].pack("m0") } : value
+        else value
+        end
+      end
+
+      def json_key(key)
+        return key unless key.is_a?(String) && binary?(key)
+
+        "$binary:#{[key].pack('m0')}"
+      end
+
+      def binary?(str) = str.encoding == Encoding::BINARY || !str.valid_encoding?
 
       def duration(step)
         return nil unless step[:finished_at] && step[:last_attempt_at]
@@ -60,13 +82,9 @@ module TaskerCore
         Array(error["backtrace"]).each { |l| out.puts "      #{escaped(l.to_s)}" }
       end
 
-      # Task data as one line of JSON (control characters escaped); data JSON
-      # cannot hold (binary strings) shown as Ruby would inspect it.
-      def shown(value)
-        JSON.generate(value)
-      rescue JSON::GeneratorError, EncodingError
-        value.inspect
-      end
+      # Task data as one line of JSON (control characters escaped), binary
+      # values as in --json.
+      def shown(value) = JSON.generate(json_safe(value))
 
       def escaped(text) = text.scrub.gsub(/[\x00-\x08\x0b-\x1f\x7f]/) { |c| c.inspect[1...-1] }
     end
