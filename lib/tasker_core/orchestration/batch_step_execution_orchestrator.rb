@@ -478,10 +478,11 @@ module TaskerCore
         record_socket_events
         @logger.info("tasker worker #{@worker_id}: moving to batches from #{change[0]}, results to #{change[1]}")
         @batch_endpoint, @result_endpoint = change
-        # The new orchestrator sent none of the batches received so far.
-        @last_batch_id = nil
         reopen(:batch)
         reopen(:result)
+        # The new orchestrator sent none of the batches received so far
+        # (reopen took the last ones from the old socket).
+        @last_batch_id = nil
         @links.each_value { |l| l[:reopens] = 0 }
         true
       end
