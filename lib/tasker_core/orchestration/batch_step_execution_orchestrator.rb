@@ -49,6 +49,10 @@ module TaskerCore
       HANDSHAKE_LOG_INTERVAL_S = 60.0
       # An error partial over the result limit keeps this much of its message.
       ERROR_MESSAGE_KEEP = 1000
+      # Optional heartbeat fields, left out in this order (the least needed
+      # first) while the heartbeat is over the orchestrator's result limit,
+      # which applies to every body on the result channel.
+      HEARTBEAT_SHEDDING = [%i[in_flight_steps last_batch_id], %i[connection], %i[limits]].freeze
 
       Job = Struct.new(:batch, :index, :step, :timeout_s, :state, :thread, :started_at, :deadline,
                        :grace_deadline, keyword_init: true)
@@ -447,6 +451,9 @@ module TaskerCore
         # entry until its refusal is sent) => [step_id, attempt].
         @unreported = {}.compare_by_identity
         @last_batch_id = nil
+        # The orchestrator's limits from the latest batch (every message on
+        # the result channel must fit them), or this worker's own.
+        @result_limits = @own_result_limits
         @outbox = []
         @open_jobs = Set.new.compare_by_identity
         @peer_subscriptions = 0
@@ -483,6 +490,7 @@ module TaskerCore
         # The new orchestrator sent none of the batches received so far
         # (reopen took the last ones from the old socket).
         @last_batch_id = nil
+        @result_limits = @own_result_limits
         @links.each_value { |l| l[:reopens] = 0 }
         true
       end
@@ -744,6 +752,7 @@ module TaskerCore
         bump(:batches_received)
         bump(:steps_received, steps.size)
         @last_batch_id = msg["batch_id"]
+        @result_limits = limits = @own_result_limits.merge(Protocol.batch_limits(msg))
         runnable = []
         refused = []
         steps.each_with_index do |step, index|
@@ -756,7 +765,6 @@ module TaskerCore
         end
         refuse_steps(msg["batch_id"], refused) unless refused.empty?
 
-        limits = @own_result_limits.merge(Protocol.batch_limits(msg))
         batch = BatchState.new(id: msg["batch_id"], steps: runnable, statuses: Array.new(runnable.size), reported: 0,
                                limits: limits)
         enqueue_completion(batch) if runnable.empty?
@@ -827,15 +835,25 @@ module TaskerCore
       # Queued in the outbox ahead of the batch's partials. Its steps count
       # as in flight until it is sent, so no heartbeat reports them as
       # unknown to this worker before the orchestrator has the refusal.
+      # A refusal over the orchestrator's result limit goes out in parts.
       def enqueue_refusal(batch_id, reason, message, entries)
         msg = Protocol.batch_refusal(batch_id: batch_id, worker_id: @worker_id, reason: reason, message: message,
                                      steps: entries)
+        frames = Protocol.encode(msg)
+        limit = result_limit(@result_limits)
+        if limit && frames[1].bytesize > limit && entries.size > 1
+          half = entries.size / 2
+          enqueue_refusal(batch_id, reason, message, entries.first(half))
+          enqueue_refusal(batch_id, reason, message, entries.drop(half))
+          return
+        end
+
         refused = entries.map do |e|
           token = [e[:step_id], e[:attempt]]
           track_in_flight(token, e[:step_id], e[:attempt])
           token
         end
-        @outbox << Outgoing.new(frames: Protocol.encode(msg), kind: :refusal, refused: refused)
+        @outbox << Outgoing.new(frames: frames, kind: :refusal, refused: refused)
         return unless @logged_reasons.add?(:"refused_#{reason}")
 
         @logger.warn("tasker worker #{@worker_id}: #{message}; further #{reason} refusals are only counted")
@@ -955,12 +973,28 @@ module TaskerCore
       def send_heartbeat_if_due
         return unless @next_heartbeat_at && monotonic >= @next_heartbeat_at
 
-        msg = Protocol.heartbeat(worker_id: @worker_id, capacity: current_capacity, in_flight: @in_flight,
-                                 connection: connection_summary, limits: advertised_limits,
-                                 last_batch_id: @last_batch_id, in_flight_steps: @unreported.values)
         # A refused heartbeat is not retried: the next one supersedes it.
-        bump(:heartbeats_sent) if @pub.send_parts(Protocol.encode(msg))
+        bump(:heartbeats_sent) if @pub.send_parts(heartbeat_frames)
         @next_heartbeat_at = monotonic + @heartbeat_interval_s
+      end
+
+      def heartbeat_frames
+        optional = { connection: connection_summary, limits: advertised_limits, last_batch_id: @last_batch_id,
+                     in_flight_steps: @unreported.values }
+        limit = result_limit(@result_limits)
+        frames = nil
+        [[], *HEARTBEAT_SHEDDING].each do |shed|
+          shed.each { |key| optional.delete(key) }
+          frames = Protocol.encode(Protocol.heartbeat(worker_id: @worker_id, capacity: current_capacity,
+                                                      in_flight: @in_flight, **optional))
+          return frames if limit.nil? || frames[1].bytesize <= limit
+
+          next unless @logged_reasons.add?(:heartbeat_over_limit)
+
+          @logger.warn("tasker worker #{@worker_id}: a heartbeat of #{frames[1].bytesize} bytes is over the " \
+                       "orchestrator's result limit of #{limit} bytes; sending heartbeats with fewer optional fields")
+        end
+        frames # nothing smaller to send
       end
 
       # What this worker accepts in one batch (the heartbeat's "limits").

@@ -63,6 +63,34 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     end
   end
 
+  describe "messages over the orchestrator's result limit" do
+    it "sends refusals in parts" do
+      start_worker(max_result_bytes: 600, max_batch_steps: 1)
+      batch_id = peer.send_batch(worker_id, (1..12).map { |i| step(i, "Double") })
+      peer.wait_for("the completion") { peer.completions(batch_id).any? }
+      refusals = peer.of_type("batch_refusal", batch_id: batch_id)
+      expect(refusals.size).to be > 1
+      expect(refusals.flat_map { |r| r["steps"].map { |s| s["step_id"] } }).to eq((2..12).to_a)
+      expect(refusals.map { |r| TaskerCore::Codec.pack(r).bytesize }.max).to be <= 600
+      expect(@worker.stats[:refusals_sent]).to eq(refusals.size)
+    end
+
+    it "sends heartbeats without their optional fields when they would not fit" do
+      start_worker(max_result_bytes: 400)
+      expect(peer.heartbeats.last).to include("in_flight_steps" => [], "limits" => a_kind_of(Hash))
+      batch_id = peer.send_batch(worker_id, (1..100).map { |i| step(i, "Gated") })
+      peer.wait_for("a heartbeat with 100 in flight") { peer.heartbeats.last["in_flight"] == 100 }
+      crowded = peer.heartbeats.last
+      expect(crowded.keys).not_to include("in_flight_steps", "last_batch_id")
+      expect(crowded.keys).to include("connection")
+      100.times { gate << :go }
+      peer.wait_for("the completion") { peer.completions(batch_id).any? }
+      peer.wait_for("a heartbeat with its list again") { peer.heartbeats.last["in_flight_steps"] == [] }
+      expect(peer.heartbeats.map { |h| TaskerCore::Codec.pack(h).bytesize }.max).to be <= 400
+      expect(log.string.scan("over the orchestrator's result limit of 400 bytes").size).to eq(1)
+    end
+  end
+
   describe "batch refusals" do
     it "runs the first max_batch_steps steps and refuses the rest as too_many_steps, before any partial" do
       start_worker(max_batch_steps: 2)
