@@ -16,9 +16,13 @@ module TaskerCore
     BATCH_COMPLETION = "batch_completion"
     HEARTBEAT = "heartbeat"
     GOODBYE = "goodbye"
-    TYPES = [BATCH, PARTIAL_RESULT, BATCH_COMPLETION, HEARTBEAT, GOODBYE].freeze
+    BATCH_REFUSAL = "batch_refusal"
+    TYPES = [BATCH, PARTIAL_RESULT, BATCH_COMPLETION, HEARTBEAT, GOODBYE, BATCH_REFUSAL].freeze
     # Types a worker publishes on the result channel; their topic frame is the type.
-    RESULT_TYPES = [PARTIAL_RESULT, BATCH_COMPLETION, HEARTBEAT, GOODBYE].freeze
+    RESULT_TYPES = [PARTIAL_RESULT, BATCH_COMPLETION, HEARTBEAT, GOODBYE, BATCH_REFUSAL].freeze
+
+    # Reasons of a batch_refusal (docs/protocol.md 4.6).
+    REFUSAL_REASONS = %w[too_many_steps undecodable draining too_deep invalid_step].freeze
 
     STATUS_COMPLETE = "complete"
     STATUS_ERROR = "error"
@@ -89,6 +93,23 @@ module TaskerCore
       ["last_event_at", NUM_OR_NIL, "a Float (epoch seconds) or nil"]
     ].freeze
 
+    # A batch's optional "limits" (the orchestrator's) and a heartbeat's
+    # optional "limits" (the worker's).
+    COMMON_LIMIT_FIELDS = [
+      ["max_message_bytes", POS_INT, "an Integer >= 1"],
+      ["max_payload_depth", POS_INT, "an Integer >= 1"]
+    ].freeze
+    BATCH_LIMIT_FIELDS = [["max_result_bytes", NON_NEG_INT, "an Integer >= 0"], *COMMON_LIMIT_FIELDS].freeze
+    WORKER_LIMIT_FIELDS = [["max_batch_steps", POS_INT, "an Integer >= 1"], *COMMON_LIMIT_FIELDS].freeze
+    STEP_REF = ->(v) { v.is_a?(Array) && v.size == 2 && INT.call(v[0]) && POS_INT.call(v[1]) }
+
+    REFUSAL_STEP_FIELDS = [
+      ["step_id", INT, "an Integer"],
+      ["attempt", POS_INT, "an Integer >= 1"],
+      ["reason", STR, "a non-empty String"],
+      ["message", ANY_STR, "a String"]
+    ].freeze
+
     COMPLETION_STEP_FIELDS = [
       ["step_id", INT, "an Integer"],
       ["attempt", POS_INT, "an Integer >= 1"],
@@ -132,6 +153,13 @@ module TaskerCore
       GOODBYE => [
         ["worker_id", WORKER_ID, "a worker id matching #{WORKER_ID_PATTERN.source}"],
         ["reason", ANY_STR, "a String"]
+      ],
+      BATCH_REFUSAL => [
+        ["batch_id", ->(v) { v.nil? || STR.call(v) }, "a non-empty String or nil"],
+        ["worker_id", WORKER_ID, "a worker id matching #{WORKER_ID_PATTERN.source}"],
+        ["reason", STR, "a non-empty String"],
+        ["message", ANY_STR, "a String"],
+        ["steps", ->(v) { v.is_a?(Array) }, "an Array"]
       ]
     }.freeze
 
@@ -163,9 +191,12 @@ module TaskerCore
 
     # ---- builders -------------------------------------------------------
 
-    def batch(batch_id:, worker_id:, steps:, sent_at: now)
-      { "protocol_version" => VERSION, "type" => BATCH, "batch_id" => batch_id,
-        "worker_id" => worker_id, "sent_at" => sent_at.to_f, "steps" => steps.map { |s| batch_step(**s) } }
+    # limits: optional {max_result_bytes:, max_message_bytes:, max_payload_depth:}.
+    def batch(batch_id:, worker_id:, steps:, sent_at: now, limits: nil)
+      msg = { "protocol_version" => VERSION, "type" => BATCH, "batch_id" => batch_id,
+              "worker_id" => worker_id, "sent_at" => sent_at.to_f, "steps" => steps.map { |s| batch_step(**s) } }
+      msg["limits"] = string_keys(limits, BATCH_LIMIT_FIELDS) if limits
+      msg
     end
 
     def batch_step(step_id:, task_id:, step_name:, handler:, handler_config: {}, attempt: 1,
@@ -215,9 +246,12 @@ module TaskerCore
     end
 
     # connection: optional {"connects", "disconnects", "last_event", "last_event_at"}
-    # from the worker's socket monitor; left out when nil.
+    # from the worker's socket monitor; limits: optional {max_batch_steps:,
+    # max_message_bytes:, max_payload_depth:}; in_flight_steps: optional
+    # [[step_id, attempt], ...], sent with last_batch_id (which may be nil).
+    # Each is left out when nil.
     def heartbeat(worker_id:, capacity:, in_flight:, pid: Process.pid, host: ::Socket.gethostname, sent_at: now,
-                  connection: nil)
+                  connection: nil, limits: nil, last_batch_id: nil, in_flight_steps: nil)
       msg = { "protocol_version" => VERSION, "type" => HEARTBEAT, "worker_id" => worker_id, "pid" => pid,
               "host" => host, "capacity" => capacity, "in_flight" => in_flight, "sent_at" => sent_at.to_f }
       if connection
@@ -226,7 +260,24 @@ module TaskerCore
                               "last_event" => c["last_event"]&.to_s,
                               "last_event_at" => c["last_event_at"]&.to_f }
       end
+      msg["limits"] = string_keys(limits, WORKER_LIMIT_FIELDS) if limits
+      if in_flight_steps
+        msg["last_batch_id"] = last_batch_id
+        msg["in_flight_steps"] = in_flight_steps.map { |id, attempt| [id, attempt] }
+      end
       msg
+    end
+
+    # steps: [{step_id:, attempt:, reason:, message:}]; empty refuses the
+    # whole batch (batch_id nil when it could not be read).
+    def batch_refusal(batch_id:, worker_id:, reason:, message:, steps: [])
+      { "protocol_version" => VERSION, "type" => BATCH_REFUSAL, "batch_id" => batch_id, "worker_id" => worker_id,
+        "reason" => reason.to_s, "message" => message.to_s,
+        "steps" => steps.map { |s| string_keys(s, REFUSAL_STEP_FIELDS) } }
+    end
+
+    def string_keys(hash, fields)
+      fields.to_h { |name, _check, _desc| [name, hash.key?(name.to_sym) ? hash[name.to_sym] : hash[name]] }
     end
 
     def goodbye(worker_id:, reason:)
@@ -243,8 +294,11 @@ module TaskerCore
     end
 
     # The message carried by [topic, body] frames, validated, with the topic
-    # checked against the message. Raises MessageError.
-    def decode(frames)
+    # checked against the message. Raises MessageError. strict_batch: false
+    # leaves a batch's step maps and limits unchecked: a worker checks each
+    # step with step_problem (to refuse a bad step and run the others) and
+    # reads the limits with batch_limits (a bad limit falls back to its own).
+    def decode(frames, strict_batch: true)
       unless frames.is_a?(Array) && frames.size == 2 && frames.all?(String)
         raise MessageError.new("expected 2 frames [topic, body], got #{describe_frames(frames)}",
                                reason: :malformed_frames)
@@ -255,7 +309,7 @@ module TaskerCore
       rescue TaskerCore::ProtocolError, ArgumentError, TypeError => e
         raise MessageError.new("body is not valid msgpack: #{e.message}", reason: :undecodable)
       end
-      validate!(msg)
+      validate!(msg, strict_batch: strict_batch)
       topic = frames[0].b
       expected = topic_for(msg).b
       unless topic == expected
@@ -267,7 +321,7 @@ module TaskerCore
 
     # Returns msg when it is a well-formed v1 message; raises MessageError
     # naming the first offending field otherwise.
-    def validate!(msg)
+    def validate!(msg, strict_batch: true)
       raise MessageError.new("message must be a map, got #{msg.class}", reason: :not_a_map) unless msg.is_a?(Hash)
 
       version = msg["protocol_version"]
@@ -285,15 +339,82 @@ module TaskerCore
       check_fields!(type, msg, FIELDS.fetch(type), "")
       case type
       when BATCH
-        msg["steps"].each_with_index { |s, i| check_nested!(type, s, STEP_FIELDS, "steps[#{i}]") }
+        msg["steps"].each_with_index { |s, i| check_nested!(type, s, STEP_FIELDS, "steps[#{i}]") } if strict_batch
+        check_nested!(type, msg["limits"], BATCH_LIMIT_FIELDS, "limits") if strict_batch && msg.key?("limits")
       when BATCH_COMPLETION
         msg["steps"].each_with_index { |s, i| check_nested!(type, s, COMPLETION_STEP_FIELDS, "steps[#{i}]") }
       when PARTIAL_RESULT
         check_partial!(msg)
       when HEARTBEAT
-        check_nested!(type, msg["connection"], CONNECTION_FIELDS, "connection") if msg.key?("connection")
+        check_heartbeat!(msg)
+      when BATCH_REFUSAL
+        msg["steps"].each_with_index { |s, i| check_nested!(type, s, REFUSAL_STEP_FIELDS, "steps[#{i}]") }
       end
       msg
+    end
+
+    # The problem with one step map of a batch (a MessageError naming the
+    # field, e.g. "steps[2].attempt"), or nil when it is well-formed.
+    def step_problem(step, index)
+      check_nested!(BATCH, step, STEP_FIELDS, "steps[#{index}]")
+      nil
+    rescue MessageError => e
+      e
+    end
+
+    def check_heartbeat!(msg)
+      check_nested!(HEARTBEAT, msg["connection"], CONNECTION_FIELDS, "connection") if msg.key?("connection")
+      check_nested!(HEARTBEAT, msg["limits"], WORKER_LIMIT_FIELDS, "limits") if msg.key?("limits")
+      return unless msg.key?("in_flight_steps") || msg.key?("last_batch_id")
+
+      check_fields!(HEARTBEAT, msg, [["last_batch_id", ->(v) { v.nil? || STR.call(v) }, "a non-empty String or nil"],
+                                     ["in_flight_steps", ->(v) { v.is_a?(Array) && v.all?(STEP_REF) },
+                                      "an Array of [step_id, attempt] pairs"]], "")
+    end
+
+    # The orchestrator's limits carried by a batch: {max_result_bytes:,
+    # max_message_bytes:, max_payload_depth:} holding only the well-formed
+    # ones (a missing or mistyped limit is left out, and the worker uses its
+    # own setting for it). Empty for a batch without limits.
+    def batch_limits(msg)
+      limits = msg["limits"]
+      return {} unless limits.is_a?(Hash)
+
+      BATCH_LIMIT_FIELDS.each_with_object({}) do |(name, check, _desc), out|
+        out[name.to_sym] = limits[name] if check.call(limits[name])
+      end
+    end
+
+    # How deeply value nests arrays and maps: 0 for a scalar, 1 for a flat
+    # map or array. Stops counting past limit (returns limit + 1), so a deep
+    # or cyclic structure costs no more than the walk down to the limit.
+    def depth(value, limit)
+      return 0 unless value.is_a?(Hash) || value.is_a?(Array)
+
+      deepest = 1
+      stack = [[value, 1]]
+      until stack.empty?
+        node, level = stack.pop
+        (node.is_a?(Hash) ? node.each_value : node.each).each do |child|
+          next unless child.is_a?(Hash) || child.is_a?(Array)
+          return limit + 1 if level + 1 > limit
+
+          deepest = level + 1 if level + 1 > deepest
+          stack << [child, level + 1]
+        end
+      end
+      deepest
+    end
+
+    # The batch_id of a batch body that could not be decoded in full (bad
+    # msgpack further on, or nesting too deep for the decoder): reads the
+    # top-level map's keys, skipping values without building them, and
+    # returns the "batch_id" string, or nil when the body is not read that
+    # far (not a map, broken before the key, no such key).
+    def peek_batch_id(body)
+      MsgpackScanner.new(body).top_level_string("batch_id")
+    rescue MsgpackScanner::Stop
+      nil
     end
 
     def check_partial!(msg)
@@ -331,6 +452,117 @@ module TaskerCore
       frames.is_a?(Array) ? "#{frames.size} frame(s)" : frames.class.to_s
     end
 
-    private_class_method :check_partial!, :check_nested!, :check_fields!, :invalid!, :describe_frames
+    private_class_method :check_partial!, :check_nested!, :check_fields!, :invalid!, :describe_frames,
+                         :check_heartbeat!, :string_keys
+
+    # Walks msgpack bytes without building objects and without recursion
+    # (so no nesting is too deep for it): only for reading what it can out
+    # of a body the decoder refused.
+    class MsgpackScanner
+      class Stop < StandardError; end
+
+      def initialize(bytes)
+        @b = bytes.b
+        @pos = 0
+      end
+
+      def top_level_string(key)
+        count = map_header or return nil
+        count.times do
+          k = string_value
+          if k == key
+            v = string_value
+            return v.is_a?(String) && !v.empty? ? v.force_encoding(Encoding::UTF_8) : nil
+          end
+          skip_values(k.nil? ? 2 : 1) # a non-string key was not consumed by string_value
+        end
+        nil
+      end
+
+      private
+
+      def byte
+        c = @b.getbyte(@pos) or raise Stop
+        @pos += 1
+        c
+      end
+
+      def uint(size)
+        raise Stop if @pos + size > @b.bytesize
+
+        v = @b.byteslice(@pos, size).unpack1({ 1 => "C", 2 => "n", 4 => "N", 8 => "Q>" }.fetch(size))
+        @pos += size
+        v
+      end
+
+      def map_header
+        c = byte
+        case c
+        when 0x80..0x8f then c & 0x0f
+        when 0xde then uint(2)
+        when 0xdf then uint(4)
+        end
+      end
+
+      # A str at the position (consumed), or nil with the position unchanged.
+      def string_value
+        c = @b.getbyte(@pos) or raise Stop
+        len = case c
+              when 0xa0..0xbf then c & 0x1f
+              when 0xd9 then (@pos += 1) && uint(1)
+              when 0xda then (@pos += 1) && uint(2)
+              when 0xdb then (@pos += 1) && uint(4)
+              else return nil
+              end
+        @pos += 1 if c <= 0xbf
+        raise Stop if @pos + len > @b.bytesize
+
+        s = @b.byteslice(@pos, len)
+        @pos += len
+        s
+      end
+
+      # Skips n values (containers count their items as further values).
+      def skip_values(n)
+        while n.positive?
+          n -= 1
+          c = byte
+          case c
+          when 0x00..0x7f, 0xe0..0xff, 0xc0, 0xc2, 0xc3 then nil
+          when 0x80..0x8f then n += 2 * (c & 0x0f)
+          when 0x90..0x9f then n += c & 0x0f
+          when 0xa0..0xbf then skip(c & 0x1f)
+          when 0xc4, 0xd9 then skip(uint(1))
+          when 0xc5, 0xda then skip(uint(2))
+          when 0xc6, 0xdb then skip(uint(4))
+          when 0xc7 then skip(uint(1) + 1)
+          when 0xc8 then skip(uint(2) + 1)
+          when 0xc9 then skip(uint(4) + 1)
+          when 0xca then skip(4)
+          when 0xcb then skip(8)
+          when 0xcc, 0xd0 then skip(1)
+          when 0xcd, 0xd1 then skip(2)
+          when 0xce, 0xd2 then skip(4)
+          when 0xcf, 0xd3 then skip(8)
+          when 0xd4 then skip(2)
+          when 0xd5 then skip(3)
+          when 0xd6 then skip(5)
+          when 0xd7 then skip(9)
+          when 0xd8 then skip(17)
+          when 0xdc then n += uint(2)
+          when 0xdd then n += uint(4)
+          when 0xde then n += 2 * uint(2)
+          when 0xdf then n += 2 * uint(4)
+          else raise Stop # 0xc1: never used
+          end
+        end
+      end
+
+      def skip(len)
+        raise Stop if @pos + len > @b.bytesize
+
+        @pos += len
+      end
+    end
   end
 end

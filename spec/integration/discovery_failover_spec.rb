@@ -1,5 +1,6 @@
 # frozen_string_literal: true
 
+require "json"
 require "yaml"
 require_relative "../fixtures/durable_handlers"
 
@@ -16,27 +17,41 @@ RSpec.describe "Discovery failover", :db do
 
   after { cleanup_durable }
 
-  def spawn_discovering_orchestrator(batch, result)
+  # handle: extra OrchestrationHandle.new keywords (CURVE keys).
+  def spawn_discovering_orchestrator(batch, result, handle: {})
     r, w = IO.pipe
-    pid = Process.spawn(RbConfig.ruby, "-I", File.join(SpecHelpers::ROOT, "lib"), script,
+    env = { "TASKER_DISCOVERY_HANDLE_OPTS" => JSON.generate(handle) }
+    pid = Process.spawn(env, RbConfig.ruby, "-I", File.join(SpecHelpers::ROOT, "lib"), script,
                         db_url, batch, result, name, "1.0", out: w, pgroup: true)
     w.close
     (@spawned_pids ||= []) << pid
     [pid, r]
   end
 
-  def spawn_discovering_worker
+  # curve: {server_public_key:, client_secret_key:} turns CURVE on.
+  def spawn_discovering_worker(curve: nil)
     dir = Dir.mktmpdir("tasker_discovery")
     (@tmp_dirs ||= []) << dir
     config = File.join(dir, "tasker-config.yml")
-    File.write(config, { "default" => { "zeromq" => { "heartbeat_interval_ms" => 200 },
+    zeromq = { "heartbeat_interval_ms" => 200 }
+    zeromq["curve"] = { "enabled" => true, "server_public_key" => curve[:server_public_key] } if curve
+    File.write(config, { "default" => { "zeromq" => zeromq,
                                         "discovery" => { "name" => name, "ttl_ms" => 1000 },
                                         "logging" => { "level" => "error" } } }.to_yaml)
     env = { "TASKER_CONFIG_PATH" => config, "TASKER_ENV" => "test", "DATABASE_URL" => db_url }
+    env["TASKER_CURVE_CLIENT_SECRET_KEY"] = curve[:client_secret_key] if curve
     pid = Process.spawn(env, RbConfig.ruby, "-I", File.join(SpecHelpers::ROOT, "lib"), DurableHelpers::WORKER_EXE,
                         "--handlers", DurableHelpers::DURABLE_HANDLERS, "--concurrency", "4", pgroup: true)
     (@spawned_pids ||= []) << pid
     pid
+  end
+
+  # Steps of the tasks the orchestrator process pid sent out.
+  def steps_enqueued_by(conn, ids, pid)
+    conn.exec(<<~SQL, [ids, "%-#{pid}-%"]).first["n"].to_i
+      SELECT count(DISTINCT step_id) AS n FROM tasker_workflow_step_transitions
+       WHERE task_id = ANY($1::bigint[]) AND to_state = 'enqueued' AND owner LIKE $2
+    SQL
   end
 
   it "moves a worker to a second orchestrator when the first is killed, with no step lost" do
@@ -61,10 +76,29 @@ RSpec.describe "Discovery failover", :db do
                       [ids]).to_h { |r| [r["state"], r["n"]] }
     expect(steps).to eq("complete" => 80)
     # the second orchestrator really did the rest through the same worker
-    by_b = conn.exec(<<~SQL, [ids, "%-#{b_pid}-%"]).first["n"]
-      SELECT count(DISTINCT step_id) AS n FROM tasker_workflow_step_transitions
-       WHERE task_id = ANY($1::bigint[]) AND to_state = 'enqueued' AND owner LIKE $2
-    SQL
-    expect(by_b).to be_positive
+    expect(steps_enqueued_by(conn, ids, b_pid)).to be_positive
+  end
+
+  # The worker's move to the new orchestrator reopens its sockets with the
+  # same settings: without its CURVE keys the new orchestrator (a CURVE
+  # server) would refuse it and the tasks would never finish.
+  it "moves a CURVE worker to a second CURVE orchestrator, every task finishing exactly once" do
+    conn = connect
+    server_pub, server_sec = TaskerCore::Curve.keypair
+    worker_pub, worker_sec = TaskerCore::Curve.keypair
+    handle = { curve_secret_key: server_sec, curve_allowed_client_keys: [worker_pub] }
+    ids = Array.new(30) { |i| TaskerCore.create_task(name: "chain", context: { "n" => i }) }
+    a_pid, a_out = spawn_discovering_orchestrator(tcp_endpoint, tcp_endpoint, handle: handle)
+    expect(a_out.wait_readable(30) && a_out.gets&.chomp).to eq("ready")
+    spawn_discovering_worker(curve: { server_public_key: server_pub, client_secret_key: worker_sec })
+    wait_until(timeout: 30, message: "some tasks done through the first orchestrator") do
+      task_states(conn, ids)["complete"].to_i >= 3
+    end
+
+    b_pid, b_out = spawn_discovering_orchestrator(tcp_endpoint, tcp_endpoint, handle: handle)
+    kill9(a_pid)
+    expect(b_out.wait_readable(30) && b_out.gets&.chomp).to eq("ready")
+    expect_finished_exactly_once(ids, c: conn)
+    expect(steps_enqueued_by(conn, ids, b_pid)).to be_positive
   end
 end

@@ -234,10 +234,12 @@ RSpec.describe "CurveZMQ", :no_valgrind do
     end
 
     it "counts and drops result bodies over max_result_bytes and keeps serving" do
-      handle = new_handle(allowed: [@worker_pub], max_result_bytes: 200)
+      # Heartbeats (with their limits and in-flight list) fit in 600 bytes;
+      # a failed partial with its backtrace does not.
+      handle = new_handle(allowed: [@worker_pub], max_result_bytes: 600)
       spawn_worker(handle, secret: @worker_sec)
       results = pump_until(handle, message: "the worker live") { handle.workers.any? }
-      handle.publish_batch({ "batch_id" => "big", "steps" => [step(1)] })
+      handle.publish_batch({ "batch_id" => "big", "steps" => [step(1).merge("handler" => "IntegrationHandlers::Raise")] })
       pump_until(handle, results, message: "the oversized partial counted") { handle.stats[:bad_messages][:too_large] >= 1 }
       expect(results.select { |m| m["type"] == "partial_result" }).to eq([])
     end

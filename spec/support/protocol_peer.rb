@@ -12,9 +12,13 @@ class ProtocolPeer
 
   attr_reader :batch_endpoint, :result_endpoint, :messages, :batch_subscriptions
 
-  def initialize
-    @batches = TaskerCore::Socket::Publisher.new(bind: "tcp://127.0.0.1:*", send_hwm: 10_000)
-    @results = TaskerCore::Socket::Subscriber.new(bind: "tcp://127.0.0.1:*", topics: [""], recv_hwm: 100_000)
+  # curve_secret_key: makes both sockets CURVE servers that allow
+  # allowed_client_keys (Z85 public keys).
+  def initialize(curve_secret_key: nil, allowed_client_keys: [])
+    security = {}
+    security[:curve_server] = { secret_key: curve_secret_key, allowed_client_keys: allowed_client_keys } if curve_secret_key
+    @batches = TaskerCore::Socket::Publisher.new(bind: "tcp://127.0.0.1:*", send_hwm: 10_000, **security)
+    @results = TaskerCore::Socket::Subscriber.new(bind: "tcp://127.0.0.1:*", topics: [""], recv_hwm: 100_000, **security)
     @batch_endpoint = @batches.last_endpoint
     @result_endpoint = @results.last_endpoint
     @messages = []
@@ -58,8 +62,8 @@ class ProtocolPeer
     end
   end
 
-  def send_batch(worker_id, steps, batch_id: "b-#{@next_batch += 1}")
-    msg = Protocol.batch(batch_id: batch_id, worker_id: worker_id, steps: steps)
+  def send_batch(worker_id, steps, batch_id: "b-#{@next_batch += 1}", limits: nil)
+    msg = Protocol.batch(batch_id: batch_id, worker_id: worker_id, steps: steps, limits: limits)
     raise "batch refused at the high-water mark" unless @batches.send_parts(Protocol.encode(msg))
 
     batch_id

@@ -31,7 +31,9 @@ RSpec.describe TaskerCore::Protocol do
                                      started_at: 1.0, finished_at: 2.0),
       described_class.batch_completion(batch_id: "b-1", worker_id: "w-1", steps: [{ step_id: 11, attempt: 1, status: "complete" }]),
       described_class.heartbeat(worker_id: "w-1", capacity: 4, in_flight: 1),
-      described_class.goodbye(worker_id: "w-1", reason: "shutdown")
+      described_class.goodbye(worker_id: "w-1", reason: "shutdown"),
+      described_class.batch_refusal(batch_id: "b-1", worker_id: "w-1", reason: "too_deep", message: "m",
+                                    steps: [{ step_id: 11, attempt: 1, reason: "too_deep", message: "context nests 30 levels" }])
     ]
     messages.each do |m|
       expect(described_class.validate!(m)).to equal(m)
@@ -60,6 +62,89 @@ RSpec.describe TaskerCore::Protocol do
     }
     expect { described_class.validate!(hb.merge("connection" => "up")) }
       .to raise_error(TaskerCore::Protocol::MessageError) { |e| expect(e.field).to eq("connection") }
+  end
+
+  it "carries a batch's optional limits, and reads them leniently for a worker" do
+    limited = described_class.batch(batch_id: "b-1", worker_id: "w-1", steps: [step],
+                                    limits: { max_result_bytes: 0, max_message_bytes: 1024, max_payload_depth: 24 })
+    expect(limited["limits"]).to eq("max_result_bytes" => 0, "max_message_bytes" => 1024, "max_payload_depth" => 24)
+    expect(described_class.validate!(limited)).to equal(limited)
+    expect(described_class.batch_limits(limited)).to eq(max_result_bytes: 0, max_message_bytes: 1024, max_payload_depth: 24)
+    expect(described_class.batch_limits(batch)).to eq({})
+
+    odd = limited.merge("limits" => { "max_result_bytes" => -1, "max_message_bytes" => "big", "max_payload_depth" => 8 })
+    expect_invalid(odd, :invalid_field, "limits.max_result_bytes")
+    # A worker decodes leniently: a mistyped limit is left out, not the batch.
+    decoded = described_class.decode([described_class.batch_topic("w-1"), TaskerCore::Codec.pack(odd)], strict_batch: false)
+    expect(described_class.batch_limits(decoded)).to eq(max_payload_depth: 8)
+  end
+
+  it "adds a heartbeat's optional limits and in-flight list and validates them when present" do
+    hb = described_class.heartbeat(worker_id: "w-1", capacity: 4, in_flight: 2,
+                                   limits: { max_batch_steps: 2, max_message_bytes: 4096, max_payload_depth: 24 },
+                                   last_batch_id: "b-9", in_flight_steps: [[11, 1], [12, 3]])
+    expect(hb).to include("limits" => { "max_batch_steps" => 2, "max_message_bytes" => 4096, "max_payload_depth" => 24 },
+                          "last_batch_id" => "b-9", "in_flight_steps" => [[11, 1], [12, 3]])
+    expect(described_class.validate!(hb)).to equal(hb)
+    fresh = described_class.heartbeat(worker_id: "w-1", capacity: 4, in_flight: 0, last_batch_id: nil, in_flight_steps: [])
+    expect(fresh).to include("last_batch_id" => nil, "in_flight_steps" => [])
+    expect(described_class.validate!(fresh)).to equal(fresh)
+    expect(described_class.heartbeat(worker_id: "w-1", capacity: 4, in_flight: 0).keys)
+      .not_to include("limits", "last_batch_id", "in_flight_steps")
+
+    expect_invalid(hb.merge("limits" => hb["limits"].merge("max_batch_steps" => 0)), :invalid_field, "limits.max_batch_steps")
+    expect_invalid(hb.merge("in_flight_steps" => [[11, 0]]), :invalid_field, "in_flight_steps")
+    expect_invalid(hb.except("in_flight_steps"), :invalid_field, "in_flight_steps")
+    expect_invalid(hb.except("last_batch_id"), :invalid_field, "last_batch_id")
+  end
+
+  it "validates a batch_refusal and its steps" do
+    whole = described_class.batch_refusal(batch_id: nil, worker_id: "w-1", reason: "undecodable", message: "bad msgpack")
+    expect(whole).to include("batch_id" => nil, "steps" => [])
+    expect(described_class.encode(whole).first).to eq("batch_refusal")
+    expect(described_class.decode(described_class.encode(whole))).to eq(whole)
+    one = described_class.batch_refusal(batch_id: "b-1", worker_id: "w-1", reason: "invalid_step", message: "m",
+                                        steps: [{ step_id: 1, attempt: 1, reason: "invalid_step", message: "m" }])
+    expect_invalid(one.merge("steps" => [one["steps"][0].merge("attempt" => 0)]), :invalid_field, "steps[0].attempt")
+    expect_invalid(one.merge("reason" => ""), :invalid_field, "reason")
+    expect_invalid(one.except("steps"), :invalid_field, "steps")
+  end
+
+  it "checks one step map at a time" do
+    expect(described_class.step_problem(batch["steps"][0], 0)).to be_nil
+    problem = described_class.step_problem(batch["steps"][0].merge("context" => []), 3)
+    expect(problem).to be_a(TaskerCore::Protocol::MessageError)
+    expect(problem.field).to eq("steps[3].context")
+    expect(described_class.step_problem(42, 1).field).to eq("steps[1]")
+    loose = batch.merge("steps" => [{ "step_id" => 1 }])
+    expect(described_class.decode([described_class.batch_topic("w-1"), TaskerCore::Codec.pack(loose)], strict_batch: false))
+      .to eq(loose)
+  end
+
+  it "measures nesting depth, stopping past the limit" do
+    nest = ->(n) { n.times.reduce({}) { |inner, _| { "k" => inner } } }
+    expect(described_class.depth(42, 5)).to eq(0)
+    expect(described_class.depth({}, 5)).to eq(1)
+    expect(described_class.depth({ "a" => [1, { "b" => [] }], "c" => 1 }, 5)).to eq(4)
+    expect(described_class.depth(nest.call(9), 20)).to eq(10)
+    expect(described_class.depth(nest.call(9), 4)).to eq(5)
+    cyclic = []
+    cyclic << cyclic
+    expect(described_class.depth(cyclic, 24)).to eq(25)
+  end
+
+  it "finds the batch_id of a body the decoder refuses" do
+    pack = ->(v) { TaskerCore::Codec.pack(v) }
+    too_deep = ("\x91".b * 40) + "\x01".b
+    body = "\x83".b + pack.call("type") + pack.call("batch") + pack.call("steps") + too_deep +
+           pack.call("batch_id") + pack.call("b-77")
+    expect { TaskerCore::Codec.unpack(body) }.to raise_error(TaskerCore::ProtocolError)
+    expect(described_class.peek_batch_id(body)).to eq("b-77")
+    expect(described_class.peek_batch_id(pack.call(batch))).to eq("b-1")
+    expect(described_class.peek_batch_id("\xC1 garbage".b)).to be_nil
+    expect(described_class.peek_batch_id("\x82".b + pack.call("steps") + "\xDF\xFF\xFF\xFF\xFF".b)).to be_nil
+    expect(described_class.peek_batch_id(pack.call({ "batch_id" => 7 }))).to be_nil
+    expect(described_class.peek_batch_id(pack.call([1, 2]))).to be_nil
   end
 
   it "derives status and duration in a partial result" do

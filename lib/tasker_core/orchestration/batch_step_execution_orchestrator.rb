@@ -37,11 +37,31 @@ module TaskerCore
       SEND_RETRY_S = 0.005
       # Upper bound of one wait, so a missed wake-up costs at most this much.
       MAX_WAIT_S = 1.0
+      # A socket that reported `disconnected` and no `connected` within this
+      # long is closed and opened again. libzmq reconnects a dropped TCP
+      # connection after ZMQ_RECONNECT_IVL (100 ms) plus up to as much
+      # jitter, but not one it dropped itself (libzmq 4.3.4: a message over
+      # ZMQ_MAXMSGSIZE, a refused handshake). Doubles per reopen that sees no
+      # successful handshake, up to REOPEN_GRACE_MAX_S.
+      REOPEN_GRACE_S = 0.5
+      REOPEN_GRACE_MAX_S = 10.0
+      # One warning per kind of handshake failure per this many seconds.
+      HANDSHAKE_LOG_INTERVAL_S = 60.0
+      # An error partial over the result limit keeps this much of its message.
+      ERROR_MESSAGE_KEEP = 1000
+      # Optional heartbeat fields, left out in this order (the least needed
+      # first) while the heartbeat is over the orchestrator's result limit,
+      # which applies to every body on the result channel.
+      HEARTBEAT_SHEDDING = [%i[in_flight_steps last_batch_id], %i[connection], %i[limits]].freeze
 
       Job = Struct.new(:batch, :index, :step, :timeout_s, :state, :thread, :started_at, :deadline,
                        :grace_deadline, keyword_init: true)
-      BatchState = Struct.new(:id, :steps, :statuses, :reported, keyword_init: true)
-      Outgoing = Struct.new(:frames, :kind, :job, keyword_init: true)
+      # limits: the orchestrator's limits for this batch's results
+      # ({max_result_bytes:, max_message_bytes:, max_payload_depth:}).
+      BatchState = Struct.new(:id, :steps, :statuses, :reported, :limits, keyword_init: true)
+      # kind: a status, :completion or :refusal; job: the step a partial
+      # reports; refused: the [step_id, attempt] pairs a refusal answers.
+      Outgoing = Struct.new(:frames, :kind, :job, :error, :refused, keyword_init: true)
 
       attr_reader :worker_id, :max_workers
 
@@ -60,6 +80,9 @@ module TaskerCore
                      curve: :config,
                      max_message_bytes: self.class.setting("zeromq.max_message_bytes"),
                      max_batch_steps: self.class.setting("zeromq.max_batch_steps"),
+                     max_payload_depth: self.class.setting("zeromq.max_payload_depth"),
+                     max_result_bytes: self.class.setting("zeromq.max_result_bytes"),
+                     reopen_grace_s: REOPEN_GRACE_S,
                      logger: nil)
         @worker_id = worker_id || Protocol.generate_worker_id
         raise ArgumentError, "worker_id #{@worker_id.inspect} must match #{Protocol::WORKER_ID_PATTERN.source}" unless Protocol.valid_worker_id?(@worker_id)
@@ -81,6 +104,11 @@ module TaskerCore
         @curve = curve == :config ? TaskerCore::Curve.client_options(TaskerCore.config) : curve
         @max_message_bytes = max_message_bytes
         @max_batch_steps = max_batch_steps
+        @max_payload_depth = max_payload_depth
+        # Used for results when a batch carries no limits (older orchestrators).
+        @own_result_limits = { max_result_bytes: max_result_bytes, max_message_bytes: max_message_bytes,
+                               max_payload_depth: max_payload_depth }.compact.freeze
+        @reopen_grace_s = reopen_grace_s
         @logger = logger || (TaskerCore.respond_to?(:logger) && TaskerCore.logger) || Logger.new($stderr)
 
         @mutex = Mutex.new # guards job states, @running, @pool, @next_wake_at
@@ -88,8 +116,12 @@ module TaskerCore
         @stats = { batches_received: 0, steps_received: 0, steps_completed: 0, steps_failed: 0,
                    steps_timed_out: 0, late_results_discarded: 0, threads_abandoned: 0,
                    partials_sent: 0, completions_sent: 0, heartbeats_sent: 0, send_retries: 0,
-                   results_unsent: 0, bad_messages: Hash.new(0) }
+                   results_unsent: 0, bad_messages: Hash.new(0),
+                   refusals_sent: 0, steps_refused: Hash.new(0), steps_refused_unnamed: 0,
+                   outputs_too_large: 0, outputs_too_deep: 0, sockets_reopened: 0,
+                   handshake_failures: Hash.new(0) }
         @logged_reasons = Set.new
+        @handshake_logged = {} # event => [monotonic time of the last warning, failures since]
         @jobs = Thread::Queue.new
         @results = Thread::Queue.new
         @running = Set.new.compare_by_identity # Jobs are mutable Structs: hash by identity
@@ -153,6 +185,16 @@ module TaskerCore
         self
       end
 
+      # { monitor: true } where sockets attach their connection-event monitor
+      # only when asked (the worker reads the events: reconnects, heartbeat
+      # "connection", handshake warnings); {} where every socket has one.
+      def self.monitor_option
+        @monitor_option ||= begin
+          takes = TaskerCore::Socket::Base.instance_method(:open_with).parameters.any? { |_kind, name| name == :monitor }
+          takes ? { monitor: true } : {}
+        end
+      end
+
       # Never shows the CURVE secret key.
       def inspect
         "#<#{self.class.name} worker_id=#{@worker_id.inspect} max_workers=#{@max_workers} curve=#{!@curve.nil?}>"
@@ -202,7 +244,8 @@ module TaskerCore
 
       def stats
         @stats_mutex.synchronize do
-          @stats.merge(bad_messages: @stats[:bad_messages].dup, in_flight: @in_flight || 0,
+          @stats.merge(bad_messages: @stats[:bad_messages].dup, steps_refused: @stats[:steps_refused].dup,
+                       handshake_failures: @stats[:handshake_failures].dup, in_flight: @in_flight || 0,
                        worker_id: @worker_id, peer_subscribed: (@peer_subscriptions || 0).positive?,
                        endpoints: endpoints, connection_history: @connection_history.dup)
         end
@@ -241,13 +284,13 @@ module TaskerCore
           wake if @next_wake_at.nil? || job.deadline < @next_wake_at
         end
 
-        frames = status = nil
+        frames = status = error = nil
         claimed = false
         instrument_step(:step_started, job)
         begin
           Thread.handle_interrupt(TimeoutInterrupt => :immediate) do
             output, error = execute(job)
-            frames, status = encode_partial(job, output, error)
+            frames, status, error = encode_partial(job, output, error)
             # After this, the watchdog no longer interrupts the thread.
             claimed = @mutex.synchronize do
               job.state == :running && (job.state = :done)
@@ -260,9 +303,9 @@ module TaskerCore
 
         @mutex.synchronize { @running.delete(job) }
         if claimed
-          @results << Outgoing.new(frames: frames, kind: status, job: job)
+          @results << Outgoing.new(frames: frames, kind: status, job: job, error: error)
           wake
-          instrument_step(status == Protocol::STATUS_COMPLETE ? :step_completed : :step_failed, job, frames)
+          instrument_step(status == Protocol::STATUS_COMPLETE ? :step_completed : :step_failed, job, error || {})
         else
           bump(:late_results_discarded)
         end
@@ -270,16 +313,16 @@ module TaskerCore
 
       # Events for TaskerCore.subscribe / ActiveSupport::Notifications (a
       # timed-out step is reported by the watchdog, not here).
-      def instrument_step(event, job, frames = nil)
+      # error: the failed step's error object ({} when it completed).
+      def instrument_step(event, job, error = nil)
         return unless Instrumentation.listening?(event)
 
         step = job.step
         payload = { step_id: step["step_id"], task_id: step["task_id"], step_name: step["step_name"],
                     handler: step["handler"], attempt: step["attempt"], worker_id: @worker_id, batch_id: job.batch.id }
-        if frames
+        if error
           payload[:duration_ms] = ((Time.now.to_f - job.started_at) * 1000).round(3)
           if event == :step_failed
-            error = Protocol.decode(frames)["error"] || {}
             payload.merge!(error_class: error["class"], error_message: error["message"], retryable: error["retryable"])
           end
         end
@@ -306,16 +349,64 @@ module TaskerCore
         [nil, Protocol.error_from_exception(e)]
       end
 
-      # Encoded here, on the pool thread, so the I/O thread only moves bytes;
-      # an output the codec cannot pack turns into a failed step.
+      # Encoded here, on the pool thread, so the I/O thread only moves bytes.
+      # Returns [frames, status, error object or nil]. An output the codec
+      # cannot pack, one nested deeper than the orchestrator's
+      # max_payload_depth, or a result over its size limit turns into a
+      # failed step (not retryable) that says so, rather than a result the
+      # orchestrator would drop.
       def encode_partial(job, output, error)
-        msg = partial_for(job, output: output, error: error, started_at: job.started_at)
-        [Protocol.encode(msg), msg["status"]]
+        limits = job.batch.limits
+        if error.nil? && (too_deep = output_too_deep(output, limits[:max_payload_depth]))
+          bump(:outputs_too_deep)
+          error = too_deep
+        end
+        encode_checked(job, output, error, limits)
       rescue TaskerCore::ProtocolError, TypeError, ArgumentError, RangeError, EncodingError => e
         err = Protocol.error_object(klass: e.class.name, retryable: false, backtrace: [],
                                     message: "the step's output could not be encoded: #{e.message}")
+        encode_checked(job, nil, err, limits)
+      end
+
+      # Encodes the partial and measures the body it made against the result
+      # limit: no second encoding unless it is too large.
+      def encode_checked(job, output, error, limits)
+        msg = partial_for(job, output: output, error: error, started_at: job.started_at)
+        frames = Protocol.encode(msg)
+        limit = result_limit(limits)
+        return [frames, msg["status"], msg["error"]] if limit.nil? || frames[1].bytesize <= limit
+
+        size = frames[1].bytesize
+        if error && error["message"].size > ERROR_MESSAGE_KEEP
+          # A failure whose message is too long keeps its class and retry
+          # decision with the message cut short.
+          short = error.merge("message" => "#{error['message'][0, ERROR_MESSAGE_KEEP]}... (cut: #{size} bytes " \
+                                           "would be over the result limit of #{limit} bytes)")
+          return encode_checked(job, nil, short, limits)
+        end
+        bump(:outputs_too_large)
+        which = limit == limits[:max_result_bytes] ? "max_result_bytes" : "max_message_bytes"
+        err = Protocol.error_object(klass: TaskerCore::PayloadTooLargeError.name, retryable: false,
+                                    message: "the step's result is #{size} bytes, over the orchestrator's limit of " \
+                                             "#{limit} bytes (#{which})")
         msg = partial_for(job, error: err, started_at: job.started_at)
-        [Protocol.encode(msg), msg["status"]]
+        [Protocol.encode(msg), msg["status"], err]
+      end
+
+      # The largest result body the orchestrator takes: max_result_bytes
+      # (0: none) and max_message_bytes, whichever is smaller; nil: no limit.
+      def result_limit(limits)
+        [limits[:max_result_bytes], limits[:max_message_bytes]].select { |v| v.is_a?(Integer) && v.positive? }.min
+      end
+
+      # The error object for an output nested deeper than limit, else nil.
+      # Checks the Ruby object once, before it is packed.
+      def output_too_deep(output, limit)
+        return nil unless limit.is_a?(Integer) && output.is_a?(Hash) && Protocol.depth(output, limit) > limit
+
+        Protocol.error_object(klass: TaskerCore::PayloadTooDeepError.name, retryable: false,
+                              message: "the step's output nests arrays and maps more than #{limit} levels deep, " \
+                                       "over the orchestrator's max_payload_depth of #{limit}")
       end
 
       def partial_for(job, started_at:, output: nil, error: nil)
@@ -356,16 +447,35 @@ module TaskerCore
 
       def open_sockets
         @in_flight = 0
+        # Steps counted in in_flight: token (a Job, or a refused step's
+        # entry until its refusal is sent) => [step_id, attempt].
+        @unreported = {}.compare_by_identity
+        @last_batch_id = nil
+        # The orchestrator's limits from the latest batch (every message on
+        # the result channel must fit them), or this worker's own.
+        @result_limits = @own_result_limits
         @outbox = []
         @open_jobs = Set.new.compare_by_identity
         @peer_subscriptions = 0
         @next_heartbeat_at = nil
         @retry_at = nil
-        security = { curve_client: @curve, max_message_bytes: @max_message_bytes }.compact
-        @sub = TaskerCore::Socket::Subscriber.new(connect: @batch_endpoint, topics: [Protocol.batch_topic(@worker_id)],
-                                                  recv_hwm: @recv_hwm, linger: @linger_ms, **security)
-        @pub = TaskerCore::Socket::Publisher.new(connect: @result_endpoint, send_hwm: @send_hwm, linger: @linger_ms,
-                                                 **security.slice(:curve_client))
+        @links = { batch: { down_since: nil, reopens: 0 }, result: { down_since: nil, reopens: 0 } }
+        @sub = open_socket(:batch)
+        @pub = open_socket(:result)
+      end
+
+      # The one place a socket of this worker is made, from its settings, so
+      # a reopened or moved socket keeps its CURVE keys, high-water marks,
+      # message size limit, linger and monitor.
+      def open_socket(kind)
+        common = { linger: @linger_ms, curve_client: @curve, max_message_bytes: @max_message_bytes }.compact
+        common.merge!(self.class.monitor_option)
+        if kind == :batch
+          TaskerCore::Socket::Subscriber.new(connect: @batch_endpoint, topics: [Protocol.batch_topic(@worker_id)],
+                                             recv_hwm: @recv_hwm, **common)
+        else
+          TaskerCore::Socket::Publisher.new(connect: @result_endpoint, send_hwm: @send_hwm, **common)
+        end
       end
 
       def apply_endpoint_change
@@ -374,15 +484,53 @@ module TaskerCore
 
         record_socket_events
         @logger.info("tasker worker #{@worker_id}: moving to batches from #{change[0]}, results to #{change[1]}")
-        @sub.close
-        @pub.close
         @batch_endpoint, @result_endpoint = change
-        @peer_subscriptions = 0
-        @next_heartbeat_at = nil
-        @sub = TaskerCore::Socket::Subscriber.new(connect: @batch_endpoint, topics: [Protocol.batch_topic(@worker_id)],
-                                                  recv_hwm: @recv_hwm, linger: @linger_ms)
-        @pub = TaskerCore::Socket::Publisher.new(connect: @result_endpoint, send_hwm: @send_hwm, linger: @linger_ms)
+        reopen(:batch)
+        reopen(:result)
+        # The new orchestrator sent none of the batches received so far
+        # (reopen took the last ones from the old socket).
+        @last_batch_id = nil
+        @result_limits = @own_result_limits
+        @links.each_value { |l| l[:reopens] = 0 }
         true
+      end
+
+      # Closes a socket and opens it again on the current endpoint (with its
+      # subscription, for the batch socket). Batches already received are
+      # taken first; results the publisher had not yet sent are lost with it
+      # and reconciled by the orchestrator from the next heartbeat.
+      def reopen(kind)
+        if kind == :batch
+          receive_batches
+          @sub.close
+          @sub = open_socket(:batch)
+        else
+          @pub.close
+          @pub = open_socket(:result)
+          @peer_subscriptions = 0
+          @next_heartbeat_at = nil
+        end
+        @links[kind][:down_since] = nil
+      end
+
+      # A socket whose connection dropped and did not come back within its
+      # grace period is reopened (see REOPEN_GRACE_S).
+      def reopen_dead_sockets
+        now = monotonic
+        @links.each do |kind, link|
+          next unless link[:down_since] && now >= link[:down_since] + reopen_grace(link)
+
+          endpoint = kind == :batch ? @batch_endpoint : @result_endpoint
+          @logger.warn("tasker worker #{@worker_id}: the #{kind} socket lost its connection to #{endpoint} and did not " \
+                       "reconnect within #{reopen_grace(link).round(2)} s; opening it again")
+          link[:reopens] += 1
+          bump(:sockets_reopened)
+          reopen(kind)
+        end
+      end
+
+      def reopen_grace(link)
+        [@reopen_grace_s * (2**[link[:reopens], 16].min), [REOPEN_GRACE_MAX_S, @reopen_grace_s].max].min
       end
 
       def record_socket_events
@@ -391,11 +539,44 @@ module TaskerCore
         return if events.empty?
 
         events.sort_by! { |e| e[:at] }
+        events.each { |e| track_link(e) }
         @stats_mutex.synchronize do
           events.each { |e| count_connection_event(e) }
           @connection_history.concat(events)
           @connection_history.shift(@connection_history.size - CONNECTION_HISTORY) if @connection_history.size > CONNECTION_HISTORY
         end
+      end
+
+      # Follows each socket's connection from its monitor events.
+      def track_link(event)
+        link = @links[event[:socket]]
+        case event[:event]
+        when :disconnected then link[:down_since] ||= monotonic
+        when :connected then link[:down_since] = nil
+        when :handshake_succeeded then link[:reopens] = 0
+        else
+          handshake_failed(event) if event[:event].to_s.start_with?("handshake_failed")
+        end
+      end
+
+      # Warns once per kind of failure per HANDSHAKE_LOG_INTERVAL_S (with the
+      # number of failures since the last warning); counts every one.
+      def handshake_failed(event)
+        kind = event[:event]
+        @stats_mutex.synchronize { @stats[:handshake_failures][kind] += 1 }
+        last_at, since = @handshake_logged[kind]
+        now = monotonic
+        if last_at && now - last_at < HANDSHAKE_LOG_INTERVAL_S
+          @handshake_logged[kind] = [last_at, since + 1]
+          return
+        end
+
+        @handshake_logged[kind] = [now, 0]
+        more = since.to_i.positive? ? " (#{since} more since the last warning)" : ""
+        hint = ""
+        hint = "; is this worker's CURVE public key on the orchestrator's allow-list?" if kind == :handshake_failed_auth
+        @logger.warn("tasker worker #{@worker_id}: #{event[:socket]} socket handshake with #{event[:endpoint]} failed " \
+                     "(#{kind})#{more}#{hint}")
       end
 
       # Only connected/disconnected change the connection state; handshake
@@ -427,6 +608,7 @@ module TaskerCore
           drain_wake_pipe if readable.include?(@wake_r)
           readable = [] if apply_endpoint_change
           record_socket_events
+          reopen_dead_sockets
           if @stop_requested && drain_deadline.nil?
             drain_deadline = monotonic + @stop_timeout_s
             @logger.info("tasker worker #{@worker_id}: draining #{@in_flight} step(s)")
@@ -442,6 +624,9 @@ module TaskerCore
             @next_heartbeat_at = monotonic
             advertised_capacity = capacity
           end
+          # Flushed before the heartbeat too, so the heartbeat's in-flight
+          # list reflects as much as possible of what was reported.
+          flush_outbox
           send_heartbeat_if_due
           flush_outbox
 
@@ -477,6 +662,7 @@ module TaskerCore
         candidates << @next_heartbeat_at if @next_heartbeat_at
         candidates << @retry_at if @retry_at && !@outbox.empty?
         candidates << drain_deadline if drain_deadline
+        @links.each_value { |l| candidates << l[:down_since] + reopen_grace(l) if l[:down_since] }
         @mutex.synchronize do
           @running.each do |job|
             candidates << job.deadline if job.state == :running
@@ -527,29 +713,160 @@ module TaskerCore
         @sub.receive_many(max: 256, timeout_ms: 0).each { |frames| accept(frames) }
       end
 
+      # One message from the batch socket. A batch for this worker runs the
+      # steps it can and answers the rest with one batch_refusal, sent before
+      # any of its partials; a body that cannot be read is refused whole.
       def accept(frames)
-        msg = Protocol.decode(frames)
+        msg = Protocol.decode(frames, strict_batch: false)
         return bad(:unexpected_type, "a #{msg['type']} message on the batch channel") unless msg["type"] == Protocol::BATCH
         return bad(:wrong_worker, "a batch for worker #{msg['worker_id']}") unless msg["worker_id"] == @worker_id
 
-        steps = msg["steps"]
-        if @max_batch_steps && steps.size > @max_batch_steps
-          return bad(:batch_too_large, "a batch of #{steps.size} steps (zeromq.max_batch_steps is #{@max_batch_steps})")
-        end
+        run_batch(msg)
+      rescue Protocol::MessageError => e
+        bad(e.reason, e.message)
+        refuse_unreadable(frames, e) if refusable?(frames, e)
+      end
 
-        batch = BatchState.new(id: msg["batch_id"], steps: steps, statuses: Array.new(steps.size), reported: 0)
+      # A body on this worker's topic that is not valid msgpack (or nests
+      # too deep for the decoder), or a batch whose envelope is broken.
+      def refusable?(frames, error)
+        return false unless frames.is_a?(Array) && frames.size == 2 && frames[0].b == Protocol.batch_topic(@worker_id).b
+
+        return true if error.reason == :undecodable
+
+        error.reason == :invalid_field && Protocol::MsgpackScanner.new(frames[1]).top_level_string("type") == Protocol::BATCH
+      rescue Protocol::MsgpackScanner::Stop
+        false
+      end
+
+      def refuse_unreadable(frames, error)
+        batch_id = Protocol.peek_batch_id(frames[1])
+        @last_batch_id = batch_id if batch_id
+        bump(:batches_received)
+        message = "worker #{@worker_id} could not read batch #{batch_id || '(id unreadable)'}: #{error.message}"
+        enqueue_refusal(batch_id, "undecodable", message, [])
+      end
+
+      def run_batch(msg)
+        steps = msg["steps"]
         bump(:batches_received)
         bump(:steps_received, steps.size)
-        @in_flight += steps.size
-        enqueue_completion(batch) if steps.empty?
+        @last_batch_id = msg["batch_id"]
+        @result_limits = limits = @own_result_limits.merge(Protocol.batch_limits(msg))
+        runnable = []
+        refused = []
         steps.each_with_index do |step, index|
+          reason, why = step_refusal(step, index, steps.size)
+          if reason
+            refused << [step, reason, why]
+          else
+            runnable << step
+          end
+        end
+        refuse_steps(msg["batch_id"], refused) unless refused.empty?
+
+        batch = BatchState.new(id: msg["batch_id"], steps: runnable, statuses: Array.new(runnable.size), reported: 0,
+                               limits: limits)
+        enqueue_completion(batch) if runnable.empty?
+        runnable.each_with_index do |step, index|
           timeout = step["timeout_ms"].to_i.positive? ? step["timeout_ms"] / 1000.0 : @step_timeout_s
           job = Job.new(batch: batch, index: index, step: step, timeout_s: timeout, state: :queued)
+          track_in_flight(job, step["step_id"], step["attempt"])
           @open_jobs << job
           @jobs << job
         end
-      rescue Protocol::MessageError => e
-        bad(e.reason, e.message)
+      end
+
+      # [reason, message] when this worker will not run the step, else nil.
+      def step_refusal(step, index, count)
+        if @max_batch_steps && index >= @max_batch_steps
+          return ["too_many_steps", "batch of #{count} steps is over this worker's max_batch_steps of " \
+                                    "#{@max_batch_steps}"]
+        end
+        if (problem = Protocol.step_problem(step, index))
+          bad(:invalid_field, problem.message)
+          return ["invalid_step", problem.message]
+        end
+
+        too_deep = payload_too_deep(step)
+        too_deep && ["too_deep", too_deep]
+      end
+
+      # What in the step nests deeper than this worker's max_payload_depth
+      # (its context, handler_config or a dependency's output), or nil.
+      def payload_too_deep(step)
+        limit = @max_payload_depth
+        return nil unless limit.is_a?(Integer)
+
+        parts = [["context", step["context"]], ["handler_config", step["handler_config"]]]
+        step["dependency_results"].each { |name, output| parts << ["the output of dependency #{name}", output] }
+        parts.each do |what, value|
+          # Decoded values nest at most Codec::MAX_DEPTH deep: measured exactly.
+          depth = Protocol.depth(value, TaskerCore::Codec::MAX_DEPTH)
+          next if depth <= limit
+
+          return "worker #{@worker_id} refused the step: #{what} nests #{depth} levels, over max_payload_depth #{limit}"
+        end
+        nil
+      end
+
+      # One batch_refusal for the refused steps of a batch. A step whose
+      # step_id or attempt cannot be read cannot be named: it is counted,
+      # and the orchestrator takes it back when a heartbeat reports this
+      # batch without it (docs/protocol.md section 6).
+      def refuse_steps(batch_id, refused)
+        entries = []
+        refused.each do |step, reason, why|
+          @stats_mutex.synchronize { @stats[:steps_refused][reason.to_sym] += 1 }
+          if step.is_a?(Hash) && Protocol::INT.call(step["step_id"]) && Protocol::POS_INT.call(step["attempt"])
+            entries << { step_id: step["step_id"], attempt: step["attempt"], reason: reason, message: why }
+          else
+            bump(:steps_refused_unnamed)
+          end
+        end
+        return if entries.empty?
+
+        reasons = entries.map { |e| e[:reason] }.tally
+        why = reasons.size == 1 ? entries.first[:message] : reasons.map { |r, n| "#{n} #{r}" }.join(", ")
+        message = "worker #{@worker_id} refused #{entries.size} step(s) of batch #{batch_id}: #{why}"
+        enqueue_refusal(batch_id, reasons.max_by { |_r, n| n }.first, message, entries)
+      end
+
+      # Queued in the outbox ahead of the batch's partials. Its steps count
+      # as in flight until it is sent, so no heartbeat reports them as
+      # unknown to this worker before the orchestrator has the refusal.
+      # A refusal over the orchestrator's result limit goes out in parts.
+      def enqueue_refusal(batch_id, reason, message, entries)
+        msg = Protocol.batch_refusal(batch_id: batch_id, worker_id: @worker_id, reason: reason, message: message,
+                                     steps: entries)
+        frames = Protocol.encode(msg)
+        limit = result_limit(@result_limits)
+        if limit && frames[1].bytesize > limit && entries.size > 1
+          half = entries.size / 2
+          enqueue_refusal(batch_id, reason, message, entries.first(half))
+          enqueue_refusal(batch_id, reason, message, entries.drop(half))
+          return
+        end
+
+        refused = entries.map do |e|
+          token = [e[:step_id], e[:attempt]]
+          track_in_flight(token, e[:step_id], e[:attempt])
+          token
+        end
+        @outbox << Outgoing.new(frames: frames, kind: :refusal, refused: refused)
+        return unless @logged_reasons.add?(:"refused_#{reason}")
+
+        @logger.warn("tasker worker #{@worker_id}: #{message}; further #{reason} refusals are only counted")
+      end
+
+      def track_in_flight(token, step_id, attempt)
+        @unreported[token] = [step_id, attempt]
+        @in_flight = @unreported.size
+      end
+
+      def untrack_in_flight(token)
+        @unreported.delete(token)
+        @in_flight = @unreported.size
       end
 
       # Bad input is counted and logged once per reason: a misbehaving peer
@@ -655,7 +972,7 @@ module TaskerCore
         error = Protocol.error_object(klass: TaskerCore::StepTimeoutError.name, message: message, retryable: true)
         msg = partial_for(job, error: error, started_at: job.started_at)
         bump(:steps_failed)
-        report(Outgoing.new(frames: Protocol.encode(msg), kind: Protocol::STATUS_ERROR, job: job))
+        report(Outgoing.new(frames: Protocol.encode(msg), kind: Protocol::STATUS_ERROR, job: job, error: error))
       end
 
       # Shutdown ran out of time: every step not yet reported fails, retryable.
@@ -680,11 +997,35 @@ module TaskerCore
       def send_heartbeat_if_due
         return unless @next_heartbeat_at && monotonic >= @next_heartbeat_at
 
-        msg = Protocol.heartbeat(worker_id: @worker_id, capacity: current_capacity, in_flight: @in_flight,
-                                 connection: connection_summary)
         # A refused heartbeat is not retried: the next one supersedes it.
-        bump(:heartbeats_sent) if @pub.send_parts(Protocol.encode(msg))
+        bump(:heartbeats_sent) if @pub.send_parts(heartbeat_frames)
         @next_heartbeat_at = monotonic + @heartbeat_interval_s
+      end
+
+      def heartbeat_frames
+        optional = { connection: connection_summary, limits: advertised_limits, last_batch_id: @last_batch_id,
+                     in_flight_steps: @unreported.values }
+        limit = result_limit(@result_limits)
+        frames = nil
+        [[], *HEARTBEAT_SHEDDING].each do |shed|
+          shed.each { |key| optional.delete(key) }
+          frames = Protocol.encode(Protocol.heartbeat(worker_id: @worker_id, capacity: current_capacity,
+                                                      in_flight: @in_flight, **optional))
+          return frames if limit.nil? || frames[1].bytesize <= limit
+
+          next unless @logged_reasons.add?(:heartbeat_over_limit)
+
+          @logger.warn("tasker worker #{@worker_id}: a heartbeat of #{frames[1].bytesize} bytes is over the " \
+                       "orchestrator's result limit of #{limit} bytes; sending heartbeats with fewer optional fields")
+        end
+        frames # nothing smaller to send
+      end
+
+      # What this worker accepts in one batch (the heartbeat's "limits").
+      def advertised_limits
+        limits = { max_batch_steps: @max_batch_steps, max_message_bytes: @max_message_bytes,
+                   max_payload_depth: @max_payload_depth }
+        limits.values.all? { |v| v.is_a?(Integer) && v.positive? } ? limits : nil
       end
 
       # Sends the outbox in order. A message the publisher refuses at its
@@ -702,10 +1043,14 @@ module TaskerCore
             return
           end
           @outbox.shift
-          if out.kind == :completion
+          case out.kind
+          when :completion
             bump(:completions_sent)
+          when :refusal
+            out.refused.each { |token| untrack_in_flight(token) }
+            bump(:refusals_sent)
           else
-            @in_flight -= 1
+            untrack_in_flight(out.job)
             bump(:partials_sent)
           end
         end

@@ -1,19 +1,9 @@
 # frozen_string_literal: true
 
-require "logger"
-require "stringio"
-
 RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
-  let(:peer) { ProtocolPeer.new }
-  let(:log) { StringIO.new }
-  let(:registry) { TaskerCore::HandlerRegistry.new }
-  let(:worker_id) { "spec-#{Process.pid}-#{rand(1 << 30)}" }
-  let(:gate) { Thread::Queue.new }     # gated handlers wait here until the spec releases them
-  let(:started) { Thread::Queue.new }  # gated handlers report their step id here when they start
+  include_context "a worker against a protocol peer"
 
   before do
-    gate_q = gate
-    started_q = started
     registry.register("Double", lambda { |task, sequence, step|
       { "value" => task.context["n"] * 2, "deps" => sequence.results, "dep_a" => sequence["a"],
         "config" => step.handler_config, "attempt" => step.attempt, "name" => step.name }
@@ -24,28 +14,6 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     registry.register("NotHash", ->(*) { 42 })
     registry.register("Sleepy", ->(*) { sleep })
     registry.register("Opaque", ->(*) { { "x" => Object.new } })
-    registry.register("Gated", lambda { |_task, _sequence, step|
-      started_q << step.id
-      gate_q.pop
-      { "released" => step.id }
-    })
-  end
-
-  after do
-    @worker&.stop(timeout: 2)
-    peer.close
-  end
-
-  def start_worker(**options)
-    @worker = described_class.new(step_sub_endpoint: peer.batch_endpoint, result_pub_endpoint: peer.result_endpoint,
-                                  max_workers: 4, handler_registry: registry, worker_id: worker_id,
-                                  heartbeat_interval_ms: 50, logger: Logger.new(ENV["SPEC_LOG"] ? $stderr : log), **options).start
-    peer.wait_for_worker(worker_id)
-    @worker
-  end
-
-  def step(id, handler, **extra)
-    { step_id: id, task_id: 100 + id, step_name: "s#{id}", handler: handler, context: { "n" => id }, **extra }
   end
 
   # Step ids of the next n gated steps to start (fails rather than hangs).
@@ -56,10 +24,6 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
 
   def partial_for(batch_id, step_id)
     peer.partials(batch_id).find { |m| m["step_id"] == step_id }
-  end
-
-  def index_of(msg)
-    peer.messages.index { |m| m.equal?(msg) }
   end
 
   it "gives each step exactly one correct partial and the batch one completion after them" do
@@ -222,7 +186,17 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     expect(log.string.scan("(undecodable)").size).to eq(1)
     expect(log.string).to include("(wrong_version)", "(unknown_type)", "missing field steps")
     expect(@worker.running?).to be(true)
-    expect(peer.completions.map { |c| c["batch_id"] }).to eq([batch_id])
+    # The batch whose only step cannot be named (no attempt) runs nothing
+    # and is completed empty; the orchestrator takes that step back when a
+    # heartbeat reports the batch without it.
+    expect(peer.completions.map { |c| [c["batch_id"], c["steps"]] })
+      .to eq([["x", []], [batch_id, [{ "step_id" => 1, "attempt" => 1, "status" => "complete" }]]])
+    # Bodies on this worker's topic that it could not read are answered;
+    # other bad messages are not.
+    refusals = peer.of_type("batch_refusal")
+    expect(refusals.map { |r| [r["batch_id"], r["reason"], r["steps"]] })
+      .to eq([[nil, "undecodable", []], [nil, "undecodable", []], ["x", "undecodable", []]])
+    expect(refusals.last["message"]).to include("missing field steps")
   end
 
   it "holds results until the orchestrator subscribes, then sends them" do
