@@ -385,27 +385,6 @@ module TaskerCore
       end
     end
 
-    # How deeply value nests arrays and maps: 0 for a scalar, 1 for a flat
-    # map or array. Stops counting past limit (returns limit + 1), so a deep
-    # or cyclic structure costs no more than the walk down to the limit.
-    def depth(value, limit)
-      return 0 unless value.is_a?(Hash) || value.is_a?(Array)
-
-      deepest = 1
-      stack = [[value, 1]]
-      until stack.empty?
-        node, level = stack.pop
-        (node.is_a?(Hash) ? node.each_value : node.each).each do |child|
-          next unless child.is_a?(Hash) || child.is_a?(Array)
-          return limit + 1 if level + 1 > limit
-
-          deepest = level + 1 if level + 1 > deepest
-          stack << [child, level + 1]
-        end
-      end
-      deepest
-    end
-
     # The batch_id of a batch body that could not be decoded in full (bad
     # msgpack further on, or nesting too deep for the decoder): reads the
     # top-level map's keys, skipping values without building them, and

@@ -121,18 +121,6 @@ RSpec.describe TaskerCore::Protocol do
       .to eq(loose)
   end
 
-  it "measures nesting depth, stopping past the limit" do
-    nest = ->(n) { n.times.reduce({}) { |inner, _| { "k" => inner } } }
-    expect(described_class.depth(42, 5)).to eq(0)
-    expect(described_class.depth({}, 5)).to eq(1)
-    expect(described_class.depth({ "a" => [1, { "b" => [] }], "c" => 1 }, 5)).to eq(4)
-    expect(described_class.depth(nest.call(9), 20)).to eq(10)
-    expect(described_class.depth(nest.call(9), 4)).to eq(5)
-    cyclic = []
-    cyclic << cyclic
-    expect(described_class.depth(cyclic, 24)).to eq(25)
-  end
-
   it "finds the batch_id of a body the decoder refuses" do
     pack = ->(v) { TaskerCore::Codec.pack(v) }
     too_deep = ("\x91".b * 40) + "\x01".b

@@ -402,7 +402,7 @@ module TaskerCore
       # The error object for an output nested deeper than limit, else nil.
       # Checks the Ruby object once, before it is packed.
       def output_too_deep(output, limit)
-        return nil unless limit.is_a?(Integer) && output.is_a?(Hash) && Protocol.depth(output, limit) > limit
+        return nil unless limit.is_a?(Integer) && output.is_a?(Hash) && Payload.depth(output, cap: limit) > limit
 
         Protocol.error_object(klass: TaskerCore::PayloadTooDeepError.name, retryable: false,
                               message: "the step's output nests arrays and maps more than #{limit} levels deep, " \
@@ -802,7 +802,7 @@ module TaskerCore
         step["dependency_results"].each { |name, output| parts << ["the output of dependency #{name}", output] }
         parts.each do |what, value|
           # Decoded values nest at most Codec::MAX_DEPTH deep: measured exactly.
-          depth = Protocol.depth(value, TaskerCore::Codec::MAX_DEPTH)
+          depth = Payload.depth(value)
           next if depth <= limit
 
           return "worker #{@worker_id} refused the step: #{what} nests #{depth} levels, over max_payload_depth #{limit}"
