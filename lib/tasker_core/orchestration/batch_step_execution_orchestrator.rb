@@ -363,9 +363,9 @@ module TaskerCore
         @retry_at = nil
         security = { curve_client: @curve, max_message_bytes: @max_message_bytes }.compact
         @sub = TaskerCore::Socket::Subscriber.new(connect: @batch_endpoint, topics: [Protocol.batch_topic(@worker_id)],
-                                                  recv_hwm: @recv_hwm, linger: @linger_ms, **security)
+                                                  recv_hwm: @recv_hwm, linger: @linger_ms, monitor: true, **security)
         @pub = TaskerCore::Socket::Publisher.new(connect: @result_endpoint, send_hwm: @send_hwm, linger: @linger_ms,
-                                                 **security.slice(:curve_client))
+                                                 monitor: true, **security.slice(:curve_client))
       end
 
       def apply_endpoint_change
@@ -380,8 +380,9 @@ module TaskerCore
         @peer_subscriptions = 0
         @next_heartbeat_at = nil
         @sub = TaskerCore::Socket::Subscriber.new(connect: @batch_endpoint, topics: [Protocol.batch_topic(@worker_id)],
-                                                  recv_hwm: @recv_hwm, linger: @linger_ms)
-        @pub = TaskerCore::Socket::Publisher.new(connect: @result_endpoint, send_hwm: @send_hwm, linger: @linger_ms)
+                                                  recv_hwm: @recv_hwm, linger: @linger_ms, monitor: true)
+        @pub = TaskerCore::Socket::Publisher.new(connect: @result_endpoint, send_hwm: @send_hwm, linger: @linger_ms,
+                                                 monitor: true)
         true
       end
 
