@@ -15,6 +15,7 @@ rescue LoadError => e
 end
 
 require_relative "tasker_core/curve"
+require_relative "tasker_core/bind_policy"
 require_relative "tasker_core/protocol"
 require_relative "tasker_core/step_context"
 require_relative "tasker_core/step_handler"
