@@ -16,6 +16,7 @@ end
 
 require_relative "tasker_core/curve"
 require_relative "tasker_core/payload"
+require_relative "tasker_core/bind_policy"
 require_relative "tasker_core/protocol"
 require_relative "tasker_core/step_context"
 require_relative "tasker_core/step_handler"

@@ -25,6 +25,10 @@ static void *zap_ctx;        /* the context the running handler serves */
 static pid_t zap_pid;
 static unsigned long domain_seq;
 static pthread_once_t zap_once = PTHREAD_ONCE_INIT;
+/* Under zap_lock: refused handshakes not yet taken (curve.h). */
+static tc_zap_refusal zap_refusals[TC_ZAP_REFUSALS_MAX];
+static size_t zap_nrefusals;
+static uint64_t zap_refusals_overflow;
 
 static void zap_after_fork_child(void)
 {
@@ -32,6 +36,9 @@ static void zap_after_fork_child(void)
      * (plain memory), and a new handler serves them on the new context. */
     pthread_mutex_init(&zap_lock, NULL);
     zap_ctx = NULL;
+    /* The parent's refusals are the parent's to report. */
+    zap_nrefusals = 0;
+    zap_refusals_overflow = 0;
 }
 
 static void zap_init_once(void)
@@ -135,6 +142,51 @@ tc_zap_counts tc_zap_domain_counts(const char *domain)
     return c;
 }
 
+/* Under zap_lock: counts a denied handshake under its key and domain. */
+static void record_refusal(zmq_msg_t *domain, zmq_msg_t *cred)
+{
+    int has_key = cred != NULL && zmq_msg_size(cred) == TC_CURVE_KEY_BYTES;
+    size_t dlen = zmq_msg_size(domain);
+    tc_zap_refusal *r;
+
+    if (dlen > TC_CURVE_DOMAIN_MAX) dlen = TC_CURVE_DOMAIN_MAX;
+    for (size_t i = 0; i < zap_nrefusals; i++) {
+        r = &zap_refusals[i];
+        if (r->has_key == has_key && (!has_key || memcmp(r->key, zmq_msg_data(cred), TC_CURVE_KEY_BYTES) == 0) &&
+            strlen(r->domain) == dlen && memcmp(r->domain, zmq_msg_data(domain), dlen) == 0) {
+            r->count++;
+            return;
+        }
+    }
+    if (zap_nrefusals == TC_ZAP_REFUSALS_MAX) {
+        zap_refusals_overflow++;
+        return;
+    }
+    r = &zap_refusals[zap_nrefusals++];
+    memset(r, 0, sizeof(*r));
+    r->has_key = has_key;
+    if (has_key) memcpy(r->key, zmq_msg_data(cred), TC_CURVE_KEY_BYTES);
+    memcpy(r->domain, zmq_msg_data(domain), dlen);
+    r->domain[dlen] = '\0';
+    r->count = 1;
+}
+
+size_t tc_zap_take_refusals(tc_zap_refusal *out, size_t max, uint64_t *overflow)
+{
+    size_t n;
+
+    pthread_once(&zap_once, zap_init_once);
+    pthread_mutex_lock(&zap_lock);
+    n = zap_nrefusals < max ? zap_nrefusals : max;
+    memcpy(out, zap_refusals, n * sizeof(*out));
+    memmove(zap_refusals, zap_refusals + n, (zap_nrefusals - n) * sizeof(*out));
+    zap_nrefusals -= n;
+    *overflow = zap_refusals_overflow;
+    zap_refusals_overflow = 0;
+    pthread_mutex_unlock(&zap_lock);
+    return n;
+}
+
 /* Decides one handshake: CURVE, a known domain, and a key on its list. */
 static int zap_decide(zmq_msg_t *domain, zmq_msg_t *mechanism, zmq_msg_t *cred)
 {
@@ -151,6 +203,7 @@ static int zap_decide(zmq_msg_t *domain, zmq_msg_t *mechanism, zmq_msg_t *cred)
         else
             d->counts.denied++;
     }
+    if (!ok) record_refusal(domain, cred);
     pthread_mutex_unlock(&zap_lock);
     return ok;
 }

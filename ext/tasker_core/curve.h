@@ -60,6 +60,26 @@ void tc_zap_forget(const char *domain);
 /* Handshakes allowed and denied in a domain so far (zeros if unknown). */
 tc_zap_counts tc_zap_domain_counts(const char *domain);
 
+/*
+ * Refused handshakes, for logging: the ZAP handler keeps one entry per
+ * (client public key, domain) it denied, with a count, in a table of
+ * TC_ZAP_REFUSALS_MAX; refusals that find it full are only counted
+ * (overflow). Taking empties it. A forked child starts with an empty one.
+ */
+#define TC_ZAP_REFUSALS_MAX 64
+
+typedef struct tc_zap_refusal {
+    uint8_t key[TC_CURVE_KEY_BYTES];
+    int has_key; /* 0 when the request carried no 32-byte CURVE key */
+    char domain[TC_CURVE_DOMAIN_MAX + 1];
+    uint64_t count;
+} tc_zap_refusal;
+
+/* Copies up to max entries into out (those not copied are kept), sets
+ * *overflow to the refusals counted without an entry (and zeroes that
+ * count); returns the number copied. Thread-safe. */
+size_t tc_zap_take_refusals(tc_zap_refusal *out, size_t max, uint64_t *overflow);
+
 /* Applies the server options (ZMQ_CURVE_SERVER, ZMQ_CURVE_SECRETKEY,
  * ZMQ_ZAP_DOMAIN) to an open, not yet bound socket and makes sure the ZAP
  * handler runs. 0 ok; -1 with err. */

@@ -123,6 +123,41 @@ static VALUE curve_s_zap_counts(VALUE mod, VALUE domain)
     return h;
 }
 
+/* TaskerCore::Curve.take_refusals -> [{public_key:, domain:, count:}, ...]:
+ * the handshakes the ZAP handler refused since the last call, one entry
+ * per key and domain (public_key nil when the client sent no CURVE key);
+ * refusals beyond the table come last as {public_key: nil, domain: nil,
+ * count: n}. */
+static VALUE curve_s_take_refusals(VALUE mod)
+{
+    tc_zap_refusal r[TC_ZAP_REFUSALS_MAX];
+    uint64_t overflow = 0;
+    size_t n = tc_zap_take_refusals(r, TC_ZAP_REFUSALS_MAX, &overflow);
+    VALUE out = rb_ary_new_capa((long)n + 1);
+    VALUE k_key = ID2SYM(rb_intern("public_key")), k_domain = ID2SYM(rb_intern("domain")),
+          k_count = ID2SYM(rb_intern("count"));
+
+    for (size_t i = 0; i < n; i++) {
+        char z85[TC_CURVE_Z85_LEN + 1];
+        VALUE h = rb_hash_new();
+        rb_hash_aset(h, k_key,
+                     r[i].has_key && zmq_z85_encode(z85, r[i].key, TC_CURVE_KEY_BYTES) != NULL
+                         ? rb_usascii_str_new(z85, TC_CURVE_Z85_LEN)
+                         : Qnil);
+        rb_hash_aset(h, k_domain, rb_str_new_cstr(r[i].domain));
+        rb_hash_aset(h, k_count, ULL2NUM(r[i].count));
+        rb_ary_push(out, h);
+    }
+    if (overflow > 0) {
+        VALUE h = rb_hash_new();
+        rb_hash_aset(h, k_key, Qnil);
+        rb_hash_aset(h, k_domain, Qnil);
+        rb_hash_aset(h, k_count, ULL2NUM(overflow));
+        rb_ary_push(out, h);
+    }
+    return out;
+}
+
 void tc_init_curve(void)
 {
     mCurve = rb_define_module_under(tc_mTaskerCore, "Curve");
@@ -134,5 +169,6 @@ void tc_init_curve(void)
     rb_define_singleton_method(mCurve, "allow", curve_s_allow, 2);
     rb_define_singleton_method(mCurve, "forget", curve_s_forget, 1);
     rb_define_singleton_method(mCurve, "zap_counts", curve_s_zap_counts, 1);
+    rb_define_singleton_method(mCurve, "take_refusals", curve_s_take_refusals, 0);
     rb_define_const(mCurve, "ZAP_ENDPOINT", rb_str_freeze(rb_usascii_str_new_cstr(TC_CURVE_ZAP_ENDPOINT)));
 }

@@ -1,7 +1,7 @@
 /*
  * socket.c: the plain C core of the socket layer. Owns the process-wide
- * libzmq context, opening and closing sockets together with their monitor
- * PAIR, non-blocking multipart send/receive and the per-socket counters.
+ * libzmq context, opening and closing sockets together with their opt-in
+ * monitor PAIR, non-blocking multipart send/receive and the per-socket counters.
  *
  * Never raises and never touches a Ruby object: the orchestration
  * handle's native thread calls it without the GVL. Errors come back as
@@ -101,29 +101,52 @@ static int tc_usable(tc_socket *s, char *err, size_t errlen)
     return 0;
 }
 
-static int tc_socket_open_monitor(tc_socket *s, void *ctx, char *err, size_t errlen)
+int tc_socket_monitor(tc_socket *s, int events, char *err, size_t errlen)
 {
     char endpoint[64];
     unsigned long seq = __atomic_add_fetch(&tc_monitor_seq, 1, __ATOMIC_RELAXED);
     int zero = 0;
     int e;
 
+    if (tc_usable(s, err, errlen) != 0)
+        return -1;
+    if (s->monitor != NULL) {
+        tc_errf(err, errlen, "the socket already has a monitor");
+        errno = EINVAL;
+        return -1;
+    }
+    s->ring = calloc(TC_SOCKET_EVENT_RING, sizeof(*s->ring));
+    if (s->ring == NULL) {
+        tc_errf(err, errlen, "could not monitor the socket: out of memory");
+        errno = ENOMEM;
+        return -1;
+    }
+    s->ring_head = s->ring_len = 0;
     snprintf(endpoint, sizeof(endpoint), "inproc://tasker-core.monitor.%ld.%lu", (long)s->pid,
              seq);
-    if (zmq_socket_monitor(s->zsock, endpoint, ZMQ_EVENT_ALL) != 0)
+    if (zmq_socket_monitor(s->zsock, endpoint, events) != 0)
         goto fail;
-    s->monitor = zmq_socket(ctx, ZMQ_PAIR);
+    s->monitor = zmq_socket(tc_context(), ZMQ_PAIR);
     if (s->monitor == NULL)
         goto fail;
-    /* Pending events are worthless once the socket is gone. */
-    zmq_setsockopt(s->monitor, ZMQ_LINGER, &zero, sizeof(zero));
-    if (zmq_connect(s->monitor, endpoint) != 0)
+    /* Pending events are worthless once the socket is gone. RCVHWM 0
+     * before connect: the pipe the I/O thread sends into has no limit, so
+     * it never blocks there (socket.h). */
+    if (zmq_setsockopt(s->monitor, ZMQ_LINGER, &zero, sizeof(zero)) != 0 ||
+        zmq_setsockopt(s->monitor, ZMQ_RCVHWM, &zero, sizeof(zero)) != 0 ||
+        zmq_connect(s->monitor, endpoint) != 0)
         goto fail;
     return 0;
 
 fail:
     e = zmq_errno();
     tc_errf(err, errlen, "could not monitor the socket: %s", zmq_strerror(e));
+    zmq_socket_monitor(s->zsock, NULL, 0);
+    if (s->monitor != NULL)
+        zmq_close(s->monitor);
+    s->monitor = NULL;
+    free(s->ring);
+    s->ring = NULL;
     errno = e;
     return -1;
 }
@@ -155,12 +178,6 @@ int tc_socket_open(tc_socket *s, int zmq_type, char *err, size_t errlen)
     if (zmq_getsockopt(s->zsock, ZMQ_FD, &s->fd, &fdlen) != 0) {
         e = zmq_errno();
         tc_errf(err, errlen, "could not read the socket's ZMQ_FD: %s", zmq_strerror(e));
-        tc_socket_close(s);
-        errno = e;
-        return -1;
-    }
-    if (tc_socket_open_monitor(s, ctx, err, errlen) != 0) {
-        e = errno;
         tc_socket_close(s);
         errno = e;
         return -1;
@@ -203,45 +220,7 @@ int tc_socket_set_bytes(tc_socket *s, int option, const void *buf, size_t len, c
 }
 
 static int tc_read_event(tc_socket *s, tc_socket_event *ev);
-
-#define TC_STASH_MAX 1024
-
-static void tc_stash_push(tc_socket *s, const tc_socket_event *ev)
-{
-    if (s->stash_len == s->stash_cap) {
-        size_t cap = s->stash_cap ? s->stash_cap * 2 : 8;
-        tc_socket_event *p;
-        if (cap > TC_STASH_MAX)
-            return; /* as lossy as the monitor's own queue, and bounded */
-        p = realloc(s->stash, cap * sizeof(*p));
-        if (p == NULL)
-            return;
-        s->stash = p;
-        s->stash_cap = cap;
-    }
-    s->stash[s->stash_len++] = *ev;
-}
-
-/*
- * When a tcp or ipc bind fails, libzmq posts ZMQ_EVENT_BIND_FAILED with the
- * real errno to the monitor, and sending that event leaves EAGAIN in
- * errno. The event's value is the truth; the events read to find it are
- * kept for tc_socket_next_event.
- */
-static int tc_failed_errno(tc_socket *s, int e)
-{
-    tc_socket_event ev;
-    int found = e;
-
-    if (e != EAGAIN || s->monitor == NULL)
-        return e;
-    while (tc_read_event(s, &ev) == 1) {
-        if (ev.event == ZMQ_EVENT_BIND_FAILED && ev.value != 0)
-            found = (int)ev.value;
-        tc_stash_push(s, &ev);
-    }
-    return found;
-}
+static void tc_drain_monitor(tc_socket *s);
 
 typedef int (*tc_endpoint_fn)(void *, const char *);
 
@@ -253,8 +232,10 @@ static int tc_socket_endpoint_op(tc_socket *s, tc_endpoint_fn fn, const char *ve
     if (tc_usable(s, err, errlen) != 0)
         return -1;
     if (fn(s->zsock, endpoint) != 0) {
-        /* Capture before formatting: snprintf may touch errno. */
-        e = tc_failed_errno(s, zmq_errno());
+        /* Capture before formatting: snprintf may touch errno. (A monitor
+         * sending bind_failed would leave EAGAIN here; the connection
+         * events a monitor reports leave it out.) */
+        e = zmq_errno();
         tc_errf(err, errlen, "could not %s %s: %s", verb, endpoint, zmq_strerror(e));
         errno = e;
         return -1;
@@ -389,6 +370,7 @@ int tc_socket_readable(tc_socket *s)
         errno = e;
         return -1;
     }
+    tc_drain_monitor(s);
     return (events & ZMQ_POLLIN) ? 1 : 0;
 }
 
@@ -402,17 +384,38 @@ static void tc_drain_rest(void *sock, zmq_msg_t *m)
     }
 }
 
+/* Moves what libzmq's monitor pipe holds into the ring, overwriting the
+ * oldest entry when it is full. Errors are left for next_event to see. */
+static void tc_drain_monitor(tc_socket *s)
+{
+    tc_socket_event ev;
+
+    if (s->monitor == NULL || s->ring == NULL)
+        return;
+    while (tc_read_event(s, &ev) == 1) {
+        if (s->ring_len == TC_SOCKET_EVENT_RING) {
+            s->ring_head = (s->ring_head + 1) % TC_SOCKET_EVENT_RING;
+            s->ring_len--;
+            s->counters.events_dropped++;
+        }
+        s->ring[(s->ring_head + s->ring_len) % TC_SOCKET_EVENT_RING] = ev;
+        s->ring_len++;
+    }
+}
+
 int tc_socket_next_event(tc_socket *s, tc_socket_event *ev)
 {
     if (tc_usable(s, NULL, 0) != 0)
         return -1;
-    if (s->stash_pos < s->stash_len) {
-        *ev = s->stash[s->stash_pos++];
-        if (s->stash_pos == s->stash_len)
-            s->stash_pos = s->stash_len = 0;
-        return 1;
-    }
-    return tc_read_event(s, ev);
+    if (s->monitor == NULL)
+        return 0;
+    tc_drain_monitor(s);
+    if (s->ring_len == 0)
+        return 0;
+    *ev = s->ring[s->ring_head];
+    s->ring_head = (s->ring_head + 1) % TC_SOCKET_EVENT_RING;
+    s->ring_len--;
+    return 1;
 }
 
 static int tc_read_event(tc_socket *s, tc_socket_event *ev)
@@ -493,7 +496,7 @@ const char *tc_socket_event_name(int event)
 
 void tc_socket_close(tc_socket *s)
 {
-    if (s->zsock == NULL && s->monitor == NULL && s->stash == NULL)
+    if (s->zsock == NULL && s->monitor == NULL && s->ring == NULL)
         return;
     if (s->pid == getpid()) {
         /* Stop the monitor here, in the owner thread, before either close:
@@ -514,7 +517,7 @@ void tc_socket_close(tc_socket *s)
     s->monitor = NULL;
     s->fd = -1;
     /* Plain heap memory: ours to free in the parent and the child alike. */
-    free(s->stash);
-    s->stash = NULL;
-    s->stash_pos = s->stash_len = s->stash_cap = 0;
+    free(s->ring);
+    s->ring = NULL;
+    s->ring_head = s->ring_len = 0;
 }

@@ -3,8 +3,8 @@
  *
  * The C core (socket.c) owns the process-wide libzmq context and the
  * tc_socket struct: open, options, bind/connect, non-blocking multipart
- * send and receive with counters, and the connection-event monitor. It is
- * plain C, never raises and never touches a Ruby object, so the
+ * send and receive with counters, and an opt-in connection-event monitor.
+ * It is plain C, never raises and never touches a Ruby object, so the
  * orchestration handle's native thread can use it without the GVL.
  *
  * The Ruby binding (socket_class.c) wraps it as TaskerCore::Socket::*
@@ -36,7 +36,23 @@ typedef struct tc_socket_counters {
     uint64_t messages_received;
     uint64_t bytes_received;
     uint64_t send_dropped; /* sends refused at the high-water mark */
+    uint64_t events_dropped; /* monitor events overwritten before anyone read them */
 } tc_socket_counters;
+
+/*
+ * The events a monitor reports (tc_socket_monitor): a connection coming up
+ * or going away and the outcome of its handshake. Listening, accepted,
+ * bind/connect retries and monitor_stopped are left out: they say nothing a
+ * worker acts on, and a listener's accepted events grow with every peer.
+ */
+#define TC_SOCKET_CONNECTION_EVENTS                                                                \
+    (ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_CLOSED |                             \
+     ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |                        \
+     ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH)
+
+/* Events kept between two reads; older ones are overwritten and counted in
+ * counters.events_dropped. */
+#define TC_SOCKET_EVENT_RING 64
 
 /* One connection event from zmq_socket_monitor. */
 typedef struct tc_socket_event {
@@ -49,15 +65,16 @@ typedef struct tc_socket_event {
 /* Zero the struct before tc_socket_open; a zeroed struct is a closed socket. */
 typedef struct tc_socket {
     void *zsock;   /* NULL when closed */
-    void *monitor; /* PAIR connected to zsock's monitor over inproc, or NULL */
+    void *monitor; /* PAIR connected to zsock's monitor over inproc, or NULL (the default) */
     int type;      /* ZMQ_XPUB, ZMQ_SUB, ... */
     int fd;        /* ZMQ_FD: edge-triggered, owned by libzmq; never read or close it */
     pid_t pid;     /* process that opened it */
     tc_socket_counters counters;
-    /* Events read early (to recover a failed bind's errno, which libzmq's
-     * monitor clobbers) and not yet handed out by tc_socket_next_event. */
-    tc_socket_event *stash;
-    size_t stash_pos, stash_len, stash_cap;
+    /* Monitor events moved out of libzmq's pipe and not yet handed out by
+     * tc_socket_next_event: TC_SOCKET_EVENT_RING entries (allocated with the
+     * monitor), oldest at ring_head. */
+    tc_socket_event *ring;
+    size_t ring_head, ring_len;
 } tc_socket;
 
 /* The process's libzmq context, made on first use and again in a forked
@@ -67,7 +84,25 @@ void *tc_context(void);
 
 /* All return 0 on success, -1 on failure with errno set and, where err is
  * given, a sentence in err naming the endpoint or option. */
+
+/* Opens a socket without a monitor. */
 int tc_socket_open(tc_socket *s, int zmq_type, char *err, size_t errlen);
+
+/*
+ * Attaches a monitor for the given ZMQ_EVENT_* mask (usually
+ * TC_SOCKET_CONNECTION_EVENTS); call it before bind/connect, and at most
+ * once. Only for a socket whose events someone reads.
+ *
+ * libzmq 4.3.4 sends each event from its I/O thread with a blocking
+ * zmq_msg_send on an inproc PAIR: a full pipe would stop that thread, and
+ * every socket of the context with it. Our PAIR gets ZMQ_RCVHWM 0 before
+ * it connects, which makes the inproc pipe's limit 0 (unlimited: libzmq
+ * adds the two ends' limits only when both are set), so a send never
+ * waits. What bounds the memory instead: every tc_socket_readable and
+ * tc_socket_next_event moves pending events into a ring of
+ * TC_SOCKET_EVENT_RING, overwriting (and counting) the oldest.
+ */
+int tc_socket_monitor(tc_socket *s, int events, char *err, size_t errlen);
 int tc_socket_set_int(tc_socket *s, int option, int value, char *err, size_t errlen);
 int tc_socket_get_int(tc_socket *s, int option, int *value);
 int tc_socket_set_bytes(tc_socket *s, int option, const void *buf, size_t len, char *err,
@@ -91,11 +126,11 @@ int tc_socket_recv_parts(tc_socket *s, zmq_msg_t *frames, size_t max_frames);
 
 /* 1 when ZMQ_EVENTS has ZMQ_POLLIN, 0 when not, -1 on error. Checking
  * also lets libzmq process pending commands, which the edge-triggered
- * ZMQ_FD needs before every wait. */
+ * ZMQ_FD needs before every wait, and drains the monitor into its ring. */
 int tc_socket_readable(tc_socket *s);
 
-/* Reads one monitor event without waiting: 1 with *ev filled, 0 when none
- * is pending, -1 on error. */
+/* Hands out the oldest monitor event without waiting: 1 with *ev filled,
+ * 0 when none is pending (or there is no monitor), -1 on error. */
 int tc_socket_next_event(tc_socket *s, tc_socket_event *ev);
 
 /* Name of a ZMQ_EVENT_* ("connected", "disconnected", ...), "unknown" else. */

@@ -30,7 +30,7 @@ typedef struct tc_rsocket {
 static VALUE mSocket, cBase, cPublisher, cSubscriber;
 static ID id_alive_p, id_subscribe, id_unsubscribe;
 static VALUE sym_messages_sent, sym_bytes_sent, sym_messages_received, sym_bytes_received,
-    sym_send_dropped, sym_event, sym_endpoint, sym_value, sym_at;
+    sym_send_dropped, sym_events_dropped, sym_event, sym_endpoint, sym_value, sym_at;
 
 static void rsocket_mark(void *p)
 {
@@ -485,7 +485,24 @@ static VALUE rsocket_stats(VALUE self)
     rb_hash_aset(h, sym_messages_received, ULL2NUM(c.messages_received));
     rb_hash_aset(h, sym_bytes_received, ULL2NUM(c.bytes_received));
     rb_hash_aset(h, sym_send_dropped, ULL2NUM(c.send_dropped));
+    rb_hash_aset(h, sym_events_dropped, ULL2NUM(c.events_dropped));
     return h;
+}
+
+/* private: attaches the connection-event monitor (before bind/connect). */
+static VALUE rsocket_monitor(VALUE self)
+{
+    tc_rsocket *r = rsocket_get(self);
+    char err[256];
+
+    if (tc_socket_monitor(&r->sock, TC_SOCKET_CONNECTION_EVENTS, err, sizeof(err)) != 0)
+        tc_socket_raise(errno, err);
+    return Qnil;
+}
+
+static VALUE rsocket_monitored_p(VALUE self)
+{
+    return rsocket_unchecked(self)->sock.monitor != NULL ? Qtrue : Qfalse;
 }
 
 static VALUE rsocket_events(VALUE self)
@@ -745,6 +762,7 @@ void tc_init_socket(void)
     SYM(sym_messages_received, "messages_received");
     SYM(sym_bytes_received, "bytes_received");
     SYM(sym_send_dropped, "send_dropped");
+    SYM(sym_events_dropped, "events_dropped");
     SYM(sym_event, "event");
     SYM(sym_endpoint, "endpoint");
     SYM(sym_value, "value");
@@ -773,6 +791,8 @@ void tc_init_socket(void)
     rb_define_private_method(cBase, "_curve_server", rsocket_curve_server, 2);
     rb_define_private_method(cBase, "_curve_client", rsocket_curve_client, 3);
     rb_define_method(cBase, "stats", rsocket_stats, 0);
+    rb_define_private_method(cBase, "_monitor", rsocket_monitor, 0);
+    rb_define_method(cBase, "monitored?", rsocket_monitored_p, 0);
     rb_define_method(cBase, "events", rsocket_events, 0);
     rb_define_method(cBase, "close", rsocket_close, 0);
     rb_define_method(cBase, "closed?", rsocket_closed_p, 0);

@@ -15,9 +15,15 @@ module TaskerCore
     SERVER_SECRET_ENV = "TASKER_CURVE_SERVER_SECRET_KEY"
     CLIENT_SECRET_ENV = "TASKER_CURVE_CLIENT_SECRET_KEY"
     Z85_PATTERN = %r{\A[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\z}
+    # log_refusals: one warning per (key, domain) per window, and at most
+    # REFUSAL_KEYS_PER_WINDOW keys named per window; the rest are counted.
+    REFUSAL_WINDOW_S = 60
+    REFUSAL_KEYS_PER_WINDOW = 20
 
-    @warned_exposed = false
-    @warn_lock = Mutex.new
+    @refusal_lock = Mutex.new
+    @refusals_warned = {} # [public_key, domain] => when it was last named (monotonic s)
+    @refusals_quiet = 0   # refusals not named since the last summary
+    @refusals_summary_at = nil
 
     class << self
       # Writes "<prefix>.key" (secret) and "<prefix>.pub" (public), both
@@ -34,15 +40,11 @@ module TaskerCore
         secret_key&.replace("\0" * secret_key.bytesize) unless secret_key&.frozen?
       end
 
-      # The key in a key file (the first line holding one). A secret key file
-      # readable by group or others is refused.
+      # The key in a key file (the first line holding one). A key file
+      # readable or writable by group or others is refused (secret: false
+      # only changes the wording).
       def read_key_file(path, secret: true)
-        stat = File.stat(path)
-        if secret && (stat.mode & 0o077) != 0
-          raise ConfigurationError,
-                "CURVE secret key file #{path} is readable by group or others (mode #{format('%04o', stat.mode & 0o7777)}); " \
-                "run `chmod 600 #{path}`"
-        end
+        check_private!(path, secret ? "CURVE secret key file" : "CURVE key file")
         key = File.foreach(path).filter_map { |l| l.split.first }.find { |t| valid_key?(t) }
         unless key
           raise ConfigurationError, "#{path} does not hold a CURVE key (40 Z85 characters on one line)"
@@ -56,7 +58,10 @@ module TaskerCore
       # Public keys, one per line; a line may end in a comment after
       # whitespace, and lines starting with "#" that hold no key are
       # comments ("#" is itself a Z85 character, so a key may start with it).
+      # The file is refused like a key file when group or others may read or
+      # write it: whoever can write it decides who may connect.
       def read_key_list(path)
+        check_private!(path, "allowed client keys file")
         File.foreach(path).each_with_index.filter_map do |line, i|
           token = line.split.first
           next if token.nil?
@@ -69,20 +74,48 @@ module TaskerCore
         raise ConfigurationError, "cannot read allowed client keys file #{path}: #{e.message}"
       end
 
+      # Logs the handshakes the ZAP handler refused since the last call
+      # (take_refusals), rate-limited: one warning per public key and domain
+      # per REFUSAL_WINDOW_S naming the key, at most REFUSAL_KEYS_PER_WINDOW
+      # keys a window, and the rest counted in one summary line a window.
+      # Returns the number of refusals taken.
+      def log_refusals(logger = TaskerCore.logger, now: Process.clock_gettime(Process::CLOCK_MONOTONIC))
+        refusals = take_refusals
+        @refusal_lock.synchronize do
+          @refusals_warned.delete_if { |_, at| now - at >= REFUSAL_WINDOW_S }
+          refusals.each do |r|
+            id = [r[:public_key], r[:domain]]
+            if r[:public_key].nil? || @refusals_warned.key?(id) || @refusals_warned.size >= REFUSAL_KEYS_PER_WINDOW
+              @refusals_quiet += r[:count]
+              next
+            end
+            @refusals_warned[id] = now
+            logger&.warn("tasker_core: refused #{r[:count]} CURVE handshake(s) from public key #{r[:public_key]} " \
+                         "(ZAP domain #{r[:domain]}): not on the allow-list")
+          end
+          if @refusals_quiet.positive? && (@refusals_summary_at.nil? || now - @refusals_summary_at >= REFUSAL_WINDOW_S)
+            logger&.warn("tasker_core: refused #{@refusals_quiet} more CURVE handshake(s) (keys already named in the " \
+                         "last #{REFUSAL_WINDOW_S} s, clients without a key, or too many keys to name)")
+            @refusals_quiet = 0
+            @refusals_summary_at = now
+          end
+        end
+        refusals.sum { |r| r[:count] }
+      end
+
       def enabled?(config = TaskerCore.config)
         config.dig("zeromq", "curve", "enabled") == true
       end
 
       # Keyword arguments for OrchestrationHandle.new: the server's secret
-      # key and the allow-list; {} without CURVE. Also warns (once per
-      # process) when plain TCP is bound to a non-loopback address.
+      # key and the allow-list; only the message limits without CURVE (a
+      # non-loopback bind is then refused by TaskerCore::BindPolicy unless
+      # zeromq.allow_insecure).
       def handle_options(config = TaskerCore.config)
         zeromq = config.dig("zeromq") || {}
         limits = { max_message_bytes: zeromq["max_message_bytes"], max_result_bytes: zeromq["max_result_bytes"] }.compact
-        unless enabled?(config)
-          warn_if_exposed([zeromq["batch_endpoint"], zeromq["result_endpoint"]].compact)
-          return limits
-        end
+        return limits unless enabled?(config)
+
         require_available!
         limits.merge(curve_secret_key: server_secret_key(config), curve_allowed_client_keys: allowed_client_keys(config))
       end
@@ -116,41 +149,16 @@ module TaskerCore
         keys.uniq
       end
 
-      # True for endpoints only this host can reach.
-      def loopback_endpoint?(endpoint)
-        return true if endpoint.start_with?("ipc://", "inproc://")
-
-        host = endpoint[%r{\Atcp://(\[[^\]]*\]|[^:]*):}, 1].to_s.delete("[]")
-        return true if host == "localhost"
-        return false if host.empty? || host == "*"
-
-        require "ipaddr"
-        IPAddr.new(host).loopback?
-      rescue IPAddr::Error
-        false # an interface name or a host name: assume it is reachable from outside
-      end
-
-      # Logs one warning per process when any endpoint is not loopback.
-      def warn_if_exposed(endpoints)
-        exposed = endpoints.reject { |e| loopback_endpoint?(e) }
-        return false if exposed.empty?
-
-        @warn_lock.synchronize do
-          return false if @warned_exposed
-
-          @warned_exposed = true
-        end
-        TaskerCore.logger.warn("tasker_core: binding #{exposed.join(' and ')} without CURVE: anyone who can reach " \
-                               "these ports can receive batches and send results. Set zeromq.curve.enabled " \
-                               "(docs/security.md) or bind to 127.0.0.1.")
-        true
-      end
-
-      def reset_warning!
-        @warn_lock.synchronize { @warned_exposed = false }
-      end
-
       private
+
+      # A file holding keys or deciding who may connect: mode 0600 or stricter.
+      def check_private!(path, what)
+        mode = File.stat(path).mode & 0o7777
+        return if (mode & 0o077).zero?
+
+        raise ConfigurationError, "#{what} #{path} is readable or writable by group or others " \
+                                  "(mode #{format('%04o', mode)}); run `chmod 600 #{path}`"
+      end
 
       def require_available!
         return if available?

@@ -54,9 +54,17 @@ module TaskerCore
       # CURVE server whose allow-list (a ZAP domain of its own) decides who
       # may connect; curve_client: { server_key:, public_key:, secret_key: }
       # makes it a CURVE client. Keys are Z85 strings (TaskerCore::Curve).
-      def open_with(bind, connect, curve_server: nil, curve_client: nil, max_message_bytes: nil)
+      #
+      # monitor: true attaches a connection-event monitor whose events
+      # (connected, disconnected, closed, handshake_succeeded,
+      # handshake_failed_auth / _protocol / _no_detail) #events hands out;
+      # without it #events is always empty. Only for a socket whose owner
+      # calls #events regularly: at most TC_SOCKET_EVENT_RING (64) are kept
+      # between two calls, the oldest dropped (stats[:events_dropped]).
+      def open_with(bind, connect, curve_server: nil, curve_client: nil, max_message_bytes: nil, monitor: false)
         _open
         ok = false
+        _monitor if monitor
         self.max_message_bytes = max_message_bytes if max_message_bytes
         if curve_server
           @zap_domain = TaskerCore::Curve.new_domain

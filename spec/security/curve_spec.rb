@@ -105,6 +105,31 @@ RSpec.describe "CurveZMQ", :no_valgrind do
       }
     end
 
+    it "refuses any key file group or others may write, and a public key file they may read" do
+      pub_path, sec_path, = curve.write_keypair(File.join(@dir, "writable-#{rand(1 << 30)}"))
+      [[sec_path, 0o622], [sec_path, 0o602], [pub_path, 0o620], [pub_path, 0o604]].each do |path, mode|
+        File.chmod(mode, path)
+        expect { curve.read_key_file(path, secret: path == sec_path) }
+          .to raise_error(TaskerCore::ConfigurationError, /#{Regexp.escape(path)}.*#{format('%04o', mode)}.*chmod 600 #{Regexp.escape(path)}/)
+      end
+    end
+
+    it "refuses an allowed client keys file group or others may read or write, and takes it at 0600" do
+      list = File.join(@dir, "allowed-#{rand(1 << 30)}")
+      File.write(list, "#{@worker_pub}\n")
+      config = TaskerCore::Config.load(overrides: { zeromq: { curve: { enabled: true, allowed_client_keys_file: list } } })
+      [0o646, 0o620, 0o640, 0o604].each do |mode|
+        File.chmod(mode, list)
+        expect { curve.allowed_client_keys(config) }.to raise_error(TaskerCore::ConfigurationError) { |e|
+          expect(e.message).to include("allowed client keys file #{list}", format("%04o", mode), "chmod 600 #{list}")
+        }
+      end
+      File.chmod(0o600, list)
+      expect(curve.allowed_client_keys(config)).to eq([@worker_pub])
+      File.chmod(0o400, list)
+      expect(curve.allowed_client_keys(config)).to eq([@worker_pub])
+    end
+
     it "tasker keygen writes a key pair and prints only the public key" do
       prefix = File.join(@dir, "cli-#{rand(1 << 30)}")
       out = IO.popen([RbConfig.ruby, "-I", File.join(SpecHelpers::ROOT, "lib"),
@@ -120,6 +145,7 @@ RSpec.describe "CurveZMQ", :no_valgrind do
       _pub, sec_path, = curve.write_keypair(File.join(@dir, "srv-#{rand(1 << 30)}"))
       list = File.join(@dir, "allowed-#{rand(1 << 30)}")
       File.write(list, "# workers\n#{@worker_pub}\n\n#{@intruder_pub} # another\n")
+      File.chmod(0o600, list)
       config = TaskerCore::Config.load(overrides: { zeromq: { curve: {
         enabled: true, server_secret_key_file: sec_path, allowed_client_keys: [@worker_pub], allowed_client_keys_file: list
       } } })
@@ -179,6 +205,55 @@ RSpec.describe "CurveZMQ", :no_valgrind do
       [good, bad, plain, server].compact.each(&:close)
     end
 
+    it "reports a refused handshake on both sides: the refused key to take_refusals, handshake_failed_auth to the client" do
+      curve.take_refusals # refusals of earlier examples
+      server = TaskerCore::Socket::Subscriber.new(bind: "tcp://127.0.0.1:*",
+                                                  curve_server: { secret_key: @server_sec, allowed_client_keys: [@worker_pub] })
+      bad = TaskerCore::Socket::Publisher.new(connect: server.last_endpoint, monitor: true,
+                                              curve_client: { server_key: @server_pub, public_key: @intruder_pub, secret_key: @intruder_sec })
+      events = []
+      wait_until(message: "handshake_failed_auth on the client") do
+        server.receive(timeout_ms: 10)
+        events.concat(bad.events)
+        events.any? { |e| e[:event] == :handshake_failed_auth }
+      end
+      expect(events.map { |e| e[:event] }).not_to include(:handshake_succeeded)
+      refusals = curve.take_refusals
+      expect(refusals).to include(public_key: @intruder_pub, domain: server.zap_domain, count: be >= 1)
+      expect(refusals.map { |r| r[:public_key] }).not_to include(@worker_pub)
+    ensure
+      [bad, server].compact.each(&:close)
+    end
+
+    it "logs refused keys at most once per key per 60 s and counts the rest" do
+      curve.take_refusals
+      server = TaskerCore::Socket::Subscriber.new(bind: "tcp://127.0.0.1:*",
+                                                  curve_server: { secret_key: @server_sec, allowed_client_keys: [@worker_pub] })
+      refuse_once = lambda do
+        before = server.handshakes[:denied]
+        client = TaskerCore::Socket::Publisher.new(connect: server.last_endpoint, linger: 0,
+                                                   curve_client: { server_key: @server_pub, public_key: @intruder_pub, secret_key: @intruder_sec })
+        wait_until(message: "a refused handshake") { server.receive(timeout_ms: 10).nil? && server.handshakes[:denied] > before }
+        client.close
+      end
+      log = StringIO.new
+      logger = Logger.new(log)
+      t = 1000.0
+      refuse_once.call
+      expect(curve.log_refusals(logger, now: t)).to be >= 1
+      refuse_once.call
+      curve.log_refusals(logger, now: t + 30)
+      expect(log.string.scan(@intruder_pub).size).to eq(1)
+      expect(log.string).to include("ZAP domain #{server.zap_domain}", "not on the allow-list")
+      expect(log.string).to match(/refused \d+ more CURVE handshake/) # the rest, counted
+      refuse_once.call
+      curve.log_refusals(logger, now: t + 61)
+      expect(log.string.scan(@intruder_pub).size).to eq(2)
+      expect(log.string).not_to include(@intruder_sec)
+    ensure
+      server&.close
+    end
+
     it "swaps the allow-list for the next handshake" do
       server = TaskerCore::Socket::Subscriber.new(bind: "tcp://127.0.0.1:*",
                                                   curve_server: { secret_key: @server_sec, allowed_client_keys: [] })
@@ -196,6 +271,7 @@ RSpec.describe "CurveZMQ", :no_valgrind do
       handle = new_handle
       expect(handle.curve?).to be(true)
       good = spawn_worker(handle, secret: @worker_sec)
+      curve.take_refusals # refusals of earlier examples
       spawn_worker(handle, secret: @intruder_sec, worker_id: "intruder")
       spawn_worker(handle, secret: @intruder_sec, curve_enabled: false, worker_id: "plaintext")
       results = pump_until(handle, message: "the allowed worker live and both others denied") do
@@ -206,6 +282,10 @@ RSpec.describe "CurveZMQ", :no_valgrind do
       expect(results.select { |m| m["type"] == "partial_result" }.map { |m| [m["worker_id"], m["status"]] })
         .to eq([[good, "complete"], [good, "complete"]])
       expect(handle.workers.map { |w| w["id"] }).to eq([good])
+      # The refused worker's public key, for the orchestrator's log.
+      refused = curve.take_refusals
+      expect(refused.map { |r| r[:public_key] }).to include(@intruder_pub)
+      expect(refused.map { |r| r[:public_key] }).not_to include(@worker_pub)
     end
 
     it "accepts nothing a peer without a key sends: forged heartbeats and results change nothing" do
@@ -242,29 +322,6 @@ RSpec.describe "CurveZMQ", :no_valgrind do
       handle.publish_batch({ "batch_id" => "big", "steps" => [step(1).merge("handler" => "IntegrationHandlers::Raise")] })
       pump_until(handle, results, message: "the oversized partial counted") { handle.stats[:bad_messages][:too_large] >= 1 }
       expect(results.select { |m| m["type"] == "partial_result" }).to eq([])
-    end
-  end
-
-  describe "without CURVE" do
-    it "warns once when binding a non-loopback address" do
-      log = StringIO.new
-      old = TaskerCore.logger
-      TaskerCore.logger = Logger.new(log)
-      curve.reset_warning!
-      config = TaskerCore::Config.load(overrides: { zeromq: { batch_endpoint: "tcp://0.0.0.0:5555" } })
-      expect(curve.handle_options(config)).not_to include(:curve_secret_key)
-      curve.handle_options(config)
-      expect(log.string.scan("without CURVE").size).to eq(1)
-      expect(log.string).to include("tcp://0.0.0.0:5555")
-    ensure
-      TaskerCore.logger = old
-      curve.reset_warning!
-    end
-
-    it "stays quiet for loopback, ipc and inproc endpoints" do
-      expect(%w[tcp://127.0.0.1:1 tcp://localhost:2 tcp://[::1]:3 ipc:///tmp/x inproc://y]
-               .map { |e| curve.loopback_endpoint?(e) }).to all(be(true))
-      expect(%w[tcp://*:1 tcp://0.0.0.0:1 tcp://10.0.0.5:1 tcp://eth0:1].map { |e| curve.loopback_endpoint?(e) }).to all(be(false))
     end
   end
 end

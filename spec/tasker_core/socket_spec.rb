@@ -217,31 +217,62 @@ RSpec.describe TaskerCore::Socket do
         .to raise_error(TaskerCore::ConnectionError, %r{carrier-pigeon://loft: Protocol not supported})
     end
 
-    it "keeps the bind failure out of the events until #events drains them" do
-      pub = track(TaskerCore::Socket::Publisher.new)
-      expect { pub.bind("ipc:///nonexistent-dir-#{rand(1 << 30)}/x") }
-        .to raise_error(TaskerCore::ConnectionError, /No such file or directory/)
-      expect(pub.events.map { |e| e[:event] }).to include(:bind_failed)
-      expect(pub.events).to eq([])
+    it "reports the real errno of a failed bind, with or without a monitor" do
+      [false, true].each do |monitor|
+        pub = track(TaskerCore::Socket::Publisher.new(monitor: monitor))
+        expect { pub.bind("ipc:///nonexistent-dir-#{rand(1 << 30)}/x") }
+          .to raise_error(TaskerCore::ConnectionError, /No such file or directory/)
+        expect(pub.events.map { |e| e[:event] }).not_to include(:bind_failed) # not a connection event
+      end
     end
   end
 
   describe "events" do
-    it "reports listening, accepted, connected and disconnected with the endpoint" do
+    it "has no monitor and no events unless asked for one" do
       pub = track(TaskerCore::Socket::Publisher.new(bind: "tcp://127.0.0.1:*"))
-      endpoint = pub.last_endpoint
-      pub_events = await_event(pub, :listening, endpoint: endpoint)
-
-      sub = track(TaskerCore::Socket::Subscriber.new(connect: endpoint))
-      sub_events = await_event(sub, :connected, endpoint: endpoint)
-      await_event(pub, :accepted, endpoint: endpoint, seen: pub_events)
+      sub = track(TaskerCore::Socket::Subscriber.new(connect: pub.last_endpoint))
       await_subscriptions(pub)
+      expect([pub, sub].map(&:monitored?)).to eq([false, false])
+      expect(pub.events + sub.events).to eq([])
+    end
+
+    it "reports connected, handshake_succeeded and disconnected with the endpoint, and nothing else" do
+      pub = track(TaskerCore::Socket::Publisher.new(bind: "tcp://127.0.0.1:*", monitor: true))
+      endpoint = pub.last_endpoint
+      expect(pub).to be_monitored
+
+      sub = track(TaskerCore::Socket::Subscriber.new(connect: endpoint, monitor: true))
+      sub_events = await_event(sub, :handshake_succeeded, endpoint: endpoint)
+      pub_events = await_event(pub, :handshake_succeeded)
+      await_subscriptions(pub)
+      expect(sub_events.map { |e| e[:event] }).to include(:connected)
       expect(sub_events.first[:at]).to be_a(Time)
 
       sub.close
-      await_event(pub, :disconnected, endpoint: endpoint, seen: pub_events)
-      expect(pub_events.map { |e| e[:event] })
-        .to include(:listening, :accepted, :disconnected)
+      await_event(pub, :disconnected, seen: pub_events)
+      kinds = (pub_events + sub_events).map { |e| e[:event] }.uniq
+      expect(kinds - %i[connected disconnected closed handshake_succeeded]).to eq([])
+    end
+
+    it "never holds up libzmq's I/O thread when nobody reads the events: keeps the newest and counts the rest" do
+      pub = track(TaskerCore::Socket::Publisher.new(bind: "tcp://127.0.0.1:*", monitor: true))
+      endpoint = pub.last_endpoint
+      # Each TCP connect/close is 2 or more events on the monitored binder;
+      # libzmq's own pipe would take about 2000 before blocking its I/O
+      # thread for good.
+      port = Integer(endpoint[/\d+\z/])
+      (stress? ? 50 : 1500).times { TCPSocket.new("127.0.0.1", port).close }
+      probe = track(TaskerCore::Socket::Subscriber.new(connect: endpoint, topics: ["probe"]))
+      await_subscriptions(pub, topic: "probe")
+      pub.send_message("probe", "still served")
+      expect(probe.receive(timeout_ms: 10_000)).to eq(["probe", "still served"])
+      unless stress?
+        wait_until(timeout: 30, message: "events overwritten") do
+          pub.subscriptions(timeout_ms: 10) # polling drains the monitor into its ring
+          pub.stats[:events_dropped].positive?
+        end
+      end
+      expect(pub.events.size).to be <= 64
     end
   end
 
@@ -274,10 +305,10 @@ RSpec.describe TaskerCore::Socket do
 
     it "leaves sockets dropped without close to the GC, and later sockets still connect" do
       endpoint = track(TaskerCore::Socket::Publisher.new(bind: "tcp://127.0.0.1:*")).last_endpoint
-      (stress? ? 2 : 10).times { TaskerCore::Socket::Subscriber.new(connect: endpoint) }
+      (stress? ? 2 : 10).times { TaskerCore::Socket::Subscriber.new(connect: endpoint, monitor: true) }
       GC.start
 
-      pub, sub = pair
+      pub, sub = pair(sub_opts: { monitor: true })
       await_event(sub, :connected, endpoint: pub.last_endpoint)
       pub.send_message("t", "after gc")
       expect(sub.receive(timeout_ms: 10_000)).to eq(["t", "after gc"])

@@ -185,16 +185,6 @@ module TaskerCore
         self
       end
 
-      # { monitor: true } where sockets attach their connection-event monitor
-      # only when asked (the worker reads the events: reconnects, heartbeat
-      # "connection", handshake warnings); {} where every socket has one.
-      def self.monitor_option
-        @monitor_option ||= begin
-          takes = TaskerCore::Socket::Base.instance_method(:open_with).parameters.any? { |_kind, name| name == :monitor }
-          takes ? { monitor: true } : {}
-        end
-      end
-
       # Never shows the CURVE secret key.
       def inspect
         "#<#{self.class.name} worker_id=#{@worker_id.inspect} max_workers=#{@max_workers} curve=#{!@curve.nil?}>"
@@ -468,8 +458,7 @@ module TaskerCore
       # a reopened or moved socket keeps its CURVE keys, high-water marks,
       # message size limit, linger and monitor.
       def open_socket(kind)
-        common = { linger: @linger_ms, curve_client: @curve, max_message_bytes: @max_message_bytes }.compact
-        common.merge!(self.class.monitor_option)
+        common = { linger: @linger_ms, curve_client: @curve, max_message_bytes: @max_message_bytes, monitor: true }.compact
         if kind == :batch
           TaskerCore::Socket::Subscriber.new(connect: @batch_endpoint, topics: [Protocol.batch_topic(@worker_id)],
                                              recv_hwm: @recv_hwm, **common)
