@@ -21,6 +21,7 @@
 static const char *const bad_names[TC_OH_BAD_COUNT] = {
     "malformed_frame", "undecodable_body", "wrong_protocol_version", "unknown_type",
     "invalid_fields",  "unknown_worker",   "duplicate_result", "too_large",
+    "topic_mismatch",  "not_dispatched",
 };
 
 const char *tc_oh_bad_reason_name(tc_oh_bad_reason r)
@@ -28,7 +29,7 @@ const char *tc_oh_bad_reason_name(tc_oh_bad_reason r)
     return (r >= 0 && r < TC_OH_BAD_COUNT) ? bad_names[r] : "unknown";
 }
 
-static int64_t mono_ms(void)
+int64_t tc_oh_now_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -198,7 +199,13 @@ void tc_oh_event_pop(tc_oh *h)
 
 int tc_oh_worker_live(const tc_oh_worker *w)
 {
-    return w->subscribed && w->heartbeated && !w->said_goodbye;
+    return w->subscribed && w->heartbeated;
+}
+
+int tc_oh_worker_sendable(const tc_oh *h, const tc_oh_worker *w, int64_t now_mono_ms)
+{
+    (void)h;
+    return tc_oh_worker_live(w) && !w->not_reading && w->capacity > 0 && now_mono_ms >= w->backoff_until_mono_ms;
 }
 
 static tc_oh_worker *worker_find(tc_oh *h, const char *id, size_t n)
@@ -271,7 +278,7 @@ static void worker_lose(tc_oh *h, tc_oh_worker *w, const char *reason)
 void tc_oh_expire(tc_oh *h)
 {
     if (h->heartbeat_timeout_ms <= 0) return;
-    int64_t now = mono_ms();
+    int64_t now = tc_oh_now_ms();
     for (size_t i = 0; i < h->nworkers;) {
         tc_oh_worker *w = &h->workers[i];
         if (w->heartbeated && now - w->last_heartbeat_mono_ms >= h->heartbeat_timeout_ms) {
@@ -290,7 +297,7 @@ void tc_oh_expire(tc_oh *h)
 long tc_oh_next_expiry_ms(const tc_oh *h)
 {
     if (h->heartbeat_timeout_ms <= 0) return -1;
-    int64_t now = mono_ms(), best = -1;
+    int64_t now = tc_oh_now_ms(), best = -1;
     for (size_t i = 0; i < h->nworkers; i++) {
         const tc_oh_worker *w = &h->workers[i];
         if (!w->heartbeated) continue;
@@ -335,6 +342,7 @@ int tc_oh_open(tc_oh *h, const tc_oh_config *cfg, char *err, size_t errlen)
     h->heartbeat_timeout_ms = cfg->heartbeat_timeout_ms;
     h->max_message_bytes = cfg->max_message_bytes;
     h->max_result_bytes = cfg->max_result_bytes;
+    h->max_payload_depth = cfg->max_payload_depth > 0 ? cfg->max_payload_depth : TC_OH_DEFAULT_MAX_PAYLOAD_DEPTH;
     h->curve = cfg->curve != NULL;
     if (cfg->curve) snprintf(h->zap_domain, sizeof(h->zap_domain), "%s", cfg->curve->domain);
     /* Batch ids must not repeat across handles or restarts either: a late
@@ -554,7 +562,7 @@ static void handle_result_message(tc_oh *h, const void *body, size_t len)
         }
         h->stats.heartbeats++;
         tc_oh_worker *w = worker_find_or_add(h, wid, wn);
-        if (!w || w->said_goodbye) goto done;
+        if (!w) goto done;
         get_int(m, "pid", &pid);
         const char *host;
         size_t hn;
@@ -578,7 +586,7 @@ static void handle_result_message(tc_oh *h, const void *body, size_t len)
         w->last_connection_event_at = conn.last_event_at;
         w->heartbeated = 1;
         w->last_heartbeat_at = wall_s();
-        w->last_heartbeat_mono_ms = mono_ms();
+        w->last_heartbeat_mono_ms = tc_oh_now_ms();
     } else if (str_is(type, tn, "goodbye")) {
         if (!has_wid) {
             tc_oh_count_bad(h, TC_OH_BAD_INVALID_FIELDS, "a goodbye without a valid worker_id");
@@ -588,7 +596,6 @@ static void handle_result_message(tc_oh *h, const void *body, size_t len)
         tc_oh_worker *w = worker_find(h, wid, wn);
         if (w) {
             worker_lose(h, w, "goodbye");
-            w->said_goodbye = 1;
             if (!w->subscribed) worker_remove(h, w);
         }
     } else if (str_is(type, tn, "partial_result")) {
