@@ -43,6 +43,19 @@ module TaskerCore
           puts versions.empty? ? "tasker_core schema up to date" : "applied tasker_core migrations #{versions.join(', ')}"
         end
       end
+
+      # The generated install migration runs once; a later gem version's SQL
+      # (db/migrate/*.sql) reaches the app through its usual `rails db:migrate`
+      # too: once the schema is installed, db:migrate also applies the gem's
+      # pending migrations.
+      if defined?(::ActiveRecord::Railtie)
+        namespace :db do
+          task migrate: :environment do
+            versions = TaskerCore::Store.migrate_if_installed!
+            puts "applied tasker_core migrations #{versions.join(', ')}" if versions&.any?
+          end
+        end
+      end
     end
 
     generators do

@@ -27,6 +27,23 @@ module TaskerCore
         conn&.close
       end
 
+      # migrate! when the database has tasker_core's schema already (a gem
+      # upgrade's new SQL); nil when it has none (the install migration
+      # has not run) or the database cannot be reached (logged).
+      def migrate_if_installed!(url = configured_url)
+        begin
+          conn = Connection.new(url, connect_timeout: TaskerCore.config.database["connect_timeout_s"])
+          migrator = Migrator.new(conn)
+          installed = migrator.current_version.positive?
+        rescue StoreError => e
+          TaskerCore.logger.warn("tasker_core: schema not checked (#{e.message})")
+          return nil
+        end
+        installed ? migrator.migrate! : nil
+      ensure
+        conn&.close
+      end
+
       def pool
         @pool || @pool_lock.synchronize do
           @pool ||= begin

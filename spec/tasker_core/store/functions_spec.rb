@@ -150,17 +150,110 @@ RSpec.describe "the store's SQL functions", :db do
     expect(step_row(conn, id, "a")["state"]).to eq("enqueued")
   end
 
-  it "requeues steps past their claim deadline as a timed-out failed attempt" do
-    id = TaskerCore.create_task(name: "flaky")
-    row = claim(conn, lease_ms: 0).first
-    conn.exec("UPDATE tasker_workflow_steps SET claim_deadline = now() - interval '1 second' WHERE id = $1",
-              [row["step_id"]])
-    expect(conn.exec("SELECT tasker_requeue_expired(10) AS n").first["n"]).to eq(1)
+  def release_lost(conn, rows, max_lost: 2)
+    conn.exec("SELECT * FROM tasker_release_lost_steps($1::bigint[], $2::int[], $3)",
+              [rows.map { |r| r["step_id"] }, rows.map { |r| r["attempt"] }, max_lost]).first
+  end
+
+  def expire(conn, rows)
+    conn.exec("UPDATE tasker_workflow_steps SET claim_deadline = now() - interval '1 second' WHERE id = ANY ($1::bigint[])",
+              [rows.map { |r| r["step_id"] }])
+  end
+
+  def step_reasons(conn, step_id)
+    conn.exec("SELECT reason FROM tasker_workflow_step_transitions WHERE step_id = $1 ORDER BY id", [step_id])
+        .map { |r| r["reason"] }
+  end
+
+  it "sends a lost step back to pending at once without spending its retry budget" do
+    id = TaskerCore.create_task(name: "fragile") # s: retry: { retryable: false }
+    rows = claim(conn)
+    s = rows.find { |r| r["step_name"] == "s" }
+    conn.exec("SELECT tasker_mark_dispatched($1::bigint[], $2::int[])", [[s["step_id"]], [s["attempt"]]])
+    expect(release_lost(conn, [s, s])).to eq("released" => 1, "failed" => 0) # a duplicate pair counts once
+    row = step_row(conn, id, "s")
+    expect(row).to include("state" => "pending", "failures" => 0, "lost_attempts" => 1, "claimed_by" => nil,
+                           "claim_deadline" => nil, "last_error" => nil)
+    expect(step_reasons(conn, s["step_id"]).last).to eq("lost")
+    again = claim(conn).find { |r| r["step_name"] == "s" }
+    expect(again["attempt"]).to eq(s["attempt"] + 1)
+    succeed(conn, [again, rows.find { |r| r["step_name"] == "side" }])
+    succeed(conn, claim(conn))
+    expect(task_state(conn, id)).to eq("complete")
+  end
+
+  it "fails a step lost once more than max_lost with StepLostError and finalizes its task" do
+    id = TaskerCore.create_task(name: "flaky") # retryable, max_attempts 3: the budget is not what stops it
+    3.times do |i|
+      row = claim(conn).first
+      expect(row["step_name"]).to eq("s")
+      expected = i < 2 ? { "released" => 1, "failed" => 0 } : { "released" => 0, "failed" => 1 }
+      expect(release_lost(conn, [row], max_lost: 2)).to eq(expected)
+    end
     s = step_row(conn, id, "s")
-    expect(s).to include("state" => "pending", "failures" => 1, "claimed_by" => nil)
-    expect(TaskerCore::Codec.unpack(s["last_error"])).to include("class" => "TaskerCore::StepTimeoutError",
-                                                                 "retryable" => true)
-    expect(conn.exec("SELECT tasker_requeue_expired(10) AS n").first["n"]).to eq(0)
+    expect(s).to include("state" => "error", "lost_attempts" => 3, "attempts" => 3)
+    expect(s["finished_at"]).not_to be_nil
+    expect(TaskerCore::Codec.unpack(s["last_error"])).to eq(
+      "class" => "TaskerCore::StepLostError",
+      "message" => "dispatched 3 times without a result: its worker or orchestrator was lost each time",
+      "backtrace" => [], "retryable" => false, "retry_after" => nil
+    )
+    expect(step_reasons(conn, s["id"]).last).to eq("lost_too_often")
+    expect(task_state(conn, id)).to eq("error")
+    expect(claim(conn)).to eq([])
+    expect(TaskerCore.task(id)[:status]).to eq("error")
+
+    # retry_step: the losses are counted afresh
+    expect(TaskerCore.retry_step(s["id"])).to be(true)
+    expect(step_row(conn, id, "s")).to include("state" => "pending", "failures" => 0, "lost_attempts" => 0)
+    expect(task_state(conn, id)).to eq("in_progress")
+  end
+
+  it "changes nothing for a stale attempt or a step no longer in flight" do
+    id = TaskerCore.create_task(name: "linear")
+    first = claim(conn).first
+    release_lost(conn, [first])
+    second = claim(conn).first
+    before = step_row(conn, id, "a")
+    expect(release_lost(conn, [first])).to eq("released" => 0, "failed" => 0) # the old attempt
+    expect(step_row(conn, id, "a")).to eq(before)
+    succeed(conn, [second])
+    expect(release_lost(conn, [second])).to eq("released" => 0, "failed" => 0) # finished
+    expect(step_row(conn, id, "a")).to include("state" => "complete", "lost_attempts" => 1)
+    expect(conn.exec("SELECT * FROM tasker_release_lost_steps('{}'::bigint[], '{}'::int[], 5)").first)
+      .to eq("released" => 0, "failed" => 0)
+  end
+
+  it "requeues a claim past its deadline as a lost attempt, not a StepTimeoutError failure" do
+    id = TaskerCore.create_task(name: "fragile") # not retryable: a failure would end it
+    rows = claim(conn, lease_ms: 0)
+    expire(conn, rows.select { |r| r["step_name"] == "s" })
+    expect(conn.exec("SELECT tasker_requeue_expired(10, 1) AS n").first["n"]).to eq(1)
+    s = step_row(conn, id, "s")
+    expect(s).to include("state" => "pending", "failures" => 0, "lost_attempts" => 1, "claimed_by" => nil,
+                         "last_error" => nil)
+    expect(task_state(conn, id)).to eq("in_progress")
+    expect(conn.exec("SELECT tasker_requeue_expired(10, 1) AS n").first["n"]).to eq(0)
+
+    again = claim(conn, lease_ms: 0).select { |r| r["step_name"] == "s" }
+    expire(conn, again)
+    expect(conn.exec("SELECT tasker_requeue_expired(10, 1) AS n").first["n"]).to eq(1)
+    expect(TaskerCore::Codec.unpack(step_row(conn, id, "s")["last_error"])["class"]).to eq("TaskerCore::StepLostError")
+    expect(task_state(conn, id)).to eq("error")
+  end
+
+  it "keeps the one-argument tasker_requeue_expired for older orchestrators, with 5 losses allowed" do
+    id = TaskerCore.create_task(name: "fragile")
+    6.times do |i|
+      rows = claim(conn, lease_ms: 0).select { |r| r["step_name"] == "s" }
+      expect(rows.size).to eq(1)
+      expire(conn, rows)
+      expect(conn.exec("SELECT tasker_requeue_expired(10) AS n").first["n"]).to eq(1)
+      expect(step_row(conn, id, "s")["state"]).to eq(i < 5 ? "pending" : "error")
+    end
+    s = step_row(conn, id, "s")
+    expect(s).to include("lost_attempts" => 6, "failures" => 1)
+    expect(TaskerCore::Codec.unpack(s["last_error"])["class"]).to eq("TaskerCore::StepLostError")
   end
 
   it "refuses illegal state transitions with SQLSTATE TK001" do

@@ -31,4 +31,34 @@ RSpec.describe TaskerCore::Store::Migrator do
       conn.exec("ROLLBACK")
     end
   end
+
+  describe "TaskerCore::Store.migrate_if_installed! (what `rails db:migrate` runs)" do
+    def fresh_database(name)
+      conn.exec("DROP DATABASE IF EXISTS #{name}")
+      conn.exec("CREATE DATABASE #{name}")
+      db_url.sub(%r{/[^/]*\z}, "/#{name}")
+    end
+
+    after do
+      close_db_connections
+      %w[tasker_upgrade_spec tasker_bare_spec].each { |n| connect.exec("DROP DATABASE IF EXISTS #{n}") }
+    end
+
+    it "applies a newer gem's migrations to an installed schema" do
+      url = fresh_database("tasker_upgrade_spec")
+      Dir.mktmpdir do |dir|
+        older = described_class.migrations.reject { |m| m.version == described_class.latest_version }
+        older.each { |m| FileUtils.cp(m.path, dir) }
+        described_class.new(connect(url), dir: dir).migrate!
+      end
+      expect(TaskerCore::Store.migrate_if_installed!(url)).to eq([described_class.latest_version])
+      expect(TaskerCore::Store.migrate_if_installed!(url)).to eq([])
+    end
+
+    it "leaves a database without tasker_core's schema alone" do
+      url = fresh_database("tasker_bare_spec")
+      expect(TaskerCore::Store.migrate_if_installed!(url)).to be_nil
+      expect(connect(url).exec("SELECT to_regclass('tasker_tasks') AS t").first["t"]).to be_nil
+    end
+  end
 end
