@@ -764,6 +764,11 @@ static VALUE loop_stats_hash(tc_loop *l)
     LS("failed", st.failed);
     LS("retried", st.retried);
     LS("redispatched", st.redispatched);
+    LS("lost_failed", st.lost_failed);
+    LS("failed_too_large", st.failed_too_large);
+    LS("failed_too_deep", st.failed_too_deep);
+    LS("failed_refused", st.failed_refused);
+    LS("batches_split_by_bytes", st.batches_split_by_bytes);
     LS("released", st.released);
     LS("timed_out", st.timed_out);
     LS("stale_results", st.stale_results);
@@ -807,13 +812,13 @@ static void *connect_nogvl(void *p)
 }
 
 /*
- * _start_orchestration(database_url, owner, batch_size, lease_ms, poll_interval_ms) -> self
+ * _start_orchestration(database_url, owner, batch_size, lease_ms, poll_interval_ms, max_lost_attempts) -> self
  * (start_orchestration in lib/tasker_core/orchestration_loop.rb fills in
  * the defaults.) Connects first, so a bad URL raises StoreError here
  * rather than retrying forever in the thread.
  */
 static VALUE oh_start_orchestration(VALUE self, VALUE url, VALUE owner, VALUE batch_size, VALUE lease_ms,
-                                    VALUE poll_ms)
+                                    VALUE poll_ms, VALUE max_lost)
 {
     oh_wrap *w = oh_get(self);
     if (!w->enabled)
@@ -829,7 +834,9 @@ static VALUE oh_start_orchestration(VALUE self, VALUE url, VALUE owner, VALUE ba
         .batch_size = (int)kw_long(batch_size, "batch_size", 100, 1),
         .lease_ms = (int)kw_long(lease_ms, "lease_ms", 10000, 0),
         .poll_interval_ms = (int)kw_long(poll_ms, "poll_interval_ms", 50, 1),
+        .max_lost_attempts = NUM2INT(max_lost),
     };
+    if (cfg.max_lost_attempts < 1) rb_raise(rb_eArgError, "max_lost_attempts must be at least 1");
     if (w->loop) {
         tc_loop_free(w->loop);
         w->loop = NULL;
@@ -930,7 +937,7 @@ void tc_init_orchestration_handle(void)
     rb_define_method(cHandle, "curve?", oh_curve_p, 0);
     rb_define_method(cHandle, "allowed_client_keys=", oh_set_allowed_client_keys, 1);
     rb_define_const(cHandle, "MAX_BATCH_ID_BYTES", INT2FIX(TC_OH_BATCH_ID_MAX));
-    rb_define_private_method(cHandle, "_start_orchestration", oh_start_orchestration, 5);
+    rb_define_private_method(cHandle, "_start_orchestration", oh_start_orchestration, 6);
     rb_define_method(cHandle, "stop_orchestration", oh_stop_orchestration, -1);
     rb_define_method(cHandle, "orchestrating?", oh_orchestrating_p, 0);
 }
