@@ -17,7 +17,14 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     @handle.close
   end
 
-  def start = @handle.start_orchestration(database_url: db_url, lease_ms: 60_000, poll_interval_ms: 20)
+  def start(**opts) = @handle.start_orchestration(database_url: db_url, lease_ms: 60_000, poll_interval_ms: 20, **opts)
+
+  # A fresh handle with these OrchestrationHandle.new options.
+  def reopen(**opts)
+    @handle.close
+    @handle = TaskerCore::OrchestrationHandle.new(batch_endpoint: "tcp://127.0.0.1:*", result_endpoint: "tcp://127.0.0.1:*",
+                                                  heartbeat_timeout_ms: 2000, **opts)
+  end
 
   def connect_peer(capacity: 4)
     cfg = @handle.zeromq_config
@@ -100,6 +107,64 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     wait_until(message: "the step released") { @handle.stats["loop"]["redispatched"] == 1 }
     step = conn.exec("SELECT state, attempts FROM tasker_workflow_steps WHERE task_id = $1 AND name = 'a'", [id]).first
     expect(step).to eq("state" => "pending", "attempts" => 1)
+  end
+
+  it "puts the orchestrator's limits in every batch" do
+    reopen(max_message_bytes: 1_000_000, max_result_bytes: 500_000)
+    TaskerCore.create_task(name: "pair")
+    start
+    connect_peer
+    limits = next_batch["limits"]
+    expect(limits).to include("max_result_bytes" => 500_000, "max_message_bytes" => 1_000_000)
+    expect(limits["max_payload_depth"]).to be_an(Integer).and be >= 1
+  end
+
+  it "splits a claim into batches that each fit max_message_bytes" do
+    reopen(max_message_bytes: 64 * 1024)
+    ids = Array.new(4) { |i| TaskerCore.create_task(name: "pair", context: { "n" => i, "pad" => "p" * 20_000 }) }
+    start
+    connect_peer(capacity: 4)
+    wait_until(message: "4 steps sent") do
+      @peer.receive_batches(timeout_ms: 20)
+      @peer.batches.sum { |b| b["steps"].size } == 4
+    end
+    expect(@peer.batches.size).to be >= 2
+    expect(@peer.batches.map { |b| TaskerCore::Codec.pack(b).bytesize }).to all(be < 64 * 1024)
+    expect(@peer.batches.flat_map { |b| b["steps"].map { |s| s["task_id"] } }).to match_array(ids)
+    expect(@handle.stats["loop"]["batches_split_by_bytes"]).to be >= 1
+  end
+
+  it "fails a step whose context nests deeper than any live worker takes, without sending it" do
+    id = TaskerCore.create_task(name: "pair")
+    deep = 29.times.reduce({ "leaf" => 1 }) { |inner, _| { "k" => inner } } # 30 levels
+    conn.exec("UPDATE tasker_tasks SET context = decode($2, 'hex') WHERE id = $1",
+              [id, TaskerCore::Codec.pack(deep).unpack1("H*")])
+    start
+    connect_peer
+    wait_until(message: "the task failed") { TaskerCore.task(id)[:status] == "error" }
+    step = TaskerCore.task(id)[:steps].find { |s| s[:name] == "a" }
+    expect(step[:error]).to include("class" => "TaskerCore::PayloadTooDeepError", "retryable" => false)
+    expect(step[:error]["message"]).to match(/context nests 30 levels, over max_payload_depth \d+/)
+    expect(@peer.receive_batches(timeout_ms: 100)).to eq([])
+    expect(@handle.stats["loop"]).to include("failed_too_deep" => 1, "dispatched" => 0)
+  end
+
+  it "fails a step lost more than max_lost_attempts times with StepLostError" do
+    id = TaskerCore.create_task(name: "pair")
+    start(max_lost_attempts: 1)
+    connect_peer
+    2.times do |round|
+      next_batch
+      @peer.goodbye
+      wait_until(message: "loss #{round + 1} counted") do
+        loop_stats = @handle.stats["loop"]
+        loop_stats["redispatched"] + loop_stats["lost_failed"] == round + 1
+      end
+      @peer.heartbeat # live again: a goodbye does not disable a worker for good
+    end
+    wait_until(message: "the task failed") { TaskerCore.task(id)[:status] == "error" }
+    expect(TaskerCore.task(id)[:steps].first[:error]).to include("class" => "TaskerCore::StepLostError")
+    expect(@handle.stats["loop"]).to include("redispatched" => 1, "lost_failed" => 1)
   end
 
   it "upserts the workers it sees into tasker_workers" do
