@@ -244,18 +244,19 @@ RSpec.describe TaskerCore::OrchestrationHandle do
   end
 
   describe "#receive_results" do
-    it "returns partial results and completions in arrival order and frees credit" do
+    it "returns partial results in arrival order and frees credit; a completion is only counted" do
       peer = start_peer("w1", capacity: 4)
       handle.publish_batch({ "batch_id" => "b1", "steps" => steps(3) })
       batch = peer.receive_batches(timeout_ms: 5000).first
       batch["steps"].reverse_each { |s| peer.partial(batch, s) }
       peer.completion(batch)
-      got = collect_results(4)
-      expect(got.map { |r| r["type"] }).to eq(%w[partial_result partial_result partial_result batch_completion])
-      expect(got.first(3).map { |r| r["step_id"] }).to eq([3, 2, 1])
-      expect(got.none? { |r| r.key?("duplicate") }).to be(true)
+      got = collect_results(3)
+      wait_until(message: "completion read") { handle.receive_results.empty? && handle.stats[:results_received][:batch_completion] == 1 }
+      expect(got.map { |r| r["type"] }).to eq(%w[partial_result partial_result partial_result])
+      expect(got.map { |r| r["step_id"] }).to eq([3, 2, 1])
       expect(handle.workers.first["in_flight"]).to eq(0)
       expect(handle.stats[:results_received]).to eq(partial_result: 3, batch_completion: 1)
+      expect(handle.stats[:bad_messages].values.sum).to eq(0)
     end
 
     it "is non-blocking by default" do
@@ -272,15 +273,16 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       expect(handle.receive_results.map { |r| r["step_id"] }).to eq([1])
     end
 
-    it "flags a duplicate or late partial and still returns it" do
+    it "returns a step's result once: a duplicate or an attempt never sent is counted and dropped" do
       peer = start_peer("w1")
       handle.publish_batch({ "steps" => steps(1) })
       batch = peer.receive_batches(timeout_ms: 5000).first
       2.times { peer.partial(batch, batch["steps"].first) }
       peer.partial(batch, batch["steps"].first, attempt: 7)
-      got = collect_results(3)
-      expect(got.map { |r| r["duplicate"] }).to eq([nil, true, true])
-      expect(handle.stats[:bad_messages][:duplicate_result]).to eq(2)
+      got = collect_results(1)
+      wait_until(message: "all three read") { handle.receive_results.empty? && handle.stats[:results_received][:partial_result] == 3 }
+      expect(got.map { |r| [r["step_id"], r["attempt"]] }).to eq([[1, 1]])
+      expect(handle.stats[:bad_messages]).to include(duplicate_result: 1, not_dispatched: 1)
       expect(handle.workers.first["in_flight"]).to eq(0)
     end
 
@@ -290,8 +292,8 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       batch = peer.receive_batches(timeout_ms: 5000).first
       peer.partial(batch, batch["steps"].first)
       peer.completion(batch)
-      collect_results(2)
-      expect(handle.workers.first["in_flight"]).to eq(0)
+      collect_results(1)
+      wait_until(message: "completion read") { handle.workers.first["in_flight"].zero? }
       expect(handle.stats[:steps_released_by_completion]).to eq(2)
     end
 
@@ -342,14 +344,30 @@ RSpec.describe TaskerCore::OrchestrationHandle do
     context "with a generous heartbeat timeout" do
       let(:heartbeat_timeout_ms) { 60_000 }
 
-      it "reports a goodbye" do
+      it "reports a goodbye; a worker still subscribed that heartbeats again is live again" do
         peer = start_peer("w1")
         handle.publish_batch({ "steps" => steps(1) })
         peer.goodbye("shutdown")
         got = collect_results(1)
         expect(got.first).to include("type" => "worker_lost", "worker_id" => "w1", "reason" => "goodbye")
         expect(got.first["in_flight"].map { |s| s["step_id"] }).to eq([1])
-        peer.heartbeat # a stray heartbeat after goodbye does not revive it
+        expect(live_ids).to eq([])
+        # A goodbye (or a forged one) never disables a worker for good.
+        peer.heartbeat
+        wait_until(message: "w1 live again") { live_ids == ["w1"] }
+        expect(handle.workers.first["in_flight"]).to eq(0)
+        expect(handle.publish_batch({ "steps" => steps(1, first: 2) })).to eq("w1")
+      end
+
+      it "does not revive a worker that shut down in order (unsubscribe, goodbye) on a stray heartbeat" do
+        peer = start_peer("w1")
+        peer.unsubscribe
+        peer.goodbye("shutdown")
+        wait_until(message: "goodbye and unsubscription read") do
+          handle.receive_results
+          handle.stats[:goodbyes] == 1 && handle.stats[:unsubscriptions] == 1
+        end
+        peer.heartbeat
         wait_until { handle.workers && handle.stats[:heartbeats] >= 2 }
         expect(live_ids).to eq([])
       end
@@ -402,21 +420,22 @@ RSpec.describe TaskerCore::OrchestrationHandle do
         peer.raw(["mystery", pack.call({ "protocol_version" => 1, "type" => "mystery" })])
         peer.raw(["partial_result", pack.call({ "protocol_version" => 1, "type" => "partial_result", "worker_id" => "w1" })])
         peer.raw(["heartbeat", pack.call({ "protocol_version" => 1, "type" => "heartbeat", "worker_id" => "bad id!", "capacity" => 1 })])
-        peer.raw(["partial_result", pack.call({ "protocol_version" => 1, "type" => "partial_result", "worker_id" => "nobody",
-                                                 "step_id" => 1, "attempt" => 1 })])
+        peer.partial({ "batch_id" => "b-1" }, { "step_id" => 1, "task_id" => 1, "attempt" => 1 }, worker_id: "nobody")
+        peer.partial({ "batch_id" => "b-1" }, { "step_id" => 1, "task_id" => 1, "attempt" => 1 }, topic: "heartbeat")
         peer.raw(["partial_result", pack.call([1, 2, 3])])
       end
       results = []
       wait_until(message: "all bad input read") do
         results.concat(handle.receive_results)
-        handle.stats[:result_socket][:messages_received] >= loops * 10 + 1
+        handle.stats[:result_socket][:messages_received] >= loops * 11 + 1
       end
-      # The unknown worker's partial is still handed over, flagged.
-      expect(results.map { |r| [r["worker_id"], r["duplicate"]] }).to eq([["nobody", true]] * loops)
+      # Nothing of it is handed over: not even the unknown worker's partial.
+      expect(results).to eq([])
       bad = handle.stats[:bad_messages]
       expect(bad).to eq(malformed_frame: 2 * loops, undecodable_body: 2 * loops, wrong_protocol_version: 2 * loops,
-                        unknown_type: loops, invalid_fields: 2 * loops, unknown_worker: loops, duplicate_result: 0, too_large: 0)
-      expect(logged.size).to eq(6)
+                        unknown_type: loops, invalid_fields: 2 * loops, unknown_worker: loops, duplicate_result: 0, too_large: 0,
+                        topic_mismatch: loops, not_dispatched: 0)
+      expect(logged.size).to eq(7)
       expect(logged.grep(/malformed_frame/).size).to eq(1)
 
       handle.publish_batch({ "steps" => steps(1) })
