@@ -634,7 +634,8 @@ static void reconcile(tc_oh *h, tc_oh_worker *w, const tc_proto_msg *m)
 {
     uint64_t last, seq;
     if (!m->reconcile || !m->last_batch_id.ptr || !w->used) return;
-    if (!own_batch_seq(h, m->last_batch_id.ptr, m->last_batch_id.len, &last)) return;
+    /* An id this handle did not generate (or has not yet) changes nothing. */
+    if (!own_batch_seq(h, m->last_batch_id.ptr, m->last_batch_id.len, &last) || last > h->batch_seq) return;
     size_t n = m->in_flight_steps->via.array.size;
     int64_t(*listed)[2] = n ? malloc(n * sizeof(*listed)) : NULL;
     tc_oh_inflight *gone = malloc(w->used * sizeof(*gone));
