@@ -46,6 +46,9 @@
 #define TC_OH_BACKOFF_MIN_MS 50
 #define TC_OH_BACKOFF_MAX_MS 1000
 #define TC_OH_ERROR_CLASS_MAX 63
+#define TC_OH_RECENT 32
+/* Workers dropped as not_reading, kept for the binding to log. */
+#define TC_OH_NOT_READING_LOG 16
 #define TC_OH_MESSAGE_MAX 255
 
 /* Why an incoming message was not accepted as-is. */
@@ -92,7 +95,7 @@ typedef struct tc_oh_worker {
     int64_t connects, disconnects;
     char last_connection_event[TC_OH_CONN_EVENT_MAX + 1];
     double last_connection_event_at; /* epoch seconds, 0 when unsaid */
-    int subscribed;       /* "\x01batch.<id>." seen on the XPUB */
+    int subscribed;       /* "\x01batch.<id>." installed on the XPUB, one per connection */
     int heartbeated;      /* a heartbeat arrived and has not expired */
     int not_reading;      /* dropped as not_reading: excluded until it subscribes again */
     /* heartbeat "limits" (defaults when unsaid) */
@@ -104,6 +107,10 @@ typedef struct tc_oh_worker {
     int64_t backoff_ms;
     int64_t backoff_until_mono_ms;
     int64_t refused_since_mono_ms;
+    /* (step_id, attempt) of the latest results applied, to tell a
+     * duplicate from a result that was never dispatched here */
+    int64_t recent[TC_OH_RECENT][2];
+    unsigned recent_next;
     double last_heartbeat_at;      /* epoch seconds, for callers */
     int64_t last_heartbeat_mono_ms; /* for expiry */
     uint64_t last_dispatch_seq;     /* ties go to the least recently used */
@@ -204,10 +211,10 @@ typedef struct tc_oh {
     int max_message_bytes;
     size_t max_result_bytes;
     int max_payload_depth;
-    /* Set when a worker is first dropped as not_reading (the binding logs
-     * and clears it); the worker id is kept for the log line. */
-    int not_reading_pending;
-    char not_reading_worker[TC_OH_WORKER_ID_MAX + 1];
+    /* Workers dropped as not_reading since the binding last looked (it
+     * logs each id once and empties the list); beyond the bound only counted. */
+    char not_reading_log[TC_OH_NOT_READING_LOG][TC_OH_WORKER_ID_MAX + 1];
+    size_t n_not_reading_log;
 } tc_oh;
 
 /* Zero *h first. Opens and binds both sockets; 0 ok, -1 with a sentence in
