@@ -733,8 +733,8 @@ static int64_t envelope_bytes(tc_codec_writer *scratch, const tc_oh *h, const tc
     return (int64_t)scratch->sbuf.size + 4 + (int64_t)(strlen("batch.") + strlen(w->id) + 1);
 }
 
-/* What one batch to a worker may hold (its heartbeat's limits, which the
- * core fills in; a value <= 0 is read as unsaid, docs/protocol.md 4.4). */
+/* What one batch to a worker may hold: its heartbeat's limits (the core
+ * fills in the defaults when it gave none, docs/protocol.md 4.4). */
 typedef struct worker_limits {
     int64_t steps, bytes, depth;
     int64_t envelope; /* bytes of a batch to it besides the step maps */
@@ -743,9 +743,6 @@ typedef struct worker_limits {
 static worker_limits limits_of(const tc_oh *h, const tc_oh_worker *w, tc_codec_writer *scratch)
 {
     worker_limits wl = {.steps = w->max_batch_steps, .bytes = w->max_message_bytes, .depth = w->max_payload_depth};
-    if (wl.steps <= 0) wl.steps = TC_OH_DEFAULT_MAX_BATCH_STEPS;
-    if (wl.bytes <= 0) wl.bytes = h->max_message_bytes > 0 ? h->max_message_bytes : INT64_MAX;
-    if (wl.depth <= 0) wl.depth = TC_OH_DEFAULT_MAX_PAYLOAD_DEPTH;
     wl.envelope = envelope_bytes(scratch, h, w);
     return wl;
 }

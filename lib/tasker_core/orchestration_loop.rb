@@ -41,8 +41,10 @@ module TaskerCore
       self
     end
 
-    alias _stop_orchestration_native stop_orchestration
-    private :_stop_orchestration_native
+    unless private_method_defined?(:_stop_orchestration_native)
+      alias _stop_orchestration_native stop_orchestration
+      private :_stop_orchestration_native
+    end
 
     # See the C binding: stops the loop and joins it; also stops the stats poller.
     def stop_orchestration(**opts)
