@@ -330,25 +330,25 @@ static int results_push(tc_loop *l, const pending_result *r)
  * out of memory (the claim deadline then takes the step). */
 static int fail_step(tc_loop *l, int64_t step_id, int64_t attempt, const char *error_class, const char *message)
 {
-    msgpack_sbuffer sb;
-    msgpack_packer pk;
-    msgpack_sbuffer_init(&sb);
-    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 5);
-    msgpack_pack_str_with_body(&pk, "class", 5);
-    msgpack_pack_str_with_body(&pk, error_class, strlen(error_class));
-    msgpack_pack_str_with_body(&pk, "message", 7);
-    msgpack_pack_str_with_body(&pk, message, strlen(message));
-    msgpack_pack_str_with_body(&pk, "backtrace", 9);
-    msgpack_pack_array(&pk, 0);
-    msgpack_pack_str_with_body(&pk, "retryable", 9);
-    msgpack_pack_false(&pk);
-    msgpack_pack_str_with_body(&pk, "retry_after", 11);
-    msgpack_pack_nil(&pk);
+    tc_codec_writer w;
+    if (tc_codec_writer_init(&w, 96 + strlen(error_class) + strlen(message)) != 0) return -1;
+    msgpack_packer *pk = &w.pk;
+    msgpack_pack_map(pk, 5);
+    msgpack_pack_str_with_body(pk, "class", 5);
+    msgpack_pack_str_with_body(pk, error_class, strlen(error_class));
+    msgpack_pack_str_with_body(pk, "message", 7);
+    msgpack_pack_str_with_body(pk, message, strlen(message));
+    msgpack_pack_str_with_body(pk, "backtrace", 9);
+    msgpack_pack_array(pk, 0);
+    msgpack_pack_str_with_body(pk, "retryable", 9);
+    msgpack_pack_false(pk);
+    msgpack_pack_str_with_body(pk, "retry_after", 11);
+    msgpack_pack_nil(pk);
+    /* the buffer becomes the pending result's */
     pending_result r = {.step_id = step_id, .attempt = attempt, .retry_after_ms = -1,
-                        .error = sb.data, .error_len = sb.size};
-    if (!sb.data || results_push(l, &r) != 0) {
-        msgpack_sbuffer_destroy(&sb);
+                        .error = w.sbuf.data, .error_len = w.sbuf.size};
+    if (w.failed || results_push(l, &r) != 0) {
+        tc_codec_writer_destroy(&w);
         return -1;
     }
     return 0;
