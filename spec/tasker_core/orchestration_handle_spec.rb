@@ -562,7 +562,10 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       owner.partial(batch, step, worker_id: "nobody", output: { "forged" => "unknown worker" })
       owner.partial(batch, step, batch_id: "b-forged", output: { "forged" => "wrong batch" })
       owner.partial(batch, step, topic: "heartbeat", output: { "forged" => "wrong topic" })
-      wait_until(message: "forgeries read") { handle.receive_results.empty? && handle.stats[:results_received][:partial_result] == 3 }
+      wait_until(message: "forgeries read") do
+        handle.receive_results.empty? && handle.stats[:results_received][:partial_result] == 3 &&
+          handle.stats[:bad_messages][:topic_mismatch] == 1
+      end
       expect(handle.stats[:bad_messages]).to include(not_dispatched: 2, unknown_worker: 1, topic_mismatch: 1)
       expect(handle.workers.sum { |w| w["in_flight"] }).to eq(2)
       owner.partial(batch, step)
