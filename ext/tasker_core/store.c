@@ -6,6 +6,7 @@
  */
 #include "store.h"
 
+#include <poll.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -27,11 +28,17 @@ static void clear_error(tc_store *s)
 }
 
 /* Server notices (e.g. "already exists, skipping") are not errors; libpq
- * would print them on stderr. */
-static void ignore_notice(void *arg, const char *message)
+ * would print them on stderr. A FATAL one is the server ending the session
+ * while no query runs (shutdown, pg_terminate_backend): libpq hands it here,
+ * and the end of the connection may only be read later. */
+static void receive_notice(void *arg, const PGresult *res)
 {
-    (void)arg;
-    (void)message;
+    tc_store *s = arg;
+    const char *sev = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+    if (!sev)
+        sev = PQresultErrorField(res, PG_DIAG_SEVERITY);
+    if (sev && (strcmp(sev, "FATAL") == 0 || strcmp(sev, "PANIC") == 0))
+        s->ended = 1;
 }
 
 static int start(tc_store *s, const char *conninfo, int connect_timeout_s, const char *options, int blocking)
@@ -59,6 +66,7 @@ static int start(tc_store *s, const char *conninfo, int connect_timeout_s, const
     vals[n] = NULL;
 
     s->pid = getpid();
+    s->ended = 0;
     s->conn = blocking ? PQconnectdbParams(keys, vals, 1) : PQconnectStartParams(keys, vals, 1);
     if (!s->conn) {
         set_error(s, "08001", "could not connect to PostgreSQL: out of memory%s", "");
@@ -68,7 +76,7 @@ static int start(tc_store *s, const char *conninfo, int connect_timeout_s, const
         tc_store_connect_failed(s);
         return -1;
     }
-    PQsetNoticeProcessor(s->conn, ignore_notice, NULL);
+    PQsetNoticeReceiver(s->conn, receive_notice, s);
     return 0;
 }
 
@@ -268,6 +276,24 @@ int tc_store_in_transaction(const tc_store *s)
         return 0;
     PGTransactionStatusType t = PQtransactionStatus(s->conn);
     return t == PQTRANS_INTRANS || t == PQTRANS_INERROR;
+}
+
+int tc_store_check_idle(tc_store *s)
+{
+    if (!s->conn || s->pid != getpid() || PQstatus(s->conn) != CONNECTION_OK)
+        return 0;
+    /* The server's termination message and its end of file may come in two
+     * reads; libpq's socket is non-blocking, so a read with nothing there
+     * returns at once. A few reads at most: a live idle session has little
+     * to say (notifications). */
+    for (int i = 0; i < 4; i++) {
+        struct pollfd p = { PQsocket(s->conn), POLLIN, 0 };
+        if (poll(&p, 1, 0) <= 0)
+            break;
+        if (!PQconsumeInput(s->conn))
+            return 0;
+    }
+    return !s->ended && PQstatus(s->conn) == CONNECTION_OK;
 }
 
 void tc_store_close(tc_store *s)

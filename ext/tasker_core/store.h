@@ -19,7 +19,11 @@ typedef struct tc_store {
     pid_t pid;            /* process that opened conn; a child discards instead of closing */
     char sqlstate[6];     /* SQLSTATE of the last error, "" when none */
     char err[1024];       /* message of the last error */
+    int ended;            /* the server said FATAL while no query ran: the session is ending */
 } tc_store;
+
+/* A connected tc_store must stay at its address: libpq's notice receiver
+ * points at it. */
 
 /* Blocking connect (for native threads). connect_timeout_s < 0 keeps
  * libpq's/the URL's own setting. options may be NULL (server "-c" options).
@@ -61,6 +65,12 @@ void tc_store_cancel(tc_store *s);
 int tc_store_socket(const tc_store *s);
 int tc_store_ok(const tc_store *s);            /* connected and CONNECTION_OK */
 int tc_store_in_transaction(const tc_store *s); /* inside BEGIN ... (or failed transaction) */
+/* For a connection with no query running: reads what the server has sent
+ * meanwhile without waiting (a restarted or terminated server's goodbye,
+ * then end of file) and says whether the connection is still good: 1 yes,
+ * 0 lost, closed, or opened in another process. Queued notifications stay
+ * queued. */
+int tc_store_check_idle(tc_store *s);
 /* Closes the connection; in a forked child only forgets it (no PQfinish on
  * the parent's socket). Idempotent. */
 void tc_store_close(tc_store *s);

@@ -463,6 +463,16 @@ static VALUE conn_usable_p(VALUE self)
     return (c->store.conn && c->store.pid == getpid() && tc_store_ok(&c->store)) ? Qtrue : Qfalse;
 }
 
+/* #alive?: usable? after reading what the server sent while the connection
+ * sat idle (a server restart shows up here); true while a query runs. */
+static VALUE conn_alive_p(VALUE self)
+{
+    tc_conn *c = rb_check_typeddata(self, &conn_type);
+    if (c->busy)
+        return Qtrue;
+    return tc_store_check_idle(&c->store) ? Qtrue : Qfalse;
+}
+
 static VALUE conn_owner_pid(VALUE self)
 {
     tc_conn *c = rb_check_typeddata(self, &conn_type);
@@ -540,6 +550,7 @@ void tc_init_store(void)
     rb_define_method(cConnection, "closed?", conn_closed_p, 0);
     rb_define_method(cConnection, "in_transaction?", conn_in_transaction_p, 0);
     rb_define_method(cConnection, "usable?", conn_usable_p, 0);
+    rb_define_method(cConnection, "alive?", conn_alive_p, 0);
     rb_define_method(cConnection, "owner_pid", conn_owner_pid, 0);
     rb_define_method(cConnection, "server_version", conn_server_version, 0);
     rb_define_method(cConnection, "wait_for_notify", conn_wait_for_notify, -1);

@@ -62,8 +62,9 @@ module TaskerCore
         end
       end
 
-      def with_connection(&block)
-        pool.with_connection(&block)
+      # idempotent: true when the block may run twice (see Pool#with_connection).
+      def with_connection(idempotent: false, &block)
+        pool.with_connection(idempotent: idempotent, &block)
       end
 
       # with_connection + transaction

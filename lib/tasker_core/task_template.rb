@@ -2,6 +2,7 @@
 
 require "yaml"
 require_relative "errors"
+require_relative "payload"
 
 module TaskerCore
   # A workflow description read from YAML: a named, namespaced, versioned
@@ -82,6 +83,14 @@ module TaskerCore
 
     private
 
+    # A handler_config travels in every batch: the same depth and size
+    # limits as a task context.
+    def check_payload!(config, step_name)
+      Payload.pack_checked(config, what: "handler_config")
+    rescue PayloadError => e
+      fail!(step_name, e.message)
+    end
+
     def fail!(step, problem)
       where = step ? %(step "#{step}": ) : ""
       raise ConfigurationError, "Invalid task template #{@path}: #{where}#{problem}"
@@ -133,6 +142,7 @@ module TaskerCore
       fail!(step_name, "depends_on: expected step names") unless deps.all? { |d| d.is_a?(String) }
       config = raw["handler_config"] || {}
       fail!(step_name, "handler_config: expected a mapping") unless config.is_a?(Hash)
+      check_payload!(config, step_name)
       timeout = raw["timeout_ms"] || default_timeout_ms
       fail!(step_name, "timeout_ms: expected a positive Integer") unless timeout.is_a?(Integer) && timeout.positive?
       Step.new(name: step_name, handler: handler, depends_on: deps.uniq.freeze, handler_config: config.freeze,

@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "json"
+require_relative "payload"
 require_relative "store"
 require_relative "task_template_registry"
 
@@ -21,7 +22,7 @@ module TaskerCore
         FROM tasker_tasks WHERE id = $1
     SQL
     STEPS_SQL = <<~SQL
-      SELECT s.id, s.name, s.handler, s.state, s.attempts, s.failures, s.max_attempts, s.pending_parents,
+      SELECT s.id, s.name, s.handler, s.state, s.attempts, s.failures, s.lost_attempts, s.max_attempts, s.pending_parents,
              s.output, s.last_error,
              ARRAY(SELECT p.name FROM tasker_workflow_step_edges e JOIN tasker_workflow_steps p ON p.id = e.from_step_id
                     WHERE e.to_step_id = s.id ORDER BY p.name) AS depends_on,
@@ -39,16 +40,18 @@ module TaskerCore
                       templates: TaskerCore.task_templates)
         template = templates.find(name: name, namespace: namespace, version: version)
         template.validate_context!(context)
+        packed = Payload.pack_checked(context, what: "the context of a #{template.full_name} task")
         steps = template.steps
         edges = steps.flat_map { |s| s.depends_on.map { |d| [d, s.name] } }
-        row = Store.with_connection do |c|
+        # With an identity_key a repeat returns the task already created.
+        row = Store.with_connection(idempotent: !identity_key.nil?) do |c|
           c.exec(<<~SQL, [
             SELECT task_id, created FROM tasker_create_task($1, $2, $3, $4::jsonb, $5::bytea, $6,
               $7::text[], $8::text[], $9::bytea[], $10::int[], $11::boolean[], $12::int[], $13::int[], $14::int[],
               $15::float8[], $16::text[], $17::text[])
           SQL
             template.namespace, template.name, template.version, JSON.generate(template.definition),
-            Codec.pack(context), identity_key&.to_s,
+            packed, identity_key&.to_s,
             steps.map(&:name), steps.map(&:handler), steps.map { |s| Codec.pack(s.handler_config) },
             steps.map(&:timeout_ms), steps.map(&:retryable), steps.map(&:max_attempts),
             steps.map(&:backoff_base_ms), steps.map(&:backoff_cap_ms), steps.map(&:jitter),
@@ -61,7 +64,7 @@ module TaskerCore
       # A Hash describing the task and each of its steps, or nil when there
       # is no such task.
       def task(id)
-        Store.with_connection do |c|
+        Store.with_connection(idempotent: true) do |c|
           t = c.exec(TASK_SQL, [Integer(id)]).first or return nil
           steps = c.exec(STEPS_SQL, [t["id"]])
           task_hash(t, steps)
@@ -74,7 +77,7 @@ module TaskerCore
       def wait_for(id, timeout:)
         deadline = timeout && Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
         loop do
-          state = Store.with_connection do |c|
+          state = Store.with_connection(idempotent: true) do |c|
             c.exec("SELECT state FROM tasker_tasks WHERE id = $1", [Integer(id)]).first&.fetch("state")
           end
           raise Error, "no task #{id}" unless state
@@ -112,7 +115,8 @@ module TaskerCore
           steps: steps.map do |s|
             {
               id: s["id"], name: s["name"], handler: s["handler"], state: s["state"], attempts: s["attempts"],
-              failures: s["failures"], max_attempts: s["max_attempts"], depends_on: s["depends_on"],
+              failures: s["failures"], lost_attempts: s["lost_attempts"], max_attempts: s["max_attempts"],
+              depends_on: s["depends_on"],
               pending_parents: s["pending_parents"], output: unpack(s["output"]), error: unpack(s["last_error"]),
               created_at: time(s["created_at"]), updated_at: time(s["updated_at"]),
               next_attempt_at: time(s["next_attempt_at"]), last_attempt_at: time(s["last_attempt_at"]),

@@ -79,6 +79,21 @@ RSpec.describe "tasker db:migrate, task and step commands", :db do
     expect(json["context"]).to eq(order_context)
   end
 
+  it "task show --json renders a binary output value as {\"$binary\": base64}" do
+    id = create_order_task
+    conn = connect
+    row = claim(conn).first
+    blob = "\xFF\x00tasker\xC3".b
+    apply(conn, [{ step_id: row["step_id"], attempt: row["attempt"], output: { "blob" => blob, "text" => "ok" } }])
+    r = tasker("task", "show", id, "--json", env: db_env)
+    expect(r.exitstatus).to eq(0), r.err
+    step = JSON.parse(r.out)["steps"].find { |s| s["id"] == row["step_id"] }
+    expect(step["state"]).to eq("complete")
+    expect(step["output"]).to eq("blob" => { "$binary" => [blob].pack("m0") }, "text" => "ok")
+    expect(step["output"]["blob"]["$binary"].unpack1("m0")).to eq(blob)
+    expect(tasker("task", "show", id, env: db_env).exitstatus).to eq(0)
+  end
+
   it "task show and task cancel fail in one line, exit 1, for a task that does not exist" do
     %w[show cancel].each do |sub|
       r = tasker("task", sub, 999_999, env: db_env)

@@ -132,4 +132,49 @@ RSpec.describe "TaskerCore task API", :db do
     expect(TaskerCore.task(id)[:status]).to eq("complete")
     expect(TaskerCore.resolve_step(c[:id], output: {})).to be(false)
   end
+
+  describe "payload limits where the context enters" do
+    def nested(levels) = (levels - 1).times.reduce({ "leaf" => 1 }) { |acc, _| { "n" => acc } }
+
+    def task_count = conn.exec("SELECT count(*) AS n FROM tasker_tasks").first["n"]
+
+    it "refuses a context nested deeper than zeromq.max_payload_depth, naming the depth and the limit" do
+      expect(TaskerCore::Payload.depth(nested(24))).to eq(24)
+      expect(TaskerCore.create_task(name: "linear", context: nested(24))).to be_a(Integer)
+      expect { TaskerCore.create_task(name: "linear", context: nested(25)) }
+        .to raise_error(TaskerCore::PayloadTooDeepError,
+                        /context of a default\/linear@0.2.0 task nests 25 levels .*over zeromq.max_payload_depth 24/)
+      expect { TaskerCore.create_task(name: "linear", context: { "a" => [[nested(28)]] }) }
+        .to raise_error(TaskerCore::PayloadTooDeepError, /nests 31 levels/) # what was accepted before
+      expect { TaskerCore.create_task(name: "linear", context: nested(500)) }
+        .to raise_error(TaskerCore::PayloadTooDeepError, /nests more than 32 levels/)
+      cyclic = { "a" => [] }
+      cyclic["a"] << cyclic
+      expect { TaskerCore.create_task(name: "linear", context: cyclic) }.to raise_error(TaskerCore::PayloadTooDeepError)
+      TaskerCore.configure(overrides: { "zeromq" => { "max_payload_depth" => 3 } })
+      expect { TaskerCore.create_task(name: "linear", context: nested(4)) }
+        .to raise_error(TaskerCore::PayloadTooDeepError, /nests 4 levels .*max_payload_depth 3/)
+      expect(task_count).to eq(1)
+    end
+
+    it "refuses a context bigger packed than zeromq.max_context_bytes, naming the size and the limit" do
+      TaskerCore.configure(overrides: { "zeromq" => { "max_context_bytes" => 1000 } })
+      ok = { "s" => "x" * 900 }
+      expect(TaskerCore.create_task(name: "linear", context: ok)).to be_a(Integer)
+      big = { "s" => "x" * 1000 }
+      size = TaskerCore::Codec.pack(big).bytesize
+      expect { TaskerCore.create_task(name: "linear", context: big, identity_key: "big") }
+        .to raise_error(TaskerCore::PayloadTooLargeError, /is #{size} bytes packed, over zeromq.max_context_bytes 1000/)
+      expect(task_count).to eq(1)
+    end
+
+    it "refuses a template whose handler_config breaks the limits when it loads (ConfigurationError)" do
+      expect { template("deep", [step("a", handler_config: nested(25))]) }
+        .to raise_error(TaskerCore::ConfigurationError, /step "a": handler_config nests 25 levels/)
+      TaskerCore.configure(overrides: { "zeromq" => { "max_context_bytes" => 100 } })
+      expect { template("wide", [step("a", handler_config: { "s" => "x" * 200 })]) }
+        .to raise_error(TaskerCore::ConfigurationError, /step "a": handler_config is \d+ bytes packed/)
+    end
+  end
 end
+

@@ -6,7 +6,18 @@ module TaskerCore
     # length of a block and gives it back. After fork the child drops the
     # parent's connections (without closing them: they are the parent's
     # sessions) and opens its own.
+    #
+    # A connection is checked before it is handed out (Connection#alive?
+    # reads what the server sent while it sat idle): one lost to a server
+    # restart or a dropped network is replaced, not given to the caller.
+    # with_connection(idempotent: true), for blocks that are safe to run twice,
+    # runs the block once more on a new connection when the first one is
+    # lost under it. #reconnects counts the connections replaced.
     class Pool
+      # SQLSTATEs of a lost connection: class 08 (connection exception), and
+      # the server shutting down or not yet accepting connections.
+      LOST_SQLSTATES = /\A(08|57P0[123])/
+
       attr_reader :url, :size
 
       def initialize(url:, size:, connect_timeout: nil, statement_timeout_ms: 0, checkout_timeout: 10)
@@ -17,22 +28,29 @@ module TaskerCore
         @checkout_timeout = checkout_timeout
         @lock = Mutex.new
         @available = ConditionVariable.new
+        @reconnects = 0
         reset_for_pid
       end
 
-      def with_connection
+      # idempotent: the block is safe to run twice (it reads, or its writes
+      # are idempotent): when its connection is lost under it, it runs once
+      # more on a new connection. Not inside an enclosing with_connection of
+      # the same thread (that block owns the connection).
+      def with_connection(idempotent: false, &block)
         owned = Thread.current.thread_variable_get(key)
         return yield(owned) if owned # re-entrant in the same thread
 
-        conn = checkout
-        Thread.current.thread_variable_set(key, conn)
-        begin
-          yield conn
-        ensure
-          Thread.current.thread_variable_set(key, nil)
-          checkin(conn)
-        end
+        checked_out(&block)
+      rescue StoreError => e
+        raise unless idempotent && !owned && LOST_SQLSTATES.match?(e.sqlstate.to_s)
+
+        @lock.synchronize { @reconnects += 1 }
+        checked_out(&block)
       end
+
+      # Connections replaced because they were lost (at checkout or under a
+      # retried block).
+      def reconnects = @lock.synchronize { @reconnects }
 
       # Closes the idle connections (connections in use close when given back).
       def disconnect!
@@ -45,6 +63,17 @@ module TaskerCore
       end
 
       private
+
+      def checked_out
+        conn = checkout
+        Thread.current.thread_variable_set(key, conn)
+        begin
+          yield conn
+        ensure
+          Thread.current.thread_variable_set(key, nil)
+          checkin(conn)
+        end
+      end
 
       def key = :"tasker_core_store_pool_#{object_id}"
 
@@ -60,9 +89,11 @@ module TaskerCore
           loop do
             reset_for_pid if @pid != Process.pid
             while (conn = @idle.pop)
-              return conn if conn.usable?
+              return conn if conn.alive?
 
-              @total -= 1 # lost (server restart, network): drop it
+              conn.close # lost (server restart, network): drop it, open another
+              @total -= 1
+              @reconnects += 1
             end
             if @total < @size
               @total += 1
