@@ -34,7 +34,15 @@ messages = [
   P.batch_completion(batch_id: "b-1", worker_id: "w1",
                      steps: [{ step_id: 1, attempt: 1, status: "complete" }, { step_id: 2, attempt: 2, status: "error" }]),
   P.heartbeat(worker_id: "w1", capacity: 10, in_flight: 3, pid: 4242, host: "worker-host", sent_at: t),
-  P.goodbye(worker_id: "w1", reason: "shutdown")
+  P.goodbye(worker_id: "w1", reason: "shutdown"),
+  # heartbeat limits and reconciliation, and batch_refusal (docs/protocol.md 4.4, 4.6), as plain maps
+  P.heartbeat(worker_id: "w1", capacity: 10, in_flight: 2, pid: 4242, host: "worker-host", sent_at: t)
+   .merge("limits" => { "max_batch_steps" => 100, "max_message_bytes" => 1 << 20, "max_payload_depth" => 24 },
+          "last_batch_id" => "b-2", "in_flight_steps" => [[1, 1], [2, 3]]),
+  { "protocol_version" => 1, "type" => "batch_refusal", "batch_id" => "b-2", "worker_id" => "w1", "reason" => "too_deep",
+    "message" => "too deep", "steps" => [{ "step_id" => 4, "attempt" => 1, "reason" => "too_deep", "message" => "30 > 24" }] },
+  { "protocol_version" => 1, "type" => "batch_refusal", "batch_id" => nil, "worker_id" => "w1", "reason" => "undecodable",
+    "message" => "cut", "steps" => [] }
 ]
 values = [nil, true, 0, -1, 2**64 - 1, 1.5, "", "x" * 40, "\xff\x00".b, [], {}, [t], { 1 => { "a" => [[[]]] } }]
 

@@ -2,7 +2,8 @@
  * protocol_fuzz.c: libFuzzer harness for the result-channel message parser
  * of the native loop (ext/tasker_core/protocol.c): parse, then re-encode
  * the pieces the loop splices into its SQL parameters (output, error) and
- * walk the batch_completion steps, as the loop does.
+ * walk the batch_completion steps, as the loop does; walk what the handle
+ * reads of a heartbeat (limits, in_flight_steps) and a batch_refusal.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,6 +35,31 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (m.type == TC_PROTO_BATCH_COMPLETION && m.steps) {
             if (m.steps->type != MSGPACK_OBJECT_ARRAY) abort();
             if (tc_proto_pack_object(&sb, m.steps) != 0) abort();
+        }
+        if (m.type == TC_PROTO_HEARTBEAT) {
+            if (m.limits.max_batch_steps < 0 || m.limits.max_message_bytes < 0 || m.limits.max_payload_depth < 0) abort();
+            if (m.reconcile) {
+                if (!m.in_flight_steps || m.in_flight_steps->type != MSGPACK_OBJECT_ARRAY) abort();
+                for (size_t i = 0; i < m.in_flight_steps->via.array.size; i++) {
+                    int64_t s = 0, a = 0;
+                    tc_proto_in_flight_step(&m, i, &s, &a);
+                    if (a < 1) abort();
+                    sink += (size_t)s;
+                }
+                for (size_t i = 0; i < m.last_batch_id.len; i++) sink += (unsigned char)m.last_batch_id.ptr[i];
+            }
+        }
+        if (m.type == TC_PROTO_BATCH_REFUSAL) {
+            if (!m.steps || m.steps->type != MSGPACK_OBJECT_ARRAY) abort();
+            for (size_t i = 0; i < m.reason.len; i++) sink += (unsigned char)m.reason.ptr[i];
+            for (size_t i = 0; i < m.message.len; i++) sink += (unsigned char)m.message.ptr[i];
+            for (size_t i = 0; i < m.steps->via.array.size; i++) {
+                int64_t s = 0, a = 0;
+                tc_proto_str r = {0}, msg = {0};
+                tc_proto_refused_step(&m, i, &s, &a, &r, &msg);
+                if (a < 1 || !r.ptr || !msg.ptr) abort();
+                sink += r.len + msg.len;
+            }
         }
         sink += sb.size;
         (void)sink;

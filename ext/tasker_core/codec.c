@@ -111,7 +111,25 @@ typedef struct tc_unpack_user {
     int64_t detail;         /* count, ext type, payload size, ... */
     size_t at;              /* offset of the offending item, when known */
     tc_codec_type key_type;
+    /* tc_codec_depth only: items left in each open container, mirroring
+     * the template's stack (it has no "container done" callback). */
+    int track_depth, top, max_depth;
+    uint32_t left[TC_CODEC_MAX_DEPTH + 1];
 } tc_unpack_user;
+
+/* A container opened: one level deeper; an empty one closes at once. */
+static inline void tc_depth_open(tc_unpack_user *u, unsigned int n)
+{
+    if (!u->track_depth) return;
+    if (u->top + 1 > u->max_depth) u->max_depth = u->top + 1;
+    if (n > 0 && u->top <= TC_CODEC_MAX_DEPTH) u->left[u->top++] = n;
+}
+
+/* An item (array) or entry (map) of the innermost open container ended. */
+static inline void tc_depth_item(tc_unpack_user *u)
+{
+    if (u->track_depth && u->top > 0 && --u->left[u->top - 1] == 0) u->top--;
+}
 
 #define msgpack_unpack_func(ret, name) static inline ret tc_template##name
 #define msgpack_unpack_callback(name) tc_cb##name
@@ -199,6 +217,7 @@ static inline int tc_cb_array(tc_unpack_user *u, unsigned int n, tc_codec_val *o
         u->detail = n;
         return TC_E_COUNT;
     }
+    tc_depth_open(u, n);
     if (u->d->check_only) {
         o->type = TC_CODEC_T_ARRAY;
         o->v.obj = 0;
@@ -214,6 +233,7 @@ static inline int tc_cb_map(tc_unpack_user *u, unsigned int n, tc_codec_val *o)
         u->detail = n;
         return TC_E_COUNT;
     }
+    tc_depth_open(u, n);
     if (u->d->check_only) {
         o->type = TC_CODEC_T_MAP;
         o->v.obj = 0;
@@ -225,6 +245,7 @@ static inline int tc_cb_map(tc_unpack_user *u, unsigned int n, tc_codec_val *o)
 
 static inline int tc_cb_array_item(tc_unpack_user *u, tc_codec_val *c, tc_codec_val o)
 {
+    tc_depth_item(u);
     if (!u->d->check_only) tc_codec_build_array_push(u->d, c, &o);
     return 0;
 }
@@ -236,6 +257,7 @@ static inline int tc_cb_map_item(tc_unpack_user *u, tc_codec_val *c, tc_codec_va
     case TC_CODEC_T_BIN:
     case TC_CODEC_T_UINT:
     case TC_CODEC_T_INT:
+        tc_depth_item(u);
         if (!u->d->check_only) tc_codec_build_map_set(u->d, c, &k, &v);
         return 0;
     default:
@@ -334,16 +356,17 @@ static const char *tc_codec_cs_name(unsigned int cs)
 }
 
 static int tc_codec_decode_mode(tc_codec_decoder *d, const char *buf, size_t len, tc_codec_val *out,
-                                int check_only);
+                                int check_only, int *depth);
 
 int tc_codec_decode(tc_codec_decoder *d, const char *buf, size_t len, tc_codec_val *out)
 {
     /* Callers fill the fields they know; check_only is ours to set. */
-    return tc_codec_decode_mode(d, buf, len, out, 0);
+    return tc_codec_decode_mode(d, buf, len, out, 0, NULL);
 }
 
+/* depth non-NULL: also measure the nesting into *depth (check_only only). */
 static int tc_codec_decode_mode(tc_codec_decoder *d, const char *buf, size_t len, tc_codec_val *out,
-                                int check_only)
+                                int check_only, int *depth)
 {
     struct tc_template_context ctx;
     size_t off = 0;
@@ -361,7 +384,9 @@ static int tc_codec_decode_mode(tc_codec_decoder *d, const char *buf, size_t len
     tc_template_init(&ctx);
     memset(&ctx.user, 0, sizeof(ctx.user));
     ctx.user.d = d;
+    ctx.user.track_depth = depth != NULL;
     ret = tc_template_execute(&ctx, buf, len, &off);
+    if (depth) *depth = ret == MSGPACK_UNPACK_NOMEM_ERROR ? TC_CODEC_MAX_DEPTH + 1 : ctx.user.max_depth;
 
     if (ret == 1) {
         if (off != len) {
@@ -432,7 +457,20 @@ int tc_codec_check(const char *buf, size_t len, char *message, size_t message_le
     int rc;
 
     memset(&d, 0, sizeof(d));
-    rc = tc_codec_decode_mode(&d, buf, len, &out, 1);
+    rc = tc_codec_decode_mode(&d, buf, len, &out, 1, NULL);
+    if (rc != 0 && message != NULL && message_len > 0)
+        snprintf(message, message_len, "%s", d.message);
+    return rc;
+}
+
+int tc_codec_depth(const char *buf, size_t len, int *depth, char *message, size_t message_len)
+{
+    tc_codec_decoder d;
+    tc_codec_val out;
+    int rc, dummy;
+
+    memset(&d, 0, sizeof(d));
+    rc = tc_codec_decode_mode(&d, buf, len, &out, 1, depth ? depth : &dummy);
     if (rc != 0 && message != NULL && message_len > 0)
         snprintf(message, message_len, "%s", d.message);
     return rc;

@@ -162,4 +162,10 @@ const char *tc_codec_type_name(tc_codec_type t);
  * 0 ok; -1 with the reason in message. */
 int tc_codec_check(const char *buf, size_t len, char *message, size_t message_len);
 
+/* tc_codec_check that also reports the deepest nesting of arrays/maps in
+ * *depth (a scalar is 0, {} is 1, {"a" => []} is 2). A value nested deeper
+ * than TC_CODEC_MAX_DEPTH fails with *depth = TC_CODEC_MAX_DEPTH + 1; other
+ * failures leave the depth seen so far. */
+int tc_codec_depth(const char *buf, size_t len, int *depth, char *message, size_t message_len);
+
 #endif

@@ -21,6 +21,7 @@
 static const char *const bad_names[TC_OH_BAD_COUNT] = {
     "malformed_frame", "undecodable_body", "wrong_protocol_version", "unknown_type",
     "invalid_fields",  "unknown_worker",   "duplicate_result", "too_large",
+    "topic_mismatch",  "not_dispatched",
 };
 
 const char *tc_oh_bad_reason_name(tc_oh_bad_reason r)
@@ -28,7 +29,7 @@ const char *tc_oh_bad_reason_name(tc_oh_bad_reason r)
     return (r >= 0 && r < TC_OH_BAD_COUNT) ? bad_names[r] : "unknown";
 }
 
-static int64_t mono_ms(void)
+int64_t tc_oh_now_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -196,9 +197,29 @@ void tc_oh_event_pop(tc_oh *h)
 
 /* ---- worker table ------------------------------------------------------ */
 
+/* A goodbye only clears heartbeated: the worker's next heartbeat, while it
+ * is still subscribed, makes it live again. */
 int tc_oh_worker_live(const tc_oh_worker *w)
 {
-    return w->subscribed && w->heartbeated && !w->said_goodbye;
+    return w->subscribed > 0 && w->heartbeated && !w->not_reading;
+}
+
+int tc_oh_worker_sendable(const tc_oh *h, const tc_oh_worker *w, int64_t now_mono_ms)
+{
+    (void)h;
+    return tc_oh_worker_live(w) && w->capacity > 0 && now_mono_ms >= w->backoff_until_mono_ms;
+}
+
+static void worker_default_limits(const tc_oh *h, tc_oh_worker *w)
+{
+    w->max_batch_steps = TC_OH_DEFAULT_MAX_BATCH_STEPS;
+    w->max_message_bytes = h->max_message_bytes > 0 ? h->max_message_bytes : INT64_MAX;
+    w->max_payload_depth = TC_OH_DEFAULT_MAX_PAYLOAD_DEPTH;
+}
+
+static void backoff_reset(tc_oh_worker *w)
+{
+    w->backoff_ms = w->backoff_until_mono_ms = w->refused_since_mono_ms = 0;
 }
 
 static tc_oh_worker *worker_find(tc_oh *h, const char *id, size_t n)
@@ -227,6 +248,7 @@ static tc_oh_worker *worker_find_or_add(tc_oh *h, const char *id, size_t n)
     memset(w, 0, sizeof(*w));
     memcpy(w->id, id, n);
     w->id[n] = '\0';
+    worker_default_limits(h, w);
     return w;
 }
 
@@ -238,10 +260,25 @@ static void worker_remove(tc_oh *h, tc_oh_worker *w)
     h->nworkers--;
 }
 
-static void copy_in_flight(const tc_oh_inflight *e, void *arg)
+/* Queues a LOST or FAIL event carrying a copy of entries. Out of memory
+ * the event is lost and the steps come back at their lease deadline. */
+static void emit_steps(tc_oh *h, tc_oh_event_kind kind, const char *worker_id, const char *reason,
+                       const tc_oh_inflight *entries, size_t n, const char *error_class, const char *message)
 {
-    tc_oh_event *ev = arg;
-    ev->in_flight[ev->n_in_flight++] = *e;
+    tc_oh_event *ev = event_push(h);
+    if (!ev) return;
+    if (n) {
+        ev->in_flight = malloc(n * sizeof(*ev->in_flight));
+        if (!ev->in_flight) return;
+        memcpy(ev->in_flight, entries, n * sizeof(*entries));
+    }
+    ev->kind = kind;
+    ev->n_in_flight = n;
+    snprintf(ev->worker_id, sizeof(ev->worker_id), "%s", worker_id);
+    snprintf(ev->reason, sizeof(ev->reason), "%s", reason);
+    if (error_class) snprintf(ev->error_class, sizeof(ev->error_class), "%s", error_class);
+    if (message) snprintf(ev->message, sizeof(ev->message), "%s", message);
+    h->ev_count++;
 }
 
 /* Reports a live worker as lost with what it had in flight, and forgets
@@ -253,17 +290,13 @@ static void worker_lose(tc_oh *h, tc_oh_worker *w, const char *reason)
         return;
     }
     h->stats.workers_lost++;
-    tc_oh_event *ev = event_push(h);
-    if (ev) {
-        ev->kind = TC_OH_EV_LOST;
-        snprintf(ev->worker_id, sizeof(ev->worker_id), "%s", w->id);
-        snprintf(ev->reason, sizeof(ev->reason), "%s", reason);
-        if (w->used) ev->in_flight = malloc(w->used * sizeof(*ev->in_flight));
-        if (ev->in_flight || !w->used) {
-            tc_oh_worker_each_in_flight(w, copy_in_flight, ev);
-            h->ev_count++;
-        }
-    }
+    tc_oh_inflight *all = w->used ? malloc(w->used * sizeof(*all)) : NULL;
+    size_t k = 0;
+    if (all)
+        for (size_t i = 0; i < w->nslots; i++)
+            if (w->slots[i].state == 1) all[k++] = w->slots[i].e;
+    if (all || !w->used) emit_steps(h, TC_OH_EV_LOST, w->id, reason, all, k, NULL, NULL);
+    free(all);
     inflight_clear(w);
     w->heartbeated = 0;
 }
@@ -271,7 +304,7 @@ static void worker_lose(tc_oh *h, tc_oh_worker *w, const char *reason)
 void tc_oh_expire(tc_oh *h)
 {
     if (h->heartbeat_timeout_ms <= 0) return;
-    int64_t now = mono_ms();
+    int64_t now = tc_oh_now_ms();
     for (size_t i = 0; i < h->nworkers;) {
         tc_oh_worker *w = &h->workers[i];
         if (w->heartbeated && now - w->last_heartbeat_mono_ms >= h->heartbeat_timeout_ms) {
@@ -290,7 +323,7 @@ void tc_oh_expire(tc_oh *h)
 long tc_oh_next_expiry_ms(const tc_oh *h)
 {
     if (h->heartbeat_timeout_ms <= 0) return -1;
-    int64_t now = mono_ms(), best = -1;
+    int64_t now = tc_oh_now_ms(), best = -1;
     for (size_t i = 0; i < h->nworkers; i++) {
         const tc_oh_worker *w = &h->workers[i];
         if (!w->heartbeated) continue;
@@ -304,10 +337,10 @@ long tc_oh_next_expiry_ms(const tc_oh *h)
 long tc_oh_choose_worker(const tc_oh *h, size_t nsteps)
 {
     long best = -1;
-    int64_t best_free = 0;
+    int64_t best_free = 0, now = tc_oh_now_ms();
     for (size_t i = 0; i < h->nworkers; i++) {
         const tc_oh_worker *w = &h->workers[i];
-        if (!tc_oh_worker_live(w) || w->capacity <= 0) continue;
+        if (!tc_oh_worker_sendable(h, w, now)) continue;
         int64_t free_ = w->capacity - (int64_t)w->used;
         int fits = free_ >= (int64_t)nsteps || ((int64_t)nsteps > w->capacity && w->used == 0);
         if (!fits) continue;
@@ -335,6 +368,7 @@ int tc_oh_open(tc_oh *h, const tc_oh_config *cfg, char *err, size_t errlen)
     h->heartbeat_timeout_ms = cfg->heartbeat_timeout_ms;
     h->max_message_bytes = cfg->max_message_bytes;
     h->max_result_bytes = cfg->max_result_bytes;
+    h->max_payload_depth = cfg->max_payload_depth > 0 ? cfg->max_payload_depth : TC_OH_DEFAULT_MAX_PAYLOAD_DEPTH;
     h->curve = cfg->curve != NULL;
     if (cfg->curve) snprintf(h->zap_domain, sizeof(h->zap_domain), "%s", cfg->curve->domain);
     /* Batch ids must not repeat across handles or restarts either: a late
@@ -353,12 +387,17 @@ int tc_oh_open(tc_oh *h, const tc_oh_config *cfg, char *err, size_t errlen)
                             errlen) < 0)
         goto fail;
     /* NODROP: a full pipe refuses the send (we count and report it) instead
-     * of losing the batch silently. VERBOSE: every subscription reaches us,
-     * so a worker that reconnects is seen again. */
+     * of losing the batch silently; libzmq checks only the pipes the topic
+     * matches, so one worker's full pipe holds up no other worker.
+     * MANUAL: libzmq installs no subscription by itself; handle_subscription
+     * installs only "batch.<worker id>.", so a peer subscribed to "" or
+     * "batch." receives nothing. In manual mode every (un)subscription
+     * reaches recv, duplicates included (VERBOSE/VERBOSER do not apply), and
+     * a closed connection yields one unsubscription per topic it asked for. */
     if (tc_socket_set_int(&h->batch, ZMQ_SNDHWM, cfg->send_hwm, err, errlen) < 0 ||
         tc_socket_set_int(&h->batch, ZMQ_LINGER, cfg->linger_ms, err, errlen) < 0 ||
         tc_socket_set_int(&h->batch, ZMQ_XPUB_NODROP, 1, err, errlen) < 0 ||
-        tc_socket_set_int(&h->batch, ZMQ_XPUB_VERBOSE, 1, err, errlen) < 0 ||
+        tc_socket_set_int(&h->batch, ZMQ_XPUB_MANUAL, 1, err, errlen) < 0 ||
         tc_socket_bind(&h->batch, cfg->batch_endpoint, err, errlen) < 0 ||
         tc_socket_last_endpoint(&h->batch, h->batch_endpoint, sizeof(h->batch_endpoint)) < 0)
         goto fail;
@@ -407,6 +446,25 @@ void tc_oh_close(tc_oh *h)
 
 /* ---- sending ----------------------------------------------------------- */
 
+/* A send refused at the high-water mark: back off (50 ms doubling to 1 s);
+ * after heartbeat_timeout_ms of nothing but refusals the worker has
+ * stopped reading and is dropped until it subscribes again. */
+static void note_refusal(tc_oh *h, tc_oh_worker *w)
+{
+    int64_t now = tc_oh_now_ms();
+    if (!w->refused_since_mono_ms) w->refused_since_mono_ms = now ? now : 1;
+    w->backoff_ms = w->backoff_ms ? w->backoff_ms * 2 : TC_OH_BACKOFF_MIN_MS;
+    if (w->backoff_ms > TC_OH_BACKOFF_MAX_MS) w->backoff_ms = TC_OH_BACKOFF_MAX_MS;
+    w->backoff_until_mono_ms = now + w->backoff_ms;
+    if (w->not_reading || h->heartbeat_timeout_ms <= 0 || now - w->refused_since_mono_ms < h->heartbeat_timeout_ms)
+        return;
+    worker_lose(h, w, "not_reading");
+    w->not_reading = 1;
+    h->stats.workers_not_reading++;
+    if (h->n_not_reading_log < TC_OH_NOT_READING_LOG)
+        snprintf(h->not_reading_log[h->n_not_reading_log++], sizeof(h->not_reading_log[0]), "%s", w->id);
+}
+
 void tc_oh_next_batch_id(tc_oh *h, char *buf, size_t len)
 {
     snprintf(buf, len, "%s-%llu", h->batch_id_prefix, (unsigned long long)++h->batch_seq);
@@ -429,9 +487,14 @@ int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const 
     const void *bufs[2] = {topic, body};
     size_t lens[2] = {(size_t)tlen, len};
     if (tc_socket_send_parts(&h->batch, bufs, lens, 2) < 0) {
-        if (errno == EAGAIN) h->stats.send_refused++;
+        if (errno == EAGAIN) {
+            h->stats.send_refused++;
+            note_refusal(h, w);
+            errno = EAGAIN;
+        }
         return -1;
     }
+    backoff_reset(w);
     for (size_t i = 0; i < nsteps; i++) {
         tc_oh_inflight e = {.step_id = steps[i].step_id, .task_id = steps[i].task_id,
                             .attempt = steps[i].attempt};
@@ -446,46 +509,14 @@ int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const 
 
 /* ---- receiving --------------------------------------------------------- */
 
-static int get_int(const msgpack_object *map, const char *key, int64_t *out)
-{
-    const msgpack_object *v = tc_proto_map_get(map, key);
-    if (!v) return 0;
-    if (v->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
-        if (v->via.u64 > INT64_MAX) return 0;
-        *out = (int64_t)v->via.u64;
-        return 1;
-    }
-    if (v->type == MSGPACK_OBJECT_NEGATIVE_INTEGER) {
-        *out = v->via.i64;
-        return 1;
-    }
-    return 0;
-}
-
-static int get_str(const msgpack_object *map, const char *key, const char **p, size_t *n)
-{
-    const msgpack_object *v = tc_proto_map_get(map, key);
-    /* Ruby packs binary-encoded Strings (Socket.gethostname, for one) as
-     * bin: accept either for text fields. */
-    if (v && v->type == MSGPACK_OBJECT_STR) {
-        *p = v->via.str.ptr;
-        *n = v->via.str.size;
-        return 1;
-    }
-    if (v && v->type == MSGPACK_OBJECT_BIN) {
-        *p = v->via.bin.ptr;
-        *n = v->via.bin.size;
-        return 1;
-    }
-    return 0;
-}
-
 static int str_is(const char *p, size_t n, const char *lit)
 {
     return strlen(lit) == n && memcmp(p, lit, n) == 0;
 }
 
-static void queue_result(tc_oh *h, const void *body, size_t len, int duplicate)
+#define CLIP(n) ((int)((n) > 64 ? 64 : (n)))
+
+static void queue_result(tc_oh *h, const void *body, size_t len)
 {
     tc_oh_event *ev = event_push(h);
     if (!ev) return;
@@ -494,179 +525,362 @@ static void queue_result(tc_oh *h, const void *body, size_t len, int duplicate)
     memcpy(ev->body, body, len);
     ev->len = len;
     ev->kind = TC_OH_EV_RESULT;
-    ev->duplicate = duplicate;
     h->ev_count++;
 }
 
-static tc_oh_worker *live_sender(tc_oh *h, const char *wid, size_t wn, const char *type)
+static tc_oh_worker *live_sender(tc_oh *h, tc_proto_str wid, const char *type)
 {
-    tc_oh_worker *w = worker_find(h, wid, wn);
+    tc_oh_worker *w = worker_find(h, wid.ptr, wid.len);
     if (!w || !tc_oh_worker_live(w)) {
-        tc_oh_count_bad(h, TC_OH_BAD_UNKNOWN_WORKER, "%s from worker %.*s, which is not live", type,
-                        (int)(wn > 64 ? 64 : wn), wid);
+        tc_oh_count_bad(h, TC_OH_BAD_UNKNOWN_WORKER, "%s from worker %.*s, which is not live", type, CLIP(wid.len),
+                        wid.ptr);
         return NULL;
     }
     return w;
 }
 
-static void release_batch(const tc_oh_inflight *e, void *arg);
+static int batch_is(const tc_oh_inflight *e, tc_proto_str bid)
+{
+    return bid.ptr && str_is(bid.ptr, bid.len, e->batch_id);
+}
 
-struct release_ctx {
-    tc_oh_worker *w;
-    const char *bid;
-    size_t bn;
-    size_t released;
-};
+/* The seq of a batch id this handle generated ("<prefix>-<seq>"); 0 for
+ * any other id. */
+static int own_batch_seq(const tc_oh *h, const char *id, size_t n, uint64_t *seq)
+{
+    size_t pl = strlen(h->batch_id_prefix);
+    if (n <= pl + 1 || n > TC_OH_BATCH_ID_MAX || memcmp(id, h->batch_id_prefix, pl) != 0 || id[pl] != '-') return 0;
+    uint64_t v = 0;
+    for (size_t i = pl + 1; i < n; i++) {
+        if (id[i] < '0' || id[i] > '9' || v > (UINT64_MAX - 9) / 10) return 0;
+        v = v * 10 + (uint64_t)(id[i] - '0');
+    }
+    *seq = v;
+    return 1;
+}
 
-static void handle_result_message(tc_oh *h, const void *body, size_t len)
+static void recent_add(tc_oh_worker *w, int64_t step_id, int64_t attempt)
+{
+    unsigned i = w->recent_next++ % TC_OH_RECENT;
+    w->recent[i][0] = step_id;
+    w->recent[i][1] = attempt;
+}
+
+static int recent_has(const tc_oh_worker *w, int64_t step_id, int64_t attempt)
+{
+    unsigned n = w->recent_next < TC_OH_RECENT ? w->recent_next : TC_OH_RECENT;
+    for (unsigned i = 0; i < n; i++)
+        if (w->recent[i][0] == step_id && w->recent[i][1] == attempt) return 1;
+    return 0;
+}
+
+/* Applied only from the worker the (step, attempt) is in flight on, with
+ * the batch it was sent in; anything else is counted and dropped. */
+static void on_partial(tc_oh *h, const tc_proto_msg *m, const void *body, size_t len)
+{
+    h->stats.partial_results++;
+    tc_oh_worker *w = live_sender(h, m->worker_id, "partial_result");
+    if (!w) return;
+    tc_oh_slot *s = slot_find(w, m->step_id, m->attempt);
+    if (!s) {
+        if (recent_has(w, m->step_id, m->attempt))
+            tc_oh_count_bad(h, TC_OH_BAD_DUPLICATE, "a second partial_result for step %lld attempt %lld from %s",
+                            (long long)m->step_id, (long long)m->attempt, w->id);
+        else
+            tc_oh_count_bad(h, TC_OH_BAD_NOT_DISPATCHED,
+                            "partial_result for step %lld attempt %lld from %s, which it was not sent",
+                            (long long)m->step_id, (long long)m->attempt, w->id);
+        return;
+    }
+    if (!batch_is(&s->e, m->batch_id)) {
+        tc_oh_count_bad(h, TC_OH_BAD_NOT_DISPATCHED,
+                        "partial_result for step %lld attempt %lld from %s with batch_id %.*s; it was sent in %s",
+                        (long long)m->step_id, (long long)m->attempt, w->id, CLIP(m->batch_id.len), m->batch_id.ptr,
+                        s->e.batch_id);
+        return;
+    }
+    inflight_remove(w, s);
+    recent_add(w, m->step_id, m->attempt);
+    queue_result(h, body, len);
+}
+
+/* The completion follows the batch's last partial on the same connection,
+ * so steps of this batch still in flight lost their partial: free their
+ * credit (the lease deadline dispatches them again), or the worker would
+ * look busy forever. No event. */
+static void on_completion(tc_oh *h, const tc_proto_msg *m)
+{
+    h->stats.batch_completions++;
+    tc_oh_worker *w = live_sender(h, m->worker_id, "batch_completion");
+    if (!w) return;
+    for (size_t i = 0; i < w->nslots; i++)
+        if (w->slots[i].state == 1 && batch_is(&w->slots[i].e, m->batch_id)) {
+            inflight_remove(w, &w->slots[i]);
+            h->stats.steps_released_by_completion++;
+        }
+}
+
+static int cmp_pair(const void *a, const void *b)
+{
+    const int64_t *x = a, *y = b;
+    if (x[0] != y[0]) return x[0] < y[0] ? -1 : 1;
+    return x[1] < y[1] ? -1 : x[1] > y[1];
+}
+
+/* docs/protocol.md section 6: steps sent to this worker in last_batch_id or
+ * an earlier batch of this handle, with no result yet, that the worker does
+ * not list, are taken back as lost. */
+static void reconcile(tc_oh *h, tc_oh_worker *w, const tc_proto_msg *m)
+{
+    uint64_t last, seq;
+    if (!m->reconcile || !m->last_batch_id.ptr || !w->used) return;
+    /* An id this handle did not generate (or has not yet) changes nothing. */
+    if (!own_batch_seq(h, m->last_batch_id.ptr, m->last_batch_id.len, &last) || last > h->batch_seq) return;
+    size_t n = m->in_flight_steps->via.array.size;
+    int64_t(*listed)[2] = n ? malloc(n * sizeof(*listed)) : NULL;
+    tc_oh_inflight *gone = malloc(w->used * sizeof(*gone));
+    if ((n && !listed) || !gone) goto done;
+    for (size_t i = 0; i < n; i++) tc_proto_in_flight_step(m, i, &listed[i][0], &listed[i][1]);
+    if (n) qsort(listed, n, sizeof(*listed), cmp_pair);
+    size_t k = 0;
+    for (size_t i = 0; i < w->nslots; i++) {
+        tc_oh_slot *s = &w->slots[i];
+        if (s->state != 1 || !own_batch_seq(h, s->e.batch_id, strlen(s->e.batch_id), &seq) || seq > last) continue;
+        int64_t key[2] = {s->e.step_id, s->e.attempt};
+        if (n && bsearch(key, listed, n, sizeof(*listed), cmp_pair)) continue;
+        gone[k++] = s->e;
+        inflight_remove(w, s);
+    }
+    if (k) {
+        h->stats.steps_reconciled += k;
+        emit_steps(h, TC_OH_EV_LOST, w->id, "reconciled", gone, k, NULL, NULL);
+    }
+done:
+    free(listed);
+    free(gone);
+}
+
+static void on_heartbeat(tc_oh *h, const tc_proto_msg *m)
+{
+    h->stats.heartbeats++;
+    tc_oh_worker *w = worker_find_or_add(h, m->worker_id.ptr, m->worker_id.len);
+    if (!w) return;
+    if (m->host.ptr)
+        snprintf(w->host, sizeof(w->host), "%.*s", (int)(m->host.len > TC_OH_HOST_MAX ? TC_OH_HOST_MAX : m->host.len),
+                 m->host.ptr);
+    w->pid = m->pid;
+    w->capacity = m->capacity;
+    const tc_proto_conn *conn = &m->connection;
+    w->connects = conn->connects;
+    w->disconnects = conn->disconnects;
+    /* Kept only when it looks like an event name ([a-z0-9_], short): it
+     * goes into a text column as is. */
+    size_t en = conn->last_event.ptr && conn->last_event.len <= TC_OH_CONN_EVENT_MAX ? conn->last_event.len : 0;
+    for (size_t k = 0; k < en; k++) {
+        char ch = conn->last_event.ptr[k];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_')) en = 0;
+    }
+    if (en) memcpy(w->last_connection_event, conn->last_event.ptr, en);
+    w->last_connection_event[en] = '\0';
+    w->last_connection_event_at = conn->last_event_at;
+    worker_default_limits(h, w);
+    if (m->limits.max_batch_steps) w->max_batch_steps = m->limits.max_batch_steps;
+    if (m->limits.max_message_bytes) w->max_message_bytes = m->limits.max_message_bytes;
+    if (m->limits.max_payload_depth) w->max_payload_depth = m->limits.max_payload_depth;
+    w->heartbeated = 1;
+    w->last_heartbeat_at = wall_s();
+    w->last_heartbeat_mono_ms = tc_oh_now_ms();
+    reconcile(h, w, m);
+}
+
+/* A goodbye drops the worker (its steps are dispatched again) but does not
+ * disable it: the legitimate order is unsubscribe, goodbye, close, so a
+ * worker still subscribed that heartbeats again is live again, and a forged
+ * goodbye costs a re-dispatch only. */
+static void on_goodbye(tc_oh *h, const tc_proto_msg *m)
+{
+    h->stats.goodbyes++;
+    tc_oh_worker *w = worker_find(h, m->worker_id.ptr, m->worker_id.len);
+    if (!w) return;
+    worker_lose(h, w, "goodbye");
+    if (!w->subscribed) worker_remove(h, w);
+}
+
+static int refused_step_found(tc_oh_worker *w, const tc_proto_msg *m, size_t i, tc_oh_slot **out)
+{
+    int64_t step_id, attempt;
+    tc_proto_str r, msg;
+    tc_proto_refused_step(m, i, &step_id, &attempt, &r, &msg);
+    *out = slot_find(w, step_id, attempt);
+    return *out && (!m->batch_id.ptr || batch_is(&(*out)->e, m->batch_id));
+}
+
+/* Takes one refused step (or a whole batch's steps) out of flight and
+ * queues what the reason asks for: FAIL for too_deep and invalid_step,
+ * LOST ("refused") for anything else. */
+static void refuse(tc_oh *h, tc_oh_worker *w, tc_proto_str reason, tc_proto_str message, const tc_oh_inflight *steps,
+                   size_t n)
+{
+    const char *cls = str_is(reason.ptr, reason.len, "too_deep")       ? "TaskerCore::PayloadTooDeepError"
+                      : str_is(reason.ptr, reason.len, "invalid_step") ? "TaskerCore::BatchRefusedError"
+                                                                       : NULL;
+    char text[TC_OH_MESSAGE_MAX + 1];
+    snprintf(text, sizeof(text), "worker %s refused the step%s: %.*s", w->id, n == 1 ? "" : "s",
+             (int)(message.len > 200 ? 200 : message.len), message.ptr);
+    emit_steps(h, cls ? TC_OH_EV_FAIL : TC_OH_EV_LOST, w->id, "refused", steps, n, cls, text);
+}
+
+/* docs/protocol.md 4.6: accepted only from the worker the batch was sent
+ * to, for steps of that batch still in flight on it (all of them when
+ * steps is empty); without a batch_id only listed steps each in flight on
+ * that worker. Credit is freed at once. */
+static void on_refusal(tc_oh *h, const tc_proto_msg *m)
+{
+    tc_oh_worker *w = live_sender(h, m->worker_id, "batch_refusal");
+    if (!w) return;
+    size_t n = m->steps->via.array.size;
+    tc_oh_slot *s;
+    if (n == 0) {
+        size_t k = 0;
+        tc_oh_inflight *all = m->batch_id.ptr && w->used ? malloc(w->used * sizeof(*all)) : NULL;
+        if (all)
+            for (size_t i = 0; i < w->nslots; i++)
+                if (w->slots[i].state == 1 && batch_is(&w->slots[i].e, m->batch_id)) {
+                    all[k++] = w->slots[i].e;
+                    inflight_remove(w, &w->slots[i]);
+                }
+        if (k) {
+            h->stats.refusals++;
+            refuse(h, w, m->reason, m->message, all, k);
+        } else if (m->batch_id.ptr && (all || !w->used)) {
+            tc_oh_count_bad(h, TC_OH_BAD_NOT_DISPATCHED, "batch_refusal from %s for batch %.*s, not in flight on it",
+                            w->id, CLIP(m->batch_id.len), m->batch_id.ptr);
+        } else if (!m->batch_id.ptr) {
+            tc_oh_count_bad(h, TC_OH_BAD_INVALID_FIELDS, "batch_refusal from %s with neither a batch_id nor steps",
+                            w->id);
+        }
+        free(all);
+        return;
+    }
+    /* All or nothing: one step not in flight there and the refusal is not
+     * from the worker that holds the batch. */
+    for (size_t i = 0; i < n; i++)
+        if (!refused_step_found(w, m, i, &s)) {
+            tc_oh_count_bad(h, TC_OH_BAD_NOT_DISPATCHED,
+                            "batch_refusal from %s for a step not in flight on it (entry %zu, batch %.*s)", w->id, i,
+                            CLIP(m->batch_id.len), m->batch_id.ptr ? m->batch_id.ptr : "nil");
+            return;
+        }
+    h->stats.refusals++;
+    for (size_t i = 0; i < n; i++) {
+        int64_t step_id, attempt;
+        tc_proto_str r, msg;
+        tc_proto_refused_step(m, i, &step_id, &attempt, &r, &msg);
+        s = slot_find(w, step_id, attempt);
+        if (!s) continue; /* listed twice */
+        tc_oh_inflight e = s->e;
+        inflight_remove(w, s);
+        refuse(h, w, r, msg, &e, 1);
+    }
+}
+
+static tc_oh_bad_reason bad_of(tc_proto_err e)
+{
+    switch (e) {
+    case TC_PROTO_ERR_VERSION: return TC_OH_BAD_PROTOCOL_VERSION;
+    case TC_PROTO_ERR_TYPE: return TC_OH_BAD_UNKNOWN_TYPE;
+    case TC_PROTO_ERR_FIELDS: return TC_OH_BAD_INVALID_FIELDS;
+    default: return TC_OH_BAD_UNDECODABLE;
+    }
+}
+
+static const char *type_name(tc_proto_type t)
+{
+    switch (t) {
+    case TC_PROTO_PARTIAL_RESULT: return "partial_result";
+    case TC_PROTO_BATCH_COMPLETION: return "batch_completion";
+    case TC_PROTO_HEARTBEAT: return "heartbeat";
+    case TC_PROTO_GOODBYE: return "goodbye";
+    case TC_PROTO_BATCH_REFUSAL: return "batch_refusal";
+    }
+    return "";
+}
+
+static void handle_result_message(tc_oh *h, const void *topic, size_t tlen, const void *body, size_t len)
 {
     msgpack_unpacked u;
-    size_t off = 0;
+    tc_proto_msg m;
+    char detail[160];
     msgpack_unpacked_init(&u);
-    /* Refuse made-up container counts before msgpack-c sizes its zone from them. */
-    int rc = tc_codec_check(body, len, NULL, 0) == 0 ? msgpack_unpack_next(&u, body, len, &off) : MSGPACK_UNPACK_PARSE_ERROR;
-    if (rc != MSGPACK_UNPACK_SUCCESS || off != len || u.data.type != MSGPACK_OBJECT_MAP) {
-        tc_oh_count_bad(h, TC_OH_BAD_UNDECODABLE, "a %zu-byte body that is not one msgpack map", len);
+    tc_proto_err e = tc_proto_parse(&u, body, len, &m, detail, sizeof(detail));
+    if (e != TC_PROTO_OK) {
+        tc_oh_count_bad(h, bad_of(e), "%s", detail);
         goto done;
     }
-    const msgpack_object *m = &u.data;
-    int64_t version;
-    if (!get_int(m, "protocol_version", &version) || version != TC_OH_PROTOCOL_VERSION) {
-        tc_oh_count_bad(h, TC_OH_BAD_PROTOCOL_VERSION, "a message without protocol_version %d",
-                        TC_OH_PROTOCOL_VERSION);
+    const char *tn = type_name(m.type);
+    if (!str_is(topic, tlen, tn)) {
+        tc_oh_count_bad(h, TC_OH_BAD_TOPIC_MISMATCH, "a %s under the topic %.*s", tn, CLIP(tlen), (const char *)topic);
         goto done;
     }
-    const char *type;
-    size_t tn;
-    if (!get_str(m, "type", &type, &tn)) {
-        tc_oh_count_bad(h, TC_OH_BAD_UNKNOWN_TYPE, "a message without a type");
+    if (!valid_worker_id(m.worker_id.ptr, m.worker_id.len)) {
+        tc_oh_count_bad(h, TC_OH_BAD_INVALID_FIELDS, "a %s whose worker_id is not [A-Za-z0-9_-]{1,%d}", tn,
+                        TC_OH_WORKER_ID_MAX);
         goto done;
     }
-    const char *wid = NULL;
-    size_t wn = 0;
-    int has_wid = get_str(m, "worker_id", &wid, &wn) && valid_worker_id(wid, wn);
-
-    if (str_is(type, tn, "heartbeat")) {
-        int64_t capacity, pid = 0;
-        if (!has_wid || !get_int(m, "capacity", &capacity) || capacity < 0) {
-            tc_oh_count_bad(h, TC_OH_BAD_INVALID_FIELDS, "a heartbeat without a valid worker_id and capacity");
-            goto done;
-        }
-        h->stats.heartbeats++;
-        tc_oh_worker *w = worker_find_or_add(h, wid, wn);
-        if (!w || w->said_goodbye) goto done;
-        get_int(m, "pid", &pid);
-        const char *host;
-        size_t hn;
-        if (get_str(m, "host", &host, &hn))
-            snprintf(w->host, sizeof(w->host), "%.*s", (int)(hn > TC_OH_HOST_MAX ? TC_OH_HOST_MAX : hn), host);
-        w->pid = pid;
-        w->capacity = capacity;
-        tc_proto_conn conn;
-        tc_proto_parse_connection(m, &conn);
-        w->connects = conn.connects;
-        w->disconnects = conn.disconnects;
-        /* Kept only when it looks like an event name ([a-z0-9_], short): it
-         * goes into a text column as is. */
-        size_t en = conn.last_event.ptr && conn.last_event.len <= TC_OH_CONN_EVENT_MAX ? conn.last_event.len : 0;
-        for (size_t k = 0; k < en; k++) {
-            char ch = conn.last_event.ptr[k];
-            if (!((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_')) en = 0;
-        }
-        if (en) memcpy(w->last_connection_event, conn.last_event.ptr, en);
-        w->last_connection_event[en] = '\0';
-        w->last_connection_event_at = conn.last_event_at;
-        w->heartbeated = 1;
-        w->last_heartbeat_at = wall_s();
-        w->last_heartbeat_mono_ms = mono_ms();
-    } else if (str_is(type, tn, "goodbye")) {
-        if (!has_wid) {
-            tc_oh_count_bad(h, TC_OH_BAD_INVALID_FIELDS, "a goodbye without a valid worker_id");
-            goto done;
-        }
-        h->stats.goodbyes++;
-        tc_oh_worker *w = worker_find(h, wid, wn);
-        if (w) {
-            worker_lose(h, w, "goodbye");
-            w->said_goodbye = 1;
-            if (!w->subscribed) worker_remove(h, w);
-        }
-    } else if (str_is(type, tn, "partial_result")) {
-        int64_t step_id, attempt;
-        if (!has_wid || !get_int(m, "step_id", &step_id) || !get_int(m, "attempt", &attempt)) {
-            tc_oh_count_bad(h, TC_OH_BAD_INVALID_FIELDS,
-                            "a partial_result without a valid worker_id, step_id and attempt");
-            goto done;
-        }
-        h->stats.partial_results++;
-        tc_oh_worker *w = live_sender(h, wid, wn, "partial_result");
-        tc_oh_slot *s = w ? slot_find(w, step_id, attempt) : NULL;
-        if (w && !s)
-            tc_oh_count_bad(h, TC_OH_BAD_DUPLICATE, "partial_result for step %lld attempt %lld, not in flight on %s",
-                            (long long)step_id, (long long)attempt, w->id);
-        if (s) inflight_remove(w, s);
-        /* Late and duplicate results still go to the caller: the durable
-         * layer applies them idempotently and may still want the output. */
-        queue_result(h, body, len, s == NULL);
-    } else if (str_is(type, tn, "batch_completion")) {
-        const char *bid;
-        size_t bn;
-        if (!has_wid || !get_str(m, "batch_id", &bid, &bn)) {
-            tc_oh_count_bad(h, TC_OH_BAD_INVALID_FIELDS, "a batch_completion without a valid worker_id and batch_id");
-            goto done;
-        }
-        h->stats.batch_completions++;
-        tc_oh_worker *w = live_sender(h, wid, wn, "batch_completion");
-        if (w && w->used) {
-            /* The completion follows the batch's last partial on the same
-             * connection, so steps of this batch still in flight lost their
-             * partial (dropped at a full pipe): free their credit, or the
-             * worker would look busy forever. */
-            struct release_ctx rc2 = {w, bid, bn, 0};
-            tc_oh_worker_each_in_flight(w, release_batch, &rc2);
-            h->stats.steps_released_by_completion += rc2.released;
-        }
-        queue_result(h, body, len, 0);
-    } else {
-        tc_oh_count_bad(h, TC_OH_BAD_UNKNOWN_TYPE, "a message of unknown type %.*s", (int)(tn > 40 ? 40 : tn), type);
+    switch (m.type) {
+    case TC_PROTO_PARTIAL_RESULT: on_partial(h, &m, body, len); break;
+    case TC_PROTO_BATCH_COMPLETION: on_completion(h, &m); break;
+    case TC_PROTO_HEARTBEAT: on_heartbeat(h, &m); break;
+    case TC_PROTO_GOODBYE: on_goodbye(h, &m); break;
+    case TC_PROTO_BATCH_REFUSAL: on_refusal(h, &m); break;
     }
 done:
     msgpack_unpacked_destroy(&u);
 }
 
-static void release_batch(const tc_oh_inflight *e, void *arg)
-{
-    struct release_ctx *c = arg;
-    if (strlen(e->batch_id) == c->bn && memcmp(e->batch_id, c->bid, c->bn) == 0) {
-        /* Safe during the walk: removal only marks the slot deleted. */
-        inflight_remove(c->w, (tc_oh_slot *)e);
-        c->released++;
-    }
-}
-
+/* XPUB_MANUAL: only "batch.<worker id>." is installed, right after it was
+ * read (libzmq applies ZMQ_SUBSCRIBE to the connection of the last message
+ * read); "" , "batch." or any other prefix is refused and counted. A worker
+ * may be subscribed over more than one connection for a moment (it
+ * reconnected before the old connection was seen closed): it is lost only
+ * when the last one goes. */
 static void handle_subscription(tc_oh *h, const unsigned char *p, size_t n)
 {
     static const char prefix[] = "batch.";
     const size_t pl = sizeof(prefix) - 1;
+    char err[128];
     if (n < 1 || (p[0] != 0 && p[0] != 1)) return;
+    int sub = p[0] == 1;
     const char *topic = (const char *)p + 1;
     size_t tn = n - 1;
-    /* Only "batch.<id>." names a worker; anything else (a catch-all ""
-     * from a debugging tool, say) is not ours to track. */
-    if (tn < pl + 2 || memcmp(topic, prefix, pl) != 0 || topic[tn - 1] != '.') return;
     const char *id = topic + pl;
-    size_t idn = tn - pl - 1;
-    if (!valid_worker_id(id, idn)) return;
-    if (p[0] == 1) {
-        h->stats.subscriptions++;
+    size_t idn = tn >= pl + 1 ? tn - pl - 1 : 0;
+    if (tn < pl + 2 || memcmp(topic, prefix, pl) != 0 || topic[tn - 1] != '.' || !valid_worker_id(id, idn)) {
+        if (sub) h->stats.subscriptions_refused++;
+        return;
+    }
+    if (sub) {
         tc_oh_worker *w = worker_find_or_add(h, id, idn);
-        if (w) w->subscribed = 1;
+        if (!w || tc_socket_set_bytes(&h->batch, ZMQ_SUBSCRIBE, topic, tn, err, sizeof(err)) < 0) {
+            h->stats.subscriptions_refused++;
+            return;
+        }
+        h->stats.subscriptions++;
+        w->subscribed++;
+        /* A new connection: a worker dropped as not_reading starts afresh. */
+        w->not_reading = 0;
+        backoff_reset(w);
     } else {
         h->stats.unsubscriptions++;
+        /* After a closed connection libzmq has removed it already (and
+         * ignores this); after an explicit unsubscribe it removes it now. */
+        tc_socket_set_bytes(&h->batch, ZMQ_UNSUBSCRIBE, topic, tn, err, sizeof(err));
         tc_oh_worker *w = worker_find(h, id, idn);
-        if (w) {
-            /* libzmq sends this when the worker unsubscribes or its
-             * connection drops (a crash or kill -9 included). */
+        if (w && w->subscribed > 1) {
+            w->subscribed--;
+        } else if (w) {
+            /* The worker unsubscribed or its connection dropped (a crash
+             * or kill -9 included). */
             worker_lose(h, w, "unsubscribed");
             worker_remove(h, w);
         }
@@ -691,7 +905,9 @@ int tc_oh_poll(tc_oh *h)
             return -1;
         }
         total++;
-        handle_subscription(h, zmq_msg_data(&frames[0]), zmq_msg_size(&frames[0]));
+        /* Before the next recv: in manual mode ZMQ_SUBSCRIBE applies to
+         * the connection of the subscription read last. */
+        if (n == 1) handle_subscription(h, zmq_msg_data(&frames[0]), zmq_msg_size(&frames[0]));
         for (int f = 0; f < n; f++) zmq_msg_close(&frames[f]);
     }
     for (int i = 0; i < TC_OH_DRAIN_MAX; i++) {
@@ -712,7 +928,8 @@ int tc_oh_poll(tc_oh *h)
             tc_oh_count_bad(h, TC_OH_BAD_TOO_LARGE, "a %zu-byte body, over max_result_bytes (%zu)",
                             zmq_msg_size(&frames[1]), h->max_result_bytes);
         else
-            handle_result_message(h, zmq_msg_data(&frames[1]), zmq_msg_size(&frames[1]));
+            handle_result_message(h, zmq_msg_data(&frames[0]), zmq_msg_size(&frames[0]), zmq_msg_data(&frames[1]),
+                                  zmq_msg_size(&frames[1]));
         for (int f = 0; f < n; f++) zmq_msg_close(&frames[f]);
     }
     tc_oh_expire(h);

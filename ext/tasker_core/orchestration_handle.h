@@ -39,6 +39,17 @@
 /* Messages read per socket per poll, so one call cannot spin forever on a
  * flooding peer. */
 #define TC_OH_DRAIN_MAX 4096
+/* Defaults for a worker whose heartbeat carries no "limits". */
+#define TC_OH_DEFAULT_MAX_BATCH_STEPS 10000
+#define TC_OH_DEFAULT_MAX_PAYLOAD_DEPTH 28
+/* HWM send back-off: first refusal waits this long, doubling up to the max. */
+#define TC_OH_BACKOFF_MIN_MS 50
+#define TC_OH_BACKOFF_MAX_MS 1000
+#define TC_OH_ERROR_CLASS_MAX 63
+#define TC_OH_RECENT 32
+/* Workers dropped as not_reading, kept for the binding to log. */
+#define TC_OH_NOT_READING_LOG 16
+#define TC_OH_MESSAGE_MAX 255
 
 /* Why an incoming message was not accepted as-is. */
 typedef enum tc_oh_bad_reason {
@@ -50,6 +61,9 @@ typedef enum tc_oh_bad_reason {
     TC_OH_BAD_UNKNOWN_WORKER,      /* a result from a worker that is not live */
     TC_OH_BAD_DUPLICATE,           /* a partial for a step not in flight */
     TC_OH_BAD_TOO_LARGE,           /* a body over max_result_bytes */
+    TC_OH_BAD_TOPIC_MISMATCH,      /* the topic frame is not the body's type */
+    TC_OH_BAD_NOT_DISPATCHED,      /* a result/refusal from a live worker for a step or
+                                      batch not in flight on it, or a wrong batch_id */
     TC_OH_BAD_COUNT
 } tc_oh_bad_reason;
 
@@ -81,9 +95,22 @@ typedef struct tc_oh_worker {
     int64_t connects, disconnects;
     char last_connection_event[TC_OH_CONN_EVENT_MAX + 1];
     double last_connection_event_at; /* epoch seconds, 0 when unsaid */
-    int subscribed;       /* "\x01batch.<id>." seen on the XPUB */
+    int subscribed;       /* "\x01batch.<id>." installed on the XPUB, one per connection */
     int heartbeated;      /* a heartbeat arrived and has not expired */
-    int said_goodbye;     /* no revival by a stray heartbeat until it unsubscribes */
+    int not_reading;      /* dropped as not_reading: excluded until it subscribes again */
+    /* heartbeat "limits" (defaults when unsaid) */
+    int64_t max_batch_steps;    /* TC_OH_DEFAULT_MAX_BATCH_STEPS when unsaid */
+    int64_t max_message_bytes;  /* the handle's max_message_bytes (INT64_MAX if <= 0) when unsaid */
+    int64_t max_payload_depth;  /* TC_OH_DEFAULT_MAX_PAYLOAD_DEPTH when unsaid */
+    /* HWM refusals: no batch before backoff_until_mono_ms; refused_since_mono_ms
+     * is the first refusal since the last accepted send (0: none). */
+    int64_t backoff_ms;
+    int64_t backoff_until_mono_ms;
+    int64_t refused_since_mono_ms;
+    /* (step_id, attempt) of the latest results applied, to tell a
+     * duplicate from a result that was never dispatched here */
+    int64_t recent[TC_OH_RECENT][2];
+    unsigned recent_next;
     double last_heartbeat_at;      /* epoch seconds, for callers */
     int64_t last_heartbeat_mono_ms; /* for expiry */
     uint64_t last_dispatch_seq;     /* ties go to the least recently used */
@@ -94,7 +121,14 @@ typedef struct tc_oh_worker {
     size_t tombstones;
 } tc_oh_worker;
 
-typedef enum tc_oh_event_kind { TC_OH_EV_RESULT = 1, TC_OH_EV_LOST } tc_oh_event_kind;
+/* RESULT: a partial_result to apply (only from the worker and batch the
+ *         step's attempt is in flight on).
+ * LOST:   steps to dispatch again as a lost attempt; reason "unsubscribed",
+ *         "heartbeat_timeout", "goodbye", "not_reading", "reconciled" or
+ *         "refused".
+ * FAIL:   steps to fail, not retryable (a batch_refusal with too_deep or
+ *         invalid_step); error_class and message say why. */
+typedef enum tc_oh_event_kind { TC_OH_EV_RESULT = 1, TC_OH_EV_LOST, TC_OH_EV_FAIL } tc_oh_event_kind;
 
 /* Something receive_results hands to the caller, in arrival order. */
 typedef struct tc_oh_event {
@@ -103,11 +137,14 @@ typedef struct tc_oh_event {
     char *body;
     size_t len;
     int duplicate;
-    /* LOST */
+    /* LOST and FAIL: exactly the steps concerned (removed from the worker's table) */
     char worker_id[TC_OH_WORKER_ID_MAX + 1];
     char reason[TC_OH_REASON_MAX + 1];
     tc_oh_inflight *in_flight;
     size_t n_in_flight;
+    /* FAIL */
+    char error_class[TC_OH_ERROR_CLASS_MAX + 1];
+    char message[TC_OH_MESSAGE_MAX + 1];
 } tc_oh_event;
 
 typedef struct tc_oh_stats {
@@ -123,6 +160,10 @@ typedef struct tc_oh_stats {
     uint64_t send_refused;             /* XPUB refused at the high-water mark */
     uint64_t steps_released_by_completion; /* partials that never came */
     uint64_t worker_table_full;
+    uint64_t subscriptions_refused;    /* non-worker topics under XPUB_MANUAL */
+    uint64_t workers_not_reading;      /* dropped after heartbeat_timeout_ms of refusals */
+    uint64_t refusals;                 /* batch_refusal messages accepted */
+    uint64_t steps_reconciled;         /* taken back by heartbeat reconciliation */
     uint64_t bad[TC_OH_BAD_COUNT];
 } tc_oh_stats;
 
@@ -137,6 +178,7 @@ typedef struct tc_oh_config {
     const tc_curve_server *curve;
     int max_message_bytes;   /* ZMQ_MAXMSGSIZE on the result socket; <= 0: unlimited */
     size_t max_result_bytes; /* bodies larger are counted as too_large and dropped; 0: no limit */
+    int max_payload_depth;   /* sent to workers in each batch's limits */
 } tc_oh_config;
 
 typedef struct tc_oh {
@@ -168,6 +210,11 @@ typedef struct tc_oh {
     char zap_domain[TC_CURVE_DOMAIN_MAX + 1];
     int max_message_bytes;
     size_t max_result_bytes;
+    int max_payload_depth;
+    /* Workers dropped as not_reading since the binding last looked (it
+     * logs each id once and empties the list); beyond the bound only counted. */
+    char not_reading_log[TC_OH_NOT_READING_LOG][TC_OH_WORKER_ID_MAX + 1];
+    size_t n_not_reading_log;
 } tc_oh;
 
 /* Zero *h first. Opens and binds both sockets; 0 ok, -1 with a sentence in
@@ -205,13 +252,21 @@ long tc_oh_choose_worker(const tc_oh *h, size_t nsteps);
 
 int tc_oh_worker_live(const tc_oh_worker *w);
 
+/* Live, capacity > 0, not in its HWM send back-off and not dropped as
+ * not_reading: the loop sends only to such workers. */
+int tc_oh_worker_sendable(const tc_oh *h, const tc_oh_worker *w, int64_t now_mono_ms);
+
+/* CLOCK_MONOTONIC in milliseconds, the clock tc_oh_worker_sendable takes. */
+int64_t tc_oh_now_ms(void);
+
 /* Writes a fresh batch id ("<prefix>-<seq>", unique per handle) into buf. */
 void tc_oh_next_batch_id(tc_oh *h, char *buf, size_t len);
 
 /* Sends body on topic "batch.<worker id>." and, only when libzmq took it,
  * records the steps in flight for that worker. 0 ok; -1 with errno: EAGAIN
- * refused at the high-water mark (counted), ENOMEM, EINVAL, or a socket
- * error. */
+ * refused at the high-water mark (counted; the worker backs off 50 ms
+ * doubling to 1 s, and after heartbeat_timeout_ms of nothing but refusals
+ * is lost as "not_reading"), ENOMEM, EINVAL, or a socket error. */
 int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const tc_oh_step *steps,
                      size_t nsteps, const void *body, size_t len);
 

@@ -28,6 +28,7 @@ typedef struct oh_wrap {
     int enabled;
     int closed;
     unsigned logged; /* bad reasons already logged, one bit each */
+    VALUE logged_not_reading; /* worker id => true, bounded */
     size_t reported_memory;
     /* The native loop; kept after it stops so its stats stay readable. */
     tc_loop *loop;
@@ -84,6 +85,7 @@ static void oh_mark(void *p)
 {
     oh_wrap *w = p;
     rb_gc_mark(w->owner);
+    rb_gc_mark(w->logged_not_reading);
 }
 
 static void oh_free(void *p)
@@ -117,6 +119,7 @@ static VALUE oh_alloc(VALUE klass)
     oh_wrap *w;
     VALUE obj = TypedData_Make_Struct(klass, oh_wrap, &oh_type, w);
     w->owner = Qnil;
+    w->logged_not_reading = Qnil;
     return obj;
 }
 
@@ -191,6 +194,50 @@ static void log_new_bad_reasons(oh_wrap *w)
     }
 }
 
+/* Distinct worker ids remembered for once-per-worker logging. */
+#define NOT_READING_LOGGED_MAX 1024
+
+static void log_line(VALUE msg)
+{
+    if (!rb_respond_to(tc_mTaskerCore, rb_intern("logger"))) return;
+    int state = 0;
+    rb_protect(call_logger, msg, &state);
+    if (state) rb_set_errinfo(Qnil);
+}
+
+/* Workers dropped as not_reading, once per worker id. ids is a copy of the
+ * core's list (taken under the loop's lock when the loop runs). */
+static void log_not_reading(oh_wrap *w, char (*ids)[TC_OH_WORKER_ID_MAX + 1], size_t n)
+{
+    if (NIL_P(w->logged_not_reading)) w->logged_not_reading = rb_hash_new();
+    for (size_t i = 0; i < n; i++) {
+        VALUE id = str_lit(ids[i]);
+        if (RTEST(rb_hash_lookup(w->logged_not_reading, id))) continue;
+        if (RHASH_SIZE(w->logged_not_reading) < NOT_READING_LOGGED_MAX) rb_hash_aset(w->logged_not_reading, id, Qtrue);
+        log_line(rb_sprintf("tasker_core orchestration handle: worker %s is not reading its batches (every send "
+                            "refused at the high-water mark for %ld ms): dropped as not_reading, its steps are "
+                            "dispatched again; it gets nothing until it subscribes again",
+                            ids[i], w->core.heartbeat_timeout_ms));
+    }
+}
+
+/* Takes the core's not_reading list (caller holds the loop's lock if it runs). */
+static size_t take_not_reading(oh_wrap *w, char (*out)[TC_OH_WORKER_ID_MAX + 1])
+{
+    size_t n = w->core.n_not_reading_log;
+    memcpy(out, w->core.not_reading_log, n * sizeof(*out));
+    w->core.n_not_reading_log = 0;
+    return n;
+}
+
+static void log_new_problems(oh_wrap *w)
+{
+    char ids[TC_OH_NOT_READING_LOG][TC_OH_WORKER_ID_MAX + 1];
+    size_t n = take_not_reading(w, ids);
+    log_not_reading(w, ids, n);
+    log_new_bad_reasons(w);
+}
+
 /* ---- polling and waiting ------------------------------------------------- */
 
 static void poll_or_raise(oh_wrap *w)
@@ -202,7 +249,7 @@ static void poll_or_raise(oh_wrap *w)
                  w->core.batch_endpoint, w->core.result_endpoint, zmq_strerror(e));
     }
     sync_memory(w);
-    log_new_bad_reasons(w);
+    log_new_problems(w);
 }
 
 /* Waits for either socket, GVL-free and interruptibly; wait_ms < 0 forever. */
@@ -238,20 +285,21 @@ static VALUE allow_keys_body(VALUE p)
 
 static VALUE oh_initialize(int argc, VALUE *argv, VALUE self)
 {
-    static ID ids[11];
-    VALUE opts, vals[11];
+    static ID ids[12];
+    VALUE opts, vals[12];
     oh_wrap *w;
     TypedData_Get_Struct(self, oh_wrap, &oh_type, w);
     if (w->initialized) rb_raise(rb_eRuntimeError, "orchestration handle already initialized");
 
     rb_scan_args(argc, argv, ":", &opts);
     if (!ids[0]) {
-        const char *names[11] = {"batch_endpoint", "result_endpoint",      "send_hwm", "recv_hwm",
+        const char *names[12] = {"batch_endpoint", "result_endpoint",      "send_hwm", "recv_hwm",
                                  "linger_ms",      "heartbeat_timeout_ms", "enabled",  "curve_secret_key",
-                                 "curve_allowed_client_keys", "max_message_bytes", "max_result_bytes"};
-        for (int i = 0; i < 11; i++) ids[i] = rb_intern(names[i]);
+                                 "curve_allowed_client_keys", "max_message_bytes", "max_result_bytes",
+                                 "max_payload_depth"};
+        for (int i = 0; i < 12; i++) ids[i] = rb_intern(names[i]);
     }
-    rb_get_kwargs(opts, ids, 0, 11, vals);
+    rb_get_kwargs(opts, ids, 0, 12, vals);
 
     int enabled = vals[6] == Qundef ? 1 : RTEST(vals[6]);
     VALUE be = vals[0] == Qundef ? Qnil : vals[0];
@@ -270,6 +318,8 @@ static VALUE oh_initialize(int argc, VALUE *argv, VALUE self)
         .heartbeat_timeout_ms = kw_long(vals[5], "heartbeat_timeout_ms", 5000, 1),
         .max_message_bytes = (int)kw_long(vals[9], "max_message_bytes", 0, 0),
         .max_result_bytes = (size_t)kw_long(vals[10], "max_result_bytes", 0, 0),
+        /* config zeromq.max_payload_depth: the default there is 24 too */
+        .max_payload_depth = (int)kw_long(vals[11], "max_payload_depth", 24, 1),
     };
     /* CURVE: the secret key is decoded onto the stack and wiped after the
      * sockets took it; the allow-list goes to the ZAP handler under a new
@@ -316,6 +366,7 @@ static VALUE oh_initialize(int argc, VALUE *argv, VALUE self)
         w->core.recv_hwm = cfg.recv_hwm;
         w->core.linger_ms = cfg.linger_ms;
         w->core.heartbeat_timeout_ms = cfg.heartbeat_timeout_ms;
+        w->core.max_payload_depth = cfg.max_payload_depth;
         snprintf(w->core.batch_endpoint, sizeof(w->core.batch_endpoint), "%s", cfg.batch_endpoint);
         snprintf(w->core.result_endpoint, sizeof(w->core.result_endpoint), "%s", cfg.result_endpoint);
     }
@@ -366,10 +417,11 @@ static VALUE oh_zeromq_config(VALUE self)
     rb_hash_aset(h, str_lit("linger_ms"), INT2NUM(w->core.linger_ms));
     rb_hash_aset(h, str_lit("heartbeat_timeout_ms"), LONG2NUM(w->core.heartbeat_timeout_ms));
     rb_hash_aset(h, str_lit("xpub_nodrop"), Qtrue);
-    rb_hash_aset(h, str_lit("xpub_verbose"), Qtrue);
+    rb_hash_aset(h, str_lit("xpub_manual"), Qtrue);
     rb_hash_aset(h, str_lit("curve"), w->core.curve ? Qtrue : Qfalse);
     rb_hash_aset(h, str_lit("max_message_bytes"), INT2NUM(w->core.max_message_bytes));
     rb_hash_aset(h, str_lit("max_result_bytes"), SIZET2NUM(w->core.max_result_bytes));
+    rb_hash_aset(h, str_lit("max_payload_depth"), INT2NUM(w->core.max_payload_depth));
     return h;
 }
 
@@ -385,6 +437,11 @@ static VALUE worker_hash(const tc_oh_worker *wk)
     rb_hash_aset(h, str_lit("pid"), LL2NUM(wk->pid));
     rb_hash_aset(h, str_lit("host"), str_lit(wk->host));
     rb_hash_aset(h, str_lit("last_heartbeat_at"), rb_time_nano_new(sec, (long)((t - (double)sec) * 1e9)));
+    VALUE lim = rb_hash_new();
+    rb_hash_aset(lim, str_lit("max_batch_steps"), LL2NUM(wk->max_batch_steps));
+    rb_hash_aset(lim, str_lit("max_message_bytes"), LL2NUM(wk->max_message_bytes));
+    rb_hash_aset(lim, str_lit("max_payload_depth"), LL2NUM(wk->max_payload_depth));
+    rb_hash_aset(h, str_lit("limits"), lim);
     rb_hash_aset(h, str_lit("connects"), LL2NUM(wk->connects));
     rb_hash_aset(h, str_lit("disconnects"), LL2NUM(wk->disconnects));
     rb_hash_aset(h, str_lit("last_connection_event"),
@@ -451,6 +508,7 @@ static VALUE oh_stats(VALUE self)
     oh_wrap *w = oh_get_any(self);
     tc_oh_stats copy;
     tc_socket_counters bc = w->core.batch.counters, rc = w->core.result.counters;
+    char ids[TC_OH_NOT_READING_LOG][TC_OH_WORKER_ID_MAX + 1];
     int locked = orchestrating(w);
     if (locked) {
         tc_loop_lock(w->loop);
@@ -458,7 +516,20 @@ static VALUE oh_stats(VALUE self)
         rc = w->core.result.counters;
     }
     copy = w->core.stats;
+    /* While the loop runs, stats is where its problems get logged (a
+     * poller calls it); each bad reason and not_reading worker once. */
+    size_t nids = locked ? take_not_reading(w, ids) : 0;
     if (locked) tc_loop_unlock(w->loop);
+    if (locked) {
+        log_not_reading(w, ids, nids);
+        for (int r = 0; r < TC_OH_BAD_COUNT; r++)
+            if (copy.bad[r] && !(w->logged & (1u << r))) {
+                w->logged |= 1u << r;
+                log_line(rb_sprintf("tasker_core orchestration handle: bad message on the result channel (%s); "
+                                    "later ones of this kind are only counted in #stats",
+                                    tc_oh_bad_reason_name((tc_oh_bad_reason)r)));
+            }
+    }
     const tc_oh_stats *st = &copy;
     VALUE h = rb_hash_new(), results = rb_hash_new(), bad = rb_hash_new();
     rb_hash_aset(h, SYM("batches_published"), ULL2NUM(st->batches_published));
@@ -474,6 +545,10 @@ static VALUE oh_stats(VALUE self)
     rb_hash_aset(h, SYM("send_refused"), ULL2NUM(st->send_refused));
     rb_hash_aset(h, SYM("steps_released_by_completion"), ULL2NUM(st->steps_released_by_completion));
     rb_hash_aset(h, SYM("worker_table_full"), ULL2NUM(st->worker_table_full));
+    rb_hash_aset(h, SYM("subscriptions_refused"), ULL2NUM(st->subscriptions_refused));
+    rb_hash_aset(h, SYM("workers_not_reading"), ULL2NUM(st->workers_not_reading));
+    rb_hash_aset(h, SYM("refusals"), ULL2NUM(st->refusals));
+    rb_hash_aset(h, SYM("steps_reconciled"), ULL2NUM(st->steps_reconciled));
     for (int r = 0; r < TC_OH_BAD_COUNT; r++)
         rb_hash_aset(bad, SYM(tc_oh_bad_reason_name((tc_oh_bad_reason)r)), ULL2NUM(st->bad[r]));
     rb_hash_aset(h, SYM("bad_messages"), bad);
@@ -653,10 +728,21 @@ static VALUE unpack_body(VALUE p)
     return tc_codec_unpack(a->buf, a->len, 0);
 }
 
+/* worker_lost: the worker is gone (unsubscribed, heartbeat_timeout,
+ * goodbye, not_reading) with its steps; steps_lost: steps taken back from a
+ * worker that stays (reconciled, refused); steps_failed: steps it refused
+ * for good (error_class, message). */
 static VALUE lost_hash(const tc_oh_event *e)
 {
     VALUE h = rb_hash_new(), list = rb_ary_new_capa((long)e->n_in_flight);
-    rb_hash_aset(h, str_lit("type"), str_lit("worker_lost"));
+    int steps_only = !strcmp(e->reason, "reconciled") || !strcmp(e->reason, "refused");
+    rb_hash_aset(h, str_lit("type"), str_lit(e->kind == TC_OH_EV_FAIL ? "steps_failed"
+                                             : steps_only           ? "steps_lost"
+                                                                    : "worker_lost"));
+    if (e->kind == TC_OH_EV_FAIL) {
+        rb_hash_aset(h, str_lit("error_class"), str_lit(e->error_class));
+        rb_hash_aset(h, str_lit("message"), rb_utf8_str_new_cstr(e->message));
+    }
     rb_hash_aset(h, str_lit("worker_id"), str_lit(e->worker_id));
     rb_hash_aset(h, str_lit("reason"), str_lit(e->reason));
     for (size_t i = 0; i < e->n_in_flight; i++) {
@@ -679,7 +765,7 @@ static VALUE drain_events(oh_wrap *w)
     VALUE out = rb_ary_new();
     tc_oh_event *e;
     while ((e = tc_oh_event_peek(&w->core)) != NULL) {
-        if (e->kind == TC_OH_EV_LOST) {
+        if (e->kind == TC_OH_EV_LOST || e->kind == TC_OH_EV_FAIL) {
             rb_ary_push(out, lost_hash(e));
         } else {
             struct unpack_arg a = {e->body, e->len};
@@ -691,14 +777,13 @@ static VALUE drain_events(oh_wrap *w)
                 tc_oh_count_bad(&w->core, TC_OH_BAD_UNDECODABLE, "a %zu-byte body the codec could not unpack",
                                 e->len);
             } else {
-                if (e->duplicate) rb_hash_aset(obj, str_lit("duplicate"), Qtrue);
                 rb_ary_push(out, obj);
             }
         }
         tc_oh_event_pop(&w->core);
     }
     sync_memory(w);
-    log_new_bad_reasons(w);
+    log_new_problems(w);
     return out;
 }
 
@@ -764,6 +849,11 @@ static VALUE loop_stats_hash(tc_loop *l)
     LS("failed", st.failed);
     LS("retried", st.retried);
     LS("redispatched", st.redispatched);
+    LS("lost_failed", st.lost_failed);
+    LS("failed_too_large", st.failed_too_large);
+    LS("failed_too_deep", st.failed_too_deep);
+    LS("failed_refused", st.failed_refused);
+    LS("batches_split_by_bytes", st.batches_split_by_bytes);
     LS("released", st.released);
     LS("timed_out", st.timed_out);
     LS("stale_results", st.stale_results);
@@ -807,13 +897,13 @@ static void *connect_nogvl(void *p)
 }
 
 /*
- * _start_orchestration(database_url, owner, batch_size, lease_ms, poll_interval_ms) -> self
+ * _start_orchestration(database_url, owner, batch_size, lease_ms, poll_interval_ms, max_lost_attempts) -> self
  * (start_orchestration in lib/tasker_core/orchestration_loop.rb fills in
  * the defaults.) Connects first, so a bad URL raises StoreError here
  * rather than retrying forever in the thread.
  */
 static VALUE oh_start_orchestration(VALUE self, VALUE url, VALUE owner, VALUE batch_size, VALUE lease_ms,
-                                    VALUE poll_ms)
+                                    VALUE poll_ms, VALUE max_lost)
 {
     oh_wrap *w = oh_get(self);
     if (!w->enabled)
@@ -829,7 +919,9 @@ static VALUE oh_start_orchestration(VALUE self, VALUE url, VALUE owner, VALUE ba
         .batch_size = (int)kw_long(batch_size, "batch_size", 100, 1),
         .lease_ms = (int)kw_long(lease_ms, "lease_ms", 10000, 0),
         .poll_interval_ms = (int)kw_long(poll_ms, "poll_interval_ms", 50, 1),
+        .max_lost_attempts = NUM2INT(max_lost),
     };
+    if (cfg.max_lost_attempts < 1) rb_raise(rb_eArgError, "max_lost_attempts must be at least 1");
     if (w->loop) {
         tc_loop_free(w->loop);
         w->loop = NULL;
@@ -930,7 +1022,7 @@ void tc_init_orchestration_handle(void)
     rb_define_method(cHandle, "curve?", oh_curve_p, 0);
     rb_define_method(cHandle, "allowed_client_keys=", oh_set_allowed_client_keys, 1);
     rb_define_const(cHandle, "MAX_BATCH_ID_BYTES", INT2FIX(TC_OH_BATCH_ID_MAX));
-    rb_define_private_method(cHandle, "_start_orchestration", oh_start_orchestration, 5);
+    rb_define_private_method(cHandle, "_start_orchestration", oh_start_orchestration, 6);
     rb_define_method(cHandle, "stop_orchestration", oh_stop_orchestration, -1);
     rb_define_method(cHandle, "orchestrating?", oh_orchestrating_p, 0);
 }

@@ -23,6 +23,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "codec.h"
 #include "protocol.h"
 #include "store.h"
 
@@ -63,6 +64,8 @@ struct tc_loop {
     char *conninfo;
     char owner[TC_LOOP_OWNER_MAX + 1];
     int batch_size, lease_ms, poll_interval_ms, housekeeping_interval_ms;
+    int max_lost;
+    char max_lost_text[16];
     size_t max_pending;
 
     tc_store db;
@@ -73,7 +76,7 @@ struct tc_loop {
 
     pending_result *results;
     size_t nresults, results_cap;
-    pair_list lost;    /* in flight on a lost worker: release, count as redispatched */
+    pair_list lost;    /* in flight on a lost worker: a lost attempt (redispatched or failed) */
     pair_list unsent;  /* claimed but not sent: release, count as released */
     size_t rotate;
 
@@ -309,6 +312,48 @@ static int copy_packed(const msgpack_object *obj, char **out, size_t *len)
     return 0;
 }
 
+static int results_push(tc_loop *l, const pending_result *r)
+{
+    if (l->nresults == l->results_cap) {
+        size_t nc = l->results_cap ? l->results_cap * 2 : 256;
+        pending_result *v = realloc(l->results, nc * sizeof(*v));
+        if (!v) return -1;
+        l->results = v;
+        l->results_cap = nc;
+    }
+    l->results[l->nresults++] = *r;
+    return 0;
+}
+
+/* Queues a failed, not retryable result with the error map of
+ * docs/protocol.md section 8, applied with the workers' results. -1 when
+ * out of memory (the claim deadline then takes the step). */
+static int fail_step(tc_loop *l, int64_t step_id, int64_t attempt, const char *error_class, const char *message)
+{
+    tc_codec_writer w;
+    if (tc_codec_writer_init(&w, 96 + strlen(error_class) + strlen(message)) != 0) return -1;
+    msgpack_packer *pk = &w.pk;
+    msgpack_pack_map(pk, 5);
+    msgpack_pack_str_with_body(pk, "class", 5);
+    msgpack_pack_str_with_body(pk, error_class, strlen(error_class));
+    msgpack_pack_str_with_body(pk, "message", 7);
+    msgpack_pack_str_with_body(pk, message, strlen(message));
+    msgpack_pack_str_with_body(pk, "backtrace", 9);
+    msgpack_pack_array(pk, 0);
+    msgpack_pack_str_with_body(pk, "retryable", 9);
+    msgpack_pack_false(pk);
+    msgpack_pack_str_with_body(pk, "retry_after", 11);
+    msgpack_pack_nil(pk);
+    /* the buffer becomes the pending result's */
+    pending_result r = {.step_id = step_id, .attempt = attempt, .retry_after_ms = -1,
+                        .error = w.sbuf.data, .error_len = w.sbuf.size};
+    if (w.failed || results_push(l, &r) != 0) {
+        tc_codec_writer_destroy(&w);
+        return -1;
+    }
+    return 0;
+}
+
 /* mu held. */
 static void take_result(tc_loop *l, const tc_oh_event *ev)
 {
@@ -327,13 +372,6 @@ static void take_result(tc_loop *l, const tc_oh_event *ev)
         l->st.results_dropped++;
         goto done;
     }
-    if (l->nresults == l->results_cap) {
-        size_t nc = l->results_cap ? l->results_cap * 2 : 256;
-        pending_result *v = realloc(l->results, nc * sizeof(*v));
-        if (!v) goto done;
-        l->results = v;
-        l->results_cap = nc;
-    }
     pending_result r = {.step_id = m.step_id, .attempt = m.attempt, .success = m.success,
                         .retryable = m.retryable, .retry_after_ms = m.retry_after_ms};
     if (m.success) {
@@ -341,7 +379,7 @@ static void take_result(tc_loop *l, const tc_oh_event *ev)
     } else if (copy_packed(m.error, &r.error, &r.error_len) != 0) {
         goto done;
     }
-    l->results[l->nresults++] = r;
+    if (results_push(l, &r) != 0) result_free(&r);
 done:
     msgpack_unpacked_destroy(&u);
 }
@@ -354,6 +392,12 @@ static void drain_events(tc_loop *l)
         if (ev->kind == TC_OH_EV_LOST) {
             for (size_t i = 0; i < ev->n_in_flight; i++)
                 pairs_push(&l->lost, ev->in_flight[i].step_id, ev->in_flight[i].attempt);
+        } else if (ev->kind == TC_OH_EV_FAIL) {
+            /* refused by their worker as too_deep / invalid_step: sending
+             * them again would be refused again */
+            for (size_t i = 0; i < ev->n_in_flight; i++)
+                if (fail_step(l, ev->in_flight[i].step_id, ev->in_flight[i].attempt, ev->error_class, ev->message) == 0)
+                    l->st.failed_refused++;
         } else {
             take_result(l, ev);
         }
@@ -362,24 +406,37 @@ static void drain_events(tc_loop *l)
     l->st.pending_results = l->nresults;
 }
 
-static int release_pairs(tc_loop *l, pair_list *pl, uint64_t *counter)
+/* Hands steps back to pending. unsent (lost 0): claimed and never sent, no
+ * attempt lost. lost (lost 1): in flight on a worker that was lost, or
+ * refused by it: a lost attempt, dispatched again or, past
+ * max_lost_attempts, failed with StepLostError (db/migrate/0005). */
+static int release_pairs(tc_loop *l, pair_list *pl, int lost)
 {
     if (!pl->n || !l->db_up) return 0;
     sbuf ids = {0}, att = {0};
     pairs_literals(pl, &ids, &att);
-    const char *vals[2] = {ids.p, att.p};
+    const char *vals[3] = {ids.p, att.p, l->max_lost_text};
+    const char *fn = lost ? "tasker_release_lost_steps" : "tasker_release_steps";
     int rc = -1;
     if (!ids.oom && !att.oom) {
-        PGresult *r = exec_text(l, "SELECT tasker_release_steps($1::bigint[], $2::int[])", 2, vals);
+        PGresult *r = lost ? exec_text(l, "SELECT released, failed FROM tasker_release_lost_steps($1::bigint[], "
+                                          "$2::int[], $3::int)", 3, vals)
+                           : exec_text(l, "SELECT tasker_release_steps($1::bigint[], $2::int[]), 0", 2, vals);
         if (r) {
-            long n = atol(PQgetvalue(r, 0, 0));
+            uint64_t released = (uint64_t)atoll(PQgetvalue(r, 0, 0));
+            uint64_t failed = (uint64_t)atoll(PQgetvalue(r, 0, 1));
             PQclear(r);
             pthread_mutex_lock(&l->mu);
-            *counter += (uint64_t)n;
+            if (lost) {
+                l->st.redispatched += released;
+                l->st.lost_failed += failed;
+            } else {
+                l->st.released += released;
+            }
             pthread_mutex_unlock(&l->mu);
             pl->n = 0;
             rc = 0;
-        } else if (!db_failed(l, "tasker_release_steps")) {
+        } else if (!db_failed(l, fn)) {
             pl->n = 0; /* not a connection problem: the deadline requeues them */
         }
     }
@@ -534,19 +591,21 @@ static void pack_key(msgpack_packer *pk, const char *s)
     pack_str(pk, s, strlen(s));
 }
 
-/* Stored payloads are msgpack already: written straight into the body. */
-static void splice_msgpack(msgpack_sbuffer *sb, msgpack_packer *pk, const char *p, size_t n)
+/* Stored payloads are msgpack already: written straight into the entry
+ * (through the writer, so a failed allocation sticks in its flag). */
+static void splice_msgpack(msgpack_packer *pk, const char *p, size_t n)
 {
     if (!p || n == 0)
         msgpack_pack_nil(pk);
     else
-        msgpack_sbuffer_write(sb, p, n);
+        pk->callback(pk->data, p, n);
 }
 
 /* Columns of the claim, binary format. */
 enum { C_STEP, C_TASK, C_NAME, C_HANDLER, C_CONFIG, C_ATTEMPT, C_TIMEOUT, C_CONTEXT, C_DEP_NAMES, C_DEP_OUTPUTS };
 
-static int pack_step(msgpack_sbuffer *sb, msgpack_packer *pk, const PGresult *res, int row)
+/* One step map of a batch (docs/protocol.md 4.1). */
+static int pack_step(msgpack_packer *pk, const PGresult *res, int row)
 {
     bin_array names, outs;
     if (array_open(&names, PQgetvalue(res, row, C_DEP_NAMES), PQgetlength(res, row, C_DEP_NAMES)) < 0 ||
@@ -563,13 +622,13 @@ static int pack_step(msgpack_sbuffer *sb, msgpack_packer *pk, const PGresult *re
     pack_key(pk, "handler");
     pack_str(pk, PQgetvalue(res, row, C_HANDLER), (size_t)PQgetlength(res, row, C_HANDLER));
     pack_key(pk, "handler_config");
-    splice_msgpack(sb, pk, PQgetvalue(res, row, C_CONFIG), (size_t)PQgetlength(res, row, C_CONFIG));
+    splice_msgpack(pk, PQgetvalue(res, row, C_CONFIG), (size_t)PQgetlength(res, row, C_CONFIG));
     pack_key(pk, "attempt");
     msgpack_pack_int32(pk, be32(PQgetvalue(res, row, C_ATTEMPT)));
     pack_key(pk, "timeout_ms");
     msgpack_pack_int32(pk, be32(PQgetvalue(res, row, C_TIMEOUT)));
     pack_key(pk, "context");
-    splice_msgpack(sb, pk, PQgetvalue(res, row, C_CONTEXT), (size_t)PQgetlength(res, row, C_CONTEXT));
+    splice_msgpack(pk, PQgetvalue(res, row, C_CONTEXT), (size_t)PQgetlength(res, row, C_CONTEXT));
     pack_key(pk, "dependency_results");
     msgpack_pack_map(pk, (size_t)names.n);
     for (int32_t i = 0; i < names.n; i++) {
@@ -577,33 +636,120 @@ static int pack_step(msgpack_sbuffer *sb, msgpack_packer *pk, const PGresult *re
         int32_t nl, ol;
         if (array_next(&names, &np, &nl) != 1 || array_next(&outs, &op, &ol) != 1 || !np) return -1;
         pack_str(pk, np, (size_t)nl);
-        splice_msgpack(sb, pk, op, op ? (size_t)ol : 0);
+        splice_msgpack(pk, op, op ? (size_t)ol : 0);
     }
     return 0;
 }
 
-static int build_batch(msgpack_sbuffer *sb, const char *batch_id, const char *worker_id, const PGresult *res,
-                       int first, int n)
+/* A claimed step on its way out. */
+enum { ROW_PENDING, ROW_SENT, ROW_UNSENT, ROW_FAILED };
+
+typedef struct claimed_row {
+    size_t off, len; /* its packed step map in the entries buffer */
+    int depth;       /* the deepest of its context, handler_config and dependency outputs */
+    char deepest[96]; /* which one that is, for the error message */
+    int state;
+} claimed_row;
+
+static int payload_depth(const char *p, int32_t len)
 {
-    msgpack_packer pk;
-    msgpack_sbuffer_clear(sb);
-    msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 6);
-    pack_key(&pk, "protocol_version");
-    msgpack_pack_int(&pk, TC_OH_PROTOCOL_VERSION);
-    pack_key(&pk, "type");
-    pack_key(&pk, "batch");
-    pack_key(&pk, "batch_id");
-    pack_key(&pk, batch_id);
-    pack_key(&pk, "worker_id");
-    pack_key(&pk, worker_id);
-    pack_key(&pk, "sent_at");
-    msgpack_pack_double(&pk, wall_s());
-    pack_key(&pk, "steps");
-    msgpack_pack_array(&pk, (size_t)n);
-    for (int i = first; i < first + n; i++)
-        if (pack_step(sb, &pk, res, i) < 0) return -1;
-    return 0;
+    int d = 0;
+    /* Malformed bytes report the depth seen so far: the worker refuses
+     * them as undecodable, which is not this check's business. */
+    if (p && len > 0) tc_codec_depth(p, (size_t)len, &d, NULL, 0);
+    return d;
+}
+
+static void row_depth(const PGresult *res, int row, claimed_row *r)
+{
+    r->depth = payload_depth(PQgetvalue(res, row, C_CONTEXT), PQgetlength(res, row, C_CONTEXT));
+    snprintf(r->deepest, sizeof(r->deepest), "context");
+    int d = payload_depth(PQgetvalue(res, row, C_CONFIG), PQgetlength(res, row, C_CONFIG));
+    if (d > r->depth) {
+        r->depth = d;
+        snprintf(r->deepest, sizeof(r->deepest), "handler_config");
+    }
+    bin_array names, outs;
+    if (array_open(&names, PQgetvalue(res, row, C_DEP_NAMES), PQgetlength(res, row, C_DEP_NAMES)) < 0 ||
+        array_open(&outs, PQgetvalue(res, row, C_DEP_OUTPUTS), PQgetlength(res, row, C_DEP_OUTPUTS)) < 0)
+        return;
+    const char *np, *op;
+    int32_t nl, ol;
+    while (array_next(&names, &np, &nl) == 1 && array_next(&outs, &op, &ol) == 1) {
+        d = payload_depth(op, ol);
+        if (d <= r->depth) continue;
+        r->depth = d;
+        snprintf(r->deepest, sizeof(r->deepest), "output of dependency \"%.*s\"", np ? (int)(nl < 48 ? nl : 48) : 0,
+                 np ? np : "");
+    }
+}
+
+/* The orchestrator's limits, told to workers in every batch (docs/protocol.md 4.1). */
+static void pack_limits(msgpack_packer *pk, const tc_oh *h)
+{
+    msgpack_pack_map(pk, 3);
+    pack_key(pk, "max_result_bytes");
+    msgpack_pack_uint64(pk, (uint64_t)h->max_result_bytes);
+    pack_key(pk, "max_message_bytes");
+    msgpack_pack_int64(pk, h->max_message_bytes > 0 ? (int64_t)h->max_message_bytes : INT64_MAX);
+    pack_key(pk, "max_payload_depth");
+    msgpack_pack_int64(pk, (int64_t)h->max_payload_depth);
+}
+
+/* The one batch builder: the envelope, then the chosen step maps copied
+ * from the entries buffer. n = 0 measures the envelope. */
+static int build_batch(tc_codec_writer *out, const tc_oh *h, const char *batch_id, const char *worker_id,
+                       const char *entries, const claimed_row *rows, const int *idx, int n)
+{
+    msgpack_packer *pk = &out->pk;
+    tc_codec_writer_reset(out);
+    msgpack_pack_map(pk, 7);
+    pack_key(pk, "protocol_version");
+    msgpack_pack_int(pk, TC_OH_PROTOCOL_VERSION);
+    pack_key(pk, "type");
+    pack_key(pk, "batch");
+    pack_key(pk, "batch_id");
+    pack_key(pk, batch_id);
+    pack_key(pk, "worker_id");
+    pack_key(pk, worker_id);
+    pack_key(pk, "sent_at");
+    msgpack_pack_double(pk, wall_s());
+    pack_key(pk, "limits");
+    pack_limits(pk, h);
+    pack_key(pk, "steps");
+    msgpack_pack_array(pk, (size_t)n);
+    for (int i = 0; i < n; i++) pk->callback(pk->data, entries + rows[idx[i]].off, rows[idx[i]].len);
+    return out->failed ? -1 : 0;
+}
+
+/* Bytes of a message to w besides its step maps: the topic, the envelope
+ * with the longest batch id, and the steps array header at its widest. */
+static int64_t envelope_bytes(tc_codec_writer *scratch, const tc_oh *h, const tc_oh_worker *w)
+{
+    char id[TC_OH_BATCH_ID_MAX + 1];
+    memset(id, 'x', TC_OH_BATCH_ID_MAX);
+    id[TC_OH_BATCH_ID_MAX] = '\0';
+    build_batch(scratch, h, id, w->id, NULL, NULL, NULL, 0);
+    return (int64_t)scratch->sbuf.size + 4 + (int64_t)(strlen("batch.") + strlen(w->id) + 1);
+}
+
+/* What one batch to a worker may hold: its heartbeat's limits (the core
+ * fills in the defaults when it gave none, docs/protocol.md 4.4). */
+typedef struct worker_limits {
+    int64_t steps, bytes, depth;
+    int64_t envelope; /* bytes of a batch to it besides the step maps */
+} worker_limits;
+
+static worker_limits limits_of(const tc_oh *h, const tc_oh_worker *w, tc_codec_writer *scratch)
+{
+    worker_limits wl = {.steps = w->max_batch_steps, .bytes = w->max_message_bytes, .depth = w->max_payload_depth};
+    wl.envelope = envelope_bytes(scratch, h, w);
+    return wl;
+}
+
+static int row_fits(const claimed_row *r, const worker_limits *wl)
+{
+    return (int64_t)r->len + wl->envelope <= wl->bytes && r->depth <= wl->depth;
 }
 
 static PGresult *claim(tc_loop *l, long limit)
@@ -628,22 +774,83 @@ static PGresult *claim(tc_loop *l, long limit)
     return NULL;
 }
 
-/* Claims what the live workers have room for and sends it. Returns 1 when
- * the claim was full (more may be ready), else 0. */
+/* Fails, not retryable, the claimed steps that no live worker can take:
+ * an entry over every live worker's max_message_bytes, or a payload
+ * nested deeper than every live worker's max_payload_depth. Sending them
+ * would cost the workers' connections (libzmq drops a connection that
+ * delivers a message over ZMQ_MAXMSGSIZE) or a refusal, every time.
+ * mu held. Returns the number failed. */
+static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, int n, tc_codec_writer *scratch)
+{
+    int64_t room = -1, bytes_limit = 0;
+    int depth_limit = 0;
+    for (size_t i = 0; i < l->oh->nworkers; i++) {
+        const tc_oh_worker *w = &l->oh->workers[i];
+        if (!tc_oh_worker_live(w)) continue;
+        worker_limits wl = limits_of(l->oh, w, scratch);
+        if (wl.bytes - wl.envelope > room) {
+            room = wl.bytes - wl.envelope;
+            bytes_limit = wl.bytes;
+        }
+        if (wl.depth > depth_limit) depth_limit = (int)wl.depth;
+    }
+    if (room < 0 && depth_limit == 0) return 0; /* no live worker: nothing to measure against */
+    int failed = 0;
+    char msg[256];
+    for (int i = 0; i < n; i++) {
+        claimed_row *r = &rows[i];
+        if (r->state != ROW_PENDING) continue;
+        int64_t step_id = be64(PQgetvalue(res, i, C_STEP));
+        const char *name = PQgetvalue(res, i, C_NAME);
+        int too_large = (int64_t)r->len > room;
+        const char *cls;
+        if (too_large) {
+            cls = "TaskerCore::PayloadTooLargeError";
+            snprintf(msg, sizeof(msg),
+                     "step %lld (\"%.60s\") is %zu bytes as a batch entry: over max_message_bytes %lld of every "
+                     "live worker (less %lld bytes of topic and envelope)",
+                     (long long)step_id, name, r->len, (long long)bytes_limit, (long long)(bytes_limit - room));
+        } else if (r->depth > depth_limit) {
+            cls = "TaskerCore::PayloadTooDeepError";
+            snprintf(msg, sizeof(msg), "step %lld (\"%.60s\"): its %s nests %s%d levels, over max_payload_depth %d of "
+                     "every live worker",
+                     (long long)step_id, name, r->deepest, r->depth > TC_CODEC_MAX_DEPTH ? "more than " : "",
+                     r->depth > TC_CODEC_MAX_DEPTH ? TC_CODEC_MAX_DEPTH : r->depth, depth_limit);
+        } else {
+            continue;
+        }
+        if (fail_step(l, step_id, be32(PQgetvalue(res, i, C_ATTEMPT)), cls, msg) != 0) continue;
+        r->state = ROW_FAILED;
+        if (too_large)
+            l->st.failed_too_large++;
+        else
+            l->st.failed_too_deep++;
+        failed++;
+    }
+    return failed;
+}
+
+/* Claims what the sendable workers have room for and sends it, each
+ * worker's batches within its max_batch_steps and max_message_bytes.
+ * Returns 1 when the loop should go again at once (the claim was full, or
+ * it queued failures to apply), else 0. */
 static int claim_and_dispatch(tc_loop *l)
 {
-    long total_free = 0, live = 0;
+    long total_free = 0, sendable = 0;
+    int64_t now = tc_oh_now_ms();
     pthread_mutex_lock(&l->mu);
     for (size_t i = 0; i < l->oh->nworkers; i++) {
         const tc_oh_worker *w = &l->oh->workers[i];
-        if (!tc_oh_worker_live(w) || w->capacity <= 0) continue;
-        live++;
+        if (!tc_oh_worker_sendable(l->oh, w, now)) continue;
+        sendable++;
         long f = (long)(w->capacity - (int64_t)w->used);
         if (f > 0) total_free += f;
     }
     pthread_mutex_unlock(&l->mu);
+    /* Never more than the sendable workers can take: a worker in its
+     * send back-off gets nothing, so nothing is claimed for it. */
     if (total_free <= 0) return 0;
-    long limit = (long)l->batch_size * live;
+    long limit = (long)l->batch_size * sendable;
     if (limit > total_free) limit = total_free;
 
     PGresult *res = claim(l, limit);
@@ -657,48 +864,97 @@ static int claim_and_dispatch(tc_loop *l)
         return 0;
     }
 
+    claimed_row *rows = calloc((size_t)n, sizeof(*rows));
+    int *idx = malloc((size_t)n * sizeof(*idx));
+    tc_oh_step *steps = malloc((size_t)n * sizeof(*steps));
+    tc_codec_writer ents, body;
+    tc_codec_writer_init(&ents, 0);
+    tc_codec_writer_init(&body, 0);
     pair_list sent = {0};
-    msgpack_sbuffer sb;
-    msgpack_sbuffer_init(&sb);
-    int next = 0;
-    uint64_t batches = 0;
+    int failed = 0, unfit = 0;
+    uint64_t split = 0;
+
+    /* Each step map packed once; batches are cut from these. */
+    for (int i = 0; rows && i < n; i++) {
+        rows[i].off = ents.sbuf.size;
+        if (pack_step(&ents.pk, res, i) < 0 || ents.failed) {
+            ents.sbuf.size = rows[i].off;
+            ents.failed = 0;
+            rows[i].state = ROW_UNSENT;
+            continue;
+        }
+        rows[i].len = ents.sbuf.size - rows[i].off;
+        row_depth(res, i, &rows[i]);
+    }
+
     pthread_mutex_lock(&l->mu);
     l->st.claimed += (uint64_t)n;
     l->st.claim_calls++;
-    size_t nw = l->oh->nworkers;
-    /* Start at a rotating worker so small claims spread over the workers. */
-    for (size_t k = 0; k < nw && next < n; k++) {
-        size_t wi = (l->rotate + k) % nw;
-        tc_oh_worker *w = &l->oh->workers[wi];
-        if (!tc_oh_worker_live(w) || w->capacity <= 0) continue;
-        long f = (long)(w->capacity - (int64_t)w->used);
-        while (f > 0 && next < n) {
-            int take = (int)(f < l->batch_size ? f : l->batch_size);
-            if (take > n - next) take = n - next;
-            char batch_id[TC_OH_BATCH_ID_MAX + 1];
-            tc_oh_next_batch_id(l->oh, batch_id, sizeof(batch_id));
-            tc_oh_step steps[take];
-            for (int i = 0; i < take; i++) {
-                steps[i].step_id = be64(PQgetvalue(res, next + i, C_STEP));
-                steps[i].task_id = be64(PQgetvalue(res, next + i, C_TASK));
-                steps[i].attempt = be32(PQgetvalue(res, next + i, C_ATTEMPT));
+    if (rows && idx && steps) {
+        failed = fail_unsendable(l, res, rows, n, &body);
+        size_t nw = l->oh->nworkers;
+        int first = 0; /* rows before it are all decided */
+        /* Start at a rotating worker so small claims spread over the workers. */
+        for (size_t k = 0; k < nw && first < n; k++) {
+            size_t wi = (l->rotate + k) % nw;
+            tc_oh_worker *w = &l->oh->workers[wi];
+            if (!tc_oh_worker_sendable(l->oh, w, now)) continue;
+            long f = (long)(w->capacity - (int64_t)w->used);
+            worker_limits wl = limits_of(l->oh, w, &body);
+            long per = l->batch_size < wl.steps ? l->batch_size : (long)wl.steps;
+            while (f > 0 && first < n) {
+                long most = f < per ? f : per;
+                int take = 0;
+                int64_t bytes = wl.envelope;
+                /* In claim order, the steps this worker can take, until the
+                 * next would overflow its max_message_bytes. */
+                for (int i = first; i < n && take < most; i++) {
+                    if (rows[i].state != ROW_PENDING || !row_fits(&rows[i], &wl)) continue;
+                    if (bytes + (int64_t)rows[i].len > wl.bytes) {
+                        split++;
+                        break;
+                    }
+                    bytes += (int64_t)rows[i].len;
+                    idx[take++] = i;
+                }
+                if (take == 0) break;
+                char batch_id[TC_OH_BATCH_ID_MAX + 1];
+                tc_oh_next_batch_id(l->oh, batch_id, sizeof(batch_id));
+                for (int j = 0; j < take; j++) {
+                    steps[j].step_id = be64(PQgetvalue(res, idx[j], C_STEP));
+                    steps[j].task_id = be64(PQgetvalue(res, idx[j], C_TASK));
+                    steps[j].attempt = be32(PQgetvalue(res, idx[j], C_ATTEMPT));
+                }
+                int ok = build_batch(&body, l->oh, batch_id, w->id, ents.sbuf.data, rows, idx, take) == 0 &&
+                         tc_oh_send_batch(l->oh, wi, batch_id, steps, (size_t)take, body.sbuf.data,
+                                          body.sbuf.size) == 0;
+                for (int j = 0; j < take; j++) {
+                    rows[idx[j]].state = ok ? ROW_SENT : ROW_UNSENT;
+                    pairs_push(ok ? &sent : &l->unsent, steps[j].step_id, steps[j].attempt);
+                }
+                while (first < n && rows[first].state != ROW_PENDING) first++;
+                if (!ok) break; /* refused at the high-water mark: the core backs this worker off */
+                f -= take;
             }
-            int ok = build_batch(&sb, batch_id, w->id, res, next, take) == 0 &&
-                     tc_oh_send_batch(l->oh, wi, batch_id, steps, (size_t)take, sb.data, sb.size) == 0;
-            for (int i = 0; i < take; i++)
-                pairs_push(ok ? &sent : &l->unsent, steps[i].step_id, steps[i].attempt);
-            next += take;
-            if (!ok) break; /* refused at the high-water mark: this worker is not reading */
-            batches++;
-            f -= take;
         }
+        l->rotate++;
     }
-    l->rotate++;
-    for (; next < n; next++)
-        pairs_push(&l->unsent, be64(PQgetvalue(res, next, C_STEP)), be32(PQgetvalue(res, next, C_ATTEMPT)));
+    /* Claimed and not sent: back to pending, no attempt lost. A step too
+     * big or too deep for every sendable worker (but not every live one)
+     * waits for one that takes it. */
+    for (int i = 0; i < n; i++) {
+        if (rows && rows[i].state == ROW_PENDING) unfit = 1;
+        if (!rows || rows[i].state == ROW_PENDING || rows[i].state == ROW_UNSENT)
+            pairs_push(&l->unsent, be64(PQgetvalue(res, i, C_STEP)), be32(PQgetvalue(res, i, C_ATTEMPT)));
+    }
     l->st.dispatched += sent.n;
+    l->st.batches_split_by_bytes += split;
     pthread_mutex_unlock(&l->mu);
-    msgpack_sbuffer_destroy(&sb);
+    tc_codec_writer_destroy(&ents);
+    tc_codec_writer_destroy(&body);
+    free(rows);
+    free(idx);
+    free(steps);
     PQclear(res);
 
     if (sent.n) {
@@ -717,8 +973,9 @@ static int claim_and_dispatch(tc_loop *l)
         sb_free(&att);
     }
     free(sent.v);
-    release_pairs(l, &l->unsent, &l->st.released);
-    return n == limit;
+    release_pairs(l, &l->unsent, 0);
+    if (failed) return 1;
+    return n == limit && !unfit;
 }
 
 /* ---- housekeeping -------------------------------------------------------- */
@@ -784,8 +1041,9 @@ static void housekeeping(tc_loop *l)
     int64_t now = mono_ms();
     if (now < l->next_housekeeping_ms) return;
     l->next_housekeeping_ms = now + l->housekeeping_interval_ms;
-    const char *lim[1] = {"1000"};
-    PGresult *r = exec_text(l, "SELECT tasker_requeue_expired($1::int)", 1, lim);
+    /* an expired lease is a lost attempt, never a handler failure */
+    const char *vals[2] = {"1000", l->max_lost_text};
+    PGresult *r = exec_text(l, "SELECT tasker_requeue_expired($1::int, $2::int)", 2, vals);
     if (r) {
         long n = atol(PQgetvalue(r, 0, 0));
         PQclear(r);
@@ -861,8 +1119,8 @@ static int iterate(tc_loop *l)
 
     ensure_db(l);
     if (!l->db_up) return 0;
-    release_pairs(l, &l->lost, &l->st.redispatched);
-    release_pairs(l, &l->unsent, &l->st.released);
+    release_pairs(l, &l->lost, 1);
+    release_pairs(l, &l->unsent, 0);
     apply_results(l);
     if (!l->db_up) return 0;
     housekeeping(l);
@@ -893,8 +1151,8 @@ static void shutdown_loop(tc_loop *l)
     pthread_mutex_unlock(&l->mu);
     if (l->db_up) {
         apply_results(l);
-        release_pairs(l, &l->lost, &l->st.redispatched);
-        release_pairs(l, &l->unsent, &l->st.released);
+        release_pairs(l, &l->lost, 1);
+        release_pairs(l, &l->unsent, 0);
         /* mark this orchestrator's workers disconnected */
         const char *vals[11] = {l->owner, "{}", "{}", "{}", "{}", "{}", "{}", "{}", "{}", "{}", "{}"};
         PGresult *r = exec_text(l, UPSERT_WORKERS_SQL, 11, vals);
@@ -938,8 +1196,15 @@ tc_loop *tc_loop_new(tc_oh *oh, const tc_loop_config *cfg, char *err, size_t err
     l->poll_interval_ms = cfg->poll_interval_ms > 0 ? cfg->poll_interval_ms : 50;
     l->housekeeping_interval_ms = cfg->housekeeping_interval_ms > 0 ? cfg->housekeeping_interval_ms : 1000;
     l->max_pending = cfg->max_pending_results ? cfg->max_pending_results : 100000;
+    l->max_lost = cfg->max_lost_attempts;
+    snprintf(l->max_lost_text, sizeof(l->max_lost_text), "%d", l->max_lost);
     l->backoff_ms = 50;
     pthread_mutex_init(&l->mu, NULL);
+    if (l->max_lost < 1) {
+        snprintf(err, errlen, "max_lost_attempts must be at least 1 (got %d)", l->max_lost);
+        tc_loop_free(l);
+        return NULL;
+    }
     if (!l->conninfo || pipe2(l->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
         snprintf(err, errlen, "could not set up the loop: %s", strerror(errno));
         tc_loop_free(l);

@@ -28,10 +28,16 @@ typedef struct tc_loop_config {
     int poll_interval_ms;
     int housekeeping_interval_ms; /* requeue_expired + tasker_workers upsert */
     size_t max_pending_results;   /* bound of the buffer kept while PostgreSQL is away */
+    int max_lost_attempts;        /* lost attempts before StepLostError (orchestration.max_lost_attempts) */
 } tc_loop_config;
 
 typedef struct tc_loop_stats {
     uint64_t claimed, dispatched, completed, failed, retried, redispatched, released, timed_out;
+    /* lost attempts over max_lost_attempts (StepLostError); steps failed at
+     * the edge: over every live worker's max_message_bytes / max_payload_depth,
+     * or refused by their worker as too_deep / invalid_step */
+    uint64_t lost_failed, failed_too_large, failed_too_deep, failed_refused;
+    uint64_t batches_split_by_bytes; /* batches cut short by max_message_bytes, not by steps */
     uint64_t stale_results, applied_results, results_dropped, bad_results;
     uint64_t db_reconnects, db_errors, db_connected;
     uint64_t claim_calls, apply_calls, iterations;

@@ -89,6 +89,66 @@ void tc_proto_parse_connection(const msgpack_object *m, tc_proto_conn *out)
     out->last_event_at = isfinite(t) && t > 0 && t < 1e11 ? t : 0;
 }
 
+static int64_t limit_in(const msgpack_object *l, const char *key, int64_t max)
+{
+    int64_t v;
+    return as_int(tc_proto_map_get(l, key), &v) && v >= 1 && v <= max ? v : 0;
+}
+
+static void parse_limits(const msgpack_object *m, tc_proto_limits *out)
+{
+    memset(out, 0, sizeof(*out));
+    const msgpack_object *l = tc_proto_map_get(m, "limits");
+    if (!l || l->type != MSGPACK_OBJECT_MAP) return;
+    out->max_batch_steps = limit_in(l, "max_batch_steps", TC_PROTO_MAX_LIST);
+    out->max_message_bytes = limit_in(l, "max_message_bytes", INT64_MAX);
+    out->max_payload_depth = limit_in(l, "max_payload_depth", 10000);
+}
+
+/* [step_id, attempt >= 1] */
+static int in_flight_pair(const msgpack_object *e, int64_t *step_id, int64_t *attempt)
+{
+    return e->type == MSGPACK_OBJECT_ARRAY && e->via.array.size == 2 && as_int(&e->via.array.ptr[0], step_id) &&
+           as_int(&e->via.array.ptr[1], attempt) && *attempt >= 1;
+}
+
+/* Both or neither; a malformed list drops the reconciliation, not the heartbeat. */
+static void parse_reconcile(const msgpack_object *m, tc_proto_msg *out)
+{
+    const msgpack_object *lb = tc_proto_map_get(m, "last_batch_id");
+    const msgpack_object *ifs = tc_proto_map_get(m, "in_flight_steps");
+    if (!lb || !ifs || ifs->type != MSGPACK_OBJECT_ARRAY || ifs->via.array.size > TC_PROTO_MAX_LIST) return;
+    if (lb->type == MSGPACK_OBJECT_NIL)
+        out->last_batch_id = (tc_proto_str){NULL, 0};
+    else if (!as_str(lb, &out->last_batch_id))
+        return;
+    int64_t s, a;
+    for (uint32_t i = 0; i < ifs->via.array.size; i++)
+        if (!in_flight_pair(&ifs->via.array.ptr[i], &s, &a)) return;
+    out->in_flight_steps = ifs;
+    out->reconcile = 1;
+}
+
+void tc_proto_in_flight_step(const tc_proto_msg *m, size_t i, int64_t *step_id, int64_t *attempt)
+{
+    in_flight_pair(&m->in_flight_steps->via.array.ptr[i], step_id, attempt);
+}
+
+/* {step_id, attempt >= 1, reason, message} */
+static int refused_step(const msgpack_object *e, int64_t *step_id, int64_t *attempt, tc_proto_str *reason,
+                        tc_proto_str *message)
+{
+    return e->type == MSGPACK_OBJECT_MAP && as_int(tc_proto_map_get(e, "step_id"), step_id) &&
+           as_int(tc_proto_map_get(e, "attempt"), attempt) && *attempt >= 1 &&
+           as_str(tc_proto_map_get(e, "reason"), reason) && as_str(tc_proto_map_get(e, "message"), message);
+}
+
+void tc_proto_refused_step(const tc_proto_msg *m, size_t i, int64_t *step_id, int64_t *attempt, tc_proto_str *reason,
+                           tc_proto_str *message)
+{
+    refused_step(&m->steps->via.array.ptr[i], step_id, attempt, reason, message);
+}
+
 #define FAIL(reason, ...)                                  \
     do {                                                   \
         if (detail) snprintf(detail, detail_len, __VA_ARGS__); \
@@ -102,7 +162,8 @@ static tc_proto_err parse_partial(const msgpack_object *m, tc_proto_msg *out, ch
         !as_int(tc_proto_map_get(m, "attempt"), &out->attempt) || out->attempt < 1)
         FAIL(TC_PROTO_ERR_FIELDS, "partial_result without worker_id, step_id and attempt >= 1");
     as_int(tc_proto_map_get(m, "task_id"), &out->task_id);
-    as_str(tc_proto_map_get(m, "batch_id"), &out->batch_id);
+    /* A result is accepted only with the batch it was sent in. */
+    if (!as_str(tc_proto_map_get(m, "batch_id"), &out->batch_id)) FAIL(TC_PROTO_ERR_FIELDS, "partial_result without a batch_id");
     if (!as_str(tc_proto_map_get(m, "status"), &status)) FAIL(TC_PROTO_ERR_FIELDS, "partial_result without a status");
     if (str_eq(status, "complete"))
         out->success = 1;
@@ -175,12 +236,31 @@ tc_proto_err tc_proto_parse(msgpack_unpacked *u, const char *body, size_t len, t
         as_int(tc_proto_map_get(m, "in_flight"), &out->in_flight);
         as_str(tc_proto_map_get(m, "host"), &out->host);
         tc_proto_parse_connection(m, &out->connection);
+        parse_limits(m, &out->limits);
+        parse_reconcile(m, out);
         return TC_PROTO_OK;
     }
     if (str_eq(type, "goodbye")) {
         out->type = TC_PROTO_GOODBYE;
         if (!as_str(tc_proto_map_get(m, "worker_id"), &out->worker_id)) FAIL(TC_PROTO_ERR_FIELDS, "goodbye without worker_id");
         as_str(tc_proto_map_get(m, "reason"), &out->reason);
+        return TC_PROTO_OK;
+    }
+    if (str_eq(type, "batch_refusal")) {
+        out->type = TC_PROTO_BATCH_REFUSAL;
+        const msgpack_object *bid = tc_proto_map_get(m, "batch_id");
+        const msgpack_object *steps = tc_proto_map_get(m, "steps");
+        if (!as_str(tc_proto_map_get(m, "worker_id"), &out->worker_id) || !bid ||
+            (bid->type != MSGPACK_OBJECT_NIL && !as_str(bid, &out->batch_id)) ||
+            !as_str(tc_proto_map_get(m, "reason"), &out->reason) || !as_str(tc_proto_map_get(m, "message"), &out->message) ||
+            !steps || steps->type != MSGPACK_OBJECT_ARRAY || steps->via.array.size > TC_PROTO_MAX_LIST)
+            FAIL(TC_PROTO_ERR_FIELDS, "batch_refusal without worker_id, batch_id, reason, message and steps");
+        int64_t s, a;
+        tc_proto_str r, msg;
+        for (uint32_t i = 0; i < steps->via.array.size; i++)
+            if (!refused_step(&steps->via.array.ptr[i], &s, &a, &r, &msg))
+                FAIL(TC_PROTO_ERR_FIELDS, "batch_refusal step %u without step_id, attempt >= 1, reason and message", i);
+        out->steps = steps;
         return TC_PROTO_OK;
     }
     FAIL(TC_PROTO_ERR_TYPE, "a message of unknown type %.*s", (int)(type.len > 40 ? 40 : type.len), type.ptr);

@@ -17,8 +17,13 @@ typedef enum tc_proto_type {
     TC_PROTO_PARTIAL_RESULT = 1,
     TC_PROTO_BATCH_COMPLETION,
     TC_PROTO_HEARTBEAT,
-    TC_PROTO_GOODBYE
+    TC_PROTO_GOODBYE,
+    TC_PROTO_BATCH_REFUSAL
 } tc_proto_type;
+
+/* Longest in_flight_steps (heartbeat) or steps (batch_refusal) list
+ * accepted; a longer one is malformed. */
+#define TC_PROTO_MAX_LIST (1 << 20)
 
 /* Why a body was refused; counted per reason by the caller. */
 typedef enum tc_proto_err {
@@ -44,10 +49,18 @@ typedef struct tc_proto_conn {
     double last_event_at;    /* epoch seconds; 0 when unsaid */
 } tc_proto_conn;
 
+/* A heartbeat's optional "limits"; a field unsaid, mistyped or out of
+ * range reads as 0 (the caller's default). */
+typedef struct tc_proto_limits {
+    int64_t max_batch_steps;   /* 1 .. TC_PROTO_MAX_LIST */
+    int64_t max_message_bytes; /* >= 1 */
+    int64_t max_payload_depth; /* 1 .. 10000 */
+} tc_proto_limits;
+
 typedef struct tc_proto_msg {
     tc_proto_type type;
     tc_proto_str worker_id;
-    tc_proto_str batch_id; /* partial_result, batch_completion */
+    tc_proto_str batch_id; /* partial_result, batch_completion, batch_refusal (ptr NULL: nil) */
 
     /* partial_result */
     int64_t step_id, task_id, attempt;
@@ -57,16 +70,26 @@ typedef struct tc_proto_msg {
     int retryable;                /* from error.retryable; true when unsaid */
     int64_t retry_after_ms;       /* from error.retry_after (seconds); -1 when nil */
 
-    /* batch_completion: an array of {step_id, attempt, status} */
+    /* batch_completion: an array of {step_id, attempt, status};
+     * batch_refusal: an array of {step_id, attempt, reason, message}, each
+     * checked (read them with tc_proto_refused_step) */
     const msgpack_object *steps;
 
     /* heartbeat */
     int64_t pid, capacity, in_flight;
     tc_proto_str host;
     tc_proto_conn connection;
+    tc_proto_limits limits;
+    /* last_batch_id and in_flight_steps, both present and well-formed
+     * (otherwise reconcile is 0 and the heartbeat still counts) */
+    int reconcile;
+    tc_proto_str last_batch_id;            /* ptr NULL when nil */
+    const msgpack_object *in_flight_steps; /* [[step_id, attempt], ...]: tc_proto_in_flight_step */
 
-    /* goodbye */
+    /* goodbye, batch_refusal */
     tc_proto_str reason;
+    /* batch_refusal */
+    tc_proto_str message;
 } tc_proto_msg;
 
 /* Parses body into *out. u must be initialised by the caller (and
@@ -80,6 +103,13 @@ const char *tc_proto_err_name(tc_proto_err e);
 /* Reads the optional "connection" of heartbeat map m into *out (zeroed
  * first); see tc_proto_conn. */
 void tc_proto_parse_connection(const msgpack_object *m, tc_proto_conn *out);
+
+/* Entry i of a parsed heartbeat's in_flight_steps. */
+void tc_proto_in_flight_step(const tc_proto_msg *m, size_t i, int64_t *step_id, int64_t *attempt);
+
+/* Entry i of a parsed batch_refusal's steps. */
+void tc_proto_refused_step(const tc_proto_msg *m, size_t i, int64_t *step_id, int64_t *attempt, tc_proto_str *reason,
+                           tc_proto_str *message);
 
 /* Appends obj (or nil for NULL) re-encoded as msgpack to sbuf; 0 ok, -1 out of memory. */
 int tc_proto_pack_object(msgpack_sbuffer *sbuf, const msgpack_object *obj);

@@ -26,12 +26,19 @@ class WorkerPeer
     @orchestrator_seen ||= @pub.subscriptions(timeout_ms: timeout_ms).any? { |kind, topic| kind == :subscribe && topic == "" }
   end
 
-  # connection: the optional "connection" field as is (any value), left out when omitted.
+  # connection, limits, last_batch_id, in_flight_steps: optional fields as
+  # given (any value), left out when omitted.
   def heartbeat(capacity: @capacity, in_flight: 0, **opt)
     fields = { "worker_id" => @id, "pid" => Process.pid, "host" => Socket.gethostname,
                "capacity" => capacity, "in_flight" => in_flight, "sent_at" => Time.now.to_f }
-    fields["connection"] = opt[:connection] if opt.key?(:connection)
+    %i[connection limits last_batch_id in_flight_steps].each { |k| fields[k.to_s] = opt[k] if opt.key?(k) }
     send_message("heartbeat", fields)
+  end
+
+  # A batch_refusal (docs/protocol.md 4.6); steps: [[step_id, attempt, reason, message], ...].
+  def refusal(batch_id, reason:, message: "refused", steps: [])
+    send_message("batch_refusal", "batch_id" => batch_id, "worker_id" => @id, "reason" => reason, "message" => message,
+                                  "steps" => steps.map { |sid, att, r, m| { "step_id" => sid, "attempt" => att, "reason" => r, "message" => m } })
   end
 
   def goodbye(reason = "shutdown")
@@ -50,12 +57,14 @@ class WorkerPeer
     got
   end
 
-  def partial(batch, step, status: "complete", output: { "ok" => true }, attempt: step["attempt"])
+  def partial(batch, step, status: "complete", output: { "ok" => true }, attempt: step["attempt"],
+              batch_id: batch["batch_id"], worker_id: @id, topic: "partial_result")
     now = Time.now.to_f
-    send_message("partial_result", "batch_id" => batch["batch_id"], "worker_id" => @id,
-                                   "step_id" => step["step_id"], "task_id" => step["task_id"], "attempt" => attempt,
-                                   "status" => status, "output" => output, "error" => nil,
-                                   "started_at" => now, "finished_at" => now, "duration_ms" => 0.0)
+    body = { "protocol_version" => 1, "type" => "partial_result", "batch_id" => batch_id, "worker_id" => worker_id,
+             "step_id" => step["step_id"], "task_id" => step["task_id"], "attempt" => attempt,
+             "status" => status, "output" => output, "error" => nil,
+             "started_at" => now, "finished_at" => now, "duration_ms" => 0.0 }
+    raw([topic, TaskerCore::Codec.pack(body)])
   end
 
   def completion(batch)

@@ -244,18 +244,19 @@ RSpec.describe TaskerCore::OrchestrationHandle do
   end
 
   describe "#receive_results" do
-    it "returns partial results and completions in arrival order and frees credit" do
+    it "returns partial results in arrival order and frees credit; a completion is only counted" do
       peer = start_peer("w1", capacity: 4)
       handle.publish_batch({ "batch_id" => "b1", "steps" => steps(3) })
       batch = peer.receive_batches(timeout_ms: 5000).first
       batch["steps"].reverse_each { |s| peer.partial(batch, s) }
       peer.completion(batch)
-      got = collect_results(4)
-      expect(got.map { |r| r["type"] }).to eq(%w[partial_result partial_result partial_result batch_completion])
-      expect(got.first(3).map { |r| r["step_id"] }).to eq([3, 2, 1])
-      expect(got.none? { |r| r.key?("duplicate") }).to be(true)
+      got = collect_results(3)
+      wait_until(message: "completion read") { handle.receive_results.empty? && handle.stats[:results_received][:batch_completion] == 1 }
+      expect(got.map { |r| r["type"] }).to eq(%w[partial_result partial_result partial_result])
+      expect(got.map { |r| r["step_id"] }).to eq([3, 2, 1])
       expect(handle.workers.first["in_flight"]).to eq(0)
       expect(handle.stats[:results_received]).to eq(partial_result: 3, batch_completion: 1)
+      expect(handle.stats[:bad_messages].values.sum).to eq(0)
     end
 
     it "is non-blocking by default" do
@@ -272,15 +273,16 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       expect(handle.receive_results.map { |r| r["step_id"] }).to eq([1])
     end
 
-    it "flags a duplicate or late partial and still returns it" do
+    it "returns a step's result once: a duplicate or an attempt never sent is counted and dropped" do
       peer = start_peer("w1")
       handle.publish_batch({ "steps" => steps(1) })
       batch = peer.receive_batches(timeout_ms: 5000).first
       2.times { peer.partial(batch, batch["steps"].first) }
       peer.partial(batch, batch["steps"].first, attempt: 7)
-      got = collect_results(3)
-      expect(got.map { |r| r["duplicate"] }).to eq([nil, true, true])
-      expect(handle.stats[:bad_messages][:duplicate_result]).to eq(2)
+      got = collect_results(1)
+      wait_until(message: "all three read") { handle.receive_results.empty? && handle.stats[:results_received][:partial_result] == 3 }
+      expect(got.map { |r| [r["step_id"], r["attempt"]] }).to eq([[1, 1]])
+      expect(handle.stats[:bad_messages]).to include(duplicate_result: 1, not_dispatched: 1)
       expect(handle.workers.first["in_flight"]).to eq(0)
     end
 
@@ -290,8 +292,8 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       batch = peer.receive_batches(timeout_ms: 5000).first
       peer.partial(batch, batch["steps"].first)
       peer.completion(batch)
-      collect_results(2)
-      expect(handle.workers.first["in_flight"]).to eq(0)
+      collect_results(1)
+      wait_until(message: "completion read") { handle.workers.first["in_flight"].zero? }
       expect(handle.stats[:steps_released_by_completion]).to eq(2)
     end
 
@@ -342,14 +344,30 @@ RSpec.describe TaskerCore::OrchestrationHandle do
     context "with a generous heartbeat timeout" do
       let(:heartbeat_timeout_ms) { 60_000 }
 
-      it "reports a goodbye" do
+      it "reports a goodbye; a worker still subscribed that heartbeats again is live again" do
         peer = start_peer("w1")
         handle.publish_batch({ "steps" => steps(1) })
         peer.goodbye("shutdown")
         got = collect_results(1)
         expect(got.first).to include("type" => "worker_lost", "worker_id" => "w1", "reason" => "goodbye")
         expect(got.first["in_flight"].map { |s| s["step_id"] }).to eq([1])
-        peer.heartbeat # a stray heartbeat after goodbye does not revive it
+        expect(live_ids).to eq([])
+        # A goodbye (or a forged one) never disables a worker for good.
+        peer.heartbeat
+        wait_until(message: "w1 live again") { live_ids == ["w1"] }
+        expect(handle.workers.first["in_flight"]).to eq(0)
+        expect(handle.publish_batch({ "steps" => steps(1, first: 2) })).to eq("w1")
+      end
+
+      it "does not revive a worker that shut down in order (unsubscribe, goodbye) on a stray heartbeat" do
+        peer = start_peer("w1")
+        peer.unsubscribe
+        peer.goodbye("shutdown")
+        wait_until(message: "goodbye and unsubscription read") do
+          handle.receive_results
+          handle.stats[:goodbyes] == 1 && handle.stats[:unsubscriptions] == 1
+        end
+        peer.heartbeat
         wait_until { handle.workers && handle.stats[:heartbeats] >= 2 }
         expect(live_ids).to eq([])
       end
@@ -402,21 +420,22 @@ RSpec.describe TaskerCore::OrchestrationHandle do
         peer.raw(["mystery", pack.call({ "protocol_version" => 1, "type" => "mystery" })])
         peer.raw(["partial_result", pack.call({ "protocol_version" => 1, "type" => "partial_result", "worker_id" => "w1" })])
         peer.raw(["heartbeat", pack.call({ "protocol_version" => 1, "type" => "heartbeat", "worker_id" => "bad id!", "capacity" => 1 })])
-        peer.raw(["partial_result", pack.call({ "protocol_version" => 1, "type" => "partial_result", "worker_id" => "nobody",
-                                                 "step_id" => 1, "attempt" => 1 })])
+        peer.partial({ "batch_id" => "b-1" }, { "step_id" => 1, "task_id" => 1, "attempt" => 1 }, worker_id: "nobody")
+        peer.partial({ "batch_id" => "b-1" }, { "step_id" => 1, "task_id" => 1, "attempt" => 1 }, topic: "heartbeat")
         peer.raw(["partial_result", pack.call([1, 2, 3])])
       end
       results = []
       wait_until(message: "all bad input read") do
         results.concat(handle.receive_results)
-        handle.stats[:result_socket][:messages_received] >= loops * 10 + 1
+        handle.stats[:result_socket][:messages_received] >= loops * 11 + 1
       end
-      # The unknown worker's partial is still handed over, flagged.
-      expect(results.map { |r| [r["worker_id"], r["duplicate"]] }).to eq([["nobody", true]] * loops)
+      # Nothing of it is handed over: not even the unknown worker's partial.
+      expect(results).to eq([])
       bad = handle.stats[:bad_messages]
       expect(bad).to eq(malformed_frame: 2 * loops, undecodable_body: 2 * loops, wrong_protocol_version: 2 * loops,
-                        unknown_type: loops, invalid_fields: 2 * loops, unknown_worker: loops, duplicate_result: 0, too_large: 0)
-      expect(logged.size).to eq(6)
+                        unknown_type: loops, invalid_fields: 2 * loops, unknown_worker: loops, duplicate_result: 0, too_large: 0,
+                        topic_mismatch: loops, not_dispatched: 0)
+      expect(logged.size).to eq(7)
       expect(logged.grep(/malformed_frame/).size).to eq(1)
 
       handle.publish_batch({ "steps" => steps(1) })
@@ -429,6 +448,196 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       else
         TaskerCore.singleton_class.send(:remove_method, :logger)
       end
+    end
+  end
+
+  describe "peers that could stop the work (issue 10)" do
+    def heartbeat_body(id, **extra)
+      TaskerCore::Codec.pack({ "protocol_version" => 1, "type" => "heartbeat", "worker_id" => id, "capacity" => 1_000_000,
+                               "in_flight" => 0 }.merge(extra))
+    end
+
+    it "installs only batch.<worker id>. subscriptions: a non-reading \"\" subscriber gets nothing and holds up nobody", :spawns do
+      small = described_class.new(batch_endpoint: "tcp://127.0.0.1:*", result_endpoint: "tcp://127.0.0.1:*",
+                                  send_hwm: 10, heartbeat_timeout_ms: 60_000)
+      cfg = small.zeromq_config
+      expect(cfg["xpub_manual"]).to be(true)
+      wide = ["", "batch.", "batch.w1", "other."].map do |t|
+        TaskerCore::Socket::Subscriber.new(connect: cfg["batch_endpoint"], topics: [t], recv_hwm: 1)
+      end
+      wait_until(message: "wide subscriptions refused") { small.workers && small.stats[:subscriptions_refused] == 4 }
+      out_r, out_w = IO.pipe
+      spawn_ruby(WORKER_PEER_SCRIPT, "w1", cfg["batch_endpoint"], cfg["result_endpoint"], "1000000", out: out_w)
+      out_w.close
+      wait_until(message: "w1 live") { small.workers.any? }
+      pad = "x" * 100_000
+      200.times do |i|
+        small.publish_batch({ "steps" => [{ "step_id" => i, "task_id" => 1, "attempt" => 1, "pad" => pad }] }, timeout_ms: 10_000)
+      end
+      lines = []
+      wait_until(message: "200 batches at w1") do
+        lines << out_r.gets while out_r.wait_readable(0.05)
+        lines.count { |l| l.start_with?("batch ") } == 200
+      end
+      # Were any of them matched, its full pipe would have refused sends
+      # (NODROP) long before 20 MB went out.
+      expect(wide.map { |sub| sub.receive_many(timeout_ms: 50) }).to all(eq([]))
+      expect(small.stats[:subscriptions]).to eq(1)
+      expect(small.stats[:workers_not_reading]).to eq(0)
+    ensure
+      wide&.each(&:close)
+      out_r&.close
+      small&.close
+    end
+
+    it "backs off a worker refused at the high-water mark, drops it as not_reading, logs it once, and takes it back after it resubscribes" do
+      logged = []
+      logger = Object.new
+      logger.define_singleton_method(:warn) { |m| logged << m }
+      TaskerCore.define_singleton_method(:logger) { logger }
+      small = described_class.new(batch_endpoint: "tcp://127.0.0.1:*", result_endpoint: "tcp://127.0.0.1:*",
+                                  send_hwm: 1, heartbeat_timeout_ms: 1000)
+      cfg = small.zeromq_config
+      sub = TaskerCore::Socket::Subscriber.new(connect: cfg["batch_endpoint"], topics: ["batch.slow."], recv_hwm: 1)
+      pub = TaskerCore::Socket::Publisher.new(connect: cfg["result_endpoint"])
+      wait_until { small.workers && pub.subscriptions(timeout_ms: 5).any? }
+      pub.send_message("heartbeat", heartbeat_body("slow"))
+      wait_until(message: "slow live") { small.workers.any? }
+      big = "x" * 100_000
+      sent = 0
+      refusals = Hash.new(0)
+      wait_until(timeout: 30, message: "slow dropped as not_reading") do
+        pub.send_message("heartbeat", heartbeat_body("slow"))
+        begin
+          small.publish_batch({ "steps" => [{ "step_id" => sent + 1, "task_id" => 1, "attempt" => 1, "pad" => big }] })
+          sent += 1
+        rescue TaskerCore::ConnectionError, TaskerCore::NoWorkersError => e
+          refusals[e.class] += 1
+        end
+        small.stats[:workers_not_reading] == 1
+      end
+      # Between refusals the worker was backing off: no new batch for it.
+      expect(refusals[TaskerCore::NoWorkersError]).to be > 0
+      lost = []
+      wait_until(message: "worker_lost not_reading") do
+        lost.concat(small.receive_results)
+        lost.any? { |r| r["reason"] == "not_reading" }
+      end
+      event = lost.find { |r| r["reason"] == "not_reading" }
+      expect(event).to include("type" => "worker_lost", "worker_id" => "slow")
+      expect(event["in_flight"].map { |st| st["step_id"] }.sort).to eq((1..sent).to_a)
+      # Still heartbeating, but not live until it subscribes again.
+      pub.send_message("heartbeat", heartbeat_body("slow"))
+      wait_until { small.workers && small.stats[:heartbeats] >= 3 }
+      expect(small.workers).to eq([])
+      expect { small.publish_batch({ "steps" => steps(1) }) }.to raise_error(TaskerCore::NoWorkersError)
+      expect(logged.grep(/worker slow is not reading/).size).to eq(1)
+
+      sub.close
+      sub = TaskerCore::Socket::Subscriber.new(connect: cfg["batch_endpoint"], topics: ["batch.slow."])
+      # Live again once the new connection subscribed; the old one (its
+      # pipe still full) must be gone too before a send can pass.
+      wait_until(message: "slow live again") do
+        pub.send_message("heartbeat", heartbeat_body("slow"))
+        small.workers.any? { |w| w["id"] == "slow" } && small.stats[:unsubscriptions] >= 1
+      end
+      expect(small.publish_batch({ "steps" => steps(1, first: 999) }, timeout_ms: 5000)).to eq("slow")
+      expect(sub.receive(timeout_ms: 5000)).not_to be_nil
+      expect(small.stats[:workers_not_reading]).to eq(1)
+    ensure
+      TaskerCore.singleton_class.send(:remove_method, :logger) if TaskerCore.singleton_class.method_defined?(:logger, false)
+      sub&.close
+      pub&.close
+      small&.close
+    end
+
+    it "applies a partial only from the worker it was sent to, with the batch it was sent in" do
+      w1 = start_peer("w1")
+      w2 = start_peer("w2")
+      handle.publish_batch({ "batch_id" => "b1", "steps" => steps(2) }, timeout_ms: 0)
+      owner, other = handle.workers.find { |w| w["in_flight"] == 2 }["id"] == "w1" ? [w1, w2] : [w2, w1]
+      batch = owner.receive_batches(timeout_ms: 5000).first
+      step = batch["steps"].first
+      other.partial(batch, step, output: { "forged" => "by the other worker" })
+      owner.partial(batch, step, worker_id: "nobody", output: { "forged" => "unknown worker" })
+      owner.partial(batch, step, batch_id: "b-forged", output: { "forged" => "wrong batch" })
+      owner.partial(batch, step, topic: "heartbeat", output: { "forged" => "wrong topic" })
+      wait_until(message: "forgeries read") do
+        handle.receive_results.empty? && handle.stats[:results_received][:partial_result] == 3 &&
+          handle.stats[:bad_messages][:topic_mismatch] == 1
+      end
+      expect(handle.stats[:bad_messages]).to include(not_dispatched: 2, unknown_worker: 1, topic_mismatch: 1)
+      expect(handle.workers.sum { |w| w["in_flight"] }).to eq(2)
+      owner.partial(batch, step)
+      got = collect_results(1)
+      expect(got.map { |r| [r["worker_id"], r["step_id"], r["output"]] }).to eq([[owner.id, 1, { "ok" => true }]])
+    end
+
+    it "keeps a heartbeat's limits, ignoring values out of range, and defaults them when unsaid" do
+      peer = start_peer("w1")
+      expect(handle.workers.first["limits"]).to eq("max_batch_steps" => 10_000, "max_message_bytes" => 2**63 - 1,
+                                                    "max_payload_depth" => 28)
+      peer.heartbeat(capacity: 5, limits: { "max_batch_steps" => 50, "max_message_bytes" => 1_000_000, "max_payload_depth" => 12 })
+      wait_until(message: "limits") { handle.workers.first["capacity"] == 5 }
+      expect(handle.workers.first["limits"]).to eq("max_batch_steps" => 50, "max_message_bytes" => 1_000_000, "max_payload_depth" => 12)
+      peer.heartbeat(capacity: 6, limits: { "max_batch_steps" => 0, "max_message_bytes" => "big", "max_payload_depth" => 7 })
+      wait_until(message: "limits") { handle.workers.first["capacity"] == 6 }
+      expect(handle.workers.first["limits"]).to eq("max_batch_steps" => 10_000, "max_message_bytes" => 2**63 - 1, "max_payload_depth" => 7)
+      expect(handle.stats[:bad_messages].values.sum).to eq(0)
+    end
+
+    it "takes back, as lost, steps of batches up to last_batch_id that a heartbeat does not list" do
+      peer = start_peer("w1", capacity: 10)
+      handle.publish_batch({ "steps" => steps(2, first: 1) })
+      handle.publish_batch({ "steps" => steps(2, first: 3) })
+      handle.publish_batch({ "steps" => steps(2, first: 5) })
+      handle.publish_batch({ "batch_id" => "given", "steps" => steps(1, first: 7) })
+      b1, b2, b3, = wait_until(message: "4 batches") { peer.receive_batches(timeout_ms: 5) && peer.batches.size == 4 && peer.batches }
+      # Malformed list or an id this handle never made: nothing changes (the heartbeat still counts).
+      peer.heartbeat(capacity: 9, last_batch_id: b3["batch_id"], in_flight_steps: [[1, 1], "x"])
+      peer.heartbeat(capacity: 8, last_batch_id: "given", in_flight_steps: [])
+      peer.heartbeat(capacity: 7, last_batch_id: "#{b3['batch_id']}0", in_flight_steps: [])
+      wait_until(message: "heartbeats") { handle.workers.first["capacity"] == 7 }
+      expect(handle.workers.first["in_flight"]).to eq(7)
+      # Up to b2: steps 1..4 were sent; it holds 1 and 4 (and b3, newer, is not judged).
+      peer.heartbeat(capacity: 6, last_batch_id: b2["batch_id"], in_flight_steps: [[1, 1], [4, 1], [5, 1]])
+      got = collect_results(1)
+      expect(got.first).to include("type" => "steps_lost", "worker_id" => "w1", "reason" => "reconciled")
+      expect(got.first["in_flight"].map { |st| [st["batch_id"], st["step_id"]] }.sort).to eq([[b1["batch_id"], 2], [b2["batch_id"], 3]])
+      expect(handle.workers.first["in_flight"]).to eq(5)
+      expect(handle.stats[:steps_reconciled]).to eq(2)
+      expect(live_ids).to eq(["w1"])
+    end
+
+    it "acts on a batch_refusal from the worker the batch was sent to, and only then" do
+      w1 = start_peer("w1", capacity: 10)
+      handle.publish_batch({ "batch_id" => "b1", "steps" => steps(3, first: 1) })
+      handle.publish_batch({ "batch_id" => "b2", "steps" => steps(2, first: 4) })
+      handle.publish_batch({ "batch_id" => "b3", "steps" => steps(1, first: 6) })
+      w2 = start_peer("w2", capacity: 10)
+      w2.refusal("b1", reason: "draining") # not its batch
+      w1.refusal("b1", reason: "too_deep", steps: [[1, 1, "too_deep", "x"], [99, 1, "too_deep", "x"]]) # 99 not in flight
+      w1.refusal("b9", reason: "draining") # no such batch
+      wait_until(message: "bad refusals read") { handle.receive_results.empty? && handle.stats[:bad_messages][:not_dispatched] == 3 }
+      expect(handle.stats[:refusals]).to eq(0)
+      expect(handle.workers.find { |w| w["id"] == "w1" }["in_flight"]).to eq(6)
+
+      w1.refusal("b1", reason: "too_deep", message: "mixed",
+                       steps: [[1, 1, "too_deep", "context nests 30 levels, over max_payload_depth 24"],
+                               [2, 1, "invalid_step", "handler missing"], [3, 1, "too_many_steps", "over 2 steps"]])
+      w1.refusal("b2", reason: "draining", message: "shutting down")
+      w1.refusal(nil, reason: "undecodable", message: "?", steps: [[6, 1, "undecodable", "body cut"]])
+      got = collect_results(5)
+      expect(got.map { |r| [r["type"], r["reason"], r["error_class"], r["in_flight"].map { |st| st["step_id"] }.sort] }).to eq(
+        [["steps_failed", "refused", "TaskerCore::PayloadTooDeepError", [1]],
+         ["steps_failed", "refused", "TaskerCore::BatchRefusedError", [2]],
+         ["steps_lost", "refused", nil, [3]],
+         ["steps_lost", "refused", nil, [4, 5]],
+         ["steps_lost", "refused", nil, [6]]]
+      )
+      expect(got.first["message"]).to eq("worker w1 refused the step: context nests 30 levels, over max_payload_depth 24")
+      expect(handle.stats[:refusals]).to eq(3)
+      expect(handle.workers.find { |w| w["id"] == "w1" }["in_flight"]).to eq(0)
     end
   end
 

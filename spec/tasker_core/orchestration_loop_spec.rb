@@ -17,7 +17,14 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     @handle.close
   end
 
-  def start = @handle.start_orchestration(database_url: db_url, lease_ms: 60_000, poll_interval_ms: 20)
+  def start(**opts) = @handle.start_orchestration(database_url: db_url, lease_ms: 60_000, poll_interval_ms: 20, **opts)
+
+  # A fresh handle with these OrchestrationHandle.new options.
+  def reopen(**opts)
+    @handle.close
+    @handle = TaskerCore::OrchestrationHandle.new(batch_endpoint: "tcp://127.0.0.1:*", result_endpoint: "tcp://127.0.0.1:*",
+                                                  heartbeat_timeout_ms: 2000, **opts)
+  end
 
   def connect_peer(capacity: 4)
     cfg = @handle.zeromq_config
@@ -70,24 +77,28 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     expect(b).to include("step_name" => "b", "dependency_results" => { "a" => { "from" => "a" } })
     @peer.partial(@peer.batches.last, b, output: { "from" => "b" })
     wait_until(message: "the task complete") { TaskerCore.task(id)[:status] == "complete" }
-    # a duplicate of an applied result changes nothing and is counted
+    # a duplicate of an applied result is counted by the handle and never reaches the database
     @peer.partial(batch, a, output: { "from" => "again" })
-    wait_until(message: "a stale result") { @handle.stats["loop"]["stale_results"] == 1 }
+    wait_until(message: "a duplicate counted") { @handle.stats[:bad_messages][:duplicate_result] == 1 }
     expect(TaskerCore.task(id)[:steps].first[:output]).to eq("from" => "a")
-    expect(@handle.stats["loop"]).to include("claimed" => 2, "dispatched" => 2, "completed" => 3)
+    expect(@handle.stats["loop"]).to include("claimed" => 2, "dispatched" => 2, "completed" => 2, "stale_results" => 0)
   end
 
-  it "counts bad results by reason and keeps running" do
+  it "applies only valid results: bad ones are counted by reason and change nothing" do
+    id = TaskerCore.create_task(name: "pair")
     start
     connect_peer
+    batch = next_batch
+    a = batch["steps"].first
     @peer.send_message("partial_result", "worker_id" => "peer-1", "status" => "complete")
-    @peer.send_message("partial_result", "worker_id" => "peer-1", "step_id" => 1, "attempt" => 1, "status" => "odd")
-    # the handle core refuses the first; the loop's parser the second (a status it does not know)
-    wait_until(message: "two bad results") do
-      @handle.stats[:bad_messages][:invalid_fields] == 1 && @handle.stats["loop"]["bad_results"] == 1
-    end
-    expect(@handle.stats["loop"]["bad_results_by_reason"]).to include("invalid_fields" => 1)
-    expect(@handle.stats["loop"]["last_bad_result"]).to include("odd")
+    @peer.send_message("partial_result", "batch_id" => batch["batch_id"], "worker_id" => "peer-1", "task_id" => a["task_id"],
+                                         "step_id" => a["step_id"], "attempt" => a["attempt"], "status" => "odd")
+    # the handle core parses every result: the loop only gets valid ones
+    wait_until(message: "two bad results") { @handle.stats[:bad_messages][:invalid_fields] == 2 }
+    @peer.partial(batch, a, output: { "ok" => 1 })
+    wait_until(message: "a applied") { TaskerCore.task(id)[:steps].first[:state] == "complete" }
+    expect(TaskerCore.task(id)[:steps].first[:output]).to eq("ok" => 1)
+    expect(@handle.stats["loop"]).to include("bad_results" => 0, "completed" => 1)
     expect(@handle.orchestrating?).to be(true)
   end
 
@@ -100,6 +111,110 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     wait_until(message: "the step released") { @handle.stats["loop"]["redispatched"] == 1 }
     step = conn.exec("SELECT state, attempts FROM tasker_workflow_steps WHERE task_id = $1 AND name = 'a'", [id]).first
     expect(step).to eq("state" => "pending", "attempts" => 1)
+  end
+
+  it "puts the orchestrator's limits in every batch" do
+    reopen(max_message_bytes: 1_000_000, max_result_bytes: 500_000)
+    TaskerCore.create_task(name: "pair")
+    start
+    connect_peer
+    limits = next_batch["limits"]
+    expect(limits).to include("max_result_bytes" => 500_000, "max_message_bytes" => 1_000_000)
+    expect(limits["max_payload_depth"]).to be_an(Integer).and be >= 1
+  end
+
+  it "splits a claim into batches that each fit max_message_bytes" do
+    reopen(max_message_bytes: 64 * 1024)
+    ids = Array.new(4) { |i| TaskerCore.create_task(name: "pair", context: { "n" => i, "pad" => "p" * 20_000 }) }
+    start
+    connect_peer(capacity: 4)
+    wait_until(message: "4 steps sent") do
+      @peer.receive_batches(timeout_ms: 20)
+      @peer.batches.sum { |b| b["steps"].size } == 4
+    end
+    expect(@peer.batches.size).to be >= 2
+    expect(@peer.batches.map { |b| TaskerCore::Codec.pack(b).bytesize }).to all(be < 64 * 1024)
+    expect(@peer.batches.flat_map { |b| b["steps"].map { |s| s["task_id"] } }).to match_array(ids)
+    expect(@handle.stats["loop"]["batches_split_by_bytes"]).to be >= 1
+  end
+
+  it "fails a step whose context nests deeper than any live worker takes, without sending it" do
+    id = TaskerCore.create_task(name: "pair")
+    deep = 29.times.reduce({ "leaf" => 1 }) { |inner, _| { "k" => inner } } # 30 levels
+    conn.exec("UPDATE tasker_tasks SET context = decode($2, 'hex') WHERE id = $1",
+              [id, TaskerCore::Codec.pack(deep).unpack1("H*")])
+    start
+    connect_peer
+    wait_until(message: "the task failed") { TaskerCore.task(id)[:status] == "error" }
+    step = TaskerCore.task(id)[:steps].find { |s| s[:name] == "a" }
+    expect(step[:error]).to include("class" => "TaskerCore::PayloadTooDeepError", "retryable" => false)
+    expect(step[:error]["message"]).to match(/context nests 30 levels, over max_payload_depth \d+/)
+    expect(@peer.receive_batches(timeout_ms: 100)).to eq([])
+    expect(@handle.stats["loop"]).to include("failed_too_deep" => 1, "dispatched" => 0)
+  end
+
+  it "fails a step lost more than max_lost_attempts times with StepLostError" do
+    id = TaskerCore.create_task(name: "pair")
+    start(max_lost_attempts: 1)
+    connect_peer
+    2.times do |round|
+      next_batch
+      @peer.goodbye
+      wait_until(message: "loss #{round + 1} counted") do
+        loop_stats = @handle.stats["loop"]
+        loop_stats["redispatched"] + loop_stats["lost_failed"] == round + 1
+      end
+      @peer.heartbeat # live again: a goodbye does not disable a worker for good
+    end
+    wait_until(message: "the task failed") { TaskerCore.task(id)[:status] == "error" }
+    expect(TaskerCore.task(id)[:steps].first[:error]).to include("class" => "TaskerCore::StepLostError")
+    expect(@handle.stats["loop"]).to include("redispatched" => 1, "lost_failed" => 1)
+  end
+
+  it "fails the steps a worker refuses as too deep, and sends the ones it refuses while draining again" do
+    ids = Array.new(2) { TaskerCore.create_task(name: "pair") }
+    start
+    connect_peer
+    batch = nil
+    wait_until(message: "both steps sent") do
+      @peer.receive_batches(timeout_ms: 20)
+      batch = @peer.batches.find { |b| b["steps"].size == 2 }
+    end
+    deep, draining = batch["steps"]
+    refused = [[deep, "too_deep", "context nests 30 levels, over max_payload_depth 24"], [draining, "draining", "shutting down"]]
+    @peer.send_message("batch_refusal", "batch_id" => batch["batch_id"], "worker_id" => "peer-1", "reason" => "too_deep",
+                                        "message" => "refused",
+                                        "steps" => refused.map do |s, reason, message|
+                                          { "step_id" => s["step_id"], "attempt" => s["attempt"], "reason" => reason, "message" => message }
+                                        end)
+    wait_until(message: "the refused-as-deep task failed") { TaskerCore.task(deep["task_id"])[:status] == "error" }
+    error = TaskerCore.task(deep["task_id"])[:steps].first[:error]
+    expect(error).to include("class" => "TaskerCore::PayloadTooDeepError", "retryable" => false, "backtrace" => [])
+    again = nil
+    wait_until(message: "the draining step sent again") do
+      @peer.receive_batches(timeout_ms: 20)
+      again = @peer.batches.last["steps"].find { |s| s["step_id"] == draining["step_id"] && s["attempt"] > draining["attempt"] }
+    end
+    expect(again).not_to be_nil
+    expect(@handle.stats["loop"]).to include("failed_refused" => 1, "redispatched" => 1)
+    expect(ids).to include(deep["task_id"], draining["task_id"])
+  end
+
+  it "reads its stats about once a second while the loop runs, so the handle's warnings are logged unasked" do
+    log = StringIO.new
+    saved = TaskerCore.logger
+    TaskerCore.logger = Logger.new(log)
+    start
+    poller = -> { Thread.list.find { |t| t.name == "tasker-stats" && t.alive? } }
+    expect(poller.call).not_to be_nil
+    connect_peer
+    @peer.send_message("partial_result", "worker_id" => "peer-1", "status" => "complete")
+    # nobody here calls #stats: the poller does
+    wait_until(timeout: 5, message: "the warning logged") { log.string.include?("invalid_fields") }
+    @handle.stop_orchestration
+    expect(poller.call).to be_nil
+  ensure
+    TaskerCore.logger = saved
   end
 
   it "upserts the workers it sees into tasker_workers" do

@@ -117,7 +117,8 @@ module TaskerCore
           send_hwm: zeromq.fetch("send_hwm"),
           recv_hwm: zeromq.fetch("recv_hwm"),
           linger_ms: zeromq.fetch("linger_ms"),
-          heartbeat_timeout_ms: zeromq.fetch("heartbeat_timeout_ms")
+          heartbeat_timeout_ms: zeromq.fetch("heartbeat_timeout_ms"),
+          max_payload_depth: zeromq.fetch("max_payload_depth")
         }.merge(security_options)
       end
 
