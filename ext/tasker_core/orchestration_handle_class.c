@@ -371,6 +371,8 @@ static VALUE oh_initialize(int argc, VALUE *argv, VALUE self)
         snprintf(w->core.result_endpoint, sizeof(w->core.result_endpoint), "%s", cfg.result_endpoint);
     }
     tc_curve_wipe(curve.secret_key, sizeof(curve.secret_key));
+    /* receive_results hands completions over too; the loop never gets them. */
+    tc_oh_set_queue_completions(&w->core, 1);
     w->initialized = 1;
     RB_GC_GUARD(be);
     RB_GC_GUARD(re);
@@ -920,16 +922,22 @@ static VALUE oh_start_orchestration(VALUE self, VALUE url, VALUE owner, VALUE ba
         w->loop = NULL;
     }
     char err[512];
+    tc_oh_set_queue_completions(&w->core, 0);
     tc_loop *l = tc_loop_new(&w->core, &cfg, err, sizeof(err));
-    if (!l) rb_raise(tc_eError, "%s", err);
+    if (!l) {
+        tc_oh_set_queue_completions(&w->core, 1);
+        rb_raise(tc_eError, "%s", err);
+    }
     struct connect_arg a = {.loop = l};
     rb_thread_call_without_gvl(connect_nogvl, &a, RUBY_UBF_IO, NULL);
     if (a.rc != 0) {
         tc_loop_free(l);
+        tc_oh_set_queue_completions(&w->core, 1);
         rb_raise(tc_eStoreError, "orchestration loop could not connect: %s", a.err);
     }
     if (tc_loop_start(l, err, sizeof(err)) != 0) {
         tc_loop_free(l);
+        tc_oh_set_queue_completions(&w->core, 1);
         rb_raise(tc_eError, "%s", err);
     }
     w->loop = l;
@@ -990,6 +998,7 @@ static VALUE oh_stop_orchestration(int argc, VALUE *argv, VALUE self)
         rb_raise(tc_eError, "the orchestration loop did not stop within %ld ms", timeout_ms);
     }
     w->owner = rb_thread_current();
+    tc_oh_set_queue_completions(&w->core, 1);
     return Qtrue;
 }
 
