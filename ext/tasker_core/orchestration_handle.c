@@ -195,6 +195,21 @@ void tc_oh_event_pop(tc_oh *h)
     if (h->ev_count == 0) h->ev_head = 0;
 }
 
+void tc_oh_set_queue_completions(tc_oh *h, int on)
+{
+    h->queue_completions = on;
+    if (on) return;
+    size_t k = h->ev_head;
+    for (size_t i = h->ev_head; i < h->ev_head + h->ev_count; i++) {
+        if (h->events[i].kind == TC_OH_EV_COMPLETION)
+            event_free(&h->events[i]);
+        else
+            h->events[k++] = h->events[i];
+    }
+    h->ev_count = k - h->ev_head;
+    if (h->ev_count == 0) h->ev_head = 0;
+}
+
 /* ---- worker table ------------------------------------------------------ */
 
 /* A goodbye only clears heartbeated: the worker's next heartbeat, while it
@@ -516,7 +531,7 @@ static int str_is(const char *p, size_t n, const char *lit)
 
 #define CLIP(n) ((int)((n) > 64 ? 64 : (n)))
 
-static void queue_result(tc_oh *h, const void *body, size_t len)
+static void queue_body(tc_oh *h, tc_oh_event_kind kind, const void *body, size_t len)
 {
     tc_oh_event *ev = event_push(h);
     if (!ev) return;
@@ -524,7 +539,7 @@ static void queue_result(tc_oh *h, const void *body, size_t len)
     if (!ev->body) return;
     memcpy(ev->body, body, len);
     ev->len = len;
-    ev->kind = TC_OH_EV_RESULT;
+    ev->kind = kind;
     h->ev_count++;
 }
 
@@ -601,14 +616,14 @@ static void on_partial(tc_oh *h, const tc_proto_msg *m, const void *body, size_t
     }
     inflight_remove(w, s);
     recent_add(w, m->step_id, m->attempt);
-    queue_result(h, body, len);
+    queue_body(h, TC_OH_EV_RESULT, body, len);
 }
 
 /* The completion follows the batch's last partial on the same connection,
  * so steps of this batch still in flight lost their partial: free their
  * credit (the lease deadline dispatches them again), or the worker would
- * look busy forever. No event. */
-static void on_completion(tc_oh *h, const tc_proto_msg *m)
+ * look busy forever. No event for the loop. */
+static void on_completion(tc_oh *h, const tc_proto_msg *m, const void *body, size_t len)
 {
     h->stats.batch_completions++;
     tc_oh_worker *w = live_sender(h, m->worker_id, "batch_completion");
@@ -618,6 +633,7 @@ static void on_completion(tc_oh *h, const tc_proto_msg *m)
             inflight_remove(w, &w->slots[i]);
             h->stats.steps_released_by_completion++;
         }
+    if (h->queue_completions) queue_body(h, TC_OH_EV_COMPLETION, body, len);
 }
 
 static int cmp_pair(const void *a, const void *b)
@@ -829,7 +845,7 @@ static void handle_result_message(tc_oh *h, const void *topic, size_t tlen, cons
     }
     switch (m.type) {
     case TC_PROTO_PARTIAL_RESULT: on_partial(h, &m, body, len); break;
-    case TC_PROTO_BATCH_COMPLETION: on_completion(h, &m); break;
+    case TC_PROTO_BATCH_COMPLETION: on_completion(h, &m, body, len); break;
     case TC_PROTO_HEARTBEAT: on_heartbeat(h, &m); break;
     case TC_PROTO_GOODBYE: on_goodbye(h, &m); break;
     case TC_PROTO_BATCH_REFUSAL: on_refusal(h, &m); break;

@@ -128,7 +128,14 @@ typedef struct tc_oh_worker {
  *         "refused".
  * FAIL:   steps to fail, not retryable (a batch_refusal with too_deep or
  *         invalid_step); error_class and message say why. */
-typedef enum tc_oh_event_kind { TC_OH_EV_RESULT = 1, TC_OH_EV_LOST, TC_OH_EV_FAIL } tc_oh_event_kind;
+typedef enum tc_oh_event_kind {
+    TC_OH_EV_RESULT = 1,
+    TC_OH_EV_LOST,
+    TC_OH_EV_FAIL,
+    /* a batch_completion body, only while queue_completions is set (the
+     * manual Ruby API); the orchestration loop never sees one */
+    TC_OH_EV_COMPLETION
+} tc_oh_event_kind;
 
 /* Something receive_results hands to the caller, in arrival order. */
 typedef struct tc_oh_event {
@@ -211,6 +218,9 @@ typedef struct tc_oh {
     int max_message_bytes;
     size_t max_result_bytes;
     int max_payload_depth;
+    /* Also queue batch_completion bodies (TC_OH_EV_COMPLETION); see
+     * tc_oh_set_queue_completions. Off: they only free credit. */
+    int queue_completions;
     /* Workers dropped as not_reading since the binding last looked (it
      * logs each id once and empties the list); beyond the bound only counted. */
     char not_reading_log[TC_OH_NOT_READING_LOG][TC_OH_WORKER_ID_MAX + 1];
@@ -269,6 +279,9 @@ void tc_oh_next_batch_id(tc_oh *h, char *buf, size_t len);
  * is lost as "not_reading"), ENOMEM, EINVAL, or a socket error. */
 int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const tc_oh_step *steps,
                      size_t nsteps, const void *body, size_t len);
+
+/* Turns TC_OH_EV_COMPLETION events on or off; off also drops those queued. */
+void tc_oh_set_queue_completions(tc_oh *h, int on);
 
 /* The oldest queued event, or NULL; tc_oh_event_pop frees it. */
 tc_oh_event *tc_oh_event_peek(tc_oh *h);

@@ -178,22 +178,6 @@ static VALUE call_logger(VALUE msg)
 
 /* Each kind of bad input is logged once per handle: a misbehaving peer
  * could otherwise flood the log; the counts stay in #stats. */
-static void log_new_bad_reasons(oh_wrap *w)
-{
-    for (int r = 0; r < TC_OH_BAD_COUNT; r++) {
-        if (!w->core.stats.bad[r] || (w->logged & (1u << r))) continue;
-        w->logged |= 1u << r;
-        if (!rb_respond_to(tc_mTaskerCore, rb_intern("logger"))) continue;
-        VALUE msg = rb_sprintf("tasker_core orchestration handle: bad message on the result channel (%s): %s; "
-                               "later ones of this kind are only counted in #stats",
-                               tc_oh_bad_reason_name((tc_oh_bad_reason)r), w->core.bad_detail[r]);
-        int state = 0;
-        rb_protect(call_logger, msg, &state);
-        /* A broken logger must not stop results from being delivered. */
-        if (state) rb_set_errinfo(Qnil);
-    }
-}
-
 /* Distinct worker ids remembered for once-per-worker logging. */
 #define NOT_READING_LOGGED_MAX 1024
 
@@ -203,6 +187,19 @@ static void log_line(VALUE msg)
     int state = 0;
     rb_protect(call_logger, msg, &state);
     if (state) rb_set_errinfo(Qnil);
+}
+
+/* bad: the counts, details: the last detail of each reason (copies taken
+ * under the loop's lock when it runs). */
+static void log_bad_reasons(oh_wrap *w, const uint64_t *bad, const char (*details)[sizeof(w->core.bad_detail[0])])
+{
+    for (int r = 0; r < TC_OH_BAD_COUNT; r++) {
+        if (!bad[r] || (w->logged & (1u << r))) continue;
+        w->logged |= 1u << r;
+        log_line(rb_sprintf("tasker_core orchestration handle: bad message on the result channel (%s): %s; "
+                            "later ones of this kind are only counted in #stats",
+                            tc_oh_bad_reason_name((tc_oh_bad_reason)r), details[r]));
+    }
 }
 
 /* Workers dropped as not_reading, once per worker id. ids is a copy of the
@@ -235,7 +232,7 @@ static void log_new_problems(oh_wrap *w)
     char ids[TC_OH_NOT_READING_LOG][TC_OH_WORKER_ID_MAX + 1];
     size_t n = take_not_reading(w, ids);
     log_not_reading(w, ids, n);
-    log_new_bad_reasons(w);
+    log_bad_reasons(w, w->core.stats.bad, (const char(*)[sizeof(w->core.bad_detail[0])])w->core.bad_detail);
 }
 
 /* ---- polling and waiting ------------------------------------------------- */
@@ -371,6 +368,8 @@ static VALUE oh_initialize(int argc, VALUE *argv, VALUE self)
         snprintf(w->core.result_endpoint, sizeof(w->core.result_endpoint), "%s", cfg.result_endpoint);
     }
     tc_curve_wipe(curve.secret_key, sizeof(curve.secret_key));
+    /* receive_results hands completions over too; the loop never gets them. */
+    tc_oh_set_queue_completions(&w->core, 1);
     w->initialized = 1;
     RB_GC_GUARD(be);
     RB_GC_GUARD(re);
@@ -509,6 +508,7 @@ static VALUE oh_stats(VALUE self)
     tc_oh_stats copy;
     tc_socket_counters bc = w->core.batch.counters, rc = w->core.result.counters;
     char ids[TC_OH_NOT_READING_LOG][TC_OH_WORKER_ID_MAX + 1];
+    char details[TC_OH_BAD_COUNT][sizeof(w->core.bad_detail[0])];
     int locked = orchestrating(w);
     if (locked) {
         tc_loop_lock(w->loop);
@@ -519,16 +519,11 @@ static VALUE oh_stats(VALUE self)
     /* While the loop runs, stats is where its problems get logged (a
      * poller calls it); each bad reason and not_reading worker once. */
     size_t nids = locked ? take_not_reading(w, ids) : 0;
+    if (locked) memcpy(details, w->core.bad_detail, sizeof(details));
     if (locked) tc_loop_unlock(w->loop);
     if (locked) {
         log_not_reading(w, ids, nids);
-        for (int r = 0; r < TC_OH_BAD_COUNT; r++)
-            if (copy.bad[r] && !(w->logged & (1u << r))) {
-                w->logged |= 1u << r;
-                log_line(rb_sprintf("tasker_core orchestration handle: bad message on the result channel (%s); "
-                                    "later ones of this kind are only counted in #stats",
-                                    tc_oh_bad_reason_name((tc_oh_bad_reason)r)));
-            }
+        log_bad_reasons(w, copy.bad, (const char(*)[sizeof(w->core.bad_detail[0])])details);
     }
     const tc_oh_stats *st = &copy;
     VALUE h = rb_hash_new(), results = rb_hash_new(), bad = rb_hash_new();
@@ -927,16 +922,22 @@ static VALUE oh_start_orchestration(VALUE self, VALUE url, VALUE owner, VALUE ba
         w->loop = NULL;
     }
     char err[512];
+    tc_oh_set_queue_completions(&w->core, 0);
     tc_loop *l = tc_loop_new(&w->core, &cfg, err, sizeof(err));
-    if (!l) rb_raise(tc_eError, "%s", err);
+    if (!l) {
+        tc_oh_set_queue_completions(&w->core, 1);
+        rb_raise(tc_eError, "%s", err);
+    }
     struct connect_arg a = {.loop = l};
     rb_thread_call_without_gvl(connect_nogvl, &a, RUBY_UBF_IO, NULL);
     if (a.rc != 0) {
         tc_loop_free(l);
+        tc_oh_set_queue_completions(&w->core, 1);
         rb_raise(tc_eStoreError, "orchestration loop could not connect: %s", a.err);
     }
     if (tc_loop_start(l, err, sizeof(err)) != 0) {
         tc_loop_free(l);
+        tc_oh_set_queue_completions(&w->core, 1);
         rb_raise(tc_eError, "%s", err);
     }
     w->loop = l;
@@ -997,6 +998,7 @@ static VALUE oh_stop_orchestration(int argc, VALUE *argv, VALUE self)
         rb_raise(tc_eError, "the orchestration loop did not stop within %ld ms", timeout_ms);
     }
     w->owner = rb_thread_current();
+    tc_oh_set_queue_completions(&w->core, 1);
     return Qtrue;
 }
 
