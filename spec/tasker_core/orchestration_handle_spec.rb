@@ -493,7 +493,7 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       logged = []
       logger = Object.new
       logger.define_singleton_method(:warn) { |m| logged << m }
-      TaskerCore.define_singleton_method(:logger) { logger }
+      TaskerCore.logger = logger
       small = described_class.new(batch_endpoint: "tcp://127.0.0.1:*", result_endpoint: "tcp://127.0.0.1:*",
                                   send_hwm: 1, heartbeat_timeout_ms: 1000)
       cfg = small.zeromq_config
@@ -544,7 +544,7 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       expect(sub.receive(timeout_ms: 5000)).not_to be_nil
       expect(small.stats[:workers_not_reading]).to eq(1)
     ensure
-      TaskerCore.singleton_class.send(:remove_method, :logger) if TaskerCore.singleton_class.method_defined?(:logger, false)
+      TaskerCore.logger = nil
       sub&.close
       pub&.close
       small&.close
