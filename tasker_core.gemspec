@@ -27,4 +27,11 @@ Gem::Specification.new do |spec|
 
   spec.add_dependency "json_schemer", "~> 2.0" # task templates' context_schema
   spec.add_dependency "ruby-progressbar", "~> 1.13" # the CLI's progress bars (demo)
+  # TaskerCore::Web, the dashboard: a Rack app (request parsing, escaping, the
+  # interface Rails' `mount` and every Ruby server speak) ...
+  spec.add_dependency "rack", ">= 3.0", "< 4"
+  # ... served on its own by `tasker web` with WEBrick (pure Ruby, kept by the Ruby
+  # core team, enough for an operator's dashboard) through rackup's handler.
+  spec.add_dependency "rackup", ">= 2.1", "< 3"
+  spec.add_dependency "webrick", "~> 1.8"
 end

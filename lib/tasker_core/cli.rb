@@ -36,6 +36,7 @@ module TaskerCore
       "step resolve" => %w[step_resolve StepResolve],
       "status" => %w[status Status],
       "demo" => %w[demo Demo],
+      "web" => %w[web Web],
       "keygen" => %w[keygen Keygen]
     }.freeze
     GROUPS = COMMANDS.keys.filter_map { |k| k.split(" ", 2).first if k.include?(" ") }.uniq.freeze
@@ -51,6 +52,7 @@ module TaskerCore
       "step resolve" => "mark a step as done by hand, with its output",
       "status" => "tasks by state, throughput and live workers",
       "demo" => "run an order-fulfilment workflow end to end and report its figures",
+      "web" => "serve the dashboard (tasks, steps, workers, /metrics) over HTTP",
       "keygen" => "write a CurveZMQ key pair (PREFIX.key, PREFIX.pub; mode 0600)"
     }.freeze
 
