@@ -16,7 +16,7 @@ Gem::Specification.new do |spec|
   spec.required_ruby_version = ">= 3.0"
 
   spec.files = Dir[
-    "lib/**/*.rb", "ext/tasker_core/*.{c,h,rb}", "config/**/*.yml", "db/**/*.sql",
+    "lib/**/*.{rb,erb}", "ext/tasker_core/*.{c,h,rb}", "config/**/*.yml", "db/**/*.sql",
     "docs/**/*.md", "exe/*", "examples/order_fulfilment/**/*.{rb,yml}", "README.md", "LICENSE"
   ]
   spec.bindir = "exe"

@@ -20,6 +20,18 @@ module TaskerCore
 
       module_function
 
+      # GET /metrics alone, for `tasker orchestrator --metrics-port N`.
+      def serve(port:, host: "127.0.0.1")
+        require_relative "server"
+        app = lambda do |env|
+          next [404, { "content-type" => "text/plain" }, ["not found\n"]] unless env["PATH_INFO"] == "/metrics"
+
+          timeout = TaskerCore.config.zeromq["heartbeat_timeout_ms"]
+          [200, { "content-type" => CONTENT_TYPE }, [exposition(heartbeat_timeout_ms: timeout)]]
+        end
+        Server.new(app, port: port, host: host).start
+      end
+
       def exposition(heartbeat_timeout_ms:, stats: running_handle_stats)
         out = +""
         Store.with_connection do |c|
