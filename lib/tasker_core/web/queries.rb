@@ -69,6 +69,21 @@ module TaskerCore
         TASK_STATES.to_h { |s| [s, found.fetch(s, 0)] }
       end
 
+      # The tasks not finished (pending, in progress: the tasker_tasks_unfinished
+      # index) and those in error (tasker_tasks_error, migration 0006): counts
+      # that stay small however many finished tasks are stored, unlike a
+      # count of complete and cancelled tasks, which reads them all.
+      OPEN_TASK_STATES = %w[pending in_progress error].freeze
+
+      def open_tasks_by_state(conn)
+        found = conn.exec(<<~SQL).to_h { |r| [r["state"], r["n"]] }
+          SELECT state, count(*)::bigint AS n FROM tasker_tasks WHERE state IN ('pending', 'in_progress') GROUP BY state
+          UNION ALL
+          SELECT 'error', count(*)::bigint FROM tasker_tasks WHERE state = 'error'
+        SQL
+        OPEN_TASK_STATES.to_h { |s| [s, found.fetch(s, 0)] }
+      end
+
       # Ready: pending, no unfinished parent, due (the ready index);
       # in flight: claimed and not yet finished (the in-flight index).
       def depth(conn)
