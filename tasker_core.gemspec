@@ -16,7 +16,7 @@ Gem::Specification.new do |spec|
   spec.required_ruby_version = ">= 3.0"
 
   spec.files = Dir[
-    "lib/**/*.rb", "ext/tasker_core/*.{c,h,rb}", "config/**/*.yml", "db/**/*.sql",
+    "lib/**/*.{rb,erb}", "ext/tasker_core/*.{c,h,rb}", "config/**/*.yml", "db/**/*.sql",
     "docs/**/*.md", "exe/*", "examples/order_fulfilment/**/*.{rb,yml}", "README.md", "LICENSE"
   ]
   spec.bindir = "exe"
@@ -26,4 +26,11 @@ Gem::Specification.new do |spec|
   spec.metadata["rubygems_mfa_required"] = "true"
 
   spec.add_dependency "json_schemer", "~> 2.0" # task templates' context_schema
+  # TaskerCore::Web, the dashboard: a Rack app (request parsing, escaping, the
+  # interface Rails' `mount` and every Ruby server speak) ...
+  spec.add_dependency "rack", ">= 3.0", "< 4"
+  # ... served on its own by `tasker web` with WEBrick (pure Ruby, kept by the Ruby
+  # core team, enough for an operator's dashboard) through rackup's handler.
+  spec.add_dependency "rackup", ">= 2.1", "< 3"
+  spec.add_dependency "webrick", "~> 1.8"
 end

@@ -23,11 +23,13 @@ RSpec.describe "the packaged gem", :no_valgrind do
       expect(status).to be_success, out
 
       script = 'require "tasker_core"; p TaskerCore::Codec.unpack(TaskerCore::Codec.pack({"a"=>[1,2.5,nil]})); ' \
-               'puts $LOADED_FEATURES.grep(/tasker_core_ext/)'
+               'puts $LOADED_FEATURES.grep(/tasker_core_ext/); require "tasker_core/web"; ' \
+               'puts Dir[File.join(TaskerCore::Web::VIEWS, "*.erb")].map { |f| File.basename(f) }.sort.join(",")'
       out, status = Open3.capture2e(env, RbConfig.ruby, "-e", script, chdir: dir)
       expect(status).to be_success, out
       expect(out.lines.first.chomp).to eq('{"a"=>[1, 2.5, nil]}')
       expect(out).to include(File.join(dir, "home"))
+      expect(out.lines.last.chomp.split(",")).to include("layout.erb", "task.erb", "overview.erb") # the dashboard's views
     end
   end
 end

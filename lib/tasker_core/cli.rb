@@ -39,6 +39,7 @@ module TaskerCore
       "workers" => %w[workers Workers],
       "cleanup" => %w[cleanup Cleanup],
       "demo" => %w[demo Demo],
+      "web" => %w[web Web],
       "keygen" => %w[keygen Keygen]
     }.freeze
     GROUPS = COMMANDS.keys.filter_map { |k| k.split(" ", 2).first if k.include?(" ") }.uniq.freeze
@@ -57,6 +58,7 @@ module TaskerCore
       "workers" => "the workers the orchestrators know: capacity, in flight, heartbeat age, connections",
       "cleanup" => "delete finished tasks older than a duration, with their steps and histories",
       "demo" => "run an order-fulfilment workflow end to end and report its figures",
+      "web" => "serve the dashboard (tasks, steps, workers, /metrics) over HTTP",
       "keygen" => "write a CurveZMQ key pair (PREFIX.key, PREFIX.pub; mode 0600)"
     }.freeze
 

@@ -23,6 +23,7 @@ module TaskerCore
         o.on("--batch-size N", Integer, "most steps claimed and sent per batch (default orchestration.batch_size)") { |v| @options[:batch_size] = v }
         o.on("--poll-interval-ms MS", Integer, "how often the loop looks for ready steps when idle (default 50)") { |v| @options[:poll_interval_ms] = v }
         o.on("--owner NAME", "the name this orchestrator claims steps under (default host-pid-random)") { |v| @options[:owner] = v }
+        o.on("--metrics-port N", Integer, "serve Prometheus metrics on 127.0.0.1:N/metrics (0 = any free port)") { |v| @options[:metrics_port] = v }
         o.on("--stats-interval SECONDS", Float, "log the loop's counters at most this often, when they changed " \
                                                 "(default 10; 0 = never)") { |v| @options[:stats_interval] = v }
       end
@@ -39,6 +40,7 @@ module TaskerCore
         # "" = libpq's PG* variables: let the loop resolve the URL itself then.
         opts = { database_url: url.empty? ? nil : url }.compact.merge(@options.slice(:batch_size, :poll_interval_ms, :owner))
         manager.start_orchestration(**opts)
+        metrics = start_metrics if @options.key?(:metrics_port)
         zmq = config.zeromq
         logger.info("tasker orchestrator: running (pid #{Process.pid}; batches on #{zmq['batch_endpoint']}, " \
                     "results on #{zmq['result_endpoint']}); TERM or INT stops it")
@@ -47,6 +49,7 @@ module TaskerCore
         logger.info("tasker orchestrator: stopped (#{summary(manager)})")
         status
       ensure
+        metrics&.stop
         previous&.each { |s, h| trap(s, h || "DEFAULT") }
         signal_r&.close
         signal_w&.close
@@ -110,6 +113,13 @@ module TaskerCore
         end.join(", ").then { |s| s.empty? ? "no counters" : s }
       rescue StandardError => e
         "counters unavailable: #{e.message}"
+      end
+
+      def start_metrics
+        require_relative "../web"
+        TaskerCore::Web::Metrics.serve(port: @options[:metrics_port]).tap do |server|
+          err.puts "tasker orchestrator: Prometheus metrics on #{server.url}/metrics"
+        end
       end
 
       def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
