@@ -796,7 +796,7 @@ static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, i
     }
     if (room < 0 && depth_limit == 0) return 0; /* no live worker: nothing to measure against */
     int failed = 0;
-    char msg[256];
+    char msg[512];
     for (int i = 0; i < n; i++) {
         claimed_row *r = &rows[i];
         if (r->state != ROW_PENDING) continue;
@@ -812,7 +812,7 @@ static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, i
                      (long long)step_id, name, r->len, (long long)bytes_limit, (long long)(bytes_limit - room));
         } else if (r->depth > depth_limit) {
             cls = "TaskerCore::PayloadTooDeepError";
-            snprintf(msg, sizeof(msg), "step %lld (\"%.60s\"): its %s nests %s%d levels, over max_payload_depth %d of "
+            snprintf(msg, sizeof(msg), "step %lld (\"%.60s\"): its %.40s nests %s%d levels, over max_payload_depth %d of "
                      "every live worker",
                      (long long)step_id, name, r->deepest, r->depth > TC_CODEC_MAX_DEPTH ? "more than " : "",
                      r->depth > TC_CODEC_MAX_DEPTH ? TC_CODEC_MAX_DEPTH : r->depth, depth_limit);
