@@ -27,10 +27,12 @@ Gem::Specification.new do |spec|
 
   spec.add_dependency "json_schemer", "~> 2.0" # task templates' context_schema
   # TaskerCore::Web, the dashboard: a Rack app (request parsing, escaping, the
-  # interface Rails' `mount` and every Ruby server speak) ...
-  spec.add_dependency "rack", ">= 3.0", "< 4"
-  # ... served on its own by `tasker web` with WEBrick (pure Ruby, kept by the Ruby
-  # core team, enough for an operator's dashboard) through rackup's handler.
-  spec.add_dependency "rackup", ">= 2.1", "< 3"
+  # interface Rails' `mount` and every Ruby server speak); Rack 2 (Rails 7.0)
+  # and Rack 3 both work ...
+  spec.add_dependency "rack", ">= 2.2.4", "< 4"
+  # ... served on its own by `tasker web` with WEBrick (pure Ruby, kept by the
+  # Ruby core team, enough for an operator's dashboard) through Rack's handler:
+  # in Rack 3 it lives in rackup 2; rackup 1 is the empty shim for Rack 2.
+  spec.add_dependency "rackup", ">= 1.0", "< 3"
   spec.add_dependency "webrick", "~> 1.8"
 end

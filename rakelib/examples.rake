@@ -13,7 +13,9 @@ namespace :examples do
     missing = lock.specs.reject { |s| s.source.is_a?(Bundler::Source::Path) }
                   .reject { |s| Gem::Specification.find_all_by_name(s.name, "= #{s.version}").any? }
     # The lock lists every gem: install exactly those, no newer dependency.
-    missing.each { |s| sh "gem", "install", "--no-document", "--ignore-dependencies", s.name, "-v", s.version.to_s }
+    # --force: Rack 2 ships a `rackup` executable that the main bundle's
+    # rackup 2 (for Rack 3) also installs; both gem versions stay installed.
+    missing.each { |s| sh "gem", "install", "--no-document", "--ignore-dependencies", "--force", s.name, "-v", s.version.to_s }
     sh({ "BUNDLE_GEMFILE" => File.join(EXAMPLE_APP, "Gemfile") }, "bundle", "check")
   end
 end

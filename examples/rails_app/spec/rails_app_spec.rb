@@ -60,12 +60,11 @@ RSpec.describe "examples/rails_app" do
     out, status = run_app(@env, "bin/tasker", "db:migrate")
     expect(status).to be_success, out
 
-    spawn_app(@env, "bin/tasker", "orchestrator", "--stats-interval", "0", log: log("orchestrator"))
+    orchestrator = spawn_app(@env, "bin/tasker", "orchestrator", "--stats-interval", "0", log: log("orchestrator"))
     spawn_app(@env, "bin/tasker", "worker", "--handlers", "app/handlers", "--concurrency", "2", log: log("worker"))
     port = free_port
     spawn_app(@env, "bin/rails", "server", "-b", "127.0.0.1", "-p", port.to_s, "--pid", File.join(@tmp, "server.pid"),
               log: log("server"))
-    wait_for_log("orchestrator", /tasker orchestrator: running/)
     wait_until(timeout: 60, message: "rails server on #{port}:\n#{File.read(log('server')) rescue ''}") do
       TCPSocket.new("127.0.0.1", port).close || true
     rescue SystemCallError
@@ -77,7 +76,7 @@ RSpec.describe "examples/rails_app" do
     task_id = body.fetch("task_id")
     expect(post_order(port, ORDER)).to eq([201, { "task_id" => task_id }]) # identity_key: the same order, the same task
 
-    task = wait_until(timeout: 60, message: "task #{task_id} to finish:\n#{File.read(log('worker'))}") do
+    task = wait_until(timeout: 60, message: "task #{task_id} to finish:\n#{File.read(log('worker'))}\n#{File.read(log('orchestrator'))}") do
       _, t = get_order(port, task_id)
       t if t && %w[complete error cancelled].include?(t["status"])
     end
@@ -95,9 +94,13 @@ RSpec.describe "examples/rails_app" do
     expect(body["error"]).to match(/items/)
     expect(get_order(port, 999_999).first).to eq(404)
 
+    # TERM stops the orchestrator cleanly: exit status 0.
+    Process.kill(:TERM, orchestrator)
+    _, status = Process.wait2(orchestrator)
+    RailsAppHelpers::PIDS.delete(orchestrator)
+    expect(status.exitstatus).to eq(0), File.read(log("orchestrator"))
     stop_all(:TERM)
     reap_all
-    expect(File.read(log("orchestrator"))).to match(/tasker orchestrator: stopped/)
   end
 
   # A copy of the app without the files the generator writes; its bundle
