@@ -84,6 +84,14 @@ end
 
 ORCHESTRATORS = Array.new(2) { |i| spawn_orchestrator(i) }
 WORKERS = Array.new(4) { |i| spawn_worker(i) }
+# Whatever happens to this script, its processes go with it.
+at_exit do
+  (ORCHESTRATORS + WORKERS).each do |pid|
+    Process.kill("KILL", -pid)
+  rescue Errno::ESRCH, Errno::EPERM
+    nil
+  end
+end
 STATS = Hash.new(0)
 EXPECTED = {} # task id => [state, error class or nil]
 LOCK = Mutex.new
@@ -99,8 +107,7 @@ def create_one(n)
   when 70...78 then expect_task(TaskerCore.create_task(name: "soak_big_context", context: { "n" => n, "pad" => "p" * 1_000_000 }), "complete")
   when 78...84 then expect_task(TaskerCore.create_task(name: "soak_fanout", context: { "n" => n }), "complete")
   when 84...88 then expect_task(TaskerCore.create_task(name: "soak_too_big_output", context: { "n" => n }), "error", "TaskerCore::PayloadTooLargeError")
-  when 88...90 then expect_task(TaskerCore.create_task(name: "soak_crash", context: { "n" => n }), "error", "TaskerCore::StepLostError")
-  when 90...94 then expect_task(TaskerCore.create_task(name: "soak_dag", context: { "n" => n, "deep" => nested(18) }), "complete")
+  when 88...94 then expect_task(TaskerCore.create_task(name: "soak_dag", context: { "n" => n, "deep" => nested(18) }), "complete")
   when 94...97
     begin
       TaskerCore.create_task(name: "soak_dag", context: { "n" => n, "deep" => nested(40) })
@@ -208,8 +215,17 @@ end
 
 n = 0
 next_report = now + 30
+next_crash = now + 10
 while now < deadline
   3.times { create_one(n += 1) }
+  # A step that kills every worker that runs it, now and then: it must end in
+  # StepLostError after max_lost_attempts. Every step in flight on a worker
+  # that dies loses an attempt with it, so a steady stream of these would
+  # also use up the lost-attempt budget of steps that share its workers.
+  if now >= next_crash
+    expect_task(TaskerCore.create_task(name: "soak_crash", context: { "n" => n }), "error", "TaskerCore::StepLostError")
+    next_crash = now + 20
+  end
   reap_workers
   sleep 0.1
   if now >= next_report
