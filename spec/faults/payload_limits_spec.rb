@@ -55,6 +55,23 @@ RSpec.describe "faults: payload limits", :db, :no_valgrind do
     expect_live_after_fault(orch, template_name: "one")
   end
 
+  it "fails a step whose stored context nests deeper than the workers accept, not retryable, and runs the rest" do
+    use_templates(template("one", [quick("a", retry: { "max_attempts" => 5 })]))
+    deep = TaskerCore.create_task(name: "one", context: { "n" => "deep" })
+    # Stored before the limit existed: create_task refuses it today (PayloadTooDeepError).
+    nested = 30.times.reduce({}) { |inner, _| { "k" => inner } }
+    conn.exec("UPDATE tasker_tasks SET context = $1::bytea WHERE id = $2", [TaskerCore::Codec.pack(nested), deep])
+    others = Array.new(5) { |i| TaskerCore.create_task(name: "one", context: { "n" => i }) }
+    orch = start_stack(16 * mib)
+    expect_finished_exactly_once(others)
+    expect_finished_exactly_once([deep], state: "error")
+    step = TaskerCore.task(deep)[:steps].first
+    expect(step).to include(state: "error", attempts: 1) # failed at the edge, never sent
+    expect(step[:error]).to include("class" => "TaskerCore::PayloadTooDeepError", "retryable" => false)
+    expect(step[:error]["message"]).to match(/context nests 31 levels, over max_payload_depth 24/)
+    expect_live_after_fault(orch, template_name: "one")
+  end
+
   it "sends a 3 MB output to 6 dependents under a 4 MB limit, one batch each" do
     dependents = Array.new(6) { |i| step("d#{i}", ["big"], handler: "FaultHandlers::Measure") }
     use_templates(template("fan", [step("big", handler: "FaultHandlers::BigOutput",
