@@ -100,5 +100,7 @@ RSpec.describe "Discovery failover", :db do
     expect(b_out.wait_readable(30) && b_out.gets&.chomp).to eq("ready")
     expect_finished_exactly_once(ids, c: conn)
     expect(steps_enqueued_by(conn, ids, b_pid)).to be_positive
+    # Liveness after the failover: new work runs, and TERM stops the new orchestrator.
+    expect_live_after_fault(b_pid, template_name: "chain", c: conn)
   end
 end
