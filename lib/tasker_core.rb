@@ -11,7 +11,7 @@ rescue LoadError => e
   raise LoadError, "tasker_core's C extension could not be loaded (#{e.message}). " \
                    "From a checkout, build it with `bin/setup` (or `bundle exec rake compile`); " \
                    "as a gem, reinstall it with libzmq, msgpack-c and libpq development files present " \
-                   "(Debian: libzmq3-dev libmsgpack-dev libpq-dev; Homebrew: zeromq msgpack libpq)."
+                   "(Debian/Ubuntu: libzmq3-dev, libmsgpack-c-dev or libmsgpack-dev, libpq-dev; Homebrew: zeromq msgpack libpq)."
 end
 
 require_relative "tasker_core/curve"
