@@ -15,10 +15,15 @@ Gem::Specification.new do |spec|
   spec.license = "MIT"
   spec.required_ruby_version = ">= 3.0"
 
+  # Everything under lib/ (the install generator's *.tt templates, the
+  # dashboard's views) but a compiled extension left there by `rake compile`;
+  # spec/gem_install_spec.rb checks the built .gem holds what the generator,
+  # the Railtie, the CLI and the dashboard read.
   spec.files = Dir[
-    "lib/**/*.{rb,erb}", "ext/tasker_core/*.{c,h,rb}", "config/**/*.yml", "db/**/*.sql",
-    "docs/**/*.md", "exe/*", "examples/order_fulfilment/**/*.{rb,yml}", "README.md", "LICENSE"
-  ]
+    "lib/**/*", "ext/tasker_core/*.{c,h,rb}", "config/**/*.yml", "db/migrate/*.sql",
+    "docs/**/*.{md,svg,png}", "exe/*", "examples/order_fulfilment/**/*.{rb,yml}",
+    "README.md", "CHANGELOG.md", "LICENSE"
+  ].reject { |f| File.directory?(f) || f.match?(/\.(so|bundle|dll|o)\z/) }
   spec.bindir = "exe"
   spec.executables = Dir["exe/*"].map { |f| File.basename(f) }
   spec.require_paths = ["lib"]
@@ -28,9 +33,11 @@ Gem::Specification.new do |spec|
   spec.add_dependency "json_schemer", "~> 2.0" # task templates' context_schema
   # TaskerCore::Web, the dashboard: a Rack app (request parsing, escaping, the
   # interface Rails' `mount` and every Ruby server speak) ...
-  spec.add_dependency "rack", ">= 3.0", "< 4"
+  # Rack 2.2 too: Rails 7.0's actionpack needs it.
+  spec.add_dependency "rack", ">= 2.2.4", "< 4"
   # ... served on its own by `tasker web` with WEBrick (pure Ruby, kept by the Ruby
   # core team, enough for an operator's dashboard) through rackup's handler.
-  spec.add_dependency "rackup", ">= 2.1", "< 3"
+  # (rackup 2 for Rack 3; with Rack 2 the handler is Rack's own and rackup 1 is empty)
+  spec.add_dependency "rackup", ">= 1.0", "< 3"
   spec.add_dependency "webrick", "~> 1.8"
 end

@@ -1,8 +1,11 @@
 # frozen_string_literal: true
 
-require "rackup"
-require "rackup/handler/webrick"
 require "webrick"
+begin
+  require "rackup/handler/webrick" # Rack 3: the handlers live in the rackup gem (2.x)
+rescue LoadError
+  require "rack/handler/webrick"   # Rack 2 (Rails 7.0) still ships them; rackup 1.x is empty
+end
 
 module TaskerCore
   class Web
@@ -10,6 +13,8 @@ module TaskerCore
     # web` (the dashboard) and `tasker orchestrator --metrics-port` (its
     # /metrics next to the loop, where the handle's counters are).
     class Server
+      HANDLER = defined?(::Rackup::Handler::WEBrick) ? ::Rackup::Handler::WEBrick : ::Rack::Handler::WEBrick
+
       attr_reader :port
 
       def initialize(app, port:, host: "127.0.0.1", logger: TaskerCore.logger)
@@ -24,9 +29,8 @@ module TaskerCore
       def start
         ready = Queue.new
         @thread = Thread.new do
-          Rackup::Handler::WEBrick.run(@app, Host: @host, Port: @port, AccessLog: [],
-                                             Logger: WEBrick::Log.new(File::NULL),
-                                             StartCallback: -> { ready << :ok }) { |s| @server = s }
+          HANDLER.run(@app, Host: @host, Port: @port, AccessLog: [], Logger: WEBrick::Log.new(File::NULL),
+                            StartCallback: -> { ready << :ok }) { |s| @server = s }
         rescue StandardError => e
           ready << e
         end
