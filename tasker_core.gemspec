@@ -28,9 +28,10 @@ Gem::Specification.new do |spec|
   spec.add_dependency "json_schemer", "~> 2.0" # task templates' context_schema
   # TaskerCore::Web, the dashboard: a Rack app (request parsing, escaping, the
   # interface Rails' `mount` and every Ruby server speak) ...
-  spec.add_dependency "rack", ">= 3.0", "< 4"
+  # Rack 2.2 too: Rails 7.0 (actionpack) needs rack ~> 2.0.
+  spec.add_dependency "rack", ">= 2.2.4", "< 4"
   # ... served on its own by `tasker web` with WEBrick (pure Ruby, kept by the Ruby
-  # core team, enough for an operator's dashboard) through rackup's handler.
-  spec.add_dependency "rackup", ">= 2.1", "< 3"
+  # core team, enough for an operator's dashboard) through rack's WEBrick handler,
+  # which rack 3 moved to the rackup gem (lib/tasker_core/web/server.rb loads either).
   spec.add_dependency "webrick", "~> 1.8"
 end

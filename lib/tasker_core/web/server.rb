@@ -1,8 +1,11 @@
 # frozen_string_literal: true
 
-require "rackup"
-require "rackup/handler/webrick"
 require "webrick"
+begin
+  require "rackup/handler/webrick" # rack 3: the handlers moved to the rackup gem
+rescue LoadError
+  require "rack/handler/webrick" # rack 2 (Rails 7.0) still has them
+end
 
 module TaskerCore
   class Web
@@ -24,9 +27,9 @@ module TaskerCore
       def start
         ready = Queue.new
         @thread = Thread.new do
-          Rackup::Handler::WEBrick.run(@app, Host: @host, Port: @port, AccessLog: [],
-                                             Logger: WEBrick::Log.new(File::NULL),
-                                             StartCallback: -> { ready << :ok }) { |s| @server = s }
+          handler = defined?(::Rackup::Handler::WEBrick) ? ::Rackup::Handler::WEBrick : ::Rack::Handler::WEBrick
+          handler.run(@app, Host: @host, Port: @port, AccessLog: [], Logger: WEBrick::Log.new(File::NULL),
+                            StartCallback: -> { ready << :ok }) { |s| @server = s }
         rescue StandardError => e
           ready << e
         end
