@@ -33,11 +33,12 @@ Gem::Specification.new do |spec|
   spec.add_dependency "json_schemer", "~> 2.0" # task templates' context_schema
   # TaskerCore::Web, the dashboard: a Rack app (request parsing, escaping, the
   # interface Rails' `mount` and every Ruby server speak) ...
-  # Rack 2.2 too: Rails 7.0's actionpack needs it.
+  # Rack 2.2 too: Rails 7.0 (actionpack) needs rack ~> 2.0.
   spec.add_dependency "rack", ">= 2.2.4", "< 4"
   # ... served on its own by `tasker web` with WEBrick (pure Ruby, kept by the Ruby
-  # core team, enough for an operator's dashboard) through rackup's handler.
-  # (rackup 2 for Rack 3; with Rack 2 the handler is Rack's own and rackup 1 is empty)
+  # core team, enough for an operator's dashboard) through rack's WEBrick handler,
+  # which rack 3 moved to the rackup gem (lib/tasker_core/web/server.rb loads either):
+  # rackup 2 goes with rack 3, and with rack 2 rackup 1 (empty) is chosen.
   spec.add_dependency "rackup", ">= 1.0", "< 3"
   spec.add_dependency "webrick", "~> 1.8"
 end

@@ -39,11 +39,11 @@ module TaskerCore
         return unless @new_id
 
         cookie = { value: @new_id, path: cookie_path, httponly: true, same_site: :strict, secure: @req.ssl? }
-        headers["set-cookie"] = if Rack::Utils.respond_to?(:set_cookie_header)
-                                  Rack::Utils.set_cookie_header(COOKIE, cookie)
-                                else # Rack 2 (Rails 7.0)
-                                  Rack::Utils.add_cookie_to_header(nil, COOKIE, cookie)
-                                end
+        if Rack::Utils.respond_to?(:set_cookie_header)
+          headers["set-cookie"] = Rack::Utils.set_cookie_header(COOKIE, cookie)
+        else # rack 2 (Rails 7.0)
+          Rack::Utils.set_cookie_header!(headers, COOKIE, cookie)
+        end
       end
 
       private

@@ -2,9 +2,9 @@
 
 require "webrick"
 begin
-  require "rackup/handler/webrick" # Rack 3: the handlers live in the rackup gem (2.x)
+  require "rackup/handler/webrick" # rack 3: the handlers moved to the rackup gem
 rescue LoadError
-  require "rack/handler/webrick"   # Rack 2 (Rails 7.0) still ships them; rackup 1.x is empty
+  require "rack/handler/webrick" # rack 2 (Rails 7.0) still has them
 end
 
 module TaskerCore
@@ -13,8 +13,6 @@ module TaskerCore
     # web` (the dashboard) and `tasker orchestrator --metrics-port` (its
     # /metrics next to the loop, where the handle's counters are).
     class Server
-      HANDLER = defined?(::Rackup::Handler::WEBrick) ? ::Rackup::Handler::WEBrick : ::Rack::Handler::WEBrick
-
       attr_reader :port
 
       def initialize(app, port:, host: "127.0.0.1", logger: TaskerCore.logger)
@@ -29,7 +27,8 @@ module TaskerCore
       def start
         ready = Queue.new
         @thread = Thread.new do
-          HANDLER.run(@app, Host: @host, Port: @port, AccessLog: [], Logger: WEBrick::Log.new(File::NULL),
+          handler = defined?(::Rackup::Handler::WEBrick) ? ::Rackup::Handler::WEBrick : ::Rack::Handler::WEBrick
+          handler.run(@app, Host: @host, Port: @port, AccessLog: [], Logger: WEBrick::Log.new(File::NULL),
                             StartCallback: -> { ready << :ok }) { |s| @server = s }
         rescue StandardError => e
           ready << e
