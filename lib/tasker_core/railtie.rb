@@ -92,6 +92,16 @@ module TaskerCore
             versions = TaskerCore::Store.migrate_if_installed!
             puts "applied tasker_core migrations #{versions.join(', ')}" if versions&.any?
           end
+
+          # db/structure.sql (schema_format :sql, set by the install
+          # generator) gets tasker_schema_migrations' rows, as Rails adds
+          # schema_migrations' (lib/tasker_core/structure_dump.rb).
+          namespace :schema do
+            task :dump do
+              require_relative "structure_dump"
+              TaskerCore::StructureDump.after_dump
+            end
+          end
         end
       end
     end
