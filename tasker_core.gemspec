@@ -15,10 +15,15 @@ Gem::Specification.new do |spec|
   spec.license = "MIT"
   spec.required_ruby_version = ">= 3.0"
 
+  # Everything under lib/ (the install generator's *.tt templates, the
+  # dashboard's views) but a compiled extension left there by `rake compile`;
+  # spec/gem_install_spec.rb checks the built .gem holds what the generator,
+  # the Railtie, the CLI and the dashboard read.
   spec.files = Dir[
-    "lib/**/*.{rb,erb}", "ext/tasker_core/*.{c,h,rb}", "config/**/*.yml", "db/**/*.sql",
-    "docs/**/*.md", "exe/*", "examples/order_fulfilment/**/*.{rb,yml}", "README.md", "LICENSE"
-  ]
+    "lib/**/*", "ext/tasker_core/*.{c,h,rb}", "config/**/*.yml", "db/migrate/*.sql",
+    "docs/**/*.{md,svg,png}", "exe/*", "examples/order_fulfilment/**/*.{rb,yml}",
+    "README.md", "CHANGELOG.md", "LICENSE"
+  ].reject { |f| File.directory?(f) || f.match?(/\.(so|bundle|dll|o)\z/) }
   spec.bindir = "exe"
   spec.executables = Dir["exe/*"].map { |f| File.basename(f) }
   spec.require_paths = ["lib"]

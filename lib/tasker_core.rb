@@ -11,7 +11,7 @@ rescue LoadError => e
   raise LoadError, "tasker_core's C extension could not be loaded (#{e.message}). " \
                    "From a checkout, build it with `bin/setup` (or `bundle exec rake compile`); " \
                    "as a gem, reinstall it with libzmq, msgpack-c and libpq development files present " \
-                   "(Debian: libzmq3-dev libmsgpack-dev libpq-dev; Homebrew: zeromq msgpack libpq)."
+                   "(Debian/Ubuntu: libzmq3-dev, libmsgpack-c-dev or libmsgpack-dev, libpq-dev; Homebrew: zeromq msgpack libpq)."
 end
 
 require_relative "tasker_core/curve"
@@ -21,13 +21,16 @@ require_relative "tasker_core/protocol"
 require_relative "tasker_core/step_context"
 require_relative "tasker_core/step_handler"
 require_relative "tasker_core/handler_registry"
+require_relative "tasker_core/handler_wrapper"
 require_relative "tasker_core/orchestration/batch_step_execution_orchestrator"
 require_relative "tasker_core/worker_process"
 require_relative "tasker_core/store"
+require_relative "tasker_core/active_record_database"
 require_relative "tasker_core/embedded_postgres"
 require_relative "tasker_core/tasks"
 require_relative "tasker_core/retention"
 require_relative "tasker_core/internal/orchestration_manager"
+require_relative "tasker_core/orchestrator"
 require_relative "tasker_core/orchestration_loop"
 require_relative "tasker_core/instrumentation"
 require_relative "tasker_core/discovery"

@@ -2,28 +2,19 @@
 
 require "mkmf"
 
-# Each native library: the pkg-config name, the library and a function to
-# probe it by, a header, and the packages that provide it.
-LIBRARIES = [
-  { pc: "libzmq", lib: "zmq", func: "zmq_ctx_new", header: "zmq.h",
-    name: "libzmq", debian: "libzmq3-dev", brew: "zeromq", flag: "--with-zmq-dir" },
-  { pc: "msgpack", lib: "msgpackc", func: "msgpack_pack_object", header: "msgpack.h",
-    name: "msgpack-c", debian: "libmsgpack-dev", brew: "msgpack", flag: "--with-msgpackc-dir" },
-  { pc: "libpq", lib: "pq", func: "PQconnectdb", header: "libpq-fe.h",
-    name: "libpq", debian: "libpq-dev", brew: "libpq", flag: "--with-pq-dir" }
-].freeze
+require_relative "extconf_helpers"
 
 dir_config("zmq")
 dir_config("msgpackc")
 dir_config("pq")
 
-LIBRARIES.each do |l|
-  found = pkg_config(l[:pc]) && have_header(l[:header]) && have_library(l[:lib], l[:func], l[:header])
-  found ||= have_header(l[:header]) && have_library(l[:lib], l[:func], l[:header])
-  next if found
+# pkg-config (under either name, see extconf_helpers.rb) then the header and
+# the library; without pkg-config, the header and either library name.
+TaskerCoreExtconf::LIBRARIES.each do |l|
+  _pc, libs = TaskerCoreExtconf.choose(l) { |name| pkg_config(name) }
+  next if have_header(l[:header]) && libs.any? { |lib| have_library(lib, l[:func], l[:header]) }
 
-  abort "tasker_core needs #{l[:name]} and could not find it: install #{l[:debian]} (Debian/Ubuntu) " \
-        "or #{l[:brew]} (Homebrew), or point at it with #{l[:flag]}=PATH, then build again."
+  abort TaskerCoreExtconf.missing_message(l)
 end
 
 have_func("zmq_socket_monitor", "zmq.h")

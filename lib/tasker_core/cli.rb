@@ -173,3 +173,4 @@ module TaskerCore
 end
 
 require_relative "cli/command"
+require_relative "cli/rails_app"

@@ -146,6 +146,12 @@ module TaskerCore
     APP_RELATIVE_PATH = File.join("config", "tasker-config.yml")
 
     class << self
+      # A callable returning the database to use when neither database.url
+      # nor DATABASE_URL names one (nil: libpq's PG* variables). Under Rails
+      # with ActiveRecord, the Railtie sets it to the app's connection config
+      # (TaskerCore::ActiveRecordDatabase.url).
+      attr_accessor :database_url_fallback
+
       # Reads, merges and checks the configuration. path: nil and env: nil
       # resolve as described in docs/configuration.md; overrides is a nested
       # hash (string or symbol keys) applied last and checked the same way.
@@ -171,6 +177,9 @@ module TaskerCore
         check_layer(overrides, path: path, source: "overrides")
         data = deep_merge(data, overrides)
         check_relations(data, path: path, source: %(environment "#{env}"))
+        if data.dig("database", "url").to_s.empty? && database_url_fallback && (url = database_url_fallback.call)
+          data = deep_merge(data, "database" => { "url" => url })
+        end
         new(data, environment: env, path: path, environments: sections.keys - [BASE_SECTION])
       end
 

@@ -46,6 +46,9 @@ module TaskerCore
   # TaskerCore.wait_for gave up before the task finished.
   class WaitTimeoutError < Error; end
 
+  # TaskerCore::RSpec would empty a database that is not a test database.
+  class UnsafeDatabaseError < Error; end
+
   # A step named a handler the registry does not know.
   class UnknownHandlerError < Error; end
 

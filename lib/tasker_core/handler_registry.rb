@@ -16,7 +16,19 @@ module TaskerCore
     def initialize(autoload: false)
       @autoload = autoload
       @handlers = {}
+      @autoloaded = []
       @mutex = Mutex.new
+    end
+
+    # Forgets the classes found by constant lookup (not those registered by
+    # hand), so the next step looks them up again: the Railtie calls it on
+    # each code reload in development.
+    def forget_autoloaded!
+      @mutex.synchronize do
+        @autoloaded.each { |name| @handlers.delete(name) }
+        @autoloaded.clear
+      end
+      self
     end
 
     def autoload?
@@ -45,7 +57,9 @@ module TaskerCore
 
       raise UnknownHandlerError, "no handler registered as #{name.inspect}" unless @autoload
 
-      register(key, constant_handler(key))
+      handler = register(key, constant_handler(key))
+      @mutex.synchronize { @autoloaded << key }
+      handler
     end
 
     def registered?(name)

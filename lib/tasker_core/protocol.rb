@@ -22,7 +22,7 @@ module TaskerCore
     RESULT_TYPES = [PARTIAL_RESULT, BATCH_COMPLETION, HEARTBEAT, GOODBYE, BATCH_REFUSAL].freeze
 
     # Reasons of a batch_refusal (docs/protocol.md 4.6).
-    REFUSAL_REASONS = %w[too_many_steps undecodable draining too_deep invalid_step].freeze
+    REFUSAL_REASONS = %w[too_many_steps undecodable draining too_deep invalid_step unknown_handler].freeze
 
     STATUS_COMPLETE = "complete"
     STATUS_ERROR = "error"

@@ -14,6 +14,8 @@ module TaskerCore
   # - tasker_inline.run(...) runs one task's DAG in the spec's process, with
   #   the store's own state machine and retry rules (needs a database, no
   #   sockets); metadata :tasker_inline gives a migrated, truncated one.
+  # - the kit empties only a test database (name ending in _test) or one it
+  #   started itself; see Stack.check_database!.
   # - metadata :tasker_stack starts, once per suite, an orchestrator (the
   #   native loop) and a worker subprocess, and empties the tables before
   #   each example.
@@ -31,6 +33,12 @@ module TaskerCore
       config.include Helpers
       config.before(:each, :tasker_stack) { Stack.start!.reset! }
       config.before(:each, :tasker_inline) { Stack.database!.pause_orchestration.reset! }
+      # Tasks are created on the kit's own connections, committed at once,
+      # even inside a transactional fixture: the orchestrator, the worker and
+      # the inline runner read them from other connections.
+      %i[tasker_stack tasker_inline].each do |tag|
+        config.around(:each, tag) { |example| ActiveRecordDatabase.with_connection_mode(:never) { example.run } }
+      end
       config.after(:suite) { Stack.shutdown! }
     end
   end

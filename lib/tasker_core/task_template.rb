@@ -20,9 +20,12 @@ module TaskerCore
   #       timeout_ms: 10000           # default worker.step_timeout_ms
   #       retry: { retryable: true, max_attempts: 3, backoff_base_ms: 500, backoff_cap_ms: 30000, jitter: 0.2 }
   #
-  # A cycle, an unknown dependency, a duplicate step name or a handler class
-  # that is not defined (unless validate_handlers: false) raises
-  # ConfigurationError naming the file and the step.
+  # A cycle, an unknown dependency or a duplicate step name raises
+  # ConfigurationError naming the file and the step. Handler classes are not
+  # looked up here: a process that only creates tasks needs no handler code,
+  # and a worker refuses a step whose handler it lacks (unknown_handler, so
+  # another worker can take it). validate_handlers: true also requires each
+  # handler class to be defined in this process.
   class TaskTemplate
     RETRY_DEFAULTS = { "retryable" => true, "max_attempts" => 3, "backoff_base_ms" => 500,
                        "backoff_cap_ms" => 30_000, "jitter" => 0.2 }.freeze
@@ -34,7 +37,7 @@ module TaskerCore
 
     attr_reader :name, :namespace, :version, :context_schema, :steps, :path
 
-    def self.load_file(path, validate_handlers: true)
+    def self.load_file(path, validate_handlers: false)
       data = YAML.safe_load(File.read(path), permitted_classes: [], aliases: true, filename: path)
       new(data, path: File.expand_path(path), validate_handlers: validate_handlers)
     rescue Psych::Exception => e
@@ -43,7 +46,7 @@ module TaskerCore
       raise ConfigurationError, "Invalid task template #{path}: cannot read it (#{e.message})"
     end
 
-    def initialize(data, path: "(inline template)", validate_handlers: true)
+    def initialize(data, path: "(inline template)", validate_handlers: false)
       @path = path
       fail!(nil, "expected a mapping, got #{data.class}") unless data.is_a?(Hash)
       data = stringify(data)
@@ -173,7 +176,7 @@ module TaskerCore
       rescue NameError
         false
       end
-      fail!(step_name, "handler #{handler} is not defined (load it before the templates, or pass validate_handlers: false)") unless defined
+      fail!(step_name, "handler #{handler} is not defined in this process (validate_handlers: true)") unless defined
     end
 
     def default_timeout_ms

@@ -7,7 +7,7 @@ module TaskerCore
   # (tasks.template_dir) and/or registered in code; looked up by namespace,
   # name and version (the highest version when none is given).
   class TaskTemplateRegistry
-    def self.from_config(config = TaskerCore.config, validate_handlers: true)
+    def self.from_config(config = TaskerCore.config, validate_handlers: false)
       dir = config.tasks["template_dir"]
       root = defined?(::Rails) && ::Rails.respond_to?(:root) && ::Rails.root ? ::Rails.root.to_s : Dir.pwd
       new(dir: File.expand_path(dir, root), validate_handlers: validate_handlers)
@@ -15,14 +15,14 @@ module TaskerCore
 
     attr_reader :dir
 
-    def initialize(dir: nil, validate_handlers: true)
+    def initialize(dir: nil, validate_handlers: false)
       @dir = dir
       @templates = {}
       @lock = Mutex.new
       load_dir(dir, validate_handlers: validate_handlers) if dir && File.directory?(dir)
     end
 
-    def load_dir(dir, validate_handlers: true)
+    def load_dir(dir, validate_handlers: false)
       Dir[File.join(dir, "**", "*.{yml,yaml}")].sort.each do |path|
         register(TaskTemplate.load_file(path, validate_handlers: validate_handlers))
       end

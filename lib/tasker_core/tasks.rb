@@ -35,6 +35,12 @@ module TaskerCore
         FROM tasker_workflow_steps s WHERE s.task_id = $1 ORDER BY s.id
     SQL
 
+    CREATE_SQL = <<~SQL
+      SELECT task_id, created FROM tasker_create_task($1, $2, $3, $4::jsonb, $5::bytea, $6,
+        $7::text[], $8::text[], $9::bytea[], $10::int[], $11::boolean[], $12::int[], $13::int[], $14::int[],
+        $15::float8[], $16::text[], $17::text[])
+    SQL
+
     class << self
       def create_task(name:, namespace: "default", version: nil, context: {}, identity_key: nil,
                       templates: TaskerCore.task_templates)
@@ -43,22 +49,22 @@ module TaskerCore
         packed = Payload.pack_checked(context, what: "the context of a #{template.full_name} task")
         steps = template.steps
         edges = steps.flat_map { |s| s.depends_on.map { |d| [d, s.name] } }
-        # With an identity_key a repeat returns the task already created.
-        row = Store.with_connection(idempotent: !identity_key.nil?) do |c|
-          c.exec(<<~SQL, [
-            SELECT task_id, created FROM tasker_create_task($1, $2, $3, $4::jsonb, $5::bytea, $6,
-              $7::text[], $8::text[], $9::bytea[], $10::int[], $11::boolean[], $12::int[], $13::int[], $14::int[],
-              $15::float8[], $16::text[], $17::text[])
-          SQL
-            template.namespace, template.name, template.version, JSON.generate(template.definition),
-            packed, identity_key&.to_s,
-            steps.map(&:name), steps.map(&:handler), steps.map { |s| Codec.pack(s.handler_config) },
-            steps.map(&:timeout_ms), steps.map(&:retryable), steps.map(&:max_attempts),
-            steps.map(&:backoff_base_ms), steps.map(&:backoff_cap_ms), steps.map(&:jitter),
-            edges.map(&:first), edges.map(&:last)
-          ]).first
+        params = [
+          template.namespace, template.name, template.version, JSON.generate(template.definition),
+          packed, identity_key&.to_s,
+          steps.map(&:name), steps.map(&:handler), steps.map { |s| Codec.pack(s.handler_config) },
+          steps.map(&:timeout_ms), steps.map(&:retryable), steps.map(&:max_attempts),
+          steps.map(&:backoff_base_ms), steps.map(&:backoff_cap_ms), steps.map(&:jitter),
+          edges.map(&:first), edges.map(&:last)
+        ]
+        # Inside an ActiveRecord transaction: on its connection, so the task
+        # commits or rolls back with it (ActiveRecordDatabase).
+        row = ActiveRecordDatabase.with_shared_connection { |c| c.exec(CREATE_SQL, params).first }
+        if row.equal?(ActiveRecordDatabase::NONE)
+          # With an identity_key a repeat returns the task already created.
+          row = Store.with_connection(idempotent: !identity_key.nil?) { |c| c.exec(CREATE_SQL, params).first }
         end
-        row["task_id"]
+        Integer(row["task_id"])
       end
 
       # A Hash describing the task and each of its steps, or nil when there

@@ -67,6 +67,7 @@ module TaskerCore
 
       worker = Orchestration::BatchStepExecutionOrchestrator.new(**@orchestrator_options, **(discovered || {}),
                                                                  logger: @logger)
+      ActiveRecordDatabase.warn_small_pools(worker.max_workers, @logger)
       worker.start
       watcher = follow_discovery(worker) if @discovery
       wait_for_stop(signal_r, worker)

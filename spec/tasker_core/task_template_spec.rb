@@ -33,8 +33,6 @@ RSpec.describe TaskerCore::TaskTemplate do
                                 /step "a": depends_on: unknown step "ghost"/],
     "a duplicate step name" => [nil, ["  - {name: a, handler: SpecHandlers::Noop}",
                                       "  - {name: a, handler: SpecHandlers::Other}"], /step "a": duplicate step name/],
-    "a missing handler" => [nil, ["  - {name: a, handler: Nowhere::Handler}"],
-                            /step "a": handler Nowhere::Handler is not defined/],
     "a bad retry policy" => [nil, ["  - {name: a, handler: SpecHandlers::Noop, retry: {jitter: 2}}"],
                              /step "a": retry.jitter/]
   }.each do |what, (_, lines, message)|
@@ -45,9 +43,17 @@ RSpec.describe TaskerCore::TaskTemplate do
     end
   end
 
-  it "skips the handler check with validate_handlers: false" do
+  it "loads a template whose handler class this process does not define (workers check handlers)" do
     path = write("lazy.yml", steps_yaml("  - {name: a, handler: Later::Handler}"))
-    expect(described_class.load_file(path, validate_handlers: false).step("a").handler).to eq("Later::Handler")
+    expect(described_class.load_file(path).step("a").handler).to eq("Later::Handler")
+    expect(TaskerCore::TaskTemplateRegistry.new(dir: File.dirname(path)).find(name: "t").step("a").handler)
+      .to eq("Later::Handler")
+  end
+
+  it "checks handler classes only when asked (validate_handlers: true)" do
+    path = write("strict.yml", steps_yaml("  - {name: a, handler: Nowhere::Handler}"))
+    expect { described_class.load_file(path, validate_handlers: true) }
+      .to raise_error(TaskerCore::ConfigurationError, /step "a": handler Nowhere::Handler is not defined in this process/)
   end
 
   it "rejects an invalid context_schema and invalid YAML" do

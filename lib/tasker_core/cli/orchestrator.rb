@@ -6,8 +6,11 @@ module TaskerCore
   class CLI
     # tasker orchestrator: the native orchestration loop in the foreground.
     class Orchestrator < Command
+      include RailsApp
+
       DESCRIPTION = <<~TEXT.chomp
-        Runs the orchestration loop in the foreground: it binds zeromq.batch_endpoint and
+        Runs the orchestration loop in the foreground (in a Rails app, config/environment.rb here
+        or --app DIR, it boots the app first): it binds zeromq.batch_endpoint and
         zeromq.result_endpoint, claims ready steps from the database in batches, sends them to
         live workers and writes their results back. Run one per database.
         Signals: TERM/INT stop the loop cleanly (results written back, in-flight steps released) and exit 0;
@@ -20,6 +23,7 @@ module TaskerCore
       private
 
       def define_options(o)
+        define_app_option(o)
         o.on("--batch-size N", Integer, "most steps claimed and sent per batch (default orchestration.batch_size)") { |v| @options[:batch_size] = v }
         o.on("--poll-interval-ms MS", Integer, "how often the loop looks for ready steps when idle (default 50)") { |v| @options[:poll_interval_ms] = v }
         o.on("--owner NAME", "the name this orchestrator claims steps under (default host-pid-random)") { |v| @options[:owner] = v }

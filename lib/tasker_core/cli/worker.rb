@@ -4,9 +4,13 @@ module TaskerCore
   class CLI
     # tasker worker --handlers PATH (TaskerCore::WorkerProcess; exe/tasker-worker is the same)
     class Worker < Command
+      include RailsApp
+
       DESCRIPTION = <<~TEXT.chomp
         Runs a worker in the foreground: it connects to the orchestrator's endpoints
         (zeromq.batch_endpoint / zeromq.result_endpoint) and runs the steps it is sent.
+        In a Rails app (config/environment.rb here, or --app DIR) it boots the app first:
+        handlers autoload from app/handlers, no --handlers needed.
         Signals: TERM/INT drain running steps and exit 0; TSTP stops taking work; CONT resumes.
       TEXT
 
@@ -14,7 +18,9 @@ module TaskerCore
 
       def define_options(o)
         @options[:handlers] = []
-        o.on("--handlers PATH", "a .rb file or a directory of them defining step handlers (required, repeatable)") { |v| @options[:handlers] << v }
+        o.on("--handlers PATH", "a .rb file or a directory of them defining step handlers (repeatable; " \
+                                "required outside a Rails app)") { |v| @options[:handlers] << v }
+        define_app_option(o)
         o.on("--concurrency N", Integer, "threads running steps (default worker.max_workers)") { |v| @options[:concurrency] = v }
         o.on("--batch-endpoint E", "where the orchestrator publishes batches") { |v| @options[:batch_endpoint] = v }
         o.on("--result-endpoint E", "where the orchestrator receives results") { |v| @options[:result_endpoint] = v }
@@ -23,7 +29,7 @@ module TaskerCore
       end
 
       def call(_args)
-        raise UsageError, "--handlers PATH is required" if @options[:handlers].empty?
+        raise UsageError, "--handlers PATH is required outside a Rails app" if @options[:handlers].empty? && !rails_app?
         raise UsageError, "--concurrency must be at least 1" if @options[:concurrency]&.< 1
 
         @options[:handlers].each do |path|

@@ -322,9 +322,9 @@ module TaskerCore
       end
 
       def execute(job)
-        handler = @registry.handler_for(job.step["handler"])
         task, sequence, step = StepContext.from_wire(job.step, batch_id: job.batch.id)
-        output = handler.call(task, sequence, step)
+        # TaskerCore.handler_wrapper: the Rails executor and reloader under Rails.
+        output = TaskerCore.wrap_handler { @registry.handler_for(job.step["handler"]).call(task, sequence, step) }
         return [output, nil] if output.is_a?(Hash)
 
         # A deterministic bug in the handler: retrying gives the same answer.
@@ -778,7 +778,24 @@ module TaskerCore
         end
 
         too_deep = payload_too_deep(step)
-        too_deep && ["too_deep", too_deep]
+        return ["too_deep", too_deep] if too_deep
+
+        missing = handler_missing(step["handler"])
+        missing && ["unknown_handler", missing]
+      end
+
+      # Why this worker cannot run handler name (it has no such handler), or
+      # nil. A handler that fails to load for another reason is run, and its
+      # step fails with that error.
+      def handler_missing(name)
+        return nil if @registry.registered?(name)
+
+        TaskerCore.wrap_handler_lookup { @registry.resolve(name) }
+        nil
+      rescue UnknownHandlerError => e
+        "worker #{@worker_id} has no handler #{name}: #{e.message}"
+      rescue StandardError, ScriptError
+        nil
       end
 
       # What in the step nests deeper than this worker's max_payload_depth

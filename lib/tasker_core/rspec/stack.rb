@@ -9,10 +9,16 @@ require "fileutils"
 module TaskerCore
   module RSpec
     # A running tasker_core for specs, started once per suite: PostgreSQL
-    # (DATABASE_URL, else an embedded cluster in a temp dir), the migrated
-    # schema, the native orchestration loop in this process on free ports and
-    # one worker subprocess (exe/tasker-worker) loading Stack.handler_paths.
-    # #reset! empties the tables between examples.
+    # (database.url / DATABASE_URL, under Rails the app's test database, else
+    # an embedded cluster in a temp dir), the migrated schema, the native
+    # orchestration loop in this process on free ports and one worker
+    # subprocess: in a Rails app `tasker worker --app Rails.root` (the app
+    # loaded, handlers autoloaded), else exe/tasker-worker loading
+    # Stack.handler_paths. #reset! empties the tables between examples.
+    #
+    # It only empties a database it created (the embedded cluster) or whose
+    # name ends in _test; any other raises UnsafeDatabaseError naming it,
+    # unless TASKER_RSPEC_ALLOW_ANY_DATABASE=1. No files are left behind.
     #
     #   TaskerCore::RSpec::Stack.handler_paths = ["app/handlers"]
     #   TaskerCore::RSpec::Stack.worker_concurrency = 4
@@ -20,6 +26,9 @@ module TaskerCore
       TABLES = %w[tasker_workflow_step_transitions tasker_task_transitions tasker_workflow_step_edges
                   tasker_workflow_steps tasker_tasks tasker_task_templates tasker_workers].freeze
       WORKER_EXE = File.expand_path("../../../exe/tasker-worker", __dir__)
+      TASKER_EXE = File.expand_path("../../../exe/tasker", __dir__)
+      ALLOW_ENV = "TASKER_RSPEC_ALLOW_ANY_DATABASE"
+      TEST_DATABASE = /_test\z/
       LIB = File.expand_path("../..", __dir__)
 
       class << self
@@ -53,8 +62,10 @@ module TaskerCore
       def start_database
         return if @url
 
-        given = ENV["DATABASE_URL"]
-        if given && !given.empty?
+        given = ENV["DATABASE_URL"].to_s
+        given = TaskerCore.config.database["url"].to_s if given.empty?
+        unless given.empty?
+          self.class.check_database!(given)
           @url = given
         else
           @pg_dir = Dir.mktmpdir("tasker_rspec_pg")
@@ -62,6 +73,23 @@ module TaskerCore
           @url = EmbeddedPostgres.start(dir: @pg_dir, database: "tasker_rspec")
         end
         Store.migrate!(@url)
+      end
+
+      # Refuses (UnsafeDatabaseError) a database the kit did not create
+      # whose name does not end in _test: #reset! empties every tasker table.
+      def self.check_database!(url)
+        conn = Store::Connection.new(url, connect_timeout: 5)
+        name = conn.exec("SELECT current_database() AS d").first["d"]
+        return name if TEST_DATABASE.match?(name) || ENV[ALLOW_ENV] == "1"
+
+        raise UnsafeDatabaseError, "TaskerCore::RSpec refuses to use database #{name.inspect}: it empties every " \
+                                   "tasker_* table before each example, and #{name.inspect} is not a test database " \
+                                   "(its name does not end in _test) nor one the kit created. Point the specs at a " \
+                                   "test database (DATABASE_URL, database.url in config/tasker-config.yml, or under " \
+                                   "Rails the test entry of config/database.yml), unset them to let the kit start its " \
+                                   "own PostgreSQL, or set #{ALLOW_ENV}=1 if emptying #{name.inspect} is really meant."
+      ensure
+        conn&.close
       end
 
       def start_processes
@@ -123,6 +151,8 @@ module TaskerCore
         nil
       ensure
         @worker_pid = nil
+        FileUtils.rm_rf(@config_dir) if @config_dir
+        @config_dir = nil
         if @handle && !@handle.closed?
           @handle.stop_orchestration
           @handle.close
@@ -138,16 +168,29 @@ module TaskerCore
       private
 
       def start_worker
+        endpoints = ["--concurrency", self.class.worker_concurrency.to_s,
+                     "--batch-endpoint", @batch_endpoint, "--result-endpoint", @result_endpoint]
+        if (root = rails_root)
+          # The app's own configuration, environment and database (its
+          # ActiveRecord config unless DATABASE_URL is set), handlers autoloaded.
+          env = { "RAILS_ENV" => ::Rails.env.to_s, "TASKER_ENV" => TaskerCore.config.environment }
+          @worker_pid = Process.spawn(env, RbConfig.ruby, "-I", LIB, TASKER_EXE, "worker", "--app", root, *endpoints,
+                                      pgroup: true)
+          return
+        end
+
         @config_dir = Dir.mktmpdir("tasker_rspec")
         config = File.join(@config_dir, "tasker-config.yml")
         File.write(config, { "default" => { "zeromq" => { "heartbeat_interval_ms" => 200 },
                                             "logging" => { "level" => "warn" } } }.to_yaml)
-        args = handler_args
         @worker_pid = Process.spawn({ "TASKER_CONFIG_PATH" => config, "DATABASE_URL" => @url },
-                                    RbConfig.ruby, "-I", LIB, WORKER_EXE, *args,
-                                    "--concurrency", self.class.worker_concurrency.to_s,
-                                    "--batch-endpoint", @batch_endpoint, "--result-endpoint", @result_endpoint,
-                                    pgroup: true)
+                                    RbConfig.ruby, "-I", LIB, WORKER_EXE, *handler_args, *endpoints, pgroup: true)
+      end
+
+      def rails_root
+        return nil unless defined?(::Rails.application) && ::Rails.application && ::Rails.root
+
+        ::Rails.root.to_s
       end
 
       def handler_args

@@ -39,7 +39,15 @@ module TaskerCore
         nil
       end
 
-      def encode_param(value)
+      def encode_param(value) = ParamEncoding.encode(value)
+    end
+
+    # How the store sends Ruby values as PostgreSQL text parameters (shared
+    # with ActiveRecordDatabase::SharedConnection).
+    module ParamEncoding
+      module_function
+
+      def encode(value)
         case value
         when nil, String then value
         when true then "t"
@@ -54,14 +62,14 @@ module TaskerCore
       def array_element(value)
         case value
         when nil then "NULL"
-        when Array then encode_param(value)
+        when Array then encode(value)
         when String
           if value.encoding == Encoding::BINARY
             %("\\\\x#{value.unpack1('H*')}")
           else
             %("#{value.gsub(/["\\]/) { |c| "\\#{c}" }}")
           end
-        else %("#{encode_param(value)}")
+        else %("#{encode(value)}")
         end
       end
     end

@@ -38,9 +38,12 @@ module TaskerCore
       def set_cookie(headers)
         return unless @new_id
 
-        headers["set-cookie"] = Rack::Utils.set_cookie_header(
-          COOKIE, { value: @new_id, path: cookie_path, httponly: true, same_site: :strict, secure: @req.ssl? }
-        )
+        cookie = { value: @new_id, path: cookie_path, httponly: true, same_site: :strict, secure: @req.ssl? }
+        if Rack::Utils.respond_to?(:set_cookie_header)
+          headers["set-cookie"] = Rack::Utils.set_cookie_header(COOKIE, cookie)
+        else # rack 2 (Rails 7.0)
+          Rack::Utils.set_cookie_header!(headers, COOKIE, cookie)
+        end
       end
 
       private

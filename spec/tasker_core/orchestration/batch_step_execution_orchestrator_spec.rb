@@ -26,7 +26,7 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     peer.partials(batch_id).find { |m| m["step_id"] == step_id }
   end
 
-  it "gives each step exactly one correct partial and the batch one completion after them" do
+  it "gives each step it has a handler for exactly one correct partial, the batch one completion after them" do
     start_worker
     steps = [step(1, "Double", handler_config: { "k" => "v" }, attempt: 3, dependency_results: { "a" => { "x" => 1 } }),
              step(2, "Boom"), step(3, "Busy"), step(4, "Never"), step(5, "NotHash"), step(6, "Nope::Missing"),
@@ -35,7 +35,7 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     peer.wait_for("the completion") { peer.completions(batch_id).any? }
 
     partials = peer.partials(batch_id)
-    expect(partials.map { |m| m["step_id"] }).to match_array((1..8).to_a)
+    expect(partials.map { |m| m["step_id"] }).to match_array([1, 2, 3, 4, 5, 7, 8])
     by_step = partials.to_h { |m| [m["step_id"], m] }
 
     expect(by_step[1]).to include("status" => "complete", "error" => nil, "task_id" => 101, "attempt" => 3,
@@ -48,14 +48,19 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     expect(by_step[4]["error"]).to include("class" => "TaskerCore::PermanentError", "retryable" => false)
     expect(by_step[5]["error"]).to include("class" => "TypeError", "retryable" => false)
     expect(by_step[5]["error"]["message"]).to include("Integer")
-    expect(by_step[6]["error"]).to include("class" => "TaskerCore::UnknownHandlerError", "retryable" => false)
+    # A handler this worker lacks: refused (unknown_handler) so another worker can take it, before any partial.
+    refusal = peer.of_type("batch_refusal").find { |m| m["batch_id"] == batch_id }
+    expect(refusal).to include("reason" => "unknown_handler")
+    expect(refusal["steps"]).to match([a_hash_including("step_id" => 6, "attempt" => 1, "reason" => "unknown_handler",
+                                                        "message" => /no handler Nope::Missing/)])
+    expect(index_of(refusal)).to be < partials.map { |m| index_of(m) }.min
     expect(by_step[7]["error"]).to include("class" => "TaskerCore::StepTimeoutError", "retryable" => true)
     expect(by_step[8]["error"]).to include("class" => "TypeError", "retryable" => false)
     expect(by_step[8]["error"]["message"]).to include("could not be encoded")
-    (2..8).each { |id| expect(by_step[id]).to include("status" => "error", "output" => nil) }
+    [2, 3, 4, 5, 7, 8].each { |id| expect(by_step[id]).to include("status" => "error", "output" => nil) }
 
     completion = peer.completions(batch_id).first
-    expect(completion["steps"]).to eq(steps.map do |s|
+    expect(completion["steps"]).to eq(steps.reject { |s| s[:step_id] == 6 }.map do |s|
       { "step_id" => s[:step_id], "attempt" => s[:attempt] || 1, "status" => s[:step_id] == 1 ? "complete" : "error" }
     end)
     expect(partials.map { |m| index_of(m) }.max).to be < index_of(completion)
@@ -63,10 +68,11 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     # Nothing more for this batch arrives later (the interrupted Sleepy step
     # does not produce a second partial).
     peer.wait_for("a later heartbeat") { |msgs| msgs.last["type"] == "heartbeat" && msgs.last["in_flight"].zero? }
-    expect(peer.partials(batch_id).size).to eq(8)
+    expect(peer.partials(batch_id).size).to eq(7)
     expect(peer.completions(batch_id).size).to eq(1)
-    expect(@worker.stats).to include(batches_received: 1, steps_completed: 1, steps_failed: 7, steps_timed_out: 1,
-                                     partials_sent: 8, completions_sent: 1)
+    expect(@worker.stats).to include(batches_received: 1, steps_completed: 1, steps_failed: 6, steps_timed_out: 1,
+                                     partials_sent: 7, completions_sent: 1, refusals_sent: 1,
+                                     steps_refused: { unknown_handler: 1 })
   end
 
   it "streams a fast step's partial while a slow step of the same batch still runs" do

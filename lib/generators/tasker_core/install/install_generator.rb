@@ -10,7 +10,8 @@ module TaskerCore
     # rails generate tasker_core:install
     #
     # Writes config/tasker-config.yml, an example template and handler, a
-    # bin/tasker binstub, and a Rails migration that applies the gem's SQL
+    # bin/tasker binstub, `config.active_record.schema_format = :sql` in
+    # config/application.rb, and a Rails migration that applies the gem's SQL
     # migrations (TaskerCore::Store.migrate!). The schema goes through a Rails
     # migration so that `rails db:migrate` in deploys and CI applies it in the
     # order the app expects, with no second command to forget; the SQL itself
@@ -37,6 +38,31 @@ module TaskerCore
       def binstub
         template "tasker.tt", "bin/tasker"
         chmod "bin/tasker", 0o755
+      end
+
+      # tasker_core's schema has SQL functions and sequences that
+      # db/schema.rb cannot express: keep the app's schema in
+      # db/structure.sql (pg_dump), which db:test:prepare, db:schema:load,
+      # db:prepare and maintain_test_schema! then load whole.
+      def schema_format
+        return unless defined?(::ActiveRecord::Railtie)
+
+        application_rb = File.join(destination_root, "config", "application.rb")
+        if File.file?(application_rb) && File.read(application_rb).match?(/^\s*config\.active_record\.schema_format\s*=/)
+          say "config/application.rb sets config.active_record.schema_format already: tasker_core's schema " \
+              "(SQL functions, sequences) needs :sql (db/structure.sql).", :yellow
+          return
+        end
+
+        application <<~RUBY
+          # tasker_core's schema has SQL functions and sequences that db/schema.rb
+          # cannot hold: the schema is db/structure.sql (pg_dump).
+          config.active_record.schema_format = :sql
+        RUBY
+        return unless File.file?(File.join(destination_root, "db", "schema.rb"))
+
+        say "db/schema.rb is no longer used (the schema is now db/structure.sql, written by the next " \
+            "`bin/rails db:migrate`): delete it.", :yellow
       end
 
       def migration
