@@ -3,6 +3,7 @@
 require_relative "boot"
 
 require "rails"
+require "active_record/railtie"
 require "action_controller/railtie"
 
 # Loads tasker_core, whose Railtie reads config/tasker-config.yml, loads
@@ -10,9 +11,10 @@ require "action_controller/railtie"
 Bundler.require(*Rails.groups)
 
 module RailsApp
-  # An API-only app with no database of its own: orders become tasker_core
+  # An API-only app on PostgreSQL (config/database.yml; tasker_core uses the
+  # same database through ActiveRecord's config): orders become tasker_core
   # tasks (TaskerCore.create_task), run by `bin/tasker worker` processes and
-  # one `bin/tasker orchestrator`.
+  # one `bin/tasker orchestrator`; the reserve step writes a Reservation.
   class Application < Rails::Application
     config.load_defaults 7.0
     config.api_only = true

@@ -6,8 +6,10 @@ require "json"
 
 # The example app end to end: `rails server` takes POST /orders and creates
 # a task (TaskerCore.create_task in the controller); `bin/tasker orchestrator`
-# runs the loop and `bin/tasker worker --handlers app/handlers` runs the
-# app's handlers in the Rails environment, until GET /orders/:id says complete.
+# runs the loop and `tasker worker` (the gem's command, run in the app's
+# directory: it boots the app) runs the app's handlers, one of them writing
+# an ActiveRecord model, until GET /orders/:id says complete. The database is
+# config/database.yml's only (libpq's PG* variables, no DATABASE_URL).
 RSpec.describe "examples/rails_app" do
   include RailsAppHelpers
 
@@ -24,12 +26,24 @@ RSpec.describe "examples/rails_app" do
       @pg_dir = File.join(@tmp, "pg")
       @database_url = TaskerCore::EmbeddedPostgres.start(dir: @pg_dir, database: "rails_app_test")
     end
-    @env = { "DATABASE_URL" => @database_url,
+    server = URI(@database_url)
+    # The server only: database.yml names the database of each environment.
+    @env = { "DATABASE_URL" => nil, "PGHOST" => server.host, "PGPORT" => server.port.to_s,
+             "PGUSER" => server.user && URI.decode_www_form_component(server.user),
+             "PGPASSWORD" => server.password && URI.decode_www_form_component(server.password),
              "TASKER_BATCH_ENDPOINT" => "tcp://127.0.0.1:#{free_port}",
              "TASKER_RESULT_ENDPOINT" => "tcp://127.0.0.1:#{free_port}" }
+    %w[db:create db:migrate].each do |task|
+      out, status = run_app(@env, "bin/rails", task)
+      raise "bin/rails #{task} failed:\n#{out}" unless status.success?
+    end
+    out, status = run_app(@env, "bin/tasker", "db:migrate")
+    raise "bin/tasker db:migrate failed:\n#{out}" unless status.success?
+    @db = TaskerCore::Store::Connection.new(@database_url.sub(%r{/[^/?]*(\?|\z)}, "/rails_app_test\\1"))
   end
 
   after(:all) do
+    @db&.close
     stop_all
     reap_all
     TaskerCore::EmbeddedPostgres.stop(dir: @pg_dir) if @pg_dir
@@ -56,15 +70,16 @@ RSpec.describe "examples/rails_app" do
     [res.code.to_i, res.body.empty? ? nil : JSON.parse(res.body)]
   end
 
-  it "creates a task from POST /orders and a worker process completes it with the app's handlers" do
-    out, status = run_app(@env, "bin/tasker", "db:migrate")
-    expect(status).to be_success, out
-
-    orchestrator = spawn_app(@env, "bin/tasker", "orchestrator", "--stats-interval", "0", log: log("orchestrator"))
-    spawn_app(@env, "bin/tasker", "worker", "--handlers", "app/handlers", "--concurrency", "2", log: log("worker"))
+  it "creates tasks from POST /orders and a worker above the pool size completes them with a model-writing handler" do
+    spawn_tty(@env, "bin/tasker", "orchestrator", "--stats-interval", "0", log: log("orchestrator"))
+    # ActiveRecord's pool holds 2 connections (RAILS_MAX_THREADS in database.yml), the worker runs 6 steps at once;
+    # in a terminal (a pty here) it logs to stdout as well as to log/test.log.
+    spawn_tty(@env.merge("RAILS_MAX_THREADS" => "2"), "bundle", "exec", "tasker", "worker", "--concurrency", "6",
+              log: log("worker"))
     port = free_port
     spawn_app(@env, "bin/rails", "server", "-b", "127.0.0.1", "-p", port.to_s, "--pid", File.join(@tmp, "server.pid"),
               log: log("server"))
+    wait_for_log("orchestrator", /tasker orchestrator: running/)
     wait_until(timeout: 60, message: "rails server on #{port}:\n#{File.read(log('server')) rescue ''}") do
       TCPSocket.new("127.0.0.1", port).close || true
     rescue SystemCallError
@@ -76,7 +91,7 @@ RSpec.describe "examples/rails_app" do
     task_id = body.fetch("task_id")
     expect(post_order(port, ORDER)).to eq([201, { "task_id" => task_id }]) # identity_key: the same order, the same task
 
-    task = wait_until(timeout: 60, message: "task #{task_id} to finish:\n#{File.read(log('worker'))}\n#{File.read(log('orchestrator'))}") do
+    task = wait_until(timeout: 60, message: "task #{task_id} to finish:\n#{File.read(log('worker'))}") do
       _, t = get_order(port, task_id)
       t if t && %w[complete error cancelled].include?(t["status"])
     end
@@ -89,18 +104,31 @@ RSpec.describe "examples/rails_app" do
     expect(steps["ship_order"]["output"]).to eq("tracking" => "TRK-42", "reservation_id" => "res-42",
                                                 "charge_id" => steps["charge_card"]["output"]["charge_id"])
 
+    # Twelve more orders at once: reserve_stock steps of several orders run together on 6 threads
+    # sharing 2 connections, each given back when its step ends (the Rails executor around each handler).
+    ids = (1..12).map { |n| post_order(port, ORDER.merge(order_id: 100 + n)).last.fetch("task_id") }
+    finished = ids.map do |id|
+      wait_until(timeout: 90, message: "task #{id} to finish:\n#{File.read(log('worker'))}") do
+        _, t = get_order(port, id)
+        t if t && %w[complete error cancelled].include?(t["status"])
+      end
+    end
+    expect(finished.map { |t| t["status"] }.uniq).to eq(["complete"]), finished.to_json
+    retried = finished.flat_map { |t| t["steps"] }.reject { |s| s["attempts"] == 1 }
+    expect(retried).to eq([]), retried.to_json
+    expect(@db.exec("SELECT count(*) AS n FROM reservations").first["n"]).to be >= 13
+    worker_log = File.read(log("worker"))
+    expect(worker_log).to include(%(ActiveRecord's pool for database "primary" holds 2 connections, fewer than this worker's concurrency of 6))
+    expect(worker_log.lines.grep(/ConnectionTimeoutError|could not obtain a connection/).grep_v(/Set pool:/)).to eq([])
+
     code, body = post_order(port, ORDER.merge(items: []))
     expect(code).to eq(422)
     expect(body["error"]).to match(/items/)
     expect(get_order(port, 999_999).first).to eq(404)
 
-    # TERM stops the orchestrator cleanly: exit status 0.
-    Process.kill(:TERM, orchestrator)
-    _, status = Process.wait2(orchestrator)
-    RailsAppHelpers::PIDS.delete(orchestrator)
-    expect(status.exitstatus).to eq(0), File.read(log("orchestrator"))
     stop_all(:TERM)
     reap_all
+    expect(File.read(log("orchestrator"))).to match(/tasker orchestrator: stopped/)
   end
 
   # A copy of the app without the files the generator writes; its bundle
@@ -111,9 +139,13 @@ RSpec.describe "examples/rails_app" do
     %w[Gemfile Gemfile.lock Rakefile config.ru app bin config].each { |f| FileUtils.cp_r(File.join(RailsAppHelpers::APP_ROOT, f), app) }
     edits = { "Gemfile" => ['path: "../.."', %(path: "#{RailsAppHelpers::GEM_ROOT}")],
               "Gemfile.lock" => ["remote: ../..", "remote: #{RailsAppHelpers::GEM_ROOT}"] }
-    edits["config/application.rb"] = [/^require "action_controller\/railtie"/, %(require "active_record/railtie"\n\\0)] if active_record
+    unless active_record
+      edits["config/application.rb"] = [%(require "active_record/railtie"\n), ""]
+      edits["config/environments/test.rb"] = [/^.*\n.*dump_schema_after_migration.*\n/, ""]
+    end
     edits.each { |f, (from, to)| File.write(File.join(app, f), File.read(File.join(app, f)).sub(from, to)) }
     FileUtils.rm_rf(%w[config/tasker-config.yml config/tasks app/handlers bin/tasker].map { |f| File.join(app, f) })
+    FileUtils.rm_rf(%w[config/database.yml app/models].map { |f| File.join(app, f) }) unless active_record
     app
   end
 
@@ -161,18 +193,74 @@ RSpec.describe "examples/rails_app" do
     expect(migrations.size).to eq(1)
     expect(File.read(migrations.first)).to include("class InstallTaskerCore < ActiveRecord::Migration[7.0]")
 
-    # Its #up is TaskerCore::Store.migrate! through the gem's own connection. Outside `rails runner`,
-    # whose ActiveRecord would connect with the pg gem, which this bundle does not have.
-    script = <<~RUBY
-      require "active_record"
-      require "tasker_core"
-      require #{migrations.first.dump}
-      InstallTaskerCore.new.up
-      n = TaskerCore::Store.with_connection { |c| c.exec("SELECT count(*) AS n FROM tasker_schema_migrations").first["n"] }
-      puts "migrations=\#{n}"
-    RUBY
-    out, status = run_app(@env, RbConfig.ruby, "-rbundler/setup", "-e", script, chdir: app)
+    # `bin/rails db:migrate` runs it with the app's config/database.yml (TaskerCore::Store.migrate! on the
+    # database ActiveRecord is configured for; tasker_core's schema is there already, so it adds nothing).
+    out, status = run_app(@env, "bin/rails", "db:migrate", chdir: app)
     expect(status).to be_success, out
+    version = File.basename(migrations.first).to_i
+    script = 'puts "migrations=#{TaskerCore::Store.with_connection { |c| c.exec("SELECT count(*) AS n FROM tasker_schema_migrations").first["n"] }} " \
+                  "db=#{ActiveRecord::Base.connection.current_database} " \
+                  "install=#{ActiveRecord::Base.connection.select_value("SELECT count(*) FROM schema_migrations WHERE version = \'VERSION\'")}"'
+    script = script.sub("VERSION", version.to_s)
+    out, status = run_app(@env, "bin/rails", "runner", script, chdir: app)
+    expect(status).to be_success, out
+    expect(out).to include("db=rails_app_test", "install=1")
     expect(out[/migrations=(\d+)/, 1].to_i).to be_positive
+  end
+
+  it "creates a task inside an ActiveRecord transaction that commits or rolls back with it" do
+    script = <<~'RUBY'
+      order = { "order_id" => 501, "items" => [{ "sku" => "TEA-1", "quantity" => 1, "unit_price_cents" => 450 }],
+                "note" => "\xFF\x00binary".b }
+      rolled_back = nil
+      ActiveRecord::Base.transaction do
+        Reservation.create!(order_id: 501, warehouse: "AMS-1", skus: ["TEA-1"])
+        rolled_back = TaskerCore.create_task(name: "fulfil_order", namespace: "shop", context: order)
+        raise ActiveRecord::Rollback
+      end
+      committed = ActiveRecord::Base.transaction do
+        TaskerCore.create_task(name: "fulfil_order", namespace: "shop", context: order.merge("order_id" => 502))
+      end
+      outside = TaskerCore.create_task(name: "fulfil_order", namespace: "shop", context: order.merge("order_id" => 503))
+      task = TaskerCore.task(committed)
+      puts "db=#{TaskerCore.config.database['url'][/dbname='([^']+)'/, 1]}"
+      puts "rolled_back=#{TaskerCore.task(rolled_back).inspect} reservation=#{Reservation.exists?(order_id: 501)}"
+      puts "committed=#{task[:status]} binary=#{task[:context]['note'] == "\xFF\x00binary".b} steps=#{task[:steps].size}"
+      puts "outside=#{TaskerCore.task(outside)&.fetch(:status)}"
+    RUBY
+    out, status = run_app(@env, "bin/rails", "runner", script)
+    expect(status).to be_success, out
+    expect(out).to include("db=rails_app_test", "rolled_back=nil reservation=false", "committed=pending binary=true steps=4",
+                           "outside=pending")
+  end
+
+  it "the app's spec with the rspec kit: :tasker_stack runs the app's handlers, and a development database is refused" do
+    kit_spec = "spec/app_kit/fulfil_order_kit.rb"
+    rspec = ["bundle", "exec", "rspec", "--default-path", "spec/app_kit", kit_spec]
+    out, status = run_app(@env.merge("TMPDIR" => @tmp), *rspec)
+    expect(status).to be_success, out
+    expect(out).to include("2 examples, 0 failures")
+    expect(Dir.children(@tmp).grep(/tasker_rspec/)).to eq([])
+
+    # The development database, with tasks in it: the kit refuses to empty it, and they are still there.
+    dev_env = @env.merge("RAILS_ENV" => "development", "TASKER_ENV" => "development")
+    out, status = run_app(dev_env, "bin/rails", "db:create")
+    expect(status).to be_success, out
+    out, status = run_app(dev_env, "bin/tasker", "db:migrate")
+    expect(status).to be_success, out
+    make = 'order = { "order_id" => 9, "items" => [{ "sku" => "A", "quantity" => 1, "unit_price_cents" => 1 }] }; ' \
+           '3.times { |i| TaskerCore.create_task(name: "fulfil_order", namespace: "shop", context: order.merge("order_id" => i)) }; ' \
+           'puts "tasks=#{TaskerCore::Store.with_connection { |c| c.exec("SELECT count(*) AS n FROM tasker_tasks").first["n"] }}"'
+    out, status = run_app(dev_env, "bin/rails", "runner", make)
+    expect(status).to be_success, out
+    expect(out).to include("tasks=3")
+
+    out, status = run_app(dev_env, *rspec)
+    expect(status).not_to be_success
+    expect(out).to include("TaskerCore::UnsafeDatabaseError", %(refuses to use database "rails_app_development"))
+    out, status = run_app(dev_env, "bin/rails", "runner",
+                          'puts "tasks=#{TaskerCore::Store.with_connection { |c| c.exec("SELECT count(*) AS n FROM tasker_tasks").first["n"] }}"')
+    expect(status).to be_success, out
+    expect(out).to include("tasks=3")
   end
 end

@@ -9,6 +9,8 @@ require "tmpdir"
 require "fileutils"
 require "socket"
 require "open3"
+require "pty"
+require "uri"
 
 module RailsAppHelpers
   APP_ROOT = File.expand_path("..", __dir__)
@@ -39,6 +41,23 @@ module RailsAppHelpers
   def spawn_app(env, *cmd, log:, chdir: APP_ROOT)
     pid = Process.spawn(app_env(chdir).merge(env), *cmd, chdir: chdir, out: log, err: log, pgroup: true)
     PIDS << pid
+    pid
+  end
+
+  # A process whose stdout and stderr are a terminal (a pty), copied to log.
+  def spawn_tty(env, *cmd, log:, chdir: APP_ROOT)
+    master, slave = PTY.open
+    pid = Process.spawn(app_env(chdir).merge(env), *cmd, chdir: chdir, in: slave, out: slave, err: slave, pgroup: true)
+    slave.close
+    PIDS << pid
+    Thread.new do
+      File.open(log, "a") do |f|
+        f.sync = true
+        IO.copy_stream(master, f)
+      rescue Errno::EIO # the process exited
+        nil
+      end
+    end
     pid
   end
 

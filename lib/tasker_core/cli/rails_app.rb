@@ -20,7 +20,15 @@ module TaskerCore
 
       # Loads the app at root; returns true.
       def self.boot!(root)
-        require File.join(root, ENVIRONMENT) unless loaded?
+        unless loaded?
+          # tasker_core was loaded before Rails (exe/tasker): its Railtie must
+          # be defined before the app initializes, under the app's bundle.
+          boot = File.join(root, "config", "boot.rb")
+          require boot if File.file?(boot)
+          require "rails"
+          require_relative "../railtie"
+          require File.join(root, ENVIRONMENT)
+        end
         log_to_stdout if $stdout.tty?
         true
       end

@@ -8,4 +8,6 @@ Rails.application.configure do
   config.cache_store = :null_store
   config.action_dispatch.show_exceptions = false
   config.active_support.deprecation = :stderr
+  # The specs migrate a scratch database: leave db/schema.rb as it is.
+  config.active_record.dump_schema_after_migration = false
 end
