@@ -9,9 +9,18 @@ namespace :examples do
   desc "Install examples/rails_app's locked gems that are missing"
   task :gems do
     require "bundler"
+    require "open3"
     lock = Bundler::LockfileParser.new(File.read(File.join(EXAMPLE_APP, "Gemfile.lock")))
-    missing = lock.specs.reject { |s| s.source.is_a?(Bundler::Source::Path) }
-                  .reject { |s| Gem::Specification.find_all_by_name(s.name, "= #{s.version}").any? }
+    wanted = lock.specs.reject { |s| s.source.is_a?(Bundler::Source::Path) }
+    # Asked of a plain Ruby: under `bundle exec` only the checkout's bundle is visible.
+    script = 'STDIN.each_line { |l| n, v = l.split; puts n if Gem::Specification.find_all_by_name(n, "= #{v}").empty? }'
+    out, status = Bundler.with_unbundled_env do
+      Open3.capture2(RbConfig.ruby, "-e", script, stdin_data: wanted.map { |s| "#{s.name} #{s.version}\n" }.join)
+    end
+    raise "could not list the installed gems" unless status.success?
+
+    missing_names = out.split
+    missing = wanted.select { |s| missing_names.include?(s.name) }
     # The lock lists every gem: install exactly those, no newer dependency.
     # --force: Rack 2 ships a `rackup` executable that the main bundle's
     # rackup 2 (for Rack 3) also installs; both gem versions stay installed.
