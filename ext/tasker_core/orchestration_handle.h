@@ -98,6 +98,13 @@ typedef struct tc_oh_worker {
     int subscribed;       /* "\x01batch.<id>." installed on the XPUB, one per connection */
     int heartbeated;      /* a heartbeat arrived and has not expired */
     int not_reading;      /* dropped as not_reading: excluded until it subscribes again */
+    /* Set by the caller (the orchestration loop) when it sends this worker a
+     * suspect step alone (a step lost twice: it may be what kills its
+     * workers, docs/protocol.md section 5). While set and used > 0 the
+     * worker is not sendable, so nothing else shares its fate; cleared when
+     * its in-flight table empties (the result, a refusal, reconciliation)
+     * or the worker is lost. */
+    int isolating;
     /* heartbeat "limits" (defaults when unsaid) */
     int64_t max_batch_steps;    /* TC_OH_DEFAULT_MAX_BATCH_STEPS when unsaid */
     int64_t max_message_bytes;  /* the handle's max_message_bytes (INT64_MAX if <= 0) when unsaid */
@@ -262,9 +269,13 @@ long tc_oh_choose_worker(const tc_oh *h, size_t nsteps);
 
 int tc_oh_worker_live(const tc_oh_worker *w);
 
-/* Live, capacity > 0, not in its HWM send back-off and not dropped as
- * not_reading: the loop sends only to such workers. */
+/* Live, capacity > 0, not in its HWM send back-off, not dropped as
+ * not_reading and not isolating a suspect step still in flight: the loop
+ * sends only to such workers. */
 int tc_oh_worker_sendable(const tc_oh *h, const tc_oh_worker *w, int64_t now_mono_ms);
+
+/* Sendable with nothing in flight: a worker a suspect step may go to. */
+int tc_oh_worker_idle(const tc_oh *h, const tc_oh_worker *w, int64_t now_mono_ms);
 
 /* CLOCK_MONOTONIC in milliseconds, the clock tc_oh_worker_sendable takes. */
 int64_t tc_oh_now_ms(void);

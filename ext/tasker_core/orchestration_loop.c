@@ -602,7 +602,8 @@ static void splice_msgpack(msgpack_packer *pk, const char *p, size_t n)
 }
 
 /* Columns of the claim, binary format. */
-enum { C_STEP, C_TASK, C_NAME, C_HANDLER, C_CONFIG, C_ATTEMPT, C_TIMEOUT, C_CONTEXT, C_DEP_NAMES, C_DEP_OUTPUTS };
+enum { C_STEP, C_TASK, C_NAME, C_HANDLER, C_CONFIG, C_ATTEMPT, C_TIMEOUT, C_CONTEXT, C_DEP_NAMES, C_DEP_OUTPUTS,
+       C_LOST, C_COUNT };
 
 /* One step map of a batch (docs/protocol.md 4.1). */
 static int pack_step(msgpack_packer *pk, const PGresult *res, int row)
@@ -649,6 +650,7 @@ typedef struct claimed_row {
     int depth;       /* the deepest of its context, handler_config and dependency outputs */
     char deepest[96]; /* which one that is, for the error message */
     int state;
+    int suspect;      /* lost TC_LOOP_SUSPECT_LOST times or more: goes alone to an idle worker */
 } claimed_row;
 
 static int payload_depth(const char *p, int32_t len)
@@ -752,21 +754,28 @@ static int row_fits(const claimed_row *r, const worker_limits *wl)
     return (int64_t)r->len + wl->envelope <= wl->bytes && r->depth <= wl->depth;
 }
 
-static PGresult *claim(tc_loop *l, long limit)
+/* Up to limit ready steps, of which at most suspects lost
+ * TC_LOOP_SUSPECT_LOST times or more (one per idle worker): a suspect
+ * with no idle worker for it stays pending, unclaimed, until one is free
+ * (db/migrate/0008). */
+static PGresult *claim(tc_loop *l, long limit, long suspects)
 {
-    char lim[24], lease[24];
+    char lim[24], lease[24], lost[24], sus[24];
     snprintf(lim, sizeof(lim), "%ld", limit);
     snprintf(lease, sizeof(lease), "%d", l->lease_ms);
-    const char *vals[3] = {l->owner, lim, lease};
+    snprintf(lost, sizeof(lost), "%d", TC_LOOP_SUSPECT_LOST);
+    snprintf(sus, sizeof(sus), "%ld", suspects);
+    const char *vals[5] = {l->owner, lim, lease, lost, sus};
     PGconn *c = l->db.conn;
     if (PQisnonblocking(c)) PQsetnonblocking(c, 0);
     /* Binary results: ids and attempts without parsing, bytea without
      * unescaping, arrays as length-prefixed elements. */
     PGresult *r = PQexecParams(c,
                                "SELECT step_id, task_id, step_name, handler, handler_config, attempt, timeout_ms, "
-                               "context, dep_names, dep_outputs FROM tasker_claim_steps($1, $2::int, $3::int)",
-                               3, NULL, vals, NULL, NULL, 1);
-    if (r && PQresultStatus(r) == PGRES_TUPLES_OK && PQnfields(r) == 10) return r;
+                               "context, dep_names, dep_outputs, lost_attempts "
+                               "FROM tasker_claim_steps_v2($1, $2::int, $3::int, $4::int, $5::int)",
+                               5, NULL, vals, NULL, NULL, 1);
+    if (r && PQresultStatus(r) == PGRES_TUPLES_OK && PQnfields(r) == C_COUNT) return r;
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
     snprintf(l->db.sqlstate, sizeof(l->db.sqlstate), "%s", state ? state : "08006");
     snprintf(l->db.err, sizeof(l->db.err), "%s", r ? PQresultErrorMessage(r) : PQerrorMessage(c));
@@ -830,19 +839,70 @@ static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, i
     return failed;
 }
 
+/* Sends rows idx[0..take) of the claim to worker wi as one batch and marks
+ * them sent (into sent) or unsent (into l->unsent, released after). mu
+ * held. Returns 1 when libzmq took the batch. */
+static int send_rows(tc_loop *l, size_t wi, const PGresult *res, claimed_row *rows, const int *idx, int take,
+                     const tc_codec_writer *ents, tc_codec_writer *body, tc_oh_step *steps, pair_list *sent)
+{
+    char batch_id[TC_OH_BATCH_ID_MAX + 1];
+    tc_oh_next_batch_id(l->oh, batch_id, sizeof(batch_id));
+    for (int j = 0; j < take; j++) {
+        steps[j].step_id = be64(PQgetvalue(res, idx[j], C_STEP));
+        steps[j].task_id = be64(PQgetvalue(res, idx[j], C_TASK));
+        steps[j].attempt = be32(PQgetvalue(res, idx[j], C_ATTEMPT));
+    }
+    int ok = build_batch(body, l->oh, batch_id, l->oh->workers[wi].id, ents->sbuf.data, rows, idx, take) == 0 &&
+             tc_oh_send_batch(l->oh, wi, batch_id, steps, (size_t)take, body->sbuf.data, body->sbuf.size) == 0;
+    for (int j = 0; j < take; j++) {
+        rows[idx[j]].state = ok ? ROW_SENT : ROW_UNSENT;
+        pairs_push(ok ? sent : &l->unsent, steps[j].step_id, steps[j].attempt);
+    }
+    return ok;
+}
+
+/* Each suspect step in a batch of its own to a sendable worker with nothing
+ * in flight that can take it, which is then isolating: it gets nothing else
+ * until the step's result or loss. A suspect with no such worker stays
+ * pending and is released unsent. mu held. */
+static void dispatch_suspects(tc_loop *l, const PGresult *res, claimed_row *rows, int n, int *idx,
+                              const tc_codec_writer *ents, tc_codec_writer *body, tc_oh_step *steps, pair_list *sent,
+                              int64_t now)
+{
+    size_t nw = l->oh->nworkers;
+    for (int i = 0; i < n; i++) {
+        if (rows[i].state != ROW_PENDING || !rows[i].suspect) continue;
+        for (size_t k = 0; k < nw; k++) {
+            size_t wi = (l->rotate + k) % nw;
+            tc_oh_worker *w = &l->oh->workers[wi];
+            if (!tc_oh_worker_idle(l->oh, w, now)) continue;
+            worker_limits wl = limits_of(l->oh, w, body);
+            if (!row_fits(&rows[i], &wl)) continue;
+            idx[0] = i;
+            if (send_rows(l, wi, res, rows, idx, 1, ents, body, steps, sent)) {
+                w->isolating = 1;
+                l->st.isolated++;
+            }
+            break;
+        }
+    }
+}
+
 /* Claims what the sendable workers have room for and sends it, each
- * worker's batches within its max_batch_steps and max_message_bytes.
+ * worker's batches within its max_batch_steps and max_message_bytes;
+ * suspect steps first, each alone to an idle worker.
  * Returns 1 when the loop should go again at once (the claim was full, or
  * it queued failures to apply), else 0. */
 static int claim_and_dispatch(tc_loop *l)
 {
-    long total_free = 0, sendable = 0;
+    long total_free = 0, sendable = 0, idle = 0;
     int64_t now = tc_oh_now_ms();
     pthread_mutex_lock(&l->mu);
     for (size_t i = 0; i < l->oh->nworkers; i++) {
         const tc_oh_worker *w = &l->oh->workers[i];
         if (!tc_oh_worker_sendable(l->oh, w, now)) continue;
         sendable++;
+        if (tc_oh_worker_idle(l->oh, w, now)) idle++;
         long f = (long)(w->capacity - (int64_t)w->used);
         if (f > 0) total_free += f;
     }
@@ -853,7 +913,9 @@ static int claim_and_dispatch(tc_loop *l)
     long limit = (long)l->batch_size * sendable;
     if (limit > total_free) limit = total_free;
 
-    PGresult *res = claim(l, limit);
+    /* Only this thread changes the worker table: the idle workers counted
+     * here are still idle when the claim comes back. */
+    PGresult *res = claim(l, limit, idle);
     if (!res) {
         db_failed(l, "tasker_claim_steps");
         return 0;
@@ -884,6 +946,7 @@ static int claim_and_dispatch(tc_loop *l)
             continue;
         }
         rows[i].len = ents.sbuf.size - rows[i].off;
+        rows[i].suspect = be32(PQgetvalue(res, i, C_LOST)) >= TC_LOOP_SUSPECT_LOST;
         row_depth(res, i, &rows[i]);
     }
 
@@ -892,6 +955,7 @@ static int claim_and_dispatch(tc_loop *l)
     l->st.claim_calls++;
     if (rows && idx && steps) {
         failed = fail_unsendable(l, res, rows, n, &body);
+        dispatch_suspects(l, res, rows, n, idx, &ents, &body, steps, &sent, now);
         size_t nw = l->oh->nworkers;
         int first = 0; /* rows before it are all decided */
         /* Start at a rotating worker so small claims spread over the workers. */
@@ -909,7 +973,7 @@ static int claim_and_dispatch(tc_loop *l)
                 /* In claim order, the steps this worker can take, until the
                  * next would overflow its max_message_bytes. */
                 for (int i = first; i < n && take < most; i++) {
-                    if (rows[i].state != ROW_PENDING || !row_fits(&rows[i], &wl)) continue;
+                    if (rows[i].state != ROW_PENDING || rows[i].suspect || !row_fits(&rows[i], &wl)) continue;
                     if (bytes + (int64_t)rows[i].len > wl.bytes) {
                         split++;
                         break;
@@ -918,20 +982,7 @@ static int claim_and_dispatch(tc_loop *l)
                     idx[take++] = i;
                 }
                 if (take == 0) break;
-                char batch_id[TC_OH_BATCH_ID_MAX + 1];
-                tc_oh_next_batch_id(l->oh, batch_id, sizeof(batch_id));
-                for (int j = 0; j < take; j++) {
-                    steps[j].step_id = be64(PQgetvalue(res, idx[j], C_STEP));
-                    steps[j].task_id = be64(PQgetvalue(res, idx[j], C_TASK));
-                    steps[j].attempt = be32(PQgetvalue(res, idx[j], C_ATTEMPT));
-                }
-                int ok = build_batch(&body, l->oh, batch_id, w->id, ents.sbuf.data, rows, idx, take) == 0 &&
-                         tc_oh_send_batch(l->oh, wi, batch_id, steps, (size_t)take, body.sbuf.data,
-                                          body.sbuf.size) == 0;
-                for (int j = 0; j < take; j++) {
-                    rows[idx[j]].state = ok ? ROW_SENT : ROW_UNSENT;
-                    pairs_push(ok ? &sent : &l->unsent, steps[j].step_id, steps[j].attempt);
-                }
+                int ok = send_rows(l, wi, res, rows, idx, take, &ents, &body, steps, &sent);
                 while (first < n && rows[first].state != ROW_PENDING) first++;
                 if (!ok) break; /* refused at the high-water mark: the core backs this worker off */
                 f -= take;
@@ -940,8 +991,9 @@ static int claim_and_dispatch(tc_loop *l)
         l->rotate++;
     }
     /* Claimed and not sent: back to pending, no attempt lost. A step too
-     * big or too deep for every sendable worker (but not every live one)
-     * waits for one that takes it. */
+     * big or too deep for every sendable worker (but not every live one),
+     * or a suspect no idle worker could take, waits for one that takes it:
+     * the loop goes on at the next poll, not at once. */
     for (int i = 0; i < n; i++) {
         if (rows && rows[i].state == ROW_PENDING) unfit = 1;
         if (!rows || rows[i].state == ROW_PENDING || rows[i].state == ROW_UNSENT)
