@@ -171,6 +171,101 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     expect(@handle.stats["loop"]).to include("redispatched" => 1, "lost_failed" => 1)
   end
 
+  describe "a suspect step (lost twice)" do
+    after { @peers&.each(&:close) }
+
+    def add_peer(id, capacity: 4)
+      cfg = @handle.zeromq_config
+      peer = WorkerPeer.new(id: id, batch_endpoint: cfg["batch_endpoint"], result_endpoint: cfg["result_endpoint"],
+                            capacity: capacity)
+      (@peers ||= []) << peer
+      wait_until(timeout: 10, message: "the orchestrator's subscription") { peer.orchestrator_seen?(timeout_ms: 20) }
+      wait_until(timeout: 10, message: "#{id} live") do
+        peer.heartbeat
+        @handle.workers.any? { |w| w["id"] == id }
+      end
+      peer
+    end
+
+    # Waits (heartbeating every peer) until the block is true.
+    def await(message, &block)
+      wait_until(timeout: 10, message: message) do
+        @peers.each do |p|
+          p.heartbeat
+          p.receive_batches(timeout_ms: 10)
+        end
+        block.call
+      end
+    end
+
+    def steps_of(peer) = peer.batches.flat_map { |b| b["steps"].map { |s| s["step_id"] } }
+
+    # The loop went round several more times since now.
+    def await_iterations(message)
+      seen = @handle.stats["loop"]["loop_iterations"]
+      await(message) { @handle.stats["loop"]["loop_iterations"] >= seen + 5 }
+    end
+
+    it "is sent alone, only to a worker with nothing in flight, which gets nothing else until it reports" do
+      use_templates(template("pair", [step("a"), step("b", ["a"])]), template("one", [step("s")]))
+      pair = TaskerCore.create_task(name: "pair")
+      suspect = step_row(conn, pair, "b")["id"]
+      conn.exec("UPDATE tasker_workflow_steps SET lost_attempts = 2 WHERE id = $1", [suspect])
+      TaskerCore.create_task(name: "one")
+      start(poll_interval_ms: 20)
+      busy = add_peer("busy")
+      await("a and the other step sent to busy") { steps_of(busy).size == 2 }
+      a_batch = busy.batches.find { |b| b["steps"].any? { |s| s["step_name"] == "a" } }
+      busy.partial(a_batch, a_batch["steps"].find { |s| s["step_name"] == "a" })
+
+      # b is ready, and busy has room, but something in flight: b is not even claimed.
+      await("a applied") { step_row(conn, pair, "a")["state"] == "complete" }
+      await_iterations("the loop going round")
+      expect(step_row(conn, pair, "b")).to include("state" => "pending", "attempts" => 0)
+      expect(steps_of(busy).size).to eq(2)
+      expect(@handle.stats["loop"]["isolated"]).to eq(0)
+
+      # A worker with nothing in flight gets it, alone.
+      lone = add_peer("lone")
+      await("b sent to lone") { lone.batches.any? }
+      expect(lone.batches.map { |b| b["steps"].map { |s| s["step_id"] } }).to eq([[suspect]])
+      expect(@handle.stats["loop"]["isolated"]).to eq(1)
+      expect(@handle.workers.find { |w| w["id"] == "lone" }).to include("isolating" => true, "in_flight" => 1)
+
+      # New work goes to busy (3 free) and waits; none goes to lone meanwhile.
+      more = Array.new(5) { TaskerCore.create_task(name: "one") }
+      await("busy full") { steps_of(busy).size == 5 }
+      await_iterations("the loop going round")
+      expect(lone.batches.size).to eq(1)
+      expect(steps_of(busy)).not_to include(suspect)
+
+      # b's result frees lone: it takes the rest.
+      lone.partial(lone.batches.first, lone.batches.first["steps"].first)
+      lone.completion(lone.batches.first)
+      await("the rest sent to lone") { steps_of(lone).size == 3 }
+      expect(@handle.workers.find { |w| w["id"] == "lone" }).to include("isolating" => false)
+      await("the pair complete") { TaskerCore.task(pair)[:status] == "complete" }
+      expect(step_row(conn, pair, "b")).to include("attempts" => 1, "lost_attempts" => 2)
+      expect(@handle.stats["loop"]["isolated"]).to eq(1)
+      expect((steps_of(busy) + steps_of(lone)).uniq.size).to eq(2 + 1 + more.size)
+    end
+
+    it "stops isolating when its worker is lost, and goes alone again to an idle worker" do
+      use_templates(template("one", [step("s")]))
+      id = TaskerCore.create_task(name: "one")
+      conn.exec("UPDATE tasker_workflow_steps SET lost_attempts = 2 WHERE task_id = $1", [id])
+      start(poll_interval_ms: 20)
+      first = add_peer("first")
+      await("sent to first") { first.batches.any? }
+      first.goodbye
+      await("the loss counted") { step_row(conn, id, "s")["lost_attempts"] == 3 }
+      first.heartbeat # live again, and idle: it may take the step again, alone
+      await("sent again") { steps_of(first).size == 2 }
+      expect(first.batches.map { |b| b["steps"].size }).to eq([1, 1])
+      expect(@handle.stats["loop"]).to include("isolated" => 2, "redispatched" => 1)
+    end
+  end
+
   it "fails the steps a worker refuses as too deep, and sends the ones it refuses while draining again" do
     ids = Array.new(2) { TaskerCore.create_task(name: "pair") }
     start
