@@ -133,11 +133,12 @@ static void inflight_put(tc_oh_worker *w, const tc_oh_inflight *e)
     w->used++;
 }
 
-/* An isolated step's worker takes work again once its table is empty. */
+/* An isolated step's worker takes work again once its table is empty; a
+ * worker drained for a suspect waits for it. */
 static void inflight_remove(tc_oh_worker *w, tc_oh_slot *s)
 {
     s->state = 2;
-    if (--w->used == 0) w->isolating = 0;
+    if (--w->used == 0 && w->isolating == TC_OH_ISOLATE_RUN) w->isolating = TC_OH_ISOLATE_NONE;
     w->tombstones++;
 }
 
@@ -146,7 +147,7 @@ static void inflight_clear(tc_oh_worker *w)
     free(w->slots);
     w->slots = NULL;
     w->nslots = w->used = w->tombstones = 0;
-    w->isolating = 0;
+    w->isolating = TC_OH_ISOLATE_NONE;
 }
 
 void tc_oh_worker_each_in_flight(const tc_oh_worker *w, void (*fn)(const tc_oh_inflight *, void *),

@@ -72,6 +72,7 @@ struct tc_loop {
     int db_up, ever_connected, listening;
     long backoff_ms;
     int64_t next_connect_ms, next_housekeeping_ms;
+    int64_t next_suspect_check_ms; /* a claim that came back empty checks for suspects no sooner */
     int apply_failures;
 
     pending_result *results;
@@ -839,6 +840,93 @@ static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, i
     return failed;
 }
 
+/* ---- suspects waiting: draining a worker for one ---------------------------- */
+
+#define LOOP_STR_(x) #x
+#define LOOP_STR(x) LOOP_STR_(x)
+
+/* A suspect tasker_claim_steps_v2 would claim now, found through the
+ * partial index tasker_workflow_steps_suspect (db/migrate/0008: its
+ * predicate, with the constant, so the planner can use it). */
+#define SUSPECT_WAITING_SQL                                                                                    \
+    "SELECT EXISTS (SELECT 1 FROM tasker_workflow_steps s JOIN tasker_tasks t ON t.id = s.task_id "           \
+    "WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.lost_attempts >= " LOOP_STR(TC_LOOP_SUSPECT_LOST) \
+    " AND s.next_attempt_at <= now() AND t.state IN ('pending', 'in_progress'))"
+
+/* The worker drained for a suspect (at most one), or NULL. mu held. */
+static tc_oh_worker *drained_worker(const tc_loop *l)
+{
+    for (size_t i = 0; i < l->oh->nworkers; i++)
+        if (l->oh->workers[i].isolating == TC_OH_ISOLATE_DRAIN) return &l->oh->workers[i];
+    return NULL;
+}
+
+/* A drained worker that is idle at a claim got the suspect from it if one
+ * was waiting (suspects come first, one per idle worker); if it did not,
+ * it is drained no more. mu held. */
+static void end_idle_drain(tc_loop *l, int64_t now)
+{
+    tc_oh_worker *d = drained_worker(l);
+    if (d && tc_oh_worker_idle(l->oh, d, now)) d->isolating = TC_OH_ISOLATE_NONE;
+}
+
+/* A suspect is claimed only for an idle worker, and under a steady backlog
+ * the loop refills every worker before it empties: a suspect could wait
+ * for ever. So while one is ready and no sendable worker is idle, one
+ * worker, the one with the least in flight, is drained for it: it gets no
+ * new work until it is idle, and then the suspect alone (the next claim,
+ * dispatch_suspects). The drain ends when the worker is lost (the core
+ * clears it), stops taking work (capacity 0), or no suspect is waiting any
+ * more. One EXISTS, only when a drain is on or no worker is idle: once per
+ * housekeeping interval, or after a claim that came back empty with no
+ * idle worker and no drain on (at most once per poll interval). */
+static void check_suspects(tc_loop *l)
+{
+    int64_t now = tc_oh_now_ms();
+    int64_t mono = mono_ms();
+    pthread_mutex_lock(&l->mu);
+    tc_oh_worker *d = drained_worker(l);
+    if (d && (!tc_oh_worker_live(d) || d->capacity <= 0)) {
+        d->isolating = TC_OH_ISOLATE_NONE;
+        d = NULL;
+    }
+    long idle = 0;
+    for (size_t i = 0; i < l->oh->nworkers; i++)
+        if (tc_oh_worker_idle(l->oh, &l->oh->workers[i], now)) idle++;
+    pthread_mutex_unlock(&l->mu);
+    /* An idle worker takes a waiting suspect with the next claim. */
+    if (!d && idle) return;
+
+    l->next_suspect_check_ms = mono + l->poll_interval_ms;
+    PGresult *r = exec_text(l, SUSPECT_WAITING_SQL, 0, NULL);
+    if (!r) {
+        db_failed(l, "suspect check");
+        return;
+    }
+    int waiting = PQntuples(r) == 1 && PQgetvalue(r, 0, 0)[0] == 't';
+    PQclear(r);
+
+    pthread_mutex_lock(&l->mu);
+    /* Only this thread changes the worker table: d is still valid. */
+    if (d && !waiting) {
+        d->isolating = TC_OH_ISOLATE_NONE;
+    } else if (!d && waiting) {
+        tc_oh_worker *best = NULL;
+        for (size_t i = 0; i < l->oh->nworkers; i++) {
+            tc_oh_worker *w = &l->oh->workers[i];
+            if (!tc_oh_worker_sendable(l->oh, w, now) || w->isolating != TC_OH_ISOLATE_NONE) continue;
+            if (!best || w->used < best->used ||
+                (w->used == best->used && w->last_dispatch_seq < best->last_dispatch_seq))
+                best = w;
+        }
+        if (best) {
+            best->isolating = TC_OH_ISOLATE_DRAIN;
+            l->st.isolation_drains++;
+        }
+    }
+    pthread_mutex_unlock(&l->mu);
+}
+
 /* Sends rows idx[0..take) of the claim to worker wi as one batch and marks
  * them sent (into sent) or unsent (into l->unsent, released after). mu
  * held. Returns 1 when libzmq took the batch. */
@@ -862,9 +950,12 @@ static int send_rows(tc_loop *l, size_t wi, const PGresult *res, claimed_row *ro
 }
 
 /* Each suspect step in a batch of its own to a sendable worker with nothing
- * in flight that can take it, which is then isolating: it gets nothing else
- * until the step's result or loss. A suspect with no such worker stays
- * pending and is released unsent. mu held. */
+ * in flight that can take it (the one drained for it first), which is then
+ * isolating: it gets nothing else until the step's result or loss. A
+ * suspect with no such worker stays pending and is released unsent. A
+ * drained worker that is idle and got no suspect (none was claimed, or it
+ * does not fit) is drained no more: it takes other work from this claim
+ * on. mu held. */
 static void dispatch_suspects(tc_loop *l, const PGresult *res, claimed_row *rows, int n, int *idx,
                               const tc_codec_writer *ents, tc_codec_writer *body, tc_oh_step *steps, pair_list *sent,
                               int64_t now)
@@ -872,20 +963,26 @@ static void dispatch_suspects(tc_loop *l, const PGresult *res, claimed_row *rows
     size_t nw = l->oh->nworkers;
     for (int i = 0; i < n; i++) {
         if (rows[i].state != ROW_PENDING || !rows[i].suspect) continue;
-        for (size_t k = 0; k < nw; k++) {
-            size_t wi = (l->rotate + k) % nw;
-            tc_oh_worker *w = &l->oh->workers[wi];
-            if (!tc_oh_worker_idle(l->oh, w, now)) continue;
-            worker_limits wl = limits_of(l->oh, w, body);
-            if (!row_fits(&rows[i], &wl)) continue;
-            idx[0] = i;
-            if (send_rows(l, wi, res, rows, idx, 1, ents, body, steps, sent)) {
-                w->isolating = 1;
-                l->st.isolated++;
+        int tried = 0;
+        for (int drained = 1; drained >= 0 && !tried; drained--) {
+            for (size_t k = 0; k < nw; k++) {
+                size_t wi = (l->rotate + k) % nw;
+                tc_oh_worker *w = &l->oh->workers[wi];
+                if (drained && w->isolating != TC_OH_ISOLATE_DRAIN) continue;
+                if (!tc_oh_worker_idle(l->oh, w, now)) continue;
+                worker_limits wl = limits_of(l->oh, w, body);
+                if (!row_fits(&rows[i], &wl)) continue;
+                idx[0] = i;
+                if (send_rows(l, wi, res, rows, idx, 1, ents, body, steps, sent)) {
+                    w->isolating = TC_OH_ISOLATE_RUN;
+                    l->st.isolated++;
+                }
+                tried = 1;
+                break;
             }
-            break;
         }
     }
+    end_idle_drain(l, now);
 }
 
 /* Claims what the sendable workers have room for and sends it, each
@@ -896,10 +993,12 @@ static void dispatch_suspects(tc_loop *l, const PGresult *res, claimed_row *rows
 static int claim_and_dispatch(tc_loop *l)
 {
     long total_free = 0, sendable = 0, idle = 0;
+    int draining = 0;
     int64_t now = tc_oh_now_ms();
     pthread_mutex_lock(&l->mu);
     for (size_t i = 0; i < l->oh->nworkers; i++) {
         const tc_oh_worker *w = &l->oh->workers[i];
+        if (w->isolating == TC_OH_ISOLATE_DRAIN) draining = 1;
         if (!tc_oh_worker_sendable(l->oh, w, now)) continue;
         sendable++;
         if (tc_oh_worker_idle(l->oh, w, now)) idle++;
@@ -923,6 +1022,12 @@ static int claim_and_dispatch(tc_loop *l)
     int n = PQntuples(res);
     if (n == 0) {
         PQclear(res);
+        pthread_mutex_lock(&l->mu);
+        end_idle_drain(l, now);
+        pthread_mutex_unlock(&l->mu);
+        /* Nothing claimable, and maybe a suspect held back for want of an
+         * idle worker (a drain already on is checked at housekeeping). */
+        if (idle == 0 && !draining && mono_ms() >= l->next_suspect_check_ms) check_suspects(l);
         return 0;
     }
 
@@ -1106,6 +1211,7 @@ static void housekeeping(tc_loop *l)
         return;
     }
     upsert_workers(l);
+    if (l->db_up) check_suspects(l);
 }
 
 /* ---- the thread ------------------------------------------------------------ */

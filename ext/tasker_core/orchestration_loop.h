@@ -45,6 +45,7 @@ typedef struct tc_loop_stats {
     uint64_t lost_failed, failed_too_large, failed_too_deep, failed_refused;
     uint64_t batches_split_by_bytes; /* batches cut short by max_message_bytes, not by steps */
     uint64_t isolated;               /* suspect steps sent alone to an idle worker */
+    uint64_t isolation_drains;       /* workers drained for a waiting suspect (no worker was idle) */
     uint64_t stale_results, applied_results, results_dropped, bad_results;
     uint64_t db_reconnects, db_errors, db_connected;
     uint64_t claim_calls, apply_calls, iterations;
