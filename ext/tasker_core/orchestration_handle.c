@@ -133,10 +133,12 @@ static void inflight_put(tc_oh_worker *w, const tc_oh_inflight *e)
     w->used++;
 }
 
+/* An isolated step's worker takes work again once its table is empty; a
+ * worker drained for a suspect waits for it. */
 static void inflight_remove(tc_oh_worker *w, tc_oh_slot *s)
 {
     s->state = 2;
-    w->used--;
+    if (--w->used == 0 && w->isolating == TC_OH_ISOLATE_RUN) w->isolating = TC_OH_ISOLATE_NONE;
     w->tombstones++;
 }
 
@@ -145,6 +147,7 @@ static void inflight_clear(tc_oh_worker *w)
     free(w->slots);
     w->slots = NULL;
     w->nslots = w->used = w->tombstones = 0;
+    w->isolating = TC_OH_ISOLATE_NONE;
 }
 
 void tc_oh_worker_each_in_flight(const tc_oh_worker *w, void (*fn)(const tc_oh_inflight *, void *),
@@ -222,7 +225,13 @@ int tc_oh_worker_live(const tc_oh_worker *w)
 int tc_oh_worker_sendable(const tc_oh *h, const tc_oh_worker *w, int64_t now_mono_ms)
 {
     (void)h;
-    return tc_oh_worker_live(w) && w->capacity > 0 && now_mono_ms >= w->backoff_until_mono_ms;
+    return tc_oh_worker_live(w) && w->capacity > 0 && now_mono_ms >= w->backoff_until_mono_ms &&
+           !(w->isolating && w->used > 0);
+}
+
+int tc_oh_worker_idle(const tc_oh *h, const tc_oh_worker *w, int64_t now_mono_ms)
+{
+    return w->used == 0 && tc_oh_worker_sendable(h, w, now_mono_ms);
 }
 
 static void worker_default_limits(const tc_oh *h, tc_oh_worker *w)

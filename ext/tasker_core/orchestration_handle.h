@@ -86,6 +86,9 @@ typedef struct tc_oh_slot {
     uint8_t state;
 } tc_oh_slot;
 
+/* tc_oh_worker.isolating */
+enum { TC_OH_ISOLATE_NONE = 0, TC_OH_ISOLATE_RUN = 1, TC_OH_ISOLATE_DRAIN = 2 };
+
 typedef struct tc_oh_worker {
     char id[TC_OH_WORKER_ID_MAX + 1];
     char host[TC_OH_HOST_MAX + 1];
@@ -98,6 +101,16 @@ typedef struct tc_oh_worker {
     int subscribed;       /* "\x01batch.<id>." installed on the XPUB, one per connection */
     int heartbeated;      /* a heartbeat arrived and has not expired */
     int not_reading;      /* dropped as not_reading: excluded until it subscribes again */
+    /* Set by the caller (the orchestration loop), docs/protocol.md section
+     * 5. TC_OH_ISOLATE_RUN: it was sent a suspect step alone (a step lost
+     * twice: it may be what kills its workers). TC_OH_ISOLATE_DRAIN: a
+     * suspect is waiting and no worker is idle, so this one gets no new
+     * work until it is, and then the suspect. While set and used > 0 the
+     * worker is not sendable. RUN is cleared when the in-flight table
+     * empties (the result, a refusal, reconciliation); DRAIN stays until
+     * the caller clears it or sends the suspect; both are cleared when the
+     * worker is lost. */
+    int isolating;
     /* heartbeat "limits" (defaults when unsaid) */
     int64_t max_batch_steps;    /* TC_OH_DEFAULT_MAX_BATCH_STEPS when unsaid */
     int64_t max_message_bytes;  /* the handle's max_message_bytes (INT64_MAX if <= 0) when unsaid */
@@ -262,9 +275,14 @@ long tc_oh_choose_worker(const tc_oh *h, size_t nsteps);
 
 int tc_oh_worker_live(const tc_oh_worker *w);
 
-/* Live, capacity > 0, not in its HWM send back-off and not dropped as
- * not_reading: the loop sends only to such workers. */
+/* Live, capacity > 0, not in its HWM send back-off, not dropped as
+ * not_reading, and neither isolating a suspect step still in flight nor
+ * draining for one with steps in flight: the loop sends only to such
+ * workers. */
 int tc_oh_worker_sendable(const tc_oh *h, const tc_oh_worker *w, int64_t now_mono_ms);
+
+/* Sendable with nothing in flight: a worker a suspect step may go to. */
+int tc_oh_worker_idle(const tc_oh *h, const tc_oh_worker *w, int64_t now_mono_ms);
 
 /* CLOCK_MONOTONIC in milliseconds, the clock tc_oh_worker_sendable takes. */
 int64_t tc_oh_now_ms(void);

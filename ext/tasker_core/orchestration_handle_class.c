@@ -433,6 +433,8 @@ static VALUE worker_hash(const tc_oh_worker *wk)
     rb_hash_aset(h, str_lit("capacity"), LL2NUM(wk->capacity));
     rb_hash_aset(h, str_lit("in_flight"), SIZET2NUM(wk->used));
     rb_hash_aset(h, str_lit("free"), LL2NUM(wk->capacity - (int64_t)wk->used));
+    rb_hash_aset(h, str_lit("isolating"), wk->isolating == TC_OH_ISOLATE_RUN && wk->used > 0 ? Qtrue : Qfalse);
+    rb_hash_aset(h, str_lit("draining_for_isolation"), wk->isolating == TC_OH_ISOLATE_DRAIN ? Qtrue : Qfalse);
     rb_hash_aset(h, str_lit("pid"), LL2NUM(wk->pid));
     rb_hash_aset(h, str_lit("host"), str_lit(wk->host));
     rb_hash_aset(h, str_lit("last_heartbeat_at"), rb_time_nano_new(sec, (long)((t - (double)sec) * 1e9)));
@@ -849,6 +851,8 @@ static VALUE loop_stats_hash(tc_loop *l)
     LS("failed_too_deep", st.failed_too_deep);
     LS("failed_refused", st.failed_refused);
     LS("batches_split_by_bytes", st.batches_split_by_bytes);
+    LS("isolated", st.isolated);
+    LS("isolation_drains", st.isolation_drains);
     LS("released", st.released);
     LS("timed_out", st.timed_out);
     LS("stale_results", st.stale_results);

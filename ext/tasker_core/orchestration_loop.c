@@ -72,6 +72,7 @@ struct tc_loop {
     int db_up, ever_connected, listening;
     long backoff_ms;
     int64_t next_connect_ms, next_housekeeping_ms;
+    int64_t next_suspect_check_ms; /* a claim that came back empty checks for suspects no sooner */
     int apply_failures;
 
     pending_result *results;
@@ -602,7 +603,8 @@ static void splice_msgpack(msgpack_packer *pk, const char *p, size_t n)
 }
 
 /* Columns of the claim, binary format. */
-enum { C_STEP, C_TASK, C_NAME, C_HANDLER, C_CONFIG, C_ATTEMPT, C_TIMEOUT, C_CONTEXT, C_DEP_NAMES, C_DEP_OUTPUTS };
+enum { C_STEP, C_TASK, C_NAME, C_HANDLER, C_CONFIG, C_ATTEMPT, C_TIMEOUT, C_CONTEXT, C_DEP_NAMES, C_DEP_OUTPUTS,
+       C_LOST, C_COUNT };
 
 /* One step map of a batch (docs/protocol.md 4.1). */
 static int pack_step(msgpack_packer *pk, const PGresult *res, int row)
@@ -649,6 +651,7 @@ typedef struct claimed_row {
     int depth;       /* the deepest of its context, handler_config and dependency outputs */
     char deepest[96]; /* which one that is, for the error message */
     int state;
+    int suspect;      /* lost TC_LOOP_SUSPECT_LOST times or more: goes alone to an idle worker */
 } claimed_row;
 
 static int payload_depth(const char *p, int32_t len)
@@ -752,21 +755,28 @@ static int row_fits(const claimed_row *r, const worker_limits *wl)
     return (int64_t)r->len + wl->envelope <= wl->bytes && r->depth <= wl->depth;
 }
 
-static PGresult *claim(tc_loop *l, long limit)
+/* Up to limit ready steps, of which at most suspects lost
+ * TC_LOOP_SUSPECT_LOST times or more (one per idle worker): a suspect
+ * with no idle worker for it stays pending, unclaimed, until one is free
+ * (db/migrate/0008). */
+static PGresult *claim(tc_loop *l, long limit, long suspects)
 {
-    char lim[24], lease[24];
+    char lim[24], lease[24], lost[24], sus[24];
     snprintf(lim, sizeof(lim), "%ld", limit);
     snprintf(lease, sizeof(lease), "%d", l->lease_ms);
-    const char *vals[3] = {l->owner, lim, lease};
+    snprintf(lost, sizeof(lost), "%d", TC_LOOP_SUSPECT_LOST);
+    snprintf(sus, sizeof(sus), "%ld", suspects);
+    const char *vals[5] = {l->owner, lim, lease, lost, sus};
     PGconn *c = l->db.conn;
     if (PQisnonblocking(c)) PQsetnonblocking(c, 0);
     /* Binary results: ids and attempts without parsing, bytea without
      * unescaping, arrays as length-prefixed elements. */
     PGresult *r = PQexecParams(c,
                                "SELECT step_id, task_id, step_name, handler, handler_config, attempt, timeout_ms, "
-                               "context, dep_names, dep_outputs FROM tasker_claim_steps($1, $2::int, $3::int)",
-                               3, NULL, vals, NULL, NULL, 1);
-    if (r && PQresultStatus(r) == PGRES_TUPLES_OK && PQnfields(r) == 10) return r;
+                               "context, dep_names, dep_outputs, lost_attempts "
+                               "FROM tasker_claim_steps_v2($1, $2::int, $3::int, $4::int, $5::int)",
+                               5, NULL, vals, NULL, NULL, 1);
+    if (r && PQresultStatus(r) == PGRES_TUPLES_OK && PQnfields(r) == C_COUNT) return r;
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
     snprintf(l->db.sqlstate, sizeof(l->db.sqlstate), "%s", state ? state : "08006");
     snprintf(l->db.err, sizeof(l->db.err), "%s", r ? PQresultErrorMessage(r) : PQerrorMessage(c));
@@ -830,19 +840,168 @@ static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, i
     return failed;
 }
 
+/* ---- suspects waiting: draining a worker for one ---------------------------- */
+
+#define LOOP_STR_(x) #x
+#define LOOP_STR(x) LOOP_STR_(x)
+
+/* A suspect tasker_claim_steps_v2 would claim now, found through the
+ * partial index tasker_workflow_steps_suspect (db/migrate/0008: its
+ * predicate, with the constant, so the planner can use it). */
+#define SUSPECT_WAITING_SQL                                                                                    \
+    "SELECT EXISTS (SELECT 1 FROM tasker_workflow_steps s JOIN tasker_tasks t ON t.id = s.task_id "           \
+    "WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.lost_attempts >= " LOOP_STR(TC_LOOP_SUSPECT_LOST) \
+    " AND s.next_attempt_at <= now() AND t.state IN ('pending', 'in_progress'))"
+
+/* The worker drained for a suspect (at most one), or NULL. mu held. */
+static tc_oh_worker *drained_worker(const tc_loop *l)
+{
+    for (size_t i = 0; i < l->oh->nworkers; i++)
+        if (l->oh->workers[i].isolating == TC_OH_ISOLATE_DRAIN) return &l->oh->workers[i];
+    return NULL;
+}
+
+/* A drained worker that is idle at a claim got the suspect from it if one
+ * was waiting (suspects come first, one per idle worker); if it did not,
+ * it is drained no more. mu held. */
+static void end_idle_drain(tc_loop *l, int64_t now)
+{
+    tc_oh_worker *d = drained_worker(l);
+    if (d && tc_oh_worker_idle(l->oh, d, now)) d->isolating = TC_OH_ISOLATE_NONE;
+}
+
+/* A suspect is claimed only for an idle worker, and under a steady backlog
+ * the loop refills every worker before it empties: a suspect could wait
+ * for ever. So while one is ready and no sendable worker is idle, one
+ * worker, the one with the least in flight, is drained for it: it gets no
+ * new work until it is idle, and then the suspect alone (the next claim,
+ * dispatch_suspects). The drain ends when the worker is lost (the core
+ * clears it), stops taking work (capacity 0), or no suspect is waiting any
+ * more. One EXISTS, only when a drain is on or no worker is idle: once per
+ * housekeeping interval, or after a claim that came back empty with no
+ * idle worker and no drain on (at most once per poll interval). */
+static void check_suspects(tc_loop *l)
+{
+    int64_t now = tc_oh_now_ms();
+    int64_t mono = mono_ms();
+    pthread_mutex_lock(&l->mu);
+    tc_oh_worker *d = drained_worker(l);
+    if (d && (!tc_oh_worker_live(d) || d->capacity <= 0)) {
+        d->isolating = TC_OH_ISOLATE_NONE;
+        d = NULL;
+    }
+    long idle = 0;
+    for (size_t i = 0; i < l->oh->nworkers; i++)
+        if (tc_oh_worker_idle(l->oh, &l->oh->workers[i], now)) idle++;
+    pthread_mutex_unlock(&l->mu);
+    /* An idle worker takes a waiting suspect with the next claim. */
+    if (!d && idle) return;
+
+    l->next_suspect_check_ms = mono + l->poll_interval_ms;
+    PGresult *r = exec_text(l, SUSPECT_WAITING_SQL, 0, NULL);
+    if (!r) {
+        db_failed(l, "suspect check");
+        return;
+    }
+    int waiting = PQntuples(r) == 1 && PQgetvalue(r, 0, 0)[0] == 't';
+    PQclear(r);
+
+    pthread_mutex_lock(&l->mu);
+    /* Only this thread changes the worker table: d is still valid. */
+    if (d && !waiting) {
+        d->isolating = TC_OH_ISOLATE_NONE;
+    } else if (!d && waiting) {
+        tc_oh_worker *best = NULL;
+        for (size_t i = 0; i < l->oh->nworkers; i++) {
+            tc_oh_worker *w = &l->oh->workers[i];
+            if (!tc_oh_worker_sendable(l->oh, w, now) || w->isolating != TC_OH_ISOLATE_NONE) continue;
+            if (!best || w->used < best->used ||
+                (w->used == best->used && w->last_dispatch_seq < best->last_dispatch_seq))
+                best = w;
+        }
+        if (best) {
+            best->isolating = TC_OH_ISOLATE_DRAIN;
+            l->st.isolation_drains++;
+        }
+    }
+    pthread_mutex_unlock(&l->mu);
+}
+
+/* Sends rows idx[0..take) of the claim to worker wi as one batch and marks
+ * them sent (into sent) or unsent (into l->unsent, released after). mu
+ * held. Returns 1 when libzmq took the batch. */
+static int send_rows(tc_loop *l, size_t wi, const PGresult *res, claimed_row *rows, const int *idx, int take,
+                     const tc_codec_writer *ents, tc_codec_writer *body, tc_oh_step *steps, pair_list *sent)
+{
+    char batch_id[TC_OH_BATCH_ID_MAX + 1];
+    tc_oh_next_batch_id(l->oh, batch_id, sizeof(batch_id));
+    for (int j = 0; j < take; j++) {
+        steps[j].step_id = be64(PQgetvalue(res, idx[j], C_STEP));
+        steps[j].task_id = be64(PQgetvalue(res, idx[j], C_TASK));
+        steps[j].attempt = be32(PQgetvalue(res, idx[j], C_ATTEMPT));
+    }
+    int ok = build_batch(body, l->oh, batch_id, l->oh->workers[wi].id, ents->sbuf.data, rows, idx, take) == 0 &&
+             tc_oh_send_batch(l->oh, wi, batch_id, steps, (size_t)take, body->sbuf.data, body->sbuf.size) == 0;
+    for (int j = 0; j < take; j++) {
+        rows[idx[j]].state = ok ? ROW_SENT : ROW_UNSENT;
+        pairs_push(ok ? sent : &l->unsent, steps[j].step_id, steps[j].attempt);
+    }
+    return ok;
+}
+
+/* Each suspect step in a batch of its own to a sendable worker with nothing
+ * in flight that can take it (the one drained for it first), which is then
+ * isolating: it gets nothing else until the step's result or loss. A
+ * suspect with no such worker stays pending and is released unsent. A
+ * drained worker that is idle and got no suspect (none was claimed, or it
+ * does not fit) is drained no more: it takes other work from this claim
+ * on. mu held. */
+static void dispatch_suspects(tc_loop *l, const PGresult *res, claimed_row *rows, int n, int *idx,
+                              const tc_codec_writer *ents, tc_codec_writer *body, tc_oh_step *steps, pair_list *sent,
+                              int64_t now)
+{
+    size_t nw = l->oh->nworkers;
+    for (int i = 0; i < n; i++) {
+        if (rows[i].state != ROW_PENDING || !rows[i].suspect) continue;
+        int tried = 0;
+        for (int drained = 1; drained >= 0 && !tried; drained--) {
+            for (size_t k = 0; k < nw; k++) {
+                size_t wi = (l->rotate + k) % nw;
+                tc_oh_worker *w = &l->oh->workers[wi];
+                if (drained && w->isolating != TC_OH_ISOLATE_DRAIN) continue;
+                if (!tc_oh_worker_idle(l->oh, w, now)) continue;
+                worker_limits wl = limits_of(l->oh, w, body);
+                if (!row_fits(&rows[i], &wl)) continue;
+                idx[0] = i;
+                if (send_rows(l, wi, res, rows, idx, 1, ents, body, steps, sent)) {
+                    w->isolating = TC_OH_ISOLATE_RUN;
+                    l->st.isolated++;
+                }
+                tried = 1;
+                break;
+            }
+        }
+    }
+    end_idle_drain(l, now);
+}
+
 /* Claims what the sendable workers have room for and sends it, each
- * worker's batches within its max_batch_steps and max_message_bytes.
+ * worker's batches within its max_batch_steps and max_message_bytes;
+ * suspect steps first, each alone to an idle worker.
  * Returns 1 when the loop should go again at once (the claim was full, or
  * it queued failures to apply), else 0. */
 static int claim_and_dispatch(tc_loop *l)
 {
-    long total_free = 0, sendable = 0;
+    long total_free = 0, sendable = 0, idle = 0;
+    int draining = 0;
     int64_t now = tc_oh_now_ms();
     pthread_mutex_lock(&l->mu);
     for (size_t i = 0; i < l->oh->nworkers; i++) {
         const tc_oh_worker *w = &l->oh->workers[i];
+        if (w->isolating == TC_OH_ISOLATE_DRAIN) draining = 1;
         if (!tc_oh_worker_sendable(l->oh, w, now)) continue;
         sendable++;
+        if (tc_oh_worker_idle(l->oh, w, now)) idle++;
         long f = (long)(w->capacity - (int64_t)w->used);
         if (f > 0) total_free += f;
     }
@@ -853,7 +1012,9 @@ static int claim_and_dispatch(tc_loop *l)
     long limit = (long)l->batch_size * sendable;
     if (limit > total_free) limit = total_free;
 
-    PGresult *res = claim(l, limit);
+    /* Only this thread changes the worker table: the idle workers counted
+     * here are still idle when the claim comes back. */
+    PGresult *res = claim(l, limit, idle);
     if (!res) {
         db_failed(l, "tasker_claim_steps");
         return 0;
@@ -861,6 +1022,12 @@ static int claim_and_dispatch(tc_loop *l)
     int n = PQntuples(res);
     if (n == 0) {
         PQclear(res);
+        pthread_mutex_lock(&l->mu);
+        end_idle_drain(l, now);
+        pthread_mutex_unlock(&l->mu);
+        /* Nothing claimable, and maybe a suspect held back for want of an
+         * idle worker (a drain already on is checked at housekeeping). */
+        if (idle == 0 && !draining && mono_ms() >= l->next_suspect_check_ms) check_suspects(l);
         return 0;
     }
 
@@ -884,6 +1051,7 @@ static int claim_and_dispatch(tc_loop *l)
             continue;
         }
         rows[i].len = ents.sbuf.size - rows[i].off;
+        rows[i].suspect = be32(PQgetvalue(res, i, C_LOST)) >= TC_LOOP_SUSPECT_LOST;
         row_depth(res, i, &rows[i]);
     }
 
@@ -892,6 +1060,7 @@ static int claim_and_dispatch(tc_loop *l)
     l->st.claim_calls++;
     if (rows && idx && steps) {
         failed = fail_unsendable(l, res, rows, n, &body);
+        dispatch_suspects(l, res, rows, n, idx, &ents, &body, steps, &sent, now);
         size_t nw = l->oh->nworkers;
         int first = 0; /* rows before it are all decided */
         /* Start at a rotating worker so small claims spread over the workers. */
@@ -909,7 +1078,7 @@ static int claim_and_dispatch(tc_loop *l)
                 /* In claim order, the steps this worker can take, until the
                  * next would overflow its max_message_bytes. */
                 for (int i = first; i < n && take < most; i++) {
-                    if (rows[i].state != ROW_PENDING || !row_fits(&rows[i], &wl)) continue;
+                    if (rows[i].state != ROW_PENDING || rows[i].suspect || !row_fits(&rows[i], &wl)) continue;
                     if (bytes + (int64_t)rows[i].len > wl.bytes) {
                         split++;
                         break;
@@ -918,20 +1087,7 @@ static int claim_and_dispatch(tc_loop *l)
                     idx[take++] = i;
                 }
                 if (take == 0) break;
-                char batch_id[TC_OH_BATCH_ID_MAX + 1];
-                tc_oh_next_batch_id(l->oh, batch_id, sizeof(batch_id));
-                for (int j = 0; j < take; j++) {
-                    steps[j].step_id = be64(PQgetvalue(res, idx[j], C_STEP));
-                    steps[j].task_id = be64(PQgetvalue(res, idx[j], C_TASK));
-                    steps[j].attempt = be32(PQgetvalue(res, idx[j], C_ATTEMPT));
-                }
-                int ok = build_batch(&body, l->oh, batch_id, w->id, ents.sbuf.data, rows, idx, take) == 0 &&
-                         tc_oh_send_batch(l->oh, wi, batch_id, steps, (size_t)take, body.sbuf.data,
-                                          body.sbuf.size) == 0;
-                for (int j = 0; j < take; j++) {
-                    rows[idx[j]].state = ok ? ROW_SENT : ROW_UNSENT;
-                    pairs_push(ok ? &sent : &l->unsent, steps[j].step_id, steps[j].attempt);
-                }
+                int ok = send_rows(l, wi, res, rows, idx, take, &ents, &body, steps, &sent);
                 while (first < n && rows[first].state != ROW_PENDING) first++;
                 if (!ok) break; /* refused at the high-water mark: the core backs this worker off */
                 f -= take;
@@ -940,8 +1096,9 @@ static int claim_and_dispatch(tc_loop *l)
         l->rotate++;
     }
     /* Claimed and not sent: back to pending, no attempt lost. A step too
-     * big or too deep for every sendable worker (but not every live one)
-     * waits for one that takes it. */
+     * big or too deep for every sendable worker (but not every live one),
+     * or a suspect no idle worker could take, waits for one that takes it:
+     * the loop goes on at the next poll, not at once. */
     for (int i = 0; i < n; i++) {
         if (rows && rows[i].state == ROW_PENDING) unfit = 1;
         if (!rows || rows[i].state == ROW_PENDING || rows[i].state == ROW_UNSENT)
@@ -1054,6 +1211,7 @@ static void housekeeping(tc_loop *l)
         return;
     }
     upsert_workers(l);
+    if (l->db_up) check_suspects(l);
 }
 
 /* ---- the thread ------------------------------------------------------------ */

@@ -19,6 +19,12 @@
 
 #define TC_LOOP_OWNER_MAX 127
 #define TC_LOOP_LATENCY_RING 1024
+/* A step lost this many times (its worker died, its lease expired, ...) is
+ * a suspect: it may be what kills its workers. It is dispatched alone to a
+ * worker with nothing in flight, which gets nothing else until the step's
+ * result or loss (docs/protocol.md section 5). One crash or deploy costs a
+ * step one loss, so an innocent step is isolated only after a second. */
+#define TC_LOOP_SUSPECT_LOST 2
 
 typedef struct tc_loop_config {
     const char *conninfo;
@@ -38,6 +44,8 @@ typedef struct tc_loop_stats {
      * or refused by their worker as too_deep / invalid_step */
     uint64_t lost_failed, failed_too_large, failed_too_deep, failed_refused;
     uint64_t batches_split_by_bytes; /* batches cut short by max_message_bytes, not by steps */
+    uint64_t isolated;               /* suspect steps sent alone to an idle worker */
+    uint64_t isolation_drains;       /* workers drained for a waiting suspect (no worker was idle) */
     uint64_t stale_results, applied_results, results_dropped, bad_results;
     uint64_t db_reconnects, db_errors, db_connected;
     uint64_t claim_calls, apply_calls, iterations;

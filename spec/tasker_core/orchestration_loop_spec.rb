@@ -171,6 +171,203 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     expect(@handle.stats["loop"]).to include("redispatched" => 1, "lost_failed" => 1)
   end
 
+  describe "a suspect step (lost twice)" do
+    after { @peers&.each(&:close) }
+
+    def add_peer(id, capacity: 4)
+      cfg = @handle.zeromq_config
+      peer = WorkerPeer.new(id: id, batch_endpoint: cfg["batch_endpoint"], result_endpoint: cfg["result_endpoint"],
+                            capacity: capacity)
+      (@peers ||= []) << peer
+      wait_until(timeout: 10, message: "the orchestrator's subscription") { peer.orchestrator_seen?(timeout_ms: 20) }
+      wait_until(timeout: 10, message: "#{id} live") do
+        peer.heartbeat
+        @handle.workers.any? { |w| w["id"] == id }
+      end
+      peer
+    end
+
+    # Waits (heartbeating every peer) until the block is true.
+    def await(message, &block)
+      wait_until(timeout: 10, message: message) do
+        @peers.each do |p|
+          p.heartbeat
+          p.receive_batches(timeout_ms: 10)
+        end
+        block.call
+      end
+    end
+
+    def steps_of(peer) = peer.batches.flat_map { |b| b["steps"].map { |s| s["step_id"] } }
+
+    # The loop went round several more times since now.
+    def await_iterations(message)
+      seen = @handle.stats["loop"]["loop_iterations"]
+      await(message) { @handle.stats["loop"]["loop_iterations"] >= seen + 5 }
+    end
+
+    it "is sent alone, only to a worker with nothing in flight, which gets nothing else until it reports" do
+      use_templates(template("pair", [step("a"), step("b", ["a"])]), template("one", [step("s")]))
+      pair = TaskerCore.create_task(name: "pair")
+      suspect = step_row(conn, pair, "b")["id"]
+      conn.exec("UPDATE tasker_workflow_steps SET lost_attempts = 2 WHERE id = $1", [suspect])
+      TaskerCore.create_task(name: "one")
+      start(poll_interval_ms: 20)
+      busy = add_peer("busy")
+      await("a and the other step sent to busy") { steps_of(busy).size == 2 }
+      a_batch = busy.batches.find { |b| b["steps"].any? { |s| s["step_name"] == "a" } }
+      busy.partial(a_batch, a_batch["steps"].find { |s| s["step_name"] == "a" })
+
+      # b is ready, and busy has room, but something in flight: b is not even claimed.
+      await("a applied") { step_row(conn, pair, "a")["state"] == "complete" }
+      await_iterations("the loop going round")
+      expect(step_row(conn, pair, "b")).to include("state" => "pending", "attempts" => 0)
+      expect(steps_of(busy).size).to eq(2)
+      expect(@handle.stats["loop"]["isolated"]).to eq(0)
+
+      # A worker with nothing in flight gets it, alone.
+      lone = add_peer("lone")
+      await("b sent to lone") { lone.batches.any? }
+      expect(lone.batches.map { |b| b["steps"].map { |s| s["step_id"] } }).to eq([[suspect]])
+      expect(@handle.stats["loop"]["isolated"]).to eq(1)
+      expect(@handle.workers.find { |w| w["id"] == "lone" }).to include("isolating" => true, "in_flight" => 1)
+
+      # New work goes to busy (3 free) and waits; none goes to lone meanwhile.
+      more = Array.new(5) { TaskerCore.create_task(name: "one") }
+      await("busy full") { steps_of(busy).size == 5 }
+      await_iterations("the loop going round")
+      expect(lone.batches.size).to eq(1)
+      expect(steps_of(busy)).not_to include(suspect)
+
+      # b's result frees lone: it takes the rest.
+      lone.partial(lone.batches.first, lone.batches.first["steps"].first)
+      lone.completion(lone.batches.first)
+      await("the rest sent to lone") { steps_of(lone).size == 3 }
+      expect(@handle.workers.find { |w| w["id"] == "lone" }).to include("isolating" => false)
+      await("the pair complete") { TaskerCore.task(pair)[:status] == "complete" }
+      expect(step_row(conn, pair, "b")).to include("attempts" => 1, "lost_attempts" => 2)
+      expect(@handle.stats["loop"]["isolated"]).to eq(1)
+      expect((steps_of(busy) + steps_of(lone)).uniq.size).to eq(2 + 1 + more.size)
+    end
+
+    describe "under a steady backlog that keeps every worker busy" do
+      def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+
+      # One round of two busy workers: each peer answers every step it was
+      # sent except the newest one as soon as it has it, and that one too
+      # once no batch came for 0.3 s; so a peer empties only when the loop
+      # stops giving it work. Steps in @held wait for the spec. While
+      # @feeding, new tasks keep arriving: always 8 or more ordinary ones
+      # not yet sent.
+      def serve
+        @peers.each do |p|
+          p.heartbeat
+          @last_batch_at[p.id] = now if p.receive_batches(timeout_ms: 5).any?
+          open = p.batches.flat_map { |b| b["steps"].map { |st| [b, st] } }
+                  .reject { |_b, st| @answered.include?(st["step_id"]) || @held.include?(st["step_id"]) }
+          open.pop if open.any? && now - @last_batch_at[p.id] < 0.3
+          open.each do |b, st|
+            p.partial(b, st)
+            @answered << st["step_id"]
+          end
+        end
+        sent = @peers.sum { |p| steps_of(p).size }
+        @ordinary.concat(Array.new(4) { TaskerCore.create_task(name: "one") }) if @feeding && @ordinary.size + 2 - sent < 8
+      end
+
+      def serve_until(message, timeout: 20, &block)
+        wait_until(timeout: timeout, message: message) do
+          serve
+          block.call
+        end
+      end
+
+      def batches_since(peer, count) = peer.batches.drop(count)
+
+      it "drains one worker for a waiting suspect, sends the suspect to it alone, then gives it work again" do
+        use_templates(template("pair", [step("a"), step("b", ["a"])]), template("one", [step("s")]))
+        pair = TaskerCore.create_task(name: "pair")
+        a = step_row(conn, pair, "a")["id"]
+        suspect = step_row(conn, pair, "b")["id"]
+        conn.exec("UPDATE tasker_workflow_steps SET lost_attempts = 2 WHERE id = $1", [suspect])
+        @ordinary = Array.new(8) { TaskerCore.create_task(name: "one") }
+        @answered = Set.new
+        @held = Set[a, suspect]
+        @feeding = true
+        @last_batch_at = Hash.new(0)
+        start(poll_interval_ms: 20)
+        left = add_peer("left")
+        right = add_peer("right")
+
+        # Both busy; then a's result makes the suspect ready while neither is idle.
+        serve_until("both workers busy") { left.batches.size >= 3 && right.batches.size >= 3 }
+        a_peer = @peers.find { |p| steps_of(p).include?(a) }
+        a_batch = a_peer.batches.find { |b| b["steps"].any? { |st| st["step_id"] == a } }
+        a_peer.partial(a_batch, a_batch["steps"].find { |st| st["step_id"] == a })
+        @held.delete(a)
+        @answered << a
+        serve_until("a applied") { step_row(conn, pair, "a")["state"] == "complete" }
+        expect(@handle.stats["loop"]["isolated"]).to eq(0)
+
+        # Within a housekeeping interval one worker is drained; once it is
+        # idle the suspect goes to it, alone.
+        serve_until("the suspect sent") { @peers.any? { |p| steps_of(p).include?(suspect) } }
+        drained, other = @peers.partition { |p| steps_of(p).include?(suspect) }.map(&:first)
+        suspect_batch = drained.batches.find { |b| b["steps"].any? { |st| st["step_id"] == suspect } }
+        expect(suspect_batch["steps"].map { |st| st["step_id"] }).to eq([suspect])
+        expect(@handle.stats["loop"]).to include("isolated" => 1, "isolation_drains" => 1)
+        expect(@handle.workers.find { |w| w["id"] == drained.id })
+          .to include("isolating" => true, "draining_for_isolation" => false, "in_flight" => 1)
+        # Everything sent to it before was answered: it ran nothing else.
+        expect(drained.batches.take_while { |b| !b.equal?(suspect_batch) }.flat_map { |b| b["steps"].map { |st| st["step_id"] } })
+          .to all(satisfy { |sid| @answered.include?(sid) })
+
+        # The other worker keeps working meanwhile; the drained one gets nothing else.
+        seen = other.batches.size
+        after_suspect = drained.batches.size
+        serve_until("the other worker fed") { other.batches.size >= seen + 3 }
+        expect(drained.batches.size).to eq(after_suspect)
+
+        # The suspect's result: the drained worker takes ordinary work again.
+        drained.partial(suspect_batch, suspect_batch["steps"].first)
+        @held.delete(suspect)
+        @answered << suspect
+        serve_until("the drained worker fed again") { drained.batches.size >= after_suspect + 2 }
+        expect(batches_since(drained, after_suspect).flat_map { |b| b["steps"].map { |st| st["step_id"] } })
+          .not_to include(suspect)
+        expect(@handle.workers.find { |w| w["id"] == drained.id }).to include("draining_for_isolation" => false)
+        expect(TaskerCore.task(pair)[:status]).to eq("complete")
+        expect(step_row(conn, pair, "b")).to include("attempts" => 1, "lost_attempts" => 2)
+        expect(@handle.stats["loop"]).to include("isolated" => 1, "isolation_drains" => 1)
+
+        # No more tasks: every ordinary one completes, each step sent once.
+        @feeding = false
+        serve_until("every ordinary task complete") do
+          conn.exec("SELECT count(*) AS n FROM tasker_tasks WHERE id = ANY($1::bigint[]) AND state = 'complete'",
+                    ["{#{@ordinary.join(',')}}"]).first["n"].to_i == @ordinary.size
+        end
+        all_sent = @peers.flat_map { |p| steps_of(p) }
+        expect(all_sent.size).to eq(all_sent.uniq.size)
+        expect(all_sent.size).to eq(@ordinary.size + 2)
+      end
+    end
+
+    it "stops isolating when its worker is lost, and goes alone again to an idle worker" do
+      use_templates(template("one", [step("s")]))
+      id = TaskerCore.create_task(name: "one")
+      conn.exec("UPDATE tasker_workflow_steps SET lost_attempts = 2 WHERE task_id = $1", [id])
+      start(poll_interval_ms: 20)
+      first = add_peer("first")
+      await("sent to first") { first.batches.any? }
+      first.goodbye
+      await("the loss counted") { step_row(conn, id, "s")["lost_attempts"] == 3 }
+      first.heartbeat # live again, and idle: it may take the step again, alone
+      await("sent again") { steps_of(first).size == 2 }
+      expect(first.batches.map { |b| b["steps"].size }).to eq([1, 1])
+      expect(@handle.stats["loop"]).to include("isolated" => 2, "redispatched" => 1)
+    end
+  end
+
   it "fails the steps a worker refuses as too deep, and sends the ones it refuses while draining again" do
     ids = Array.new(2) { TaskerCore.create_task(name: "pair") }
     start

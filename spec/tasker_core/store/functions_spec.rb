@@ -256,6 +256,44 @@ RSpec.describe "the store's SQL functions", :db do
     expect(TaskerCore::Codec.unpack(s["last_error"])["class"]).to eq("TaskerCore::StepLostError")
   end
 
+  describe "tasker_claim_steps_v2 (suspect steps, db/migrate/0008)" do
+    def claim_v2(limit:, suspects:, lost: 2)
+      conn.exec("SELECT * FROM tasker_claim_steps_v2('orch-1', $1, 60000, $2, $3)", [limit, lost, suspects]).to_a
+    end
+
+    # Three ready steps; the one of the second task lost twice.
+    def three_ready
+      ids = Array.new(3) { TaskerCore.create_task(name: "linear") }
+      conn.exec("UPDATE tasker_workflow_steps SET lost_attempts = 2 WHERE task_id = $1 AND name = 'a'", [ids[1]])
+      ids
+    end
+
+    it "returns lost_attempts and claims suspects only up to their own budget, within the limit" do
+      ids = three_ready
+      expect(claim_v2(limit: 10, suspects: 0).map { |r| [r["task_id"], r["lost_attempts"]] })
+        .to eq([[ids[0], 0], [ids[2], 0]])
+      rows = claim_v2(limit: 10, suspects: 1)
+      expect(rows.map { |r| [r["task_id"], r["step_name"], r["attempt"], r["lost_attempts"]] }).to eq([[ids[1], "a", 1, 2]])
+      expect(rows.first.keys).to eq(%w[step_id task_id step_name handler handler_config attempt timeout_ms context
+                                       dep_names dep_outputs lost_attempts])
+      expect(step_reasons(conn, rows.first["step_id"])).to eq(%w[created claimed])
+    end
+
+    it "counts the suspects it claims in the limit" do
+      ids = three_ready
+      expect(claim_v2(limit: 2, suspects: 5).map { |r| r["task_id"] }).to eq([ids[0], ids[1]])
+      expect(claim_v2(limit: 1, suspects: 5).map { |r| r["task_id"] }).to eq([ids[2]])
+    end
+
+    it "keeps tasker_claim_steps and its 10 columns for older orchestrators: every ready step alike" do
+      ids = three_ready
+      rows = claim(conn)
+      expect(rows.map { |r| r["task_id"] }).to eq(ids)
+      expect(rows.first.keys).to eq(%w[step_id task_id step_name handler handler_config attempt timeout_ms context
+                                       dep_names dep_outputs])
+    end
+  end
+
   it "refuses illegal state transitions with SQLSTATE TK001" do
     id = TaskerCore.create_task(name: "linear")
     run_to_completion(conn)
