@@ -7,6 +7,7 @@ require "open3"
 require "rbconfig"
 require "socket"
 require "timeout"
+require_relative "../built_gem"
 
 # rake rails:fresh_app: what a new Rails team does with tasker_core, from the
 # built gem. Builds the .gem, installs it into an empty GEM_HOME (its
@@ -87,12 +88,12 @@ class FreshAppCheck
   # installed gem from GEM_HOME, and nothing of the checkout's (no
   # DATABASE_URL, no tasker_core settings, no RUBYOPT=-rbundler/setup).
   def app_env(extra = {})
-    { "GEM_HOME" => gem_home, "GEM_PATH" => [gem_home, *Gem.path].join(File::PATH_SEPARATOR),
+    BuiltGem.env(gem_home).merge(
       "BUNDLE_GEMFILE" => File.join(app, "Gemfile"), "BUNDLE_FROZEN" => nil, "BUNDLE_PATH" => nil,
       "DATABASE_URL" => nil, "TASKER_CONFIG_PATH" => nil, "TASKER_ENV" => nil, "RAILS_ENV" => nil,
       "RACK_ENV" => nil, "TASKER_RSPEC_ALLOW_ANY_DATABASE" => nil, "RUBYOPT" => nil, "RUBYLIB" => nil,
-      "TMPDIR" => tmpdir,
-      "PATH" => [File.join(gem_home, "bin"), ENV.fetch("PATH")].join(File::PATH_SEPARATOR) }.merge(extra)
+      "TMPDIR" => tmpdir
+    ).merge(extra)
   end
 
   # Runs cmd in the app (or chdir); returns its output; raises with the
@@ -150,11 +151,10 @@ class FreshAppCheck
   end
 
   def build_and_install_gem
-    @gem = File.join(@dir, "tasker_core-#{TaskerCore::VERSION}.gem")
-    sh("gem", "build", File.join(@root, "tasker_core.gemspec"), "--output", @gem, chdir: @root)
-    sh("gem", "install", "--local", "--no-document", @gem, chdir: @dir)
-    installed = Dir[File.join(gem_home, "gems", "*")].map { |d| File.basename(d) }
-    check(installed == ["tasker_core-#{TaskerCore::VERSION}"], "GEM_HOME should hold only tasker_core, has #{installed}")
+    BuiltGem.build_and_install(dir: @dir, gem_home: gem_home,
+                               run: ->(env, *cmd, chdir:) { sh(*cmd, env: env, chdir: chdir) })
+  rescue BuiltGem::Failure => e
+    raise Failure, e.message
   end
 
   def rails_new

@@ -70,6 +70,22 @@ RSpec.describe "examples/rails_app" do
     [res.code.to_i, res.body.empty? ? nil : JSON.parse(res.body)]
   end
 
+  # The app runs the installed gem (rake examples installs it into a GEM_HOME of its own), not this checkout:
+  # its Ruby code and its compiled extension.
+  it "loads tasker_core from the installed gem, not from the checkout" do
+    gem_home = File.realpath(ENV.fetch("GEM_HOME", Gem.dir))
+    script = 'puts [Gem.loaded_specs.fetch("tasker_core").full_gem_path, Object.const_source_location("TaskerCore::Orchestrator").first, ' \
+             '$LOADED_FEATURES.grep(/tasker_core_ext/).first].map { |f| File.realpath(f) }.join("|")'
+    out, status = run_app(@env, "bin/rails", "runner", script)
+    expect(status).to be_success, out
+    gem_dir, source, ext = out.lines.last.chomp.split("|")
+    expect(gem_dir).to eq(File.join(gem_home, "gems", "tasker_core-#{TaskerCore::VERSION}"))
+    expect([source, ext]).to all(start_with("#{gem_dir}/"))
+    checkout_lib = File.join(File.realpath(RailsAppHelpers::GEM_ROOT), "lib/")
+    expect([source, ext]).to all(satisfy { |f| !f.start_with?(checkout_lib) })
+    expect(File.realpath(Object.const_source_location("TaskerCore").first)).to start_with("#{gem_dir}/") # this spec's process too
+  end
+
   it "creates tasks from POST /orders and a worker above the pool size completes them with a model-writing handler" do
     spawn_tty(@env, "bin/tasker", "orchestrator", "--stats-interval", "0", log: log("orchestrator"))
     # ActiveRecord's pool holds 2 connections (RAILS_MAX_THREADS in database.yml), the worker runs 6 steps at once;
@@ -131,14 +147,14 @@ RSpec.describe "examples/rails_app" do
     expect(File.read(log("orchestrator"))).to match(/tasker orchestrator: stopped/)
   end
 
-  # A copy of the app without the files the generator writes; its bundle
-  # points at the gem by absolute path (the copy lives elsewhere).
+  # A copy of the app without the files the generator writes; its Gemfile
+  # reads the version from the checkout by absolute path (the copy lives elsewhere).
   def scratch_app(name, active_record: false)
     app = File.join(@tmp, name)
     FileUtils.mkdir_p(app)
     %w[Gemfile Gemfile.lock Rakefile config.ru app bin config].each { |f| FileUtils.cp_r(File.join(RailsAppHelpers::APP_ROOT, f), app) }
-    edits = { "Gemfile" => ['path: "../.."', %(path: "#{RailsAppHelpers::GEM_ROOT}")],
-              "Gemfile.lock" => ["remote: ../..", "remote: #{RailsAppHelpers::GEM_ROOT}"] }
+    version_rb = File.join(RailsAppHelpers::GEM_ROOT, "lib/tasker_core/version.rb")
+    edits = { "Gemfile" => ['File.expand_path("../../lib/tasker_core/version.rb", __dir__)', version_rb.inspect] }
     unless active_record
       edits["config/application.rb"] = [%(require "active_record/railtie"\n), ""]
       edits["config/environments/test.rb"] = [/^.*\n.*dump_schema_after_migration.*\n/, ""]

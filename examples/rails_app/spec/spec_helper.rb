@@ -1,7 +1,8 @@
 # frozen_string_literal: true
 
-# The example app's specs run with the app's bundle (rake examples):
-#   BUNDLE_GEMFILE=examples/rails_app/Gemfile bundle exec rspec --default-path examples/rails_app/spec
+# The example app's specs run with the app's bundle, in the app's directory,
+# tasker_core installed from its built .gem (rake examples, rakelib/examples.rake):
+#   GEM_HOME=... GEM_PATH=... bundle exec rspec --default-path spec spec
 # They drive the app as separate processes (rails server, bin/tasker) and
 # load only tasker_core itself here, for the embedded PostgreSQL.
 require "tasker_core"
