@@ -1,0 +1,226 @@
+-- tasker_core schema, version 9: tasks created in bulk, and a claim that
+-- moves steps straight to in_progress.
+--
+-- tasker_create_tasks creates many tasks of one template in one statement
+-- per table (TaskerCore.create_tasks); tasker_create_task is now that
+-- function called with one task, so both follow one rule.
+--
+-- tasker_claim_steps_v2 claims ready steps straight to in_progress: the
+-- separate tasker_mark_dispatched call (one more non-HOT update, one more
+-- transition row and one more commit per batch) goes away for orchestrators
+-- that use it. A claimed step the orchestrator could not send is released
+-- (tasker_release_steps) as before; a result applies to in_progress steps
+-- as before. tasker_claim_steps (to enqueued) and tasker_mark_dispatched
+-- stay for older orchestrators; both claims are one function.
+
+-- pending -> in_progress is legal (the direct claim); the rest as in version 1.
+DROP TRIGGER tasker_workflow_steps_state_guard ON tasker_workflow_steps;
+CREATE TRIGGER tasker_workflow_steps_state_guard
+  BEFORE UPDATE OF state ON tasker_workflow_steps
+  FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state AND NOT (
+    (OLD.state = 'pending'     AND NEW.state IN ('enqueued', 'in_progress', 'cancelled', 'resolved_manually')) OR
+    (OLD.state = 'enqueued'    AND NEW.state IN ('in_progress', 'pending', 'complete', 'error',
+                                                 'cancelled', 'resolved_manually')) OR
+    (OLD.state = 'in_progress' AND NEW.state IN ('pending', 'complete', 'error', 'cancelled',
+                                                 'resolved_manually')) OR
+    (OLD.state = 'error'       AND NEW.state IN ('pending', 'cancelled', 'resolved_manually'))))
+  EXECUTE FUNCTION tasker_refuse_step_transition();
+
+-- ---------------------------------------------------------------------------
+-- Creating tasks.
+
+-- The id of the template as given: the stored row when its definition is the
+-- same (one read, no write), else stored or updated now.
+CREATE FUNCTION tasker_template_id(p_namespace text, p_name text, p_version text, p_definition jsonb)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+  v_template bigint;
+BEGIN
+  SELECT id INTO v_template FROM tasker_task_templates
+   WHERE namespace = p_namespace AND name = p_name AND version = p_version AND definition = p_definition;
+  IF v_template IS NULL THEN
+    INSERT INTO tasker_task_templates (namespace, name, version, definition)
+    VALUES (p_namespace, p_name, p_version, p_definition)
+    ON CONFLICT (namespace, name, version)
+      DO UPDATE SET definition = EXCLUDED.definition, updated_at = now()
+      WHERE tasker_task_templates.definition IS DISTINCT FROM EXCLUDED.definition
+    RETURNING id INTO v_template;
+    IF v_template IS NULL THEN
+      SELECT id INTO v_template FROM tasker_task_templates
+       WHERE namespace = p_namespace AND name = p_name AND version = p_version;
+    END IF;
+  END IF;
+  RETURN v_template;
+END $$;
+
+-- Tasks of one template, one per element of p_contexts (p_identity_keys
+-- parallel, NULL for none). The step arrays are parallel, one element per
+-- step of the template; edges name steps by name. Returns one row per task
+-- in the order given: its id and whether it was created (false: a task with
+-- its identity_key existed already, or came earlier in the same call).
+-- Tasks are inserted in identity_key order, so two calls with overlapping
+-- keys wait for each other instead of deadlocking; ids are drawn in the
+-- order given.
+CREATE FUNCTION tasker_create_tasks(
+  p_namespace text, p_name text, p_version text, p_definition jsonb, p_contexts bytea[], p_identity_keys text[],
+  p_step_names text[], p_handlers text[], p_handler_configs bytea[], p_timeouts_ms int[],
+  p_retryable boolean[], p_max_attempts int[], p_backoff_base_ms int[], p_backoff_cap_ms int[],
+  p_jitter float8[], p_edge_from text[], p_edge_to text[])
+RETURNS TABLE (task_id bigint, created boolean)
+LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
+#variable_conflict use_column
+DECLARE
+  v_n int := coalesce(cardinality(p_contexts), 0);
+  v_template bigint;
+  v_ids bigint[];
+  v_new bigint[];
+BEGIN
+  IF v_n = 0 THEN
+    RETURN;
+  END IF;
+  v_template := tasker_template_id(p_namespace, p_name, p_version, p_definition);
+  v_ids := ARRAY(SELECT nextval('tasker_tasks_id_seq'::regclass) FROM generate_series(1, v_n));
+
+  WITH ins AS (
+    INSERT INTO tasker_tasks (id, template_id, namespace, name, version, context, identity_key,
+                              step_count, remaining_steps)
+    SELECT v_ids[x.ord], v_template, p_namespace, p_name, p_version, x.context, x.identity_key,
+           cardinality(p_step_names), cardinality(p_step_names)
+      FROM unnest(p_contexts, p_identity_keys) WITH ORDINALITY AS x(context, identity_key, ord)
+     WHERE x.ord <= v_n
+     ORDER BY x.identity_key, x.ord
+    ON CONFLICT (identity_key) DO NOTHING
+    RETURNING id
+  )
+  SELECT array_agg(ins.id ORDER BY ins.id) INTO v_new FROM ins;
+
+  IF v_new IS NOT NULL THEN
+    -- Steps, edges and the creation transitions of every new task in one
+    -- statement, from the rows the steps INSERT returns.
+    WITH steps AS (
+      INSERT INTO tasker_workflow_steps (task_id, name, handler, handler_config, pending_parents, retryable,
+                                         max_attempts, backoff_base_ms, backoff_cap_ms, jitter, timeout_ms)
+      SELECT t.id, x.name, x.handler, x.config, coalesce(p.n, 0),
+             x.retryable, x.max_attempts, x.base, x.cap, x.jitter, x.timeout
+        FROM unnest(v_new) AS t(id)
+       CROSS JOIN unnest(p_step_names, p_handlers, p_handler_configs, p_timeouts_ms, p_retryable, p_max_attempts,
+                         p_backoff_base_ms, p_backoff_cap_ms, p_jitter)
+             WITH ORDINALITY AS x(name, handler, config, timeout, retryable, max_attempts, base, cap, jitter, ord)
+        LEFT JOIN (SELECT e.to_name, count(*)::int AS n FROM unnest(p_edge_to) AS e(to_name) GROUP BY e.to_name) p
+          ON p.to_name = x.name
+       ORDER BY t.id, x.ord  -- ids in task, then template order
+      RETURNING id, task_id, name
+    ), edges AS (
+      INSERT INTO tasker_workflow_step_edges (from_step_id, to_step_id)
+      SELECT f.id, t.id
+        FROM unnest(p_edge_from, p_edge_to) AS e(from_name, to_name)
+        JOIN steps f ON f.name = e.from_name
+        JOIN steps t ON t.task_id = f.task_id AND t.name = e.to_name
+    )
+    INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, reason)
+    SELECT s.id, s.task_id, NULL, 'pending', 0, 'created' FROM steps s;
+
+    INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)
+    SELECT t.id, NULL, 'pending', 'created' FROM unnest(v_new) AS t(id);
+
+    PERFORM pg_notify('tasker_steps_ready', '');
+  END IF;
+
+  -- A task not created: the existing one (a concurrent insert has committed:
+  -- ON CONFLICT waited for it; an earlier one in this call is visible here).
+  RETURN QUERY
+  SELECT CASE WHEN n.id IS NOT NULL THEN n.id
+              ELSE (SELECT t.id FROM tasker_tasks t WHERE t.identity_key = x.identity_key) END,
+         n.id IS NOT NULL
+    FROM unnest(p_contexts, p_identity_keys) WITH ORDINALITY AS x(context, identity_key, ord)
+    LEFT JOIN unnest(v_new) AS n(id) ON n.id = v_ids[x.ord]
+   WHERE x.ord <= v_n
+   ORDER BY x.ord;
+END $$;
+
+-- One task: tasker_create_tasks with one element.
+CREATE OR REPLACE FUNCTION tasker_create_task(
+  p_namespace text, p_name text, p_version text, p_definition jsonb, p_context bytea, p_identity_key text,
+  p_step_names text[], p_handlers text[], p_handler_configs bytea[], p_timeouts_ms int[],
+  p_retryable boolean[], p_max_attempts int[], p_backoff_base_ms int[], p_backoff_cap_ms int[],
+  p_jitter float8[], p_edge_from text[], p_edge_to text[])
+RETURNS TABLE (task_id bigint, created boolean) LANGUAGE sql AS $$
+  SELECT c.task_id, c.created
+    FROM tasker_create_tasks(p_namespace, p_name, p_version, p_definition, ARRAY[p_context], ARRAY[p_identity_key],
+                             p_step_names, p_handlers, p_handler_configs, p_timeouts_ms, p_retryable, p_max_attempts,
+                             p_backoff_base_ms, p_backoff_cap_ms, p_jitter, p_edge_from, p_edge_to) c
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Claiming.
+
+-- Ready steps claimed to p_state ('enqueued': tasker_claim_steps, then
+-- tasker_mark_dispatched; 'in_progress': tasker_claim_steps_v2, no second
+-- call). One statement: lock the ready steps, claim them, log one
+-- transition each (reason 'claimed'), start their pending tasks, and
+-- return them with their context and parents' outputs.
+CREATE FUNCTION tasker_claim(p_owner text, p_limit int, p_lease_ms int, p_state text)
+RETURNS TABLE (step_id bigint, task_id bigint, step_name text, handler text, handler_config bytea,
+               attempt int, timeout_ms int, context bytea, dep_names text[], dep_outputs bytea[])
+LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
+#variable_conflict use_column
+BEGIN
+  IF p_state NOT IN ('enqueued', 'in_progress') THEN
+    RAISE EXCEPTION 'tasker_claim: a claim moves steps to enqueued or in_progress, not %', p_state;
+  END IF;
+  RETURN QUERY
+  WITH ready AS (
+    SELECT s.id FROM tasker_workflow_steps s
+      JOIN tasker_tasks t ON t.id = s.task_id
+     WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.next_attempt_at <= now()
+       AND t.state IN ('pending', 'in_progress')
+     ORDER BY s.next_attempt_at, s.id
+     LIMIT p_limit
+     FOR UPDATE OF s SKIP LOCKED
+  ), claimed AS (
+    UPDATE tasker_workflow_steps s
+       SET state = p_state, attempts = s.attempts + 1, claimed_by = p_owner,
+           claim_deadline = now() + (s.timeout_ms + p_lease_ms) * interval '1 millisecond',
+           last_attempt_at = now(), updated_at = now()
+      FROM ready WHERE s.id = ready.id
+    RETURNING s.id, s.task_id, s.name, s.handler, s.handler_config, s.attempts, s.timeout_ms
+  ), logged AS (
+    INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, owner, reason)
+    SELECT c.id, c.task_id, 'pending', p_state, c.attempts, p_owner, 'claimed' FROM claimed c
+  ), started AS (
+    UPDATE tasker_tasks t SET state = 'in_progress', updated_at = now()
+     WHERE t.id IN (SELECT c.task_id FROM claimed c) AND t.state = 'pending'
+    RETURNING t.id
+  ), started_logged AS (
+    INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)
+    SELECT started.id, 'pending', 'in_progress', 'claimed' FROM started
+  )
+  SELECT c.id, c.task_id, c.name, c.handler, c.handler_config, c.attempts, c.timeout_ms, t.context,
+         coalesce(d.names, '{}'::text[]), coalesce(d.outputs, '{}'::bytea[])
+    FROM claimed c
+    JOIN tasker_tasks t ON t.id = c.task_id
+    LEFT JOIN LATERAL (
+      SELECT array_agg(p.name ORDER BY p.name) AS names, array_agg(p.output ORDER BY p.name) AS outputs
+        FROM tasker_workflow_step_edges e
+        JOIN tasker_workflow_steps p ON p.id = e.from_step_id
+       WHERE e.to_step_id = c.id
+    ) d ON true
+   ORDER BY c.id;
+END $$;
+
+-- Version 1: claimed to enqueued; the orchestrator then calls
+-- tasker_mark_dispatched for the steps it sent.
+CREATE OR REPLACE FUNCTION tasker_claim_steps(p_owner text, p_limit int, p_lease_ms int)
+RETURNS TABLE (step_id bigint, task_id bigint, step_name text, handler text, handler_config bytea,
+               attempt int, timeout_ms int, context bytea, dep_names text[], dep_outputs bytea[])
+LANGUAGE sql AS $$
+  SELECT * FROM tasker_claim(p_owner, p_limit, p_lease_ms, 'enqueued')
+$$;
+
+-- Claimed straight to in_progress, the same columns: no tasker_mark_dispatched.
+CREATE FUNCTION tasker_claim_steps_v2(p_owner text, p_limit int, p_lease_ms int)
+RETURNS TABLE (step_id bigint, task_id bigint, step_name text, handler text, handler_config bytea,
+               attempt int, timeout_ms int, context bytea, dep_names text[], dep_outputs bytea[])
+LANGUAGE sql AS $$
+  SELECT * FROM tasker_claim(p_owner, p_limit, p_lease_ms, 'in_progress')
+$$;
