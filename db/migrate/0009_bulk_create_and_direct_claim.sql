@@ -95,8 +95,9 @@ BEGIN
   SELECT array_agg(ins.id ORDER BY ins.id) INTO v_new FROM ins;
 
   IF v_new IS NOT NULL THEN
-    -- Steps, edges and the creation transitions of every new task in one
-    -- statement, from the rows the steps INSERT returns.
+    -- Steps and edges of every new task in one statement, from the rows the
+    -- steps INSERT returns. A step's history starts at its first claim (its
+    -- created_at says when it was created; the task logs its creation).
     WITH steps AS (
       INSERT INTO tasker_workflow_steps (task_id, name, handler, handler_config, pending_parents, retryable,
                                          max_attempts, backoff_base_ms, backoff_cap_ms, jitter, timeout_ms)
@@ -110,15 +111,12 @@ BEGIN
           ON p.to_name = x.name
        ORDER BY t.id, x.ord  -- ids in task, then template order
       RETURNING id, task_id, name
-    ), edges AS (
-      INSERT INTO tasker_workflow_step_edges (from_step_id, to_step_id)
-      SELECT f.id, t.id
-        FROM unnest(p_edge_from, p_edge_to) AS e(from_name, to_name)
-        JOIN steps f ON f.name = e.from_name
-        JOIN steps t ON t.task_id = f.task_id AND t.name = e.to_name
     )
-    INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, reason)
-    SELECT s.id, s.task_id, NULL, 'pending', 0, 'created' FROM steps s;
+    INSERT INTO tasker_workflow_step_edges (from_step_id, to_step_id)
+    SELECT f.id, t.id
+      FROM unnest(p_edge_from, p_edge_to) AS e(from_name, to_name)
+      JOIN steps f ON f.name = e.from_name
+      JOIN steps t ON t.task_id = f.task_id AND t.name = e.to_name;
 
     INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)
     SELECT t.id, NULL, 'pending', 'created' FROM unnest(v_new) AS t(id);
@@ -224,3 +222,176 @@ RETURNS TABLE (step_id bigint, task_id bigint, step_name text, handler text, han
 LANGUAGE sql AS $$
   SELECT * FROM tasker_claim(p_owner, p_limit, p_lease_ms, 'in_progress')
 $$;
+
+-- ---------------------------------------------------------------------------
+-- One writer per stored counter. pending_parents (after creation) is written
+-- only by tasker_release_children; remaining_steps and a task's state only
+-- by tasker_settle_tasks. tasker_apply_results, tasker_steps_done and
+-- tasker_finalize_tasks (and through them tasker_resolve_step,
+-- tasker_retry_step and tasker_release_lost_steps) call them.
+
+-- The children of steps that became complete or resolved_manually have one
+-- parent fewer to wait for.
+CREATE FUNCTION tasker_release_children(p_step_ids bigint[]) RETURNS void
+LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
+BEGIN
+  UPDATE tasker_workflow_steps c SET pending_parents = c.pending_parents - d.n
+    FROM (SELECT e.to_step_id, count(*)::int AS n FROM tasker_workflow_step_edges e
+           WHERE e.from_step_id = ANY (p_step_ids) GROUP BY e.to_step_id) d
+   WHERE c.id = d.to_step_id;
+END $$;
+
+-- Each task of p_task_ids once, in id order: its remaining_steps less its
+-- steps done now (p_done_task_ids: one element per step that became complete
+-- or resolved_manually, its task id), and the state its steps call for:
+--   no step left                                        -> complete
+--   a step in error (and the task pending/in_progress)  -> error
+--   in error but no step in error any more              -> in_progress
+-- The state changes are logged, and 'tasker_task_finished' notified for the
+-- tasks that finished. Returns how many tasks changed state.
+CREATE FUNCTION tasker_settle_tasks(p_task_ids bigint[], p_done_task_ids bigint[]) RETURNS int
+LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
+#variable_conflict use_column
+DECLARE
+  v_changed int;
+  v_finished bigint[];
+BEGIN
+  WITH d AS (
+    SELECT x.task_id, count(*)::int AS n FROM unnest(p_done_task_ids) AS x(task_id) GROUP BY x.task_id
+  ), cand AS (
+    SELECT t.id, t.state AS old_state, t.remaining_steps - coalesce(d.n, 0) AS remaining,
+           CASE
+             WHEN t.state NOT IN ('pending', 'in_progress', 'error') THEN NULL
+             WHEN t.remaining_steps - coalesce(d.n, 0) = 0 THEN 'complete'
+             WHEN t.state <> 'error' AND EXISTS (
+               SELECT 1 FROM tasker_workflow_steps s WHERE s.task_id = t.id AND s.state = 'error') THEN 'error'
+             WHEN t.state = 'error' AND NOT EXISTS (
+               SELECT 1 FROM tasker_workflow_steps s WHERE s.task_id = t.id AND s.state = 'error') THEN 'in_progress'
+           END AS to_state
+      FROM tasker_tasks t LEFT JOIN d ON d.task_id = t.id
+     WHERE t.id = ANY (p_task_ids)
+     ORDER BY t.id
+       FOR UPDATE OF t
+  ), moved AS (
+    UPDATE tasker_tasks t
+       SET remaining_steps = c.remaining, state = coalesce(c.to_state, t.state), updated_at = now(),
+           finished_at = CASE WHEN c.to_state IS NULL THEN t.finished_at
+                              WHEN c.to_state IN ('complete', 'error') THEN now() END
+      FROM cand c
+     WHERE t.id = c.id AND (c.to_state IS NOT NULL OR c.remaining <> t.remaining_steps)
+    RETURNING t.id, c.old_state, c.to_state
+  ), logged AS (
+    INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)
+    SELECT m.id, m.old_state, m.to_state, 'finalize' FROM moved m WHERE m.to_state IS NOT NULL
+  )
+  SELECT count(*) FILTER (WHERE m.to_state IS NOT NULL),
+         array_agg(m.id ORDER BY m.id) FILTER (WHERE m.to_state IN ('complete', 'error'))
+    INTO v_changed, v_finished FROM moved m;
+
+  IF v_finished IS NOT NULL THEN
+    PERFORM pg_notify('tasker_task_finished', f::text) FROM unnest(v_finished) AS f;
+  END IF;
+  RETURN v_changed;
+END $$;
+
+CREATE OR REPLACE FUNCTION tasker_finalize_tasks(p_task_ids bigint[]) RETURNS int
+LANGUAGE sql AS $$
+  SELECT tasker_settle_tasks(p_task_ids, '{}'::bigint[])
+$$;
+
+CREATE OR REPLACE FUNCTION tasker_steps_done(p_step_ids bigint[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_tasks bigint[];
+BEGIN
+  PERFORM tasker_release_children(p_step_ids);
+  SELECT array_agg(s.task_id) INTO v_tasks FROM tasker_workflow_steps s WHERE s.id = ANY (p_step_ids);
+  PERFORM tasker_settle_tasks(v_tasks, v_tasks);
+END $$;
+
+-- As in version 1; the children and the tasks through the functions above.
+CREATE OR REPLACE FUNCTION tasker_apply_results(p_step_ids bigint[], p_attempts int[], p_success boolean[],
+                                                p_outputs bytea[], p_errors bytea[], p_retryable boolean[],
+                                                p_retry_after_ms int[])
+RETURNS TABLE (applied int, stale int)
+LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
+#variable_conflict use_column
+DECLARE
+  v_total int := coalesce(cardinality(p_step_ids), 0);
+  v_ids bigint[]; v_attempts int[]; v_success boolean[]; v_outputs bytea[]; v_errors bytea[];
+  v_retryable boolean[]; v_after int[]; v_old text[];
+  v_done bigint[];
+  v_done_tasks bigint[];
+  v_tasks bigint[];
+BEGIN
+  -- Lock the rows still in flight with the attempt reported; a duplicate
+  -- within the call (first wins), a late result (the step moved on) or an
+  -- old attempt is left out and counted as stale.
+  SELECT array_agg(t.id ORDER BY t.id), array_agg(t.attempt ORDER BY t.id), array_agg(t.success ORDER BY t.id),
+         array_agg(t.output ORDER BY t.id), array_agg(t.error ORDER BY t.id),
+         array_agg(t.retryable ORDER BY t.id), array_agg(t.retry_after_ms ORDER BY t.id),
+         array_agg(t.old_state ORDER BY t.id)
+    INTO v_ids, v_attempts, v_success, v_outputs, v_errors, v_retryable, v_after, v_old
+    FROM (SELECT s.id, x.attempt, coalesce(x.success, false) AS success, x.output, x.error,
+                 coalesce(x.retryable, true) AS retryable, x.retry_after_ms, s.state AS old_state
+            FROM (SELECT DISTINCT ON (u.id) u.*
+                    FROM unnest(p_step_ids, p_attempts, p_success, p_outputs, p_errors, p_retryable,
+                                p_retry_after_ms)
+                         WITH ORDINALITY AS u(id, attempt, success, output, error, retryable, retry_after_ms, ord)
+                   ORDER BY u.id, u.ord) x
+            JOIN tasker_workflow_steps s ON s.id = x.id
+           WHERE s.attempts = x.attempt AND s.state IN ('enqueued', 'in_progress')
+           ORDER BY s.id
+             FOR UPDATE OF s) t;
+
+  IF v_ids IS NULL THEN
+    RETURN QUERY SELECT 0, v_total;
+    RETURN;
+  END IF;
+
+  -- success: complete with its output. failure: failures + 1; back to
+  -- pending after a backoff while retryable and attempts remain (the
+  -- handler's retry_after wins over the exponential backoff), else error.
+  WITH r AS (
+    SELECT * FROM unnest(v_ids, v_attempts, v_success, v_outputs, v_errors, v_retryable, v_after, v_old)
+           AS r(id, attempt, success, output, error, retryable, retry_after_ms, old_state)
+  ), upd AS (
+    UPDATE tasker_workflow_steps s
+       SET state = CASE WHEN r.success THEN 'complete'
+                        WHEN r.retryable AND s.retryable AND s.failures + 1 < s.max_attempts THEN 'pending'
+                        ELSE 'error' END,
+           failures = CASE WHEN r.success THEN s.failures ELSE s.failures + 1 END,
+           output = CASE WHEN r.success THEN r.output ELSE s.output END,
+           last_error = CASE WHEN r.success THEN s.last_error ELSE r.error END,
+           last_failure_at = CASE WHEN r.success THEN s.last_failure_at ELSE now() END,
+           next_attempt_at = CASE
+             WHEN r.success THEN s.next_attempt_at
+             WHEN r.retry_after_ms IS NOT NULL THEN now() + r.retry_after_ms * interval '1 millisecond'
+             ELSE now() + least(s.backoff_cap_ms::float8, s.backoff_base_ms * power(2::float8, s.failures))
+                          * (1 - s.jitter * random()) * interval '1 millisecond'
+           END,
+           finished_at = CASE
+             WHEN r.success OR NOT (r.retryable AND s.retryable AND s.failures + 1 < s.max_attempts) THEN now()
+           END,
+           claimed_by = NULL, claim_deadline = NULL, updated_at = now()
+      FROM r
+     WHERE s.id = r.id
+    RETURNING s.id, s.task_id, s.state, r.attempt, r.old_state, r.success
+  ), logged AS (
+    INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, reason)
+    SELECT upd.id, upd.task_id, upd.old_state, upd.state, upd.attempt,
+           CASE WHEN upd.success THEN 'result' WHEN upd.state = 'pending' THEN 'retry' ELSE 'failed' END
+      FROM upd
+  )
+  SELECT array_agg(upd.id) FILTER (WHERE upd.state = 'complete'),
+         array_agg(upd.task_id) FILTER (WHERE upd.state = 'complete'),
+         array_agg(DISTINCT upd.task_id)
+    INTO v_done, v_done_tasks, v_tasks FROM upd;
+
+  IF v_done IS NOT NULL THEN
+    PERFORM tasker_release_children(v_done);
+  END IF;
+  PERFORM tasker_settle_tasks(v_tasks, coalesce(v_done_tasks, '{}'::bigint[]));
+
+  RETURN QUERY SELECT cardinality(v_ids), v_total - cardinality(v_ids);
+END $$;

@@ -26,7 +26,7 @@ RSpec.describe "TaskerCore task API", :db do
         .to_h { |r| [r["name"], r["pending_parents"]] }
   end
 
-  it "creates a linear task with its steps, edges and initial transitions" do
+  it "creates a linear task with its steps and edges; only the task logs its creation" do
     id = TaskerCore.create_task(name: "linear", version: "0.1.0", context: { "x" => 1 })
     expect(parents(id)).to eq("a" => 0, "b" => 1, "c" => 1)
     expect(edges(id)).to eq([%w[a b], %w[b c]])
@@ -37,7 +37,9 @@ RSpec.describe "TaskerCore task API", :db do
       .to eq([["a", "pending", 0], ["b", "pending", 0], ["c", "pending", 0]])
     expect(t[:created_at]).to be_a(Time)
     expect(conn.exec("SELECT count(*) AS n FROM tasker_workflow_step_transitions WHERE task_id = $1", [id])
-               .first["n"]).to eq(3)
+               .first["n"]).to eq(0)
+    expect(conn.exec("SELECT reason FROM tasker_task_transitions WHERE task_id = $1", [id]).map(&:values))
+      .to eq([["created"]])
   end
 
   it "uses the highest version when none is given" do
@@ -98,7 +100,7 @@ RSpec.describe "TaskerCore task API", :db do
         SELECT (SELECT count(*) FROM tasker_workflow_step_transitions WHERE task_id = ANY ($1::bigint[])) AS steps,
                (SELECT count(*) FROM tasker_task_transitions WHERE task_id = ANY ($1::bigint[])) AS tasks
       SQL
-      expect(history).to eq("steps" => 11, "tasks" => 3)
+      expect(history).to eq("steps" => 0, "tasks" => 3)
       expect(TaskerCore.create_tasks([])).to eq([])
     end
 

@@ -75,14 +75,13 @@ RSpec.describe "the store's SQL functions", :db do
       expect(step_row(conn, id, "top")["claim_deadline"]).not_to be_nil
       expect(task_state(conn, id)).to eq("in_progress")
       top = rows.first["step_id"]
-      expect(history(conn, top)).to eq([[nil, "pending", 0, nil, "created"],
-                                        ["pending", "in_progress", 1, "orch-2", "claimed"]])
+      expect(history(conn, top)).to eq([["pending", "in_progress", 1, "orch-2", "claimed"]])
       # an older orchestrator's mark_dispatched finds nothing enqueued and changes nothing
       expect(conn.exec("SELECT tasker_mark_dispatched($1::bigint[], $2::int[]) AS n", [[top], [1]]).first["n"]).to eq(0)
       expect(claim_v2(conn)).to eq([])
 
       expect(succeed(conn, rows)).to eq("applied" => 1, "stale" => 0)
-      expect(history(conn, top).map(&:last)).to eq(%w[created claimed result])
+      expect(history(conn, top).map(&:last)).to eq(%w[claimed result]) # one row per claim, one per result
       middle = claim_v2(conn)
       expect(middle.map { |r| r["step_name"] }.sort).to eq(%w[left right])
       expect(middle.map { |r| r["dep_names"] }).to all(eq(["top"]))
@@ -109,7 +108,7 @@ RSpec.describe "the store's SQL functions", :db do
       expect(fail_steps(conn, fourth)).to eq("applied" => 1, "stale" => 0)
       expect(step_row(conn, id, "s")).to include("state" => "pending", "failures" => 1)
       expect(history(conn, first["step_id"]).map { |h| h[1] })
-        .to eq(%w[pending in_progress pending in_progress pending in_progress pending in_progress pending])
+        .to eq(%w[in_progress pending in_progress pending in_progress pending in_progress pending])
     end
 
     it "claims only through the function: other direct changes are still refused (TK001)" do
