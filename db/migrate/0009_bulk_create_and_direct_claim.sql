@@ -60,14 +60,16 @@ END $$;
 -- its identity_key existed already, or came earlier in the same call).
 -- Tasks are inserted in identity_key order, so two calls with overlapping
 -- keys wait for each other instead of deadlocking; ids are drawn in the
--- order given.
+-- order given. No statement here scans a table (inserts from arrays, unique
+-- index lookups), so plans are cached (no force_custom_plan): planning was
+-- a third of the cost of a one-task call.
 CREATE FUNCTION tasker_create_tasks(
   p_namespace text, p_name text, p_version text, p_definition jsonb, p_contexts bytea[], p_identity_keys text[],
   p_step_names text[], p_handlers text[], p_handler_configs bytea[], p_timeouts_ms int[],
   p_retryable boolean[], p_max_attempts int[], p_backoff_base_ms int[], p_backoff_cap_ms int[],
   p_jitter float8[], p_edge_from text[], p_edge_to text[])
 RETURNS TABLE (task_id bigint, created boolean)
-LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
+LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
   v_n int := coalesce(cardinality(p_contexts), 0);
