@@ -13,7 +13,7 @@
 #   create_tasks: N steps created through TaskerCore.create_tasks, calls of
 #               500 tasks (STORE_CREATE_BATCH) of 10 steps; nothing drained.
 #   create_task:  N steps created through TaskerCore.create_task, one task
-#               per call (one commit each); nothing drained.
+#               per call, from STORE_CREATE_THREADS threads (1); nothing drained.
 #   drain_v2:   as drain, with tasker_claim_steps_v2 (claimed straight to
 #               in_progress) and no tasker_mark_dispatched.
 #
@@ -191,7 +191,9 @@ module Bench
           calls += 1
         end
       else
-        ntasks.times { TaskerCore.create_task(**entry) }
+        threads = Integer(ENV.fetch("STORE_CREATE_THREADS", "1"))
+        Array.new(threads) { |k| Thread.new { (ntasks / threads + (k < ntasks % threads ? 1 : 0)).times { TaskerCore.create_task(**entry) } } }
+             .each(&:join)
         calls = ntasks
       end
       seconds = Bench.clock - t0

@@ -44,10 +44,13 @@ module TaskerCore
     end
 
     class << self
+      # create_tasks with one entry.
       def create_task(name:, namespace: "default", version: nil, context: {}, identity_key: nil,
                       templates: TaskerCore.task_templates)
-        create_tasks([{ name: name, namespace: namespace, version: version, context: context,
-                        identity_key: identity_key }], templates: templates).first
+        row = checked_row({ name: name, namespace: namespace, version: version, context: context,
+                            identity_key: identity_key }, 0, templates)
+        ids = insert_shared([row])
+        (ids.equal?(ActiveRecordDatabase::NONE) ? insert([row]) : ids).first
       end
 
       # Many tasks in one statement (one round trip, one commit): each
@@ -59,31 +62,18 @@ module TaskerCore
       def create_tasks(entries, templates: TaskerCore.task_templates)
         return [] if entries.empty?
 
-        groups = {} # template => [[index, packed context, identity_key]]
-        entries.each_with_index do |e, i|
-          e = e.to_h
-          unknown = e.keys - %i[name namespace version context identity_key]
-          raise ArgumentError, "create_tasks entry #{i}: unknown keys #{unknown.inspect}" unless unknown.empty?
+        rows = entries.each_with_index.map { |e, i| checked_row(e.to_h, i, templates) }
+        ids = insert_shared(rows)
+        ids.equal?(ActiveRecordDatabase::NONE) ? insert(rows) : ids
+      end
 
-          template = templates.find(name: e.fetch(:name), namespace: e.fetch(:namespace, "default"),
-                                    version: e[:version])
-          context = e.fetch(:context, {})
-          template.validate_context!(context)
-          packed = Payload.pack_checked(context, what: "the context of a #{template.full_name} task")
-          (groups[template] ||= []) << [i, packed, e[:identity_key]&.to_s]
-        end
-        sql, params = create_statement(groups)
-        # Inside an ActiveRecord transaction: on its connection, so the tasks
-        # commit or roll back with it (ActiveRecordDatabase).
-        rows = ActiveRecordDatabase.with_shared_connection { |c| c.exec(sql, params) }
-        if rows.equal?(ActiveRecordDatabase::NONE)
-          # With identity_keys a repeat returns the tasks already created.
-          idempotent = entries.all? { |e| !e.to_h[:identity_key].nil? }
-          rows = Store.with_connection(idempotent: idempotent) { |c| c.exec(sql, params) }
-        end
-        ids = Array.new(entries.size)
-        rows.each { |r| ids[Integer(r["i"])] = Integer(r["task_id"]) }
-        ids
+      # rows ([template, packed context, identity_key]) created on the
+      # process's pool in one statement; their ids in order. With an
+      # identity_key on every row a lost connection runs it once more (a
+      # repeat returns the tasks already created).
+      def insert(rows)
+        sql, params = create_statement(rows)
+        ids_of(rows, Store.with_connection(idempotent: rows.all? { |r| !r[2].nil? }) { |c| c.exec(sql, params) })
       end
 
       # A Hash describing the task and each of its steps, or nil when there
@@ -124,16 +114,41 @@ module TaskerCore
 
       private
 
-      # One statement for all the templates' groups (so one commit, and
-      # atomic without a transaction): each group a tasker_create_tasks
-      # call, its rows numbered back to the entries' positions.
-      def create_statement(groups)
+      def checked_row(entry, index, templates)
+        unknown = entry.keys - %i[name namespace version context identity_key]
+        raise ArgumentError, "create_tasks entry #{index}: unknown keys #{unknown.inspect}" unless unknown.empty?
+
+        template = templates.find(name: entry.fetch(:name), namespace: entry.fetch(:namespace, "default"),
+                                  version: entry[:version])
+        context = entry.fetch(:context, {})
+        template.validate_context!(context)
+        [template, Payload.pack_checked(context, what: "the context of a #{template.full_name} task"),
+         entry[:identity_key]&.to_s]
+      end
+
+      # Inside an ActiveRecord transaction: on its connection, so the tasks
+      # commit or roll back with it (ActiveRecordDatabase). Else NONE.
+      def insert_shared(rows)
+        result = ActiveRecordDatabase.with_shared_connection { |c| c.exec(*create_statement(rows)) }
+        result.equal?(ActiveRecordDatabase::NONE) ? result : ids_of(rows, result)
+      end
+
+      def ids_of(rows, result)
+        ids = Array.new(rows.size)
+        result.each { |r| ids[Integer(r["i"])] = Integer(r["task_id"]) }
+        ids
+      end
+
+      # One statement for all the rows (so one commit, and atomic without a
+      # transaction): a tasker_create_tasks call per template, its rows
+      # numbered back to their positions.
+      def create_statement(rows)
         params = []
-        parts = groups.map do |template, list|
+        parts = rows.each_with_index.group_by { |(r, _)| r[0] }.map do |template, list|
           first = params.size + 1
           params.concat(template_params(template))
-          params.insert(first + 3, list.map { |x| x[1] }, list.map { |x| x[2] })
-          "SELECT ('{#{list.map(&:first).join(',')}}'::int[])[c.ord] AS i, c.task_id " \
+          params.insert(first + 3, list.map { |(r, _)| r[1] }, list.map { |(r, _)| r[2] })
+          "SELECT ('{#{list.map(&:last).join(',')}}'::int[])[c.ord] AS i, c.task_id " \
             "FROM #{Tasks.create_call(first)} WITH ORDINALITY AS c(task_id, created, ord)"
         end
         [parts.join(" UNION ALL "), params]
