@@ -15,7 +15,8 @@
 #   create_task:  N steps created through TaskerCore.create_task, one task
 #               per call, from STORE_CREATE_THREADS threads (1); nothing drained.
 #   drain_v2:   as drain, with tasker_claim_steps_v2 (claimed straight to
-#               in_progress) and no tasker_mark_dispatched.
+#               in_progress) and no tasker_mark_dispatched, as the loop does
+#               (concurrent too; drain keeps the claim of older orchestrators).
 #
 # The create modes report the cluster's CPU per step and per task (the
 # calling Ruby process is not counted).
@@ -215,7 +216,7 @@ module Bench
       reset_timings
       ntasks = steps / STEPS_PER_TASK
       create_s = nil
-      direct = mode == "drain_v2"
+      direct = mode != "drain" # the loop's claim; drain keeps the version 1 claim of older orchestrators
       if mode != "concurrent"
         t = Bench.clock
         create_tasks(@conn, ntasks)
