@@ -91,7 +91,7 @@ targets = [
   { "label" => label, "ours" => OURS, "peer" => SIDEKIQ, "metric" => "steps/s", "min_ratio" => 2.0 },
   { "label" => label, "ours" => OURS, "peer" => SQL, "metric" => "steps/s", "min_ratio" => 0.5 }
 ]
-notes = ["Latency: ours = step transition 'enqueued' (claim) to 'complete' (results applied); SQL floor = " \
+notes = ["Latency: ours = step transition 'claimed' (the claim) to 'complete' (results applied); SQL floor = " \
          "claimed_at to completed_at; Sidekiq = enqueued_at to the job's start (its only timestamps: with the " \
          "whole backlog pushed at once, this is mostly time waiting in the queue)."]
 notes << "ours failed: #{errors[OURS]}" if errors[OURS]

@@ -758,7 +758,7 @@ static int row_fits(const claimed_row *r, const worker_limits *wl)
 /* Up to limit ready steps, of which at most suspects lost
  * TC_LOOP_SUSPECT_LOST times or more (one per idle worker): a suspect
  * with no idle worker for it stays pending, unclaimed, until one is free
- * (db/migrate/0008). */
+ * (db/migrate/0008). Claimed straight to in_progress (db/migrate/0009). */
 static PGresult *claim(tc_loop *l, long limit, long suspects)
 {
     char lim[24], lease[24], lost[24], sus[24];
@@ -774,7 +774,7 @@ static PGresult *claim(tc_loop *l, long limit, long suspects)
     PGresult *r = PQexecParams(c,
                                "SELECT step_id, task_id, step_name, handler, handler_config, attempt, timeout_ms, "
                                "context, dep_names, dep_outputs, lost_attempts "
-                               "FROM tasker_claim_steps_v2($1, $2::int, $3::int, $4::int, $5::int)",
+                               "FROM tasker_claim_steps_v3($1, $2::int, $3::int, $4::int, $5::int)",
                                5, NULL, vals, NULL, NULL, 1);
     if (r && PQresultStatus(r) == PGRES_TUPLES_OK && PQnfields(r) == C_COUNT) return r;
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
@@ -845,7 +845,7 @@ static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, i
 #define LOOP_STR_(x) #x
 #define LOOP_STR(x) LOOP_STR_(x)
 
-/* A suspect tasker_claim_steps_v2 would claim now, found through the
+/* A suspect tasker_claim_steps_v3 would claim now, found through the
  * partial index tasker_workflow_steps_suspect (db/migrate/0008: its
  * predicate, with the constant, so the planner can use it). */
 #define SUSPECT_WAITING_SQL                                                                                    \
@@ -1114,21 +1114,8 @@ static int claim_and_dispatch(tc_loop *l)
     free(steps);
     PQclear(res);
 
-    if (sent.n) {
-        /* A failure here is harmless: results apply to enqueued steps too. */
-        sbuf ids = {0}, att = {0};
-        pairs_literals(&sent, &ids, &att);
-        const char *vals[2] = {ids.p, att.p};
-        PGresult *r = (ids.oom || att.oom)
-                          ? NULL
-                          : exec_text(l, "SELECT tasker_mark_dispatched($1::bigint[], $2::int[])", 2, vals);
-        if (r)
-            PQclear(r);
-        else
-            db_failed(l, "tasker_mark_dispatched");
-        sb_free(&ids);
-        sb_free(&att);
-    }
+    /* The claim moved the steps straight to in_progress (db/migrate/0009):
+     * nothing to mark for the ones sent. */
     free(sent.v);
     release_pairs(l, &l->unsent, 0);
     if (failed) return 1;
