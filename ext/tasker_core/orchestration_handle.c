@@ -531,7 +531,9 @@ static int str_is(const char *p, size_t n, const char *lit)
 
 #define CLIP(n) ((int)((n) > 64 ? 64 : (n)))
 
-static void queue_body(tc_oh *h, tc_oh_event_kind kind, const void *body, size_t len)
+/* Queues a copy of body (the frame is closed after the poll); for a
+ * RESULT, the fields parsed from it, spans rebased onto the copy. */
+static void queue_body(tc_oh *h, tc_oh_event_kind kind, const void *body, size_t len, const tc_proto_msg *m)
 {
     tc_oh_event *ev = event_push(h);
     if (!ev) return;
@@ -540,6 +542,22 @@ static void queue_body(tc_oh *h, tc_oh_event_kind kind, const void *body, size_t
     memcpy(ev->body, body, len);
     ev->len = len;
     ev->kind = kind;
+    if (kind == TC_OH_EV_RESULT) {
+        ev->step_id = m->step_id;
+        ev->task_id = m->task_id;
+        ev->attempt = m->attempt;
+        ev->success = m->success;
+        ev->retryable = m->retryable;
+        ev->retry_after_ms = m->retry_after_ms;
+        if (m->output_bytes.ptr) {
+            ev->output = ev->body + (m->output_bytes.ptr - (const char *)body);
+            ev->output_len = m->output_bytes.len;
+        }
+        if (m->error_bytes.ptr) {
+            ev->error = ev->body + (m->error_bytes.ptr - (const char *)body);
+            ev->error_len = m->error_bytes.len;
+        }
+    }
     h->ev_count++;
 }
 
@@ -616,7 +634,7 @@ static void on_partial(tc_oh *h, const tc_proto_msg *m, const void *body, size_t
     }
     inflight_remove(w, s);
     recent_add(w, m->step_id, m->attempt);
-    queue_body(h, TC_OH_EV_RESULT, body, len);
+    queue_body(h, TC_OH_EV_RESULT, body, len, m);
 }
 
 /* The completion follows the batch's last partial on the same connection,
@@ -633,7 +651,7 @@ static void on_completion(tc_oh *h, const tc_proto_msg *m, const void *body, siz
             inflight_remove(w, &w->slots[i]);
             h->stats.steps_released_by_completion++;
         }
-    if (h->queue_completions) queue_body(h, TC_OH_EV_COMPLETION, body, len);
+    if (h->queue_completions) queue_body(h, TC_OH_EV_COMPLETION, body, len, m);
 }
 
 static int cmp_pair(const void *a, const void *b)

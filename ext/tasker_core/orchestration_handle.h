@@ -140,10 +140,18 @@ typedef enum tc_oh_event_kind {
 /* Something receive_results hands to the caller, in arrival order. */
 typedef struct tc_oh_event {
     tc_oh_event_kind kind;
-    /* RESULT: the body as received (a msgpack map), owned by the event */
+    /* RESULT and COMPLETION: the body as received (a msgpack map), owned
+     * by the event (a taker may move it out and set body NULL) */
     char *body;
     size_t len;
-    int duplicate;
+    /* RESULT, parsed once where it entered (tc_proto_parse): what the loop
+     * stores, with output and error as the bytes they arrived as inside
+     * body (ptr NULL when absent) */
+    int64_t step_id, task_id, attempt;
+    int success, retryable;
+    int64_t retry_after_ms; /* -1: none */
+    const char *output, *error;
+    size_t output_len, error_len;
     /* LOST and FAIL: exactly the steps concerned (removed from the worker's table) */
     char worker_id[TC_OH_WORKER_ID_MAX + 1];
     char reason[TC_OH_REASON_MAX + 1];

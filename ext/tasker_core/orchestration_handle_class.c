@@ -854,7 +854,6 @@ static VALUE loop_stats_hash(tc_loop *l)
     LS("stale_results", st.stale_results);
     LS("applied_results", st.applied_results);
     LS("results_dropped", st.results_dropped);
-    LS("bad_results", st.bad_results);
     LS("pending_results", st.pending_results);
     LS("db_reconnects", st.db_reconnects);
     LS("db_errors", st.db_errors);
@@ -869,11 +868,6 @@ static VALUE loop_stats_hash(tc_loop *l)
     rb_hash_aset(h, str_lit("loop_latency_us_avg"), DBL2NUM(st.latency_avg_us));
     rb_hash_aset(h, str_lit("db_connected"), st.db_connected ? Qtrue : Qfalse);
     rb_hash_aset(h, str_lit("running"), tc_loop_running(l) ? Qtrue : Qfalse);
-    VALUE bad = rb_hash_new();
-    for (int r = 1; r < TC_PROTO_ERR_COUNT; r++)
-        rb_hash_aset(bad, str_lit(tc_proto_err_name((tc_proto_err)r)), ULL2NUM(st.bad_by_reason[r]));
-    rb_hash_aset(h, str_lit("bad_results_by_reason"), bad);
-    rb_hash_aset(h, str_lit("last_bad_result"), st.last_bad_result[0] ? str_lit(st.last_bad_result) : Qnil);
     rb_hash_aset(h, str_lit("last_db_error"), st.last_db_error[0] ? str_lit(st.last_db_error) : Qnil);
     return h;
 }

@@ -27,12 +27,16 @@
 #include "protocol.h"
 #include "store.h"
 
+/* A result to write back. output and error are msgpack bytes inside
+ * owned (the body as it arrived, or the error map the loop packed);
+ * NULL is SQL NULL. */
 typedef struct pending_result {
     int64_t step_id;
     int64_t attempt;
     int success, retryable;
     int64_t retry_after_ms; /* -1: none */
-    char *output, *error;   /* msgpack bytes, malloc'd; NULL = SQL NULL */
+    char *owned;
+    const char *output, *error;
     size_t output_len, error_len;
 } pending_result;
 
@@ -46,7 +50,7 @@ typedef struct pair_list {
     size_t n, cap;
 } pair_list;
 
-/* A growable text buffer for array literals; oom sticks. */
+/* A growable buffer for array literals and binary arrays; oom sticks. */
 typedef struct sbuf {
     char *p;
     size_t len, cap;
@@ -156,31 +160,6 @@ static void sb_free(sbuf *b)
     memset(b, 0, sizeof(*b));
 }
 
-/* An element of a bytea[] literal: "\\x<hex>" (the array parser eats one
- * level of backslashes, bytea input reads the \x form). */
-static void sb_bytea_elem(sbuf *b, const char *p, size_t n)
-{
-    static const char hex[] = "0123456789abcdef";
-    if (!p) {
-        sb_puts(b, "NULL");
-        return;
-    }
-    sb_reserve(b, 2 * n + 6);
-    if (b->oom) return;
-    char *o = b->p + b->len;
-    *o++ = '"';
-    *o++ = '\\';
-    *o++ = '\\';
-    *o++ = 'x';
-    for (size_t i = 0; i < n; i++) {
-        *o++ = hex[(unsigned char)p[i] >> 4];
-        *o++ = hex[(unsigned char)p[i] & 15];
-    }
-    *o++ = '"';
-    b->len = (size_t)(o - b->p);
-    b->p[b->len] = '\0';
-}
-
 /* An element of a text[] literal, always quoted (an unquoted NULL would be
  * read as SQL NULL). */
 static void sb_text_elem(sbuf *b, const char *p, size_t n)
@@ -224,8 +203,64 @@ static void pairs_literals(const pair_list *l, sbuf *ids, sbuf *attempts)
 
 static void result_free(pending_result *r)
 {
-    free(r->output);
-    free(r->error);
+    free(r->owned);
+}
+
+/* ---- PostgreSQL binary arrays (array_recv: one dimension, lower bound 1) -- */
+
+enum { OID_BOOL = 16, OID_BYTEA = 17, OID_INT8 = 20, OID_INT4 = 23 };
+
+static void sb_be32(sbuf *b, uint32_t v)
+{
+    v = htobe32(v);
+    sb_put(b, (const char *)&v, 4);
+}
+
+static void sb_be64(sbuf *b, uint64_t v)
+{
+    v = htobe64(v);
+    sb_put(b, (const char *)&v, 8);
+}
+
+/* The header of an array of n elements of type oid (the has-null flag is
+ * informational: array_recv finds NULLs itself). */
+static void bin_array_begin(sbuf *b, uint32_t oid, size_t n)
+{
+    sb_reset(b);
+    sb_be32(b, 1); /* ndim */
+    sb_be32(b, 0); /* flags */
+    sb_be32(b, oid);
+    sb_be32(b, (uint32_t)n);
+    sb_be32(b, 1); /* lower bound */
+}
+
+static void bin_int8(sbuf *b, int64_t v)
+{
+    sb_be32(b, 8);
+    sb_be64(b, (uint64_t)v);
+}
+
+static void bin_int4(sbuf *b, int32_t v)
+{
+    sb_be32(b, 4);
+    sb_be32(b, (uint32_t)v);
+}
+
+static void bin_bool(sbuf *b, int v)
+{
+    sb_be32(b, 1);
+    sb_put(b, v ? "\x01" : "\x00", 1);
+}
+
+/* Bytes as they are; p NULL is SQL NULL. */
+static void bin_bytes(sbuf *b, const char *p, size_t n)
+{
+    if (!p) {
+        sb_be32(b, 0xffffffffu);
+        return;
+    }
+    sb_be32(b, (uint32_t)n);
+    sb_put(b, p, n);
 }
 
 /* ---- the database connection --------------------------------------------- */
@@ -291,27 +326,6 @@ static PGresult *exec_text(tc_loop *l, const char *sql, int n, const char *const
 
 /* ---- results in, results out --------------------------------------------- */
 
-/* mu held (called while draining the core's events). */
-static void count_bad(tc_loop *l, tc_proto_err e, const char *detail)
-{
-    l->st.bad_results++;
-    l->st.bad_by_reason[e]++;
-    snprintf(l->st.last_bad_result, sizeof(l->st.last_bad_result), "%s: %s", tc_proto_err_name(e), detail);
-}
-
-static int copy_packed(const msgpack_object *obj, char **out, size_t *len)
-{
-    msgpack_sbuffer sb;
-    msgpack_sbuffer_init(&sb);
-    if (tc_proto_pack_object(&sb, obj) != 0) {
-        msgpack_sbuffer_destroy(&sb);
-        return -1;
-    }
-    *out = sb.data; /* ownership moves to the pending result */
-    *len = sb.size;
-    return 0;
-}
-
 static int results_push(tc_loop *l, const pending_result *r)
 {
     if (l->nresults == l->results_cap) {
@@ -346,7 +360,7 @@ static int fail_step(tc_loop *l, int64_t step_id, int64_t attempt, const char *e
     msgpack_pack_nil(pk);
     /* the buffer becomes the pending result's */
     pending_result r = {.step_id = step_id, .attempt = attempt, .retry_after_ms = -1,
-                        .error = w.sbuf.data, .error_len = w.sbuf.size};
+                        .owned = w.sbuf.data, .error = w.sbuf.data, .error_len = w.sbuf.size};
     if (w.failed || results_push(l, &r) != 0) {
         tc_codec_writer_destroy(&w);
         return -1;
@@ -354,34 +368,28 @@ static int fail_step(tc_loop *l, int64_t step_id, int64_t attempt, const char *e
     return 0;
 }
 
-/* mu held. */
-static void take_result(tc_loop *l, const tc_oh_event *ev)
+/* A result the handle core parsed and checked as it arrived: its body
+ * moves into the pending result, output or error stay the bytes the
+ * worker sent. An absent output is stored as msgpack nil. mu held. */
+static void take_result(tc_loop *l, tc_oh_event *ev)
 {
-    msgpack_unpacked u;
-    tc_proto_msg m;
-    char detail[160];
-    msgpack_unpacked_init(&u);
-    tc_proto_err e = tc_proto_parse(&u, ev->body, ev->len, &m, detail, sizeof(detail));
-    if (e != TC_PROTO_OK) {
-        count_bad(l, e, detail);
-        goto done;
-    }
-    if (m.type != TC_PROTO_PARTIAL_RESULT) goto done; /* completions only free credit, in the core */
+    static const char nil[1] = {(char)0xc0};
     if (l->nresults >= l->max_pending) {
         /* PostgreSQL has been away long: the claim deadline re-dispatches these. */
         l->st.results_dropped++;
-        goto done;
+        return;
     }
-    pending_result r = {.step_id = m.step_id, .attempt = m.attempt, .success = m.success,
-                        .retryable = m.retryable, .retry_after_ms = m.retry_after_ms};
-    if (m.success) {
-        if (copy_packed(m.output, &r.output, &r.output_len) != 0) goto done;
-    } else if (copy_packed(m.error, &r.error, &r.error_len) != 0) {
-        goto done;
+    pending_result r = {.step_id = ev->step_id, .attempt = ev->attempt, .success = ev->success,
+                        .retryable = ev->retryable, .retry_after_ms = ev->retry_after_ms, .owned = ev->body};
+    if (ev->success) {
+        r.output = ev->output ? ev->output : nil;
+        r.output_len = ev->output ? ev->output_len : 1;
+    } else {
+        r.error = ev->error;
+        r.error_len = ev->error_len;
     }
-    if (results_push(l, &r) != 0) result_free(&r);
-done:
-    msgpack_unpacked_destroy(&u);
+    if (results_push(l, &r) != 0) return; /* the event keeps the body and frees it */
+    ev->body = NULL;
 }
 
 /* Drains the core's event queue (mu held). */
@@ -398,7 +406,7 @@ static void drain_events(tc_loop *l)
             for (size_t i = 0; i < ev->n_in_flight; i++)
                 if (fail_step(l, ev->in_flight[i].step_id, ev->in_flight[i].attempt, ev->error_class, ev->message) == 0)
                     l->st.failed_refused++;
-        } else {
+        } else if (ev->kind == TC_OH_EV_RESULT) {
             take_result(l, ev);
         }
         tc_oh_event_pop(l->oh);
@@ -445,27 +453,28 @@ static int release_pairs(tc_loop *l, pair_list *pl, int lost)
     return rc;
 }
 
-/* One tasker_apply_results call for everything pending. */
+/* One tasker_apply_results call for everything pending, its arrays sent
+ * in PostgreSQL's binary format: outputs and errors go as the bytes the
+ * workers sent, with no hex encoding and no array literal to parse. */
 static int apply_results(tc_loop *l)
 {
     if (!l->nresults || !l->db_up) return 0;
+    static const uint32_t oids[7] = {OID_INT8, OID_INT4, OID_BOOL, OID_BYTEA, OID_BYTEA, OID_BOOL, OID_INT4};
     sbuf b[7] = {{0}};
-    for (int i = 0; i < 7; i++) sb_puts(&b[i], "{");
+    for (int k = 0; k < 7; k++) bin_array_begin(&b[k], oids[k], l->nresults);
     uint64_t ok = 0, bad = 0, retry = 0;
     for (size_t i = 0; i < l->nresults; i++) {
         const pending_result *r = &l->results[i];
-        const char *sep = i ? "," : "";
-        for (int k = 0; k < 7; k++) sb_puts(&b[k], sep);
-        sb_printf(&b[0], "%lld", (long long)r->step_id);
-        sb_printf(&b[1], "%lld", (long long)r->attempt);
-        sb_puts(&b[2], r->success ? "t" : "f");
-        sb_bytea_elem(&b[3], r->output, r->output_len);
-        sb_bytea_elem(&b[4], r->error, r->error_len);
-        sb_puts(&b[5], r->retryable ? "t" : "f");
+        bin_int8(&b[0], r->step_id);
+        bin_int4(&b[1], (int32_t)r->attempt);
+        bin_bool(&b[2], r->success);
+        bin_bytes(&b[3], r->output, r->output_len);
+        bin_bytes(&b[4], r->error, r->error_len);
+        bin_bool(&b[5], r->retryable);
         if (r->retry_after_ms >= 0)
-            sb_printf(&b[6], "%lld", (long long)r->retry_after_ms);
+            bin_int4(&b[6], (int32_t)r->retry_after_ms);
         else
-            sb_puts(&b[6], "NULL");
+            bin_bytes(&b[6], NULL, 0);
         if (r->success)
             ok++;
         else {
@@ -474,18 +483,20 @@ static int apply_results(tc_loop *l)
         }
     }
     int oom = 0;
-    for (int k = 0; k < 7; k++) {
-        sb_puts(&b[k], "}");
-        oom |= b[k].oom;
-    }
+    for (int k = 0; k < 7; k++) oom |= b[k].oom;
     int rc = -1;
     if (!oom) {
         const char *vals[7];
-        for (int k = 0; k < 7; k++) vals[k] = b[k].p;
-        PGresult *r = exec_text(l,
-                                "SELECT applied, stale FROM tasker_apply_results($1::bigint[], $2::int[], "
-                                "$3::boolean[], $4::bytea[], $5::bytea[], $6::boolean[], $7::int[])",
-                                7, vals);
+        int lens[7], fmts[7];
+        for (int k = 0; k < 7; k++) {
+            vals[k] = b[k].p;
+            lens[k] = (int)b[k].len;
+            fmts[k] = 1;
+        }
+        PGresult *r = tc_store_exec(&l->db,
+                                    "SELECT applied, stale FROM tasker_apply_results($1::bigint[], $2::int[], "
+                                    "$3::boolean[], $4::bytea[], $5::bytea[], $6::boolean[], $7::int[])",
+                                    7, vals, lens, fmts);
         if (r) {
             uint64_t applied = (uint64_t)atoll(PQgetvalue(r, 0, 0));
             uint64_t stale = (uint64_t)atoll(PQgetvalue(r, 0, 1));

@@ -15,7 +15,6 @@
 #include <stdint.h>
 
 #include "orchestration_handle.h"
-#include "protocol.h"
 
 #define TC_LOOP_OWNER_MAX 127
 #define TC_LOOP_LATENCY_RING 1024
@@ -38,15 +37,13 @@ typedef struct tc_loop_stats {
      * or refused by their worker as too_deep / invalid_step */
     uint64_t lost_failed, failed_too_large, failed_too_deep, failed_refused;
     uint64_t batches_split_by_bytes; /* batches cut short by max_message_bytes, not by steps */
-    uint64_t stale_results, applied_results, results_dropped, bad_results;
+    uint64_t stale_results, applied_results, results_dropped;
     uint64_t db_reconnects, db_errors, db_connected;
     uint64_t claim_calls, apply_calls, iterations;
     uint64_t latency_last_us, latency_max_us, latency_p50_us, latency_p99_us;
     double latency_avg_us;
     uint64_t pending_results;
-    uint64_t bad_by_reason[TC_PROTO_ERR_COUNT];
     char last_db_error[256];
-    char last_bad_result[200];
 } tc_loop_stats;
 
 typedef struct tc_loop tc_loop;
