@@ -485,29 +485,39 @@ void tc_oh_next_batch_id(tc_oh *h, char *buf, size_t len)
     snprintf(buf, len, "%s-%llu", h->batch_id_prefix, (unsigned long long)++h->batch_seq);
 }
 
-int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const tc_oh_step *steps,
-                     size_t nsteps, const void *body, size_t len)
+int tc_oh_send_reserve(tc_oh *h, size_t worker_index, const char *batch_id, size_t nsteps)
 {
     if (!h->open || worker_index >= h->nworkers || strlen(batch_id) > TC_OH_BATCH_ID_MAX) {
         errno = EINVAL;
         return -1;
     }
-    tc_oh_worker *w = &h->workers[worker_index];
-    if (inflight_reserve(w, nsteps) < 0) {
+    if (inflight_reserve(&h->workers[worker_index], nsteps) < 0) {
         errno = ENOMEM;
         return -1;
     }
+    return 0;
+}
+
+int tc_oh_send_raw(tc_oh *h, size_t worker_index, const void *body, size_t len)
+{
+    const tc_oh_worker *w = &h->workers[worker_index];
     char topic[TC_OH_WORKER_ID_MAX + 8];
     int tlen = snprintf(topic, sizeof(topic), "batch.%s.", w->id);
     const void *bufs[2] = {topic, body};
     size_t lens[2] = {(size_t)tlen, len};
-    if (tc_socket_send_parts(&h->batch, bufs, lens, 2) < 0) {
-        if (errno == EAGAIN) {
+    return tc_socket_send_parts(&h->batch, bufs, lens, 2) < 0 ? -1 : 0;
+}
+
+void tc_oh_send_record(tc_oh *h, size_t worker_index, const char *batch_id, const tc_oh_step *steps,
+                       size_t nsteps, int sent, int err)
+{
+    tc_oh_worker *w = &h->workers[worker_index];
+    if (!sent) {
+        if (err == EAGAIN) {
             h->stats.send_refused++;
             note_refusal(h, w);
-            errno = EAGAIN;
         }
-        return -1;
+        return;
     }
     backoff_reset(w);
     for (size_t i = 0; i < nsteps; i++) {
@@ -519,7 +529,17 @@ int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const 
     w->last_dispatch_seq = ++h->dispatch_seq;
     h->stats.batches_published++;
     h->stats.steps_published += nsteps;
-    return 0;
+}
+
+int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const tc_oh_step *steps,
+                     size_t nsteps, const void *body, size_t len)
+{
+    if (tc_oh_send_reserve(h, worker_index, batch_id, nsteps) < 0) return -1;
+    int rc = tc_oh_send_raw(h, worker_index, body, len);
+    int e = errno;
+    tc_oh_send_record(h, worker_index, batch_id, steps, nsteps, rc == 0, e);
+    errno = e;
+    return rc;
 }
 
 /* ---- receiving --------------------------------------------------------- */

@@ -288,6 +288,18 @@ void tc_oh_next_batch_id(tc_oh *h, char *buf, size_t len);
 int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const tc_oh_step *steps,
                      size_t nsteps, const void *body, size_t len);
 
+/* tc_oh_send_batch in three parts, for a caller whose readers take a lock
+ * around changes to the table (the orchestration loop) but that sends
+ * without it: tc_oh_send_reserve (table change: room for nsteps in flight;
+ * -1 with EINVAL or ENOMEM) and tc_oh_send_record (table change: the
+ * outcome; sent 0 with err EAGAIN counts a refusal and backs the worker
+ * off) under the lock, tc_oh_send_raw (the send only: no table change,
+ * though the batch socket's counters move) outside it. */
+int tc_oh_send_reserve(tc_oh *h, size_t worker_index, const char *batch_id, size_t nsteps);
+int tc_oh_send_raw(tc_oh *h, size_t worker_index, const void *body, size_t len);
+void tc_oh_send_record(tc_oh *h, size_t worker_index, const char *batch_id, const tc_oh_step *steps,
+                       size_t nsteps, int sent, int err);
+
 /* Turns TC_OH_EV_COMPLETION events on or off; off also drops those queued. */
 void tc_oh_set_queue_completions(tc_oh *h, int on);
 

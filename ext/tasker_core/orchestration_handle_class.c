@@ -452,6 +452,57 @@ static VALUE worker_hash(const tc_oh_worker *wk)
     return h;
 }
 
+/* ---- reading the loop's state ------------------------------------------- */
+
+/* Readers of the loop's state copy it under the loop's lock with the GVL
+ * released: waiting for the lock never stops other Ruby threads, and the
+ * copy (plain C, no allocation that could leak on an interrupt) is turned
+ * into Ruby objects afterwards. */
+struct locked_read {
+    tc_loop *loop;
+    void (*copy)(void *);
+    void *arg;
+};
+
+static void *locked_read_nogvl(void *p)
+{
+    struct locked_read *a = p;
+    tc_loop_lock(a->loop);
+    a->copy(a->arg);
+    tc_loop_unlock(a->loop);
+    return NULL;
+}
+
+/* The lock is held only around the loop's short table changes: a wait for
+ * it is not interruptible, and need not be. */
+static void read_loop_state(tc_loop *loop, void (*copy)(void *), void *arg)
+{
+    struct locked_read a = {loop, copy, arg};
+    rb_thread_call_without_gvl(locked_read_nogvl, &a, RUBY_UBF_IO, NULL);
+}
+
+/* Live workers copied into buf (room for cap); n is how many there are. */
+struct workers_copy {
+    const tc_oh *core;
+    tc_oh_worker *buf;
+    size_t cap, n;
+};
+
+static void copy_workers(void *p)
+{
+    struct workers_copy *c = p;
+    c->n = 0;
+    for (size_t i = 0; i < c->core->nworkers; i++) {
+        const tc_oh_worker *wk = &c->core->workers[i];
+        if (!tc_oh_worker_live(wk)) continue;
+        if (c->n < c->cap) {
+            c->buf[c->n] = *wk;
+            c->buf[c->n].slots = NULL;
+        }
+        c->n++;
+    }
+}
+
 /* Polls first so the table is current without a receive_results call;
  * results read meanwhile stay queued for receive_results. */
 static VALUE oh_workers(VALUE self)
@@ -462,23 +513,19 @@ static VALUE oh_workers(VALUE self)
     VALUE ary = rb_ary_new();
     if (!w->enabled) return ary;
     if (orchestrating(w)) {
-        /* The loop keeps the table current; copy it under its lock (no
-         * Ruby allocation while holding it). */
-        tc_loop_lock(w->loop);
-        size_t n = 0;
-        for (size_t i = 0; i < w->core.nworkers; i++) n += tc_oh_worker_live(&w->core.workers[i]);
-        tc_oh_worker *copy = n ? malloc(n * sizeof(*copy)) : NULL;
-        size_t k = 0;
-        if (copy)
-            for (size_t i = 0; i < w->core.nworkers; i++)
-                if (tc_oh_worker_live(&w->core.workers[i])) {
-                    copy[k] = w->core.workers[i];
-                    copy[k].slots = NULL;
-                    k++;
-                }
-        tc_loop_unlock(w->loop);
-        for (size_t i = 0; i < k; i++) rb_ary_push(ary, worker_hash(&copy[i]));
-        free(copy);
+        /* The loop keeps the table current; copy it under its lock into
+         * a GC-owned buffer, growing it while the table outgrew it. */
+        struct workers_copy c = {.core = &w->core, .cap = 8};
+        VALUE buf;
+        for (;;) {
+            buf = rb_str_buf_new((long)(c.cap * sizeof(tc_oh_worker)));
+            c.buf = (tc_oh_worker *)RSTRING_PTR(buf);
+            read_loop_state(w->loop, copy_workers, &c);
+            if (c.n <= c.cap) break;
+            c.cap = c.n + 8;
+        }
+        for (size_t i = 0; i < c.n; i++) rb_ary_push(ary, worker_hash(&c.buf[i]));
+        RB_GC_GUARD(buf);
         return ary;
     }
     poll_or_raise(w);
@@ -502,29 +549,38 @@ static VALUE socket_counters(const tc_socket_counters *c)
 
 static VALUE loop_stats_hash(tc_loop *l);
 
+struct stats_copy {
+    oh_wrap *w;
+    tc_oh_stats stats;
+    tc_socket_counters bc, rc;
+    char ids[TC_OH_NOT_READING_LOG][TC_OH_WORKER_ID_MAX + 1];
+    size_t nids;
+    char details[TC_OH_BAD_COUNT][sizeof(((tc_oh *)0)->bad_detail[0])];
+};
+
+static void copy_stats(void *p)
+{
+    struct stats_copy *c = p;
+    c->stats = c->w->core.stats;
+    tc_loop_socket_counters(c->w->loop, &c->bc, &c->rc);
+    c->nids = take_not_reading(c->w, c->ids);
+    memcpy(c->details, c->w->core.bad_detail, sizeof(c->details));
+}
+
 static VALUE oh_stats(VALUE self)
 {
     oh_wrap *w = oh_get_any(self);
-    tc_oh_stats copy;
-    tc_socket_counters bc = w->core.batch.counters, rc = w->core.result.counters;
-    char ids[TC_OH_NOT_READING_LOG][TC_OH_WORKER_ID_MAX + 1];
-    char details[TC_OH_BAD_COUNT][sizeof(w->core.bad_detail[0])];
-    int locked = orchestrating(w);
-    if (locked) {
-        tc_loop_lock(w->loop);
-        bc = w->core.batch.counters;
-        rc = w->core.result.counters;
+    struct stats_copy c = {.w = w, .stats = w->core.stats, .bc = w->core.batch.counters,
+                           .rc = w->core.result.counters};
+    if (orchestrating(w)) {
+        read_loop_state(w->loop, copy_stats, &c);
+        /* While the loop runs, stats is where its problems get logged (a
+         * poller calls it); each bad reason and not_reading worker once. */
+        log_not_reading(w, c.ids, c.nids);
+        log_bad_reasons(w, c.stats.bad, (const char(*)[sizeof(w->core.bad_detail[0])])c.details);
     }
-    copy = w->core.stats;
-    /* While the loop runs, stats is where its problems get logged (a
-     * poller calls it); each bad reason and not_reading worker once. */
-    size_t nids = locked ? take_not_reading(w, ids) : 0;
-    if (locked) memcpy(details, w->core.bad_detail, sizeof(details));
-    if (locked) tc_loop_unlock(w->loop);
-    if (locked) {
-        log_not_reading(w, ids, nids);
-        log_bad_reasons(w, copy.bad, (const char(*)[sizeof(w->core.bad_detail[0])])details);
-    }
+    tc_oh_stats copy = c.stats;
+    tc_socket_counters bc = c.bc, rc = c.rc;
     const tc_oh_stats *st = &copy;
     VALUE h = rb_hash_new(), results = rb_hash_new(), bad = rb_hash_new();
     rb_hash_aset(h, SYM("batches_published"), ULL2NUM(st->batches_published));
@@ -832,10 +888,23 @@ static VALUE oh_close(VALUE self)
 
 /* ---- the native orchestration loop ------------------------------------------ */
 
+struct loop_stats_arg {
+    tc_loop *l;
+    tc_loop_stats *st;
+};
+
+static void *loop_stats_nogvl(void *p)
+{
+    struct loop_stats_arg *a = p;
+    tc_loop_stats_snapshot(a->l, a->st);
+    return NULL;
+}
+
 static VALUE loop_stats_hash(tc_loop *l)
 {
     tc_loop_stats st;
-    tc_loop_stats_snapshot(l, &st);
+    struct loop_stats_arg a = {l, &st};
+    rb_thread_call_without_gvl(loop_stats_nogvl, &a, RUBY_UBF_IO, NULL);
     VALUE h = rb_hash_new();
 #define LS(name, v) rb_hash_aset(h, str_lit(name), ULL2NUM(v))
     LS("claimed", st.claimed);

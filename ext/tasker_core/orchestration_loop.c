@@ -85,6 +85,9 @@ struct tc_loop {
     size_t rotate;
 
     tc_loop_stats st; /* under mu */
+    /* the handle's socket counters as of the loop's last send, for readers
+     * (the loop sends without mu): under mu */
+    tc_socket_counters batch_counters, result_counters;
     uint64_t lat_ring[TC_LOOP_LATENCY_RING];
     uint64_t lat_total_us;
 };
@@ -261,6 +264,13 @@ static void bin_bytes(sbuf *b, const char *p, size_t n)
     }
     sb_be32(b, (uint32_t)n);
     sb_put(b, p, n);
+}
+
+/* mu held. */
+static void publish_counters(tc_loop *l)
+{
+    l->batch_counters = l->oh->batch.counters;
+    l->result_counters = l->oh->result.counters;
 }
 
 /* ---- the database connection --------------------------------------------- */
@@ -790,8 +800,9 @@ static PGresult *claim(tc_loop *l, long limit)
  * nested deeper than every live worker's max_payload_depth. Sending them
  * would cost the workers' connections (libzmq drops a connection that
  * delivers a message over ZMQ_MAXMSGSIZE) or a refusal, every time.
- * mu held. Returns the number failed. */
-static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, int n, tc_codec_writer *scratch)
+ * Counts them in *too_large and *too_deep. Returns the number failed. */
+static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, int n, tc_codec_writer *scratch,
+                           uint64_t *too_large_n, uint64_t *too_deep_n)
 {
     int64_t room = -1, bytes_limit = 0;
     int depth_limit = 0;
@@ -833,9 +844,9 @@ static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, i
         if (fail_step(l, step_id, be32(PQgetvalue(res, i, C_ATTEMPT)), cls, msg) != 0) continue;
         r->state = ROW_FAILED;
         if (too_large)
-            l->st.failed_too_large++;
+            (*too_large_n)++;
         else
-            l->st.failed_too_deep++;
+            (*too_deep_n)++;
         failed++;
     }
     return failed;
@@ -849,7 +860,6 @@ static int claim_and_dispatch(tc_loop *l)
 {
     long total_free = 0, sendable = 0;
     int64_t now = tc_oh_now_ms();
-    pthread_mutex_lock(&l->mu);
     for (size_t i = 0; i < l->oh->nworkers; i++) {
         const tc_oh_worker *w = &l->oh->workers[i];
         if (!tc_oh_worker_sendable(l->oh, w, now)) continue;
@@ -857,7 +867,6 @@ static int claim_and_dispatch(tc_loop *l)
         long f = (long)(w->capacity - (int64_t)w->used);
         if (f > 0) total_free += f;
     }
-    pthread_mutex_unlock(&l->mu);
     /* Never more than the sendable workers can take: a worker in its
      * send back-off gets nothing, so nothing is claimed for it. */
     if (total_free <= 0) return 0;
@@ -898,11 +907,13 @@ static int claim_and_dispatch(tc_loop *l)
         row_depth(res, i, &rows[i]);
     }
 
-    pthread_mutex_lock(&l->mu);
-    l->st.claimed += (uint64_t)n;
-    l->st.claim_calls++;
+    /* Only this thread changes the handle core: it reads the worker table
+     * without the lock, packs and sends without it, and takes it only to
+     * change the table (reserve, record) and its counters, so a reader is
+     * never kept waiting behind a pack or a send. */
+    uint64_t too_large = 0, too_deep = 0;
     if (rows && idx && steps) {
-        failed = fail_unsendable(l, res, rows, n, &body);
+        failed = fail_unsendable(l, res, rows, n, &body, &too_large, &too_deep);
         size_t nw = l->oh->nworkers;
         int first = 0; /* rows before it are all decided */
         /* Start at a rotating worker so small claims spread over the workers. */
@@ -936,9 +947,19 @@ static int claim_and_dispatch(tc_loop *l)
                     steps[j].task_id = be64(PQgetvalue(res, idx[j], C_TASK));
                     steps[j].attempt = be32(PQgetvalue(res, idx[j], C_ATTEMPT));
                 }
-                int ok = build_batch(&body, l->oh, batch_id, w->id, ents.sbuf.data, rows, idx, take) == 0 &&
-                         tc_oh_send_batch(l->oh, wi, batch_id, steps, (size_t)take, body.sbuf.data,
-                                          body.sbuf.size) == 0;
+                int ok = build_batch(&body, l->oh, batch_id, w->id, ents.sbuf.data, rows, idx, take) == 0;
+                if (ok) {
+                    pthread_mutex_lock(&l->mu);
+                    ok = tc_oh_send_reserve(l->oh, wi, batch_id, (size_t)take) == 0;
+                    pthread_mutex_unlock(&l->mu);
+                }
+                if (ok) {
+                    ok = tc_oh_send_raw(l->oh, wi, body.sbuf.data, body.sbuf.size) == 0;
+                    int e = errno;
+                    pthread_mutex_lock(&l->mu);
+                    tc_oh_send_record(l->oh, wi, batch_id, steps, (size_t)take, ok, e);
+                    pthread_mutex_unlock(&l->mu);
+                }
                 for (int j = 0; j < take; j++) {
                     rows[idx[j]].state = ok ? ROW_SENT : ROW_UNSENT;
                     pairs_push(ok ? &sent : &l->unsent, steps[j].step_id, steps[j].attempt);
@@ -958,8 +979,14 @@ static int claim_and_dispatch(tc_loop *l)
         if (!rows || rows[i].state == ROW_PENDING || rows[i].state == ROW_UNSENT)
             pairs_push(&l->unsent, be64(PQgetvalue(res, i, C_STEP)), be32(PQgetvalue(res, i, C_ATTEMPT)));
     }
+    pthread_mutex_lock(&l->mu);
+    l->st.claimed += (uint64_t)n;
+    l->st.claim_calls++;
+    l->st.failed_too_large += too_large;
+    l->st.failed_too_deep += too_deep;
     l->st.dispatched += sent.n;
     l->st.batches_split_by_bytes += split;
+    publish_counters(l);
     pthread_mutex_unlock(&l->mu);
     tc_codec_writer_destroy(&ents);
     tc_codec_writer_destroy(&body);
@@ -1002,7 +1029,7 @@ static void upsert_workers(tc_loop *l)
     sbuf b[NB] = {{0}};
     for (int k = 0; k < NB; k++) sb_puts(&b[k], "{");
     int count = 0;
-    pthread_mutex_lock(&l->mu);
+    /* read without mu: only this thread changes the table */
     for (size_t i = 0; i < l->oh->nworkers; i++) {
         const tc_oh_worker *w = &l->oh->workers[i];
         if (!tc_oh_worker_live(w)) continue;
@@ -1029,7 +1056,6 @@ static void upsert_workers(tc_loop *l)
             sb_puts(&b[9], "NULL");
         }
     }
-    pthread_mutex_unlock(&l->mu);
     int oom = 0;
     for (int k = 0; k < NB; k++) {
         sb_puts(&b[k], "}");
@@ -1126,6 +1152,7 @@ static int iterate(tc_loop *l)
     pthread_mutex_lock(&l->mu);
     tc_oh_poll(l->oh);
     drain_events(l);
+    publish_counters(l);
     pthread_mutex_unlock(&l->mu);
 
     ensure_db(l);
@@ -1308,6 +1335,12 @@ void tc_loop_lock(tc_loop *l)
 void tc_loop_unlock(tc_loop *l)
 {
     pthread_mutex_unlock(&l->mu);
+}
+
+void tc_loop_socket_counters(tc_loop *l, tc_socket_counters *batch, tc_socket_counters *result)
+{
+    *batch = l->batch_counters;
+    *result = l->result_counters;
 }
 
 static int cmp_u64(const void *a, const void *b)

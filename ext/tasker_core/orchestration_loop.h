@@ -6,6 +6,9 @@
  * one statement per iteration, release the steps of lost workers, requeue
  * expired claims. It never holds the GVL and runs no Ruby; Ruby reads its
  * state through the mutex (tc_loop_lock) and tc_loop_stats_snapshot.
+ * The loop is the only thread that changes the handle core while it runs:
+ * it reads the core without the mutex and takes it only around changes,
+ * never around a pack, a send or a statement.
  */
 #ifndef TASKER_CORE_ORCHESTRATION_LOOP_H
 #define TASKER_CORE_ORCHESTRATION_LOOP_H
@@ -75,6 +78,11 @@ void tc_loop_free(tc_loop *l);
 /* Guards the handle core while the thread runs: readers take it. */
 void tc_loop_lock(tc_loop *l);
 void tc_loop_unlock(tc_loop *l);
+
+/* The handle's socket counters as of the loop's last send (the loop
+ * sends without the lock, so readers take these, not the sockets'); call
+ * it under tc_loop_lock. */
+void tc_loop_socket_counters(tc_loop *l, tc_socket_counters *batch, tc_socket_counters *result);
 
 void tc_loop_stats_snapshot(tc_loop *l, tc_loop_stats *out);
 
