@@ -542,6 +542,61 @@ int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const 
     return rc;
 }
 
+/* ---- the batch builder --------------------------------------------------- */
+
+static void pack_key(msgpack_packer *pk, const char *s)
+{
+    size_t n = strlen(s);
+    msgpack_pack_str(pk, n);
+    msgpack_pack_str_body(pk, s, n);
+}
+
+/* The orchestrator's limits, told to workers in every batch (docs/protocol.md 4.1). */
+static void pack_limits(msgpack_packer *pk, const tc_oh *h)
+{
+    msgpack_pack_map(pk, 3);
+    pack_key(pk, "max_result_bytes");
+    msgpack_pack_uint64(pk, (uint64_t)h->max_result_bytes);
+    pack_key(pk, "max_message_bytes");
+    msgpack_pack_int64(pk, h->max_message_bytes > 0 ? (int64_t)h->max_message_bytes : INT64_MAX);
+    pack_key(pk, "max_payload_depth");
+    msgpack_pack_int64(pk, (int64_t)h->max_payload_depth);
+}
+
+int tc_oh_build_batch(tc_codec_writer *out, const tc_oh *h, const char *batch_id, const char *worker_id,
+                      size_t nsteps, const tc_oh_entry *pieces, size_t npieces, const char *extra, size_t extra_len,
+                      size_t nextra)
+{
+    msgpack_packer *pk = &out->pk;
+    tc_codec_writer_reset(out);
+    msgpack_pack_map(pk, 7 + nextra);
+    pack_key(pk, "protocol_version");
+    msgpack_pack_int(pk, TC_OH_PROTOCOL_VERSION);
+    pack_key(pk, "type");
+    pack_key(pk, "batch");
+    pack_key(pk, "batch_id");
+    pack_key(pk, batch_id);
+    pack_key(pk, "worker_id");
+    pack_key(pk, worker_id);
+    pack_key(pk, "sent_at");
+    msgpack_pack_double(pk, wall_s());
+    pack_key(pk, "limits");
+    pack_limits(pk, h);
+    if (nextra) pk->callback(pk->data, extra, extra_len);
+    pack_key(pk, "steps");
+    msgpack_pack_array(pk, nsteps);
+    for (size_t i = 0; i < npieces; i++) pk->callback(pk->data, pieces[i].ptr, pieces[i].len);
+    return out->failed ? -1 : 0;
+}
+
+int tc_oh_batch_key(const char *p, size_t n)
+{
+    static const char *const keys[] = {"protocol_version", "type", "batch_id", "worker_id", "sent_at", "limits", "steps"};
+    for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+        if (strlen(keys[i]) == n && memcmp(keys[i], p, n) == 0) return 1;
+    return 0;
+}
+
 /* ---- receiving --------------------------------------------------------- */
 
 static int str_is(const char *p, size_t n, const char *lit)

@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "codec.h"
 #include "curve.h"
 #include "socket.h"
 
@@ -287,6 +288,27 @@ void tc_oh_next_batch_id(tc_oh *h, char *buf, size_t len);
  * is lost as "not_reading"), ENOMEM, EINVAL, or a socket error. */
 int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const tc_oh_step *steps,
                      size_t nsteps, const void *body, size_t len);
+
+/* Packed step maps of a batch, one or more (spliced as they are). */
+typedef struct tc_oh_entry {
+    const char *ptr;
+    size_t len;
+} tc_oh_entry;
+
+/* The one batch builder (docs/protocol.md 4.1), for the loop and the
+ * manual publish_batch alike: into out (reset first) the envelope
+ * (protocol_version, type, batch_id, worker_id, sent_at, this handle's
+ * limits), nextra further key/value pairs already packed in extra (keys
+ * not among the envelope's: see tc_oh_batch_key), and the steps array:
+ * nsteps step maps, packed, in npieces pieces spliced in order (one piece
+ * per step for the loop, one for all of them for publish_batch). nsteps 0
+ * measures the envelope. 0, or -1 out of memory. */
+int tc_oh_build_batch(tc_codec_writer *out, const tc_oh *h, const char *batch_id, const char *worker_id,
+                      size_t nsteps, const tc_oh_entry *pieces, size_t npieces, const char *extra, size_t extra_len,
+                      size_t nextra);
+
+/* Non-zero for a key tc_oh_build_batch writes itself. */
+int tc_oh_batch_key(const char *p, size_t n);
 
 /* tc_oh_send_batch in three parts, for a caller whose readers take a lock
  * around changes to the table (the orchestration loop) but that sends

@@ -155,13 +155,6 @@ static double now_mono_ms(void)
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-static double now_wall_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static VALUE str_lit(const char *s)
 {
     return rb_utf8_str_new_cstr(s);
@@ -633,12 +626,21 @@ static int64_t step_int(VALUE step, const char *key, long index, int64_t min)
     return n;
 }
 
+/* The caller's other batch keys; the envelope the builder writes (its
+ * limits included) wins over anything the caller put there. */
 static int copy_other_keys(VALUE key, VALUE val, VALUE arg)
 {
-    VALUE msg = arg;
-    /* The handle's own fields win over anything the caller put there. */
-    if (rb_hash_lookup2(msg, key, Qundef) == Qundef) rb_hash_aset(msg, key, val);
+    VALUE name = RB_SYMBOL_P(key) ? rb_sym2str(key) : key;
+    if (!RB_TYPE_P(name, T_STRING) || !tc_oh_batch_key(RSTRING_PTR(name), (size_t)RSTRING_LEN(name)))
+        rb_hash_aset(arg, key, val);
     return ST_CONTINUE;
+}
+
+/* Bytes of a packed map's or array's header. */
+static long header_len(VALUE packed)
+{
+    unsigned char b = (unsigned char)RSTRING_PTR(packed)[0];
+    return (b == 0xde || b == 0xdc) ? 3 : (b == 0xdf || b == 0xdd) ? 5 : 1;
 }
 
 static VALUE no_workers_error(oh_wrap *w, size_t nsteps)
@@ -675,7 +677,9 @@ static VALUE timeout_kwarg(VALUE opts, VALUE dflt)
 
 /*
  * publish_batch(batch, timeout_ms: nil) -> worker id
- * Sends the batch to one worker's topic. Without a worker that can take it,
+ * Sends the batch to one worker's topic, built by the handle core's batch
+ * builder, the one the loop uses: the envelope with this handle's limits,
+ * then the caller's other keys, then batch["steps"] packed once. Without a worker that can take it,
  * raises NoWorkersError at once (timeout_ms nil or 0) or after waiting up
  * to timeout_ms, reading heartbeats, subscriptions and results meanwhile
  * (results stay queued for receive_results). A send refused at the
@@ -709,6 +713,16 @@ static VALUE oh_publish_batch(int argc, VALUE *argv, VALUE self)
         cs[i].task_id = step_int(st, "task_id", i, INT64_MIN);
         cs[i].attempt = step_int(st, "attempt", i, 1);
     }
+    /* The step maps packed once, as one piece after the array header,
+     * spliced by the one batch builder. */
+    VALUE packed = tc_codec_pack(steps);
+    long steps_skip = header_len(packed);
+    tc_oh_entry piece = {RSTRING_PTR(packed) + steps_skip, (size_t)(RSTRING_LEN(packed) - steps_skip)};
+    VALUE others = rb_hash_new();
+    rb_hash_foreach(batch, copy_other_keys, others);
+    size_t nextra = (size_t)RHASH_SIZE(others);
+    VALUE extra = nextra ? tc_codec_pack(others) : Qnil;
+    long extra_skip = nextra ? header_len(extra) : 0;
 
     VALUE batch_id = rb_hash_aref(batch, str_lit("batch_id"));
     if (NIL_P(batch_id)) {
@@ -732,23 +746,26 @@ static VALUE oh_publish_batch(int argc, VALUE *argv, VALUE self)
             continue;
         }
         VALUE worker_id = str_lit(w->core.workers[idx].id);
-        VALUE msg = rb_hash_new();
-        rb_hash_aset(msg, str_lit("protocol_version"), INT2FIX(TC_OH_PROTOCOL_VERSION));
-        rb_hash_aset(msg, str_lit("type"), str_lit("batch"));
-        rb_hash_aset(msg, str_lit("batch_id"), batch_id);
-        rb_hash_aset(msg, str_lit("worker_id"), worker_id);
-        rb_hash_aset(msg, str_lit("sent_at"), DBL2NUM(now_wall_s()));
-        rb_hash_foreach(batch, copy_other_keys, msg);
-        VALUE body = tc_codec_pack(msg);
-
-        if (tc_oh_send_batch(&w->core, (size_t)idx, RSTRING_PTR(batch_id), cs, (size_t)n, RSTRING_PTR(body),
-                             (size_t)RSTRING_LEN(body)) == 0) {
+        /* Plain C from init to destroy: nothing raises in between. */
+        tc_codec_writer body;
+        int sent = -1, e = ENOMEM;
+        if (tc_codec_writer_init(&body, 0) == 0) {
+            if (tc_oh_build_batch(&body, &w->core, RSTRING_PTR(batch_id), w->core.workers[idx].id, (size_t)n, &piece, 1,
+                                  nextra ? RSTRING_PTR(extra) + extra_skip : NULL,
+                                  nextra ? (size_t)(RSTRING_LEN(extra) - extra_skip) : 0, nextra) == 0) {
+                sent = tc_oh_send_batch(&w->core, (size_t)idx, RSTRING_PTR(batch_id), cs, (size_t)n, body.sbuf.data,
+                                        body.sbuf.size);
+                e = errno;
+            }
+            tc_codec_writer_destroy(&body);
+        }
+        if (sent == 0) {
             sync_memory(w);
             ALLOCV_END(steps_tmp);
-            RB_GC_GUARD(body);
+            RB_GC_GUARD(packed);
+            RB_GC_GUARD(extra);
             return worker_id;
         }
-        int e = errno;
         if (e == EAGAIN) {
             long left = remaining_ms(deadline);
             if (left <= 0)

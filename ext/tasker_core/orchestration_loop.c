@@ -108,13 +108,6 @@ static uint64_t mono_us(void)
     return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
-static double wall_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static void sb_reserve(sbuf *b, size_t more)
 {
     if (b->oom || b->len + more + 1 <= b->cap) return;
@@ -705,42 +698,13 @@ static void row_depth(const PGresult *res, int row, claimed_row *r)
     }
 }
 
-/* The orchestrator's limits, told to workers in every batch (docs/protocol.md 4.1). */
-static void pack_limits(msgpack_packer *pk, const tc_oh *h)
-{
-    msgpack_pack_map(pk, 3);
-    pack_key(pk, "max_result_bytes");
-    msgpack_pack_uint64(pk, (uint64_t)h->max_result_bytes);
-    pack_key(pk, "max_message_bytes");
-    msgpack_pack_int64(pk, h->max_message_bytes > 0 ? (int64_t)h->max_message_bytes : INT64_MAX);
-    pack_key(pk, "max_payload_depth");
-    msgpack_pack_int64(pk, (int64_t)h->max_payload_depth);
-}
-
-/* The one batch builder: the envelope, then the chosen step maps copied
- * from the entries buffer. n = 0 measures the envelope. */
+/* A batch of the chosen step maps, copied from the entries buffer, built
+ * by the handle core's one batch builder. n = 0 measures the envelope. */
 static int build_batch(tc_codec_writer *out, const tc_oh *h, const char *batch_id, const char *worker_id,
-                       const char *entries, const claimed_row *rows, const int *idx, int n)
+                       const char *entries, const claimed_row *rows, const int *idx, int n, tc_oh_entry *picked)
 {
-    msgpack_packer *pk = &out->pk;
-    tc_codec_writer_reset(out);
-    msgpack_pack_map(pk, 7);
-    pack_key(pk, "protocol_version");
-    msgpack_pack_int(pk, TC_OH_PROTOCOL_VERSION);
-    pack_key(pk, "type");
-    pack_key(pk, "batch");
-    pack_key(pk, "batch_id");
-    pack_key(pk, batch_id);
-    pack_key(pk, "worker_id");
-    pack_key(pk, worker_id);
-    pack_key(pk, "sent_at");
-    msgpack_pack_double(pk, wall_s());
-    pack_key(pk, "limits");
-    pack_limits(pk, h);
-    pack_key(pk, "steps");
-    msgpack_pack_array(pk, (size_t)n);
-    for (int i = 0; i < n; i++) pk->callback(pk->data, entries + rows[idx[i]].off, rows[idx[i]].len);
-    return out->failed ? -1 : 0;
+    for (int i = 0; i < n; i++) picked[i] = (tc_oh_entry){entries + rows[idx[i]].off, rows[idx[i]].len};
+    return tc_oh_build_batch(out, h, batch_id, worker_id, (size_t)n, picked, (size_t)n, NULL, 0, 0);
 }
 
 /* Bytes of a message to w besides its step maps: the topic, the envelope
@@ -750,7 +714,7 @@ static int64_t envelope_bytes(tc_codec_writer *scratch, const tc_oh *h, const tc
     char id[TC_OH_BATCH_ID_MAX + 1];
     memset(id, 'x', TC_OH_BATCH_ID_MAX);
     id[TC_OH_BATCH_ID_MAX] = '\0';
-    build_batch(scratch, h, id, w->id, NULL, NULL, NULL, 0);
+    build_batch(scratch, h, id, w->id, NULL, NULL, NULL, 0, NULL);
     return (int64_t)scratch->sbuf.size + 4 + (int64_t)(strlen("batch.") + strlen(w->id) + 1);
 }
 
@@ -887,6 +851,7 @@ static int claim_and_dispatch(tc_loop *l)
     claimed_row *rows = calloc((size_t)n, sizeof(*rows));
     int *idx = malloc((size_t)n * sizeof(*idx));
     tc_oh_step *steps = malloc((size_t)n * sizeof(*steps));
+    tc_oh_entry *picked = malloc((size_t)n * sizeof(*picked));
     tc_codec_writer ents, body;
     tc_codec_writer_init(&ents, 0);
     tc_codec_writer_init(&body, 0);
@@ -912,7 +877,7 @@ static int claim_and_dispatch(tc_loop *l)
      * change the table (reserve, record) and its counters, so a reader is
      * never kept waiting behind a pack or a send. */
     uint64_t too_large = 0, too_deep = 0;
-    if (rows && idx && steps) {
+    if (rows && idx && steps && picked) {
         failed = fail_unsendable(l, res, rows, n, &body, &too_large, &too_deep);
         size_t nw = l->oh->nworkers;
         int first = 0; /* rows before it are all decided */
@@ -947,7 +912,7 @@ static int claim_and_dispatch(tc_loop *l)
                     steps[j].task_id = be64(PQgetvalue(res, idx[j], C_TASK));
                     steps[j].attempt = be32(PQgetvalue(res, idx[j], C_ATTEMPT));
                 }
-                int ok = build_batch(&body, l->oh, batch_id, w->id, ents.sbuf.data, rows, idx, take) == 0;
+                int ok = build_batch(&body, l->oh, batch_id, w->id, ents.sbuf.data, rows, idx, take, picked) == 0;
                 if (ok) {
                     pthread_mutex_lock(&l->mu);
                     ok = tc_oh_send_reserve(l->oh, wi, batch_id, (size_t)take) == 0;
@@ -993,6 +958,7 @@ static int claim_and_dispatch(tc_loop *l)
     free(rows);
     free(idx);
     free(steps);
+    free(picked);
     PQclear(res);
 
     if (sent.n) {
