@@ -349,13 +349,13 @@ long tc_oh_next_expiry_ms(const tc_oh *h)
     return (long)best;
 }
 
-long tc_oh_choose_worker(const tc_oh *h, size_t nsteps)
+long tc_oh_choose_worker(const tc_oh *h, size_t nsteps, const unsigned char *skip)
 {
     long best = -1;
     int64_t best_free = 0, now = tc_oh_now_ms();
     for (size_t i = 0; i < h->nworkers; i++) {
         const tc_oh_worker *w = &h->workers[i];
-        if (!tc_oh_worker_sendable(h, w, now)) continue;
+        if ((skip && skip[i]) || !tc_oh_worker_sendable(h, w, now)) continue;
         int64_t free_ = w->capacity - (int64_t)w->used;
         int fits = free_ >= (int64_t)nsteps || ((int64_t)nsteps > w->capacity && w->used == 0);
         if (!fits) continue;

@@ -738,7 +738,7 @@ static VALUE oh_publish_batch(int argc, VALUE *argv, VALUE self)
     double deadline = now_mono_ms() + (double)timeout_ms;
     for (;;) {
         poll_or_raise(w);
-        long idx = tc_oh_choose_worker(&w->core, (size_t)n);
+        long idx = tc_oh_choose_worker(&w->core, (size_t)n, NULL);
         if (idx < 0) {
             long left = remaining_ms(deadline);
             if (left <= 0) rb_exc_raise(no_workers_error(w, (size_t)n));

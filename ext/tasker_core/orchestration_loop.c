@@ -82,7 +82,6 @@ struct tc_loop {
     size_t nresults, results_cap;
     pair_list lost;    /* in flight on a lost worker: a lost attempt (redispatched or failed) */
     pair_list unsent;  /* claimed but not sent: release, count as released */
-    size_t rotate;
 
     tc_loop_stats st; /* under mu */
     /* the handle's socket counters as of the loop's last send, for readers
@@ -852,6 +851,7 @@ static int claim_and_dispatch(tc_loop *l)
     int *idx = malloc((size_t)n * sizeof(*idx));
     tc_oh_step *steps = malloc((size_t)n * sizeof(*steps));
     tc_oh_entry *picked = malloc((size_t)n * sizeof(*picked));
+    unsigned char *skip = calloc(l->oh->nworkers + 1, 1);
     tc_codec_writer ents, body;
     tc_codec_writer_init(&ents, 0);
     tc_codec_writer_init(&body, 0);
@@ -877,19 +877,21 @@ static int claim_and_dispatch(tc_loop *l)
      * change the table (reserve, record) and its counters, so a reader is
      * never kept waiting behind a pack or a send. */
     uint64_t too_large = 0, too_deep = 0;
-    if (rows && idx && steps && picked) {
+    if (rows && idx && steps && picked && skip) {
         failed = fail_unsendable(l, res, rows, n, &body, &too_large, &too_deep);
-        size_t nw = l->oh->nworkers;
         int first = 0; /* rows before it are all decided */
-        /* Start at a rotating worker so small claims spread over the workers. */
-        for (size_t k = 0; k < nw && first < n; k++) {
-            size_t wi = (l->rotate + k) % nw;
+        /* Batch by batch, to the worker the handle core's one selection
+         * rule picks (the most free capacity, then the least recently
+         * sent to), so batches spread over the workers; a worker that
+         * can take none of the rows left, or refused, sits out the rest. */
+        while (first < n) {
+            long wi = tc_oh_choose_worker(l->oh, 1, skip);
+            if (wi < 0) break;
             tc_oh_worker *w = &l->oh->workers[wi];
-            if (!tc_oh_worker_sendable(l->oh, w, now)) continue;
             long f = (long)(w->capacity - (int64_t)w->used);
             worker_limits wl = limits_of(l->oh, w, &body);
             long per = l->batch_size < wl.steps ? l->batch_size : (long)wl.steps;
-            while (f > 0 && first < n) {
+            {
                 long most = f < per ? f : per;
                 int take = 0;
                 int64_t bytes = wl.envelope;
@@ -904,7 +906,10 @@ static int claim_and_dispatch(tc_loop *l)
                     bytes += (int64_t)rows[i].len;
                     idx[take++] = i;
                 }
-                if (take == 0) break;
+                if (take == 0) {
+                    skip[wi] = 1;
+                    continue;
+                }
                 char batch_id[TC_OH_BATCH_ID_MAX + 1];
                 tc_oh_next_batch_id(l->oh, batch_id, sizeof(batch_id));
                 for (int j = 0; j < take; j++) {
@@ -930,11 +935,9 @@ static int claim_and_dispatch(tc_loop *l)
                     pairs_push(ok ? &sent : &l->unsent, steps[j].step_id, steps[j].attempt);
                 }
                 while (first < n && rows[first].state != ROW_PENDING) first++;
-                if (!ok) break; /* refused at the high-water mark: the core backs this worker off */
-                f -= take;
+                if (!ok) skip[wi] = 1; /* refused at the high-water mark: the core backs this worker off */
             }
         }
-        l->rotate++;
     }
     /* Claimed and not sent: back to pending, no attempt lost. A step too
      * big or too deep for every sendable worker (but not every live one)
@@ -959,6 +962,7 @@ static int claim_and_dispatch(tc_loop *l)
     free(idx);
     free(steps);
     free(picked);
+    free(skip);
     PQclear(res);
 
     if (sent.n) {
