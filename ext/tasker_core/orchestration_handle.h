@@ -7,8 +7,10 @@
  * and batch addressing. It is plain C: it never raises, never touches a
  * Ruby object and parses incoming bodies with msgpack-c, so a native
  * orchestration thread can drive it without the GVL. The Ruby binding
- * (orchestration_handle_class.c) turns Ruby batches into packed bodies and
- * the core's event queue into Ruby Hashes.
+ * (orchestration_handle_class.c) packs the steps of Ruby batches for the
+ * core's one batch builder and turns the core's event queue into Ruby
+ * Hashes. Each incoming body is parsed once, here, by tc_proto_parse (the
+ * parser the fuzzer runs); a RESULT event carries what was parsed.
  *
  * Like a tc_socket, a handle belongs to one thread at a time.
  */
