@@ -32,6 +32,65 @@ const msgpack_object *tc_proto_map_get(const msgpack_object *map, const char *ke
     return NULL;
 }
 
+/* A str key's header: 1 with its body, 0 for any other type. */
+static int raw_str(const unsigned char *p, size_t left, const char **s, size_t *n)
+{
+    size_t h;
+    if (left < 1) return 0;
+    if ((p[0] & 0xe0) == 0xa0) {
+        h = 1;
+        *n = p[0] & 0x1f;
+    } else if (p[0] == 0xd9 && left >= 2) {
+        h = 2;
+        *n = p[1];
+    } else if (p[0] == 0xda && left >= 3) {
+        h = 3;
+        *n = (size_t)p[1] << 8 | p[2];
+    } else if (p[0] == 0xdb && left >= 5) {
+        h = 5;
+        *n = (size_t)p[1] << 24 | (size_t)p[2] << 16 | (size_t)p[3] << 8 | p[4];
+    } else {
+        return 0;
+    }
+    if (*n > left - h) return 0;
+    *s = (const char *)p + h;
+    return 1;
+}
+
+int tc_proto_value_bytes(const char *body, size_t len, const char *key, tc_proto_str *out)
+{
+    const unsigned char *p = (const unsigned char *)body;
+    size_t off, npairs, kl = strlen(key);
+    if (len < 1) return -1;
+    if ((p[0] & 0xf0) == 0x80) {
+        npairs = p[0] & 0x0f;
+        off = 1;
+    } else if (p[0] == 0xde && len >= 3) {
+        npairs = (size_t)p[1] << 8 | p[2];
+        off = 3;
+    } else if (p[0] == 0xdf && len >= 5) {
+        npairs = (size_t)p[1] << 24 | (size_t)p[2] << 16 | (size_t)p[3] << 8 | p[4];
+        off = 5;
+    } else {
+        return -1;
+    }
+    for (size_t i = 0; i < npairs; i++) {
+        const char *s;
+        size_t n, klen, vlen;
+        int match = raw_str(p + off, len - off, &s, &n) && n == kl && memcmp(s, key, kl) == 0;
+        if (tc_codec_skip(body + off, len - off, &klen) != 0) return -1;
+        off += klen;
+        if (tc_codec_skip(body + off, len - off, &vlen) != 0) return -1;
+        if (match) {
+            out->ptr = body + off;
+            out->len = vlen;
+            return 0;
+        }
+        off += vlen;
+    }
+    return 1;
+}
+
 static int as_int(const msgpack_object *v, int64_t *out)
 {
     if (!v) return 0;
@@ -155,7 +214,8 @@ void tc_proto_refused_step(const tc_proto_msg *m, size_t i, int64_t *step_id, in
         return reason;                                     \
     } while (0)
 
-static tc_proto_err parse_partial(const msgpack_object *m, tc_proto_msg *out, char *detail, size_t detail_len)
+static tc_proto_err parse_partial(const msgpack_object *m, const char *body, size_t len, tc_proto_msg *out,
+                                  char *detail, size_t detail_len)
 {
     tc_proto_str status;
     if (!as_str(tc_proto_map_get(m, "worker_id"), &out->worker_id) || !as_int(tc_proto_map_get(m, "step_id"), &out->step_id) ||
@@ -173,11 +233,15 @@ static tc_proto_err parse_partial(const msgpack_object *m, tc_proto_msg *out, ch
         FAIL(TC_PROTO_ERR_FIELDS, "partial_result with status %.*s", (int)(status.len > 32 ? 32 : status.len),
              status.ptr);
     out->output = tc_proto_map_get(m, "output");
+    if (out->output && tc_proto_value_bytes(body, len, "output", &out->output_bytes) != 0)
+        FAIL(TC_PROTO_ERR_UNDECODABLE, "a partial_result whose output could not be located");
     out->retryable = 1;
     out->retry_after_ms = -1;
     const msgpack_object *e = tc_proto_map_get(m, "error");
     if (e && e->type == MSGPACK_OBJECT_MAP) {
         out->error = e;
+        if (tc_proto_value_bytes(body, len, "error", &out->error_bytes) != 0)
+            FAIL(TC_PROTO_ERR_UNDECODABLE, "a partial_result whose error could not be located");
         const msgpack_object *r = tc_proto_map_get(e, "retryable");
         if (r && r->type == MSGPACK_OBJECT_BOOLEAN) out->retryable = r->via.boolean;
         const msgpack_object *ra = tc_proto_map_get(e, "retry_after");
@@ -216,7 +280,7 @@ tc_proto_err tc_proto_parse(msgpack_unpacked *u, const char *body, size_t len, t
 
     if (str_eq(type, "partial_result")) {
         out->type = TC_PROTO_PARTIAL_RESULT;
-        return parse_partial(m, out, detail, detail_len);
+        return parse_partial(m, body, len, out, detail, detail_len);
     }
     if (str_eq(type, "batch_completion")) {
         out->type = TC_PROTO_BATCH_COMPLETION;
