@@ -10,6 +10,9 @@
 #   GoodJob    ActiveJob on PostgreSQL (bench/goodjob: Rails 7.0, good_job 3.x,
 #              its own bundle), 2 `good_job start` processes x 10 threads, in
 #              the same cluster
+#   Solid Queue  ActiveJob on PostgreSQL (bench/solidqueue: Rails 7.1,
+#              solid_queue 1.1, its own bundle), bin/jobs: 2 worker processes
+#              x 10 threads and a dispatcher, in the same cluster
 #   SQL floor  2 client processes: claim 100 with SKIP LOCKED, complete with
 #              = ANY(ids); the same state changes with no messaging at all
 # The repeats interleave the contenders. After them: ours once more at half
@@ -25,12 +28,16 @@
 require_relative "lib/e2e"
 
 STEPS = Integer(ENV.fetch("E2E_STEPS", "20000"))
+# GoodJob and Solid Queue run fewer jobs per repeat: at the 40-200 jobs/s
+# they reach on this machine, 20,000 would take 2-8 minutes each.
+ACTIVEJOB_STEPS = [Integer(ENV.fetch("E2E_ACTIVEJOB_STEPS", "2000")), STEPS].min
 REPEATS = Integer(ENV.fetch("BENCH_REPEATS", "3"))
 CONTENDERS = {
   "ours" => "ours (loop + 2 workers)",
   "sidekiq1" => "Sidekiq 1x10",
   "sidekiq2" => "Sidekiq 2x10",
-  "goodjob" => "GoodJob #{Bench::E2E::GOODJOB_PROCESSES}x#{Bench::E2E::GOODJOB_THREADS}",
+  "goodjob" => "GoodJob #{Bench::E2E::PEER_PROCESSES}x#{Bench::E2E::PEER_THREADS}",
+  "solidqueue" => "Solid Queue #{Bench::E2E::PEER_PROCESSES}x#{Bench::E2E::PEER_THREADS}",
   "sql" => "SQL floor (2 clients)"
 }.freeze
 WANTED = ENV.fetch("E2E_CONTENDERS", CONTENDERS.keys.join(",")).split(",")
@@ -73,7 +80,9 @@ begin
     guarded.(CONTENDERS["sidekiq1"]) { e2e.start_sidekiq }
     errors[CONTENDERS["sidekiq2"]] = errors[CONTENDERS["sidekiq1"]] if errors[CONTENDERS["sidekiq1"]]
   end
-  guarded.(CONTENDERS["goodjob"]) { e2e.start_goodjob } if want.("goodjob")
+  Bench::E2E::ACTIVEJOB_PEERS.each_key do |k|
+    guarded.(CONTENDERS[k]) { e2e.start_activejob_peer(k) } if want.(k)
+  end
   guarded.(OURS) { e2e.start_ours } if want.("ours")
 
   REPEATS.times do |i|
@@ -81,7 +90,9 @@ begin
     runs[CONTENDERS["sql"]] = guarded.(CONTENDERS["sql"]) { e2e.run_sql_floor(STEPS) } if want.("sql")
     runs[CONTENDERS["sidekiq1"]] = guarded.(CONTENDERS["sidekiq1"]) { e2e.run_sidekiq(STEPS, "1x10") } if want.("sidekiq1")
     runs[CONTENDERS["sidekiq2"]] = guarded.(CONTENDERS["sidekiq2"]) { e2e.run_sidekiq(STEPS, "2x10") } if want.("sidekiq2")
-    runs[CONTENDERS["goodjob"]] = guarded.(CONTENDERS["goodjob"]) { e2e.run_goodjob(STEPS) } if want.("goodjob")
+    Bench::E2E::ACTIVEJOB_PEERS.each_key do |k|
+      runs[CONTENDERS[k]] = guarded.(CONTENDERS[k]) { e2e.run_activejob_peer(k, ACTIVEJOB_STEPS) } if want.(k)
+    end
     if want.("ours")
       runs[OURS] = guarded.(OURS) do
         e2e.reset_tasker_tables
@@ -111,7 +122,7 @@ begin
   end
 ensure
   e2e.stop_ours
-  e2e.stop_goodjob
+  e2e.stop_activejob_peers
   e2e.stop_sidekiq
   e2e.stop_children
   e2e.stop_redis
@@ -162,7 +173,11 @@ targets = []
   targets << { "label" => label, "ours" => OURS, "peer" => CONTENDERS[k], "metric" => "steps/s", "min_ratio" => 1.5 }
 end
 targets << { "label" => label, "ours" => OURS, "peer" => CONTENDERS["sql"], "metric" => "steps/s", "min_ratio" => 0.3 } if want.("sql")
-targets << { "label" => label, "ours" => OURS, "peer" => CONTENDERS["goodjob"], "metric" => "steps/s", "min_ratio" => 10.0 } if want.("goodjob")
+%w[goodjob solidqueue].each do |k|
+  next unless want.(k)
+
+  targets << { "label" => label, "ours" => OURS, "peer" => CONTENDERS[k], "metric" => "steps/s", "min_ratio" => 10.0 }
+end
 limits = [
   { "label" => label, "contender" => OURS, "metric" => "CPU per step, all processes", "max" => 60 },
   { "label" => label, "contender" => OURS, "metric" => "CPU per step, PostgreSQL / Redis", "max" => 35 },
@@ -177,27 +192,35 @@ limits = [
 ]
 notes = [
   "Latency: ours = step transition 'claimed' (the claim) to 'complete' (results applied); GoodJob = performed_at " \
-  "(a process took the job) to finished_at; SQL floor = claimed_at to completed_at; Sidekiq = enqueued_at to the " \
+  "(a process took the job) to finished_at; Solid Queue: none (it deletes the claim when the job finishes and " \
+  "keeps no claim time); SQL floor = claimed_at to completed_at; Sidekiq = enqueued_at to the " \
   "job's start (its only timestamps: with the whole backlog pushed at once, this is mostly time waiting in the " \
   "queue, so it is not comparable with the others).",
+  "GoodJob and Solid Queue ran #{ACTIVEJOB_STEPS} jobs per repeat (E2E_ACTIVEJOB_STEPS), the others #{STEPS}: " \
+  "at their rates a full-size run would take minutes per repeat; their rates are steady well before that.",
   "Half the peak rate: ours once more after the repeats, the tasks created 10 at a time on a schedule of half " \
   "its median steps/s (a steady offered load, not a backlog); the other contenders are not run paced.",
   "CPU per step by process: 'PostgreSQL / Redis' is the cluster (or redis-server) and its children; 'workers' " \
   "ours' 2 worker processes, the Sidekiq or good_job processes, the floor's clients; 'creating the work' the " \
-  "process that creates it (the driver, or GoodJob's enqueuer).",
+  "process that creates it (the driver, or the ActiveJob peers' enqueuer).",
   "Bulk creation: #{bulk.first&.fetch(:api) || 'not measured'}, in a database of the same cluster that no " \
   "orchestrator reads; database CPU = the whole cluster's CPU over the call, per task.",
   "Load average (1, 5, 15 min) read at the start, after each repeat and at the end: #{load_seen.join(' | ')}."
 ]
 errors.each { |who, msg| notes << "#{who} failed: #{msg}" }
 Bench.write_result("e2e",
-                   parameters: { "steps" => STEPS, "repeats" => REPEATS, "steps_per_task" => Bench::E2E::STEPS_PER_TASK,
+                   parameters: { "steps" => STEPS, "activejob_peer_steps" => ACTIVEJOB_STEPS, "repeats" => REPEATS, "steps_per_task" => Bench::E2E::STEPS_PER_TASK,
                                  "task_shape" => "10 independent no-op steps", "workers" => Bench::E2E::WORKERS,
                                  "worker_concurrency" => Bench::E2E::WORKER_CONCURRENCY,
                                  "sidekiq" => "1x#{Bench::E2E::SIDEKIQ_THREADS} and 2x#{Bench::E2E::SIDEKIQ_THREADS}, logging at warn",
-                                 "goodjob" => "good_job 3.99.1 on Rails 7.0.8.7, #{Bench::E2E::GOODJOB_PROCESSES} " \
-                                              "processes x #{Bench::E2E::GOODJOB_THREADS} threads, LISTEN/NOTIFY, " \
-                                              "preserve_job_records",
+                                 "goodjob" => "good_job #{Bench.gem_in_bundle('goodjob', 'good_job')} on Rails " \
+                                              "#{Bench.gem_in_bundle('goodjob', 'railties')}, " \
+                                              "#{Bench::E2E::PEER_PROCESSES} processes x #{Bench::E2E::PEER_THREADS} " \
+                                              "threads, LISTEN/NOTIFY, preserve_job_records",
+                                 "solid_queue" => "solid_queue #{Bench.gem_in_bundle('solidqueue', 'solid_queue')} on " \
+                                                  "Rails #{Bench.gem_in_bundle('solidqueue', 'railties')}, " \
+                                                  "#{Bench::E2E::PEER_PROCESSES} worker processes x " \
+                                                  "#{Bench::E2E::PEER_THREADS} threads polling every 0.1 s, 1 dispatcher",
                                  "create_chunk_tasks" => Bench::E2E::CREATE_CHUNK,
                                  "postgresql_settings" => e2e.pg_settings },
                    rows: rows, targets: targets, limits: limits, notes: notes)

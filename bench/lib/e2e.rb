@@ -447,85 +447,120 @@ module Bench
              cpu_us_per_step_by_process: split, jobs_by_process: docs.map { |d| d["jobs"] })
     end
 
-    # --- GoodJob (ActiveJob on PostgreSQL) --------------------------------------------
+    # --- ActiveJob on PostgreSQL: GoodJob and Solid Queue --------------------------------
 
-    GOODJOB_DIR = File.expand_path("../goodjob", __dir__)
-    GOODJOB_PROCESSES = Integer(ENV.fetch("E2E_GOODJOB_PROCESSES", "2"))
-    GOODJOB_THREADS = Integer(ENV.fetch("E2E_GOODJOB_THREADS", "10"))
+    PEER_PROCESSES = Integer(ENV.fetch("E2E_PEER_PROCESSES", "2"))
+    PEER_THREADS = Integer(ENV.fetch("E2E_PEER_THREADS", "10"))
+    BENCH_DIR = File.expand_path("..", __dir__)
 
-    # GoodJob runs under its own bundle (bench/goodjob/Gemfile: Rails 7.0,
-    # pg, good_job 3.x), in the same private cluster and database: an
-    # enqueuer process (creates the schema, enqueues in bulk: the driver's
-    # part) and GOODJOB_PROCESSES `good_job start` processes.
-    def goodjob_env
-      { "BUNDLE_GEMFILE" => File.join(GOODJOB_DIR, "Gemfile"), "RUBYOPT" => "-rbundler/setup",
-        "DATABASE_URL" => "#{@url}?pool=#{GOODJOB_THREADS + 5}", "RAILS_ENV" => "production",
-        "GOOD_JOB_ENABLE_CRON" => "false" }
+    # Each runs under its own bundle (bench/<dir>/Gemfile: Rails, pg and the
+    # peer's gem, locked), in the same private cluster and database: an
+    # enqueuer process (creates the peer's schema, enqueues in bulk: the
+    # driver's part, bench/<dir>/enqueuer.rb) and the peer's own processes,
+    # PEER_PROCESSES x PEER_THREADS. Finished jobs are kept, so completion is
+    # read from the peer's jobs table.
+    #   worker, starts: command (in bench/<dir>) and how many of it to start
+    #   live_sql: how many of its working processes have registered
+    #   done_sql: its finished jobs; truncate: its tables, emptied before each run
+    #   latency:  claim-to-complete per job in ms as SQL, or nil when the
+    #             peer keeps no claim time
+    ACTIVEJOB_PEERS = {
+      "goodjob" => {
+        dir: "goodjob", starts: PEER_PROCESSES,
+        worker: ["worker.rb", "start", "--queues=bench", "--max-threads=#{PEER_THREADS}"],
+        env: { "GOOD_JOB_ENABLE_CRON" => "false" },
+        live_sql: "SELECT count(*) AS n FROM good_job_processes",
+        done_sql: "SELECT count(*) AS n FROM good_jobs WHERE finished_at IS NOT NULL AND error IS NULL",
+        truncate: %w[good_jobs good_job_executions], jobs: "good_jobs",
+        latency: "extract(epoch FROM finished_at - performed_at) * 1000"
+      },
+      "solidqueue" => {
+        dir: "solidqueue", starts: 1, # the supervisor forks the workers and the dispatcher
+        worker: ["bin/jobs"],
+        env: { "SOLID_QUEUE_PROCESSES" => PEER_PROCESSES.to_s, "SOLID_QUEUE_THREADS" => PEER_THREADS.to_s },
+        live_sql: "SELECT count(*) AS n FROM solid_queue_processes WHERE kind = 'Worker'",
+        done_sql: "SELECT count(*) AS n FROM solid_queue_jobs WHERE finished_at IS NOT NULL",
+        truncate: %w[solid_queue_jobs solid_queue_ready_executions solid_queue_claimed_executions
+                     solid_queue_failed_executions],
+        jobs: "solid_queue_jobs", latency: nil
+      }
+    }.freeze
+
+    def peer_env(peer)
+      dir = File.join(BENCH_DIR, peer[:dir])
+      { "BUNDLE_GEMFILE" => File.join(dir, "Gemfile"), "RUBYOPT" => "-rbundler/setup",
+        "DATABASE_URL" => "#{@url}?pool=#{PEER_THREADS + 5}", "RAILS_ENV" => "production" }.merge(peer[:env])
     end
 
-    def start_goodjob
+    def start_activejob_peer(name)
+      peer = ACTIVEJOB_PEERS.fetch(name)
+      dir = File.join(BENCH_DIR, peer[:dir])
+      @peers ||= {}
+      st = @peers[name] = { log: File.join(Dir.tmpdir, "tasker_bench_#{name}_#{Process.pid}.log") }
       r, w = IO.pipe
       ir, iw = IO.pipe
-      @gj_enqueuer = spawn_child(Gem.ruby, File.join(GOODJOB_DIR, "enqueuer.rb"), env: goodjob_env,
-                                                                                    chdir: GOODJOB_DIR, in: ir, out: w)
+      st[:enqueuer] = spawn_child(Gem.ruby, File.join(dir, "enqueuer.rb"), env: peer_env(peer), chdir: dir,
+                                                                            in: ir, out: w, err: st[:log])
       w.close
       ir.close
-      @gj_out = r
-      @gj_in = iw
-      read_line(@gj_out, "ready", 120)
-      @gj_log = File.join(Dir.tmpdir, "tasker_bench_goodjob_#{Process.pid}.log")
-      @gj_pids = Array.new(GOODJOB_PROCESSES) do
-        spawn_child(Gem.ruby, File.join(GOODJOB_DIR, "worker.rb"), "start", "--queues=bench", "--max-threads=#{GOODJOB_THREADS}",
-                    env: goodjob_env, chdir: GOODJOB_DIR, out: @gj_log, err: [:child, :out])
+      st[:out] = r
+      st[:in] = iw
+      read_line(st[:out], "ready", 120)
+      cmd = peer[:worker].dup
+      cmd[0] = File.join(dir, cmd[0])
+      st[:pids] = Array.new(peer[:starts]) do
+        spawn_child(Gem.ruby, *cmd, env: peer_env(peer), chdir: dir, out: st[:log], err: [:child, :out])
       end
-      Bench.wait_until(120, "#{GOODJOB_PROCESSES} GoodJob processes (see #{@gj_log})", interval: 0.1) do
-        @gj_pids.each { |pid| raise "good_job exited: #{File.read(@gj_log)[-2000..]}" if Process.waitpid(pid, Process::WNOHANG) }
-        @conn.exec("SELECT count(*) AS n FROM good_job_processes").first["n"].to_i >= GOODJOB_PROCESSES
+      Bench.wait_until(120, "#{name}'s processes (see #{st[:log]})", interval: 0.1) do
+        st[:pids].each { |pid| raise "#{name} exited: #{File.read(st[:log])[-2000..]}" if Process.waitpid(pid, Process::WNOHANG) }
+        @conn.exec(peer[:live_sql]).first["n"].to_i >= PEER_PROCESSES
       end
     end
 
-    def stop_goodjob
-      @gj_in&.close
-      @gj_in = nil
-      [@gj_enqueuer, *@gj_pids].compact.each do |pid|
-        Bench.stop_process(pid, "TERM", timeout: 30)
-        @children.delete(pid)
+    def stop_activejob_peers
+      (@peers || {}).each_value do |st|
+        st[:in]&.close
+        [st[:enqueuer], *st[:pids]].compact.each do |pid|
+          Bench.stop_process(pid, "TERM", timeout: 30)
+          @children.delete(pid)
+        end
+        st[:out]&.close
+        File.delete(st[:log]) if File.exist?(st[:log]) && !ENV["BENCH_KEEP_LOGS"]
       end
-      @gj_out&.close
-      @gj_out = nil
-      File.delete(@gj_log) if @gj_log && File.exist?(@gj_log) && !ENV["BENCH_KEEP_LOGS"]
+      @peers = {}
     end
 
-    # One timed run: the finished jobs are kept (preserve_job_records), so
-    # completion and latency (performed_at, when a process took the job, to
-    # finished_at) are read from good_jobs.
-    def run_goodjob(steps, timeout: 600)
-      @conn.exec("TRUNCATE good_jobs, good_job_executions")
-      @conn.exec("VACUUM ANALYZE good_jobs")
-      @conn.exec("VACUUM ANALYZE good_job_executions")
-      pids = [@postmaster, @gj_enqueuer, *@gj_pids]
-      groups = { "database" => [@postmaster], "workers" => @gj_pids, "creator" => [@gj_enqueuer] }
+    # One timed run of one ActiveJob peer. CPU: the cluster, the peer's
+    # processes (and what they fork), and the enqueuer.
+    def run_activejob_peer(name, steps, timeout: 600)
+      peer = ACTIVEJOB_PEERS.fetch(name)
+      st = @peers.fetch(name)
+      @conn.exec("TRUNCATE #{peer[:truncate].join(', ')} CASCADE")
+      peer[:truncate].each { |t| @conn.exec("VACUUM ANALYZE #{t}") }
+      pids = [@postmaster, st[:enqueuer], *st[:pids]]
+      groups = { "database" => [@postmaster], "workers" => st[:pids], "creator" => [st[:enqueuer]] }
       split0 = groups.transform_values { |g| Bench.tree_cpu_s(g) }
       cpu0 = cpu_now(pids)
       t0 = wall
-      @gj_in.puts("enqueue #{steps}")
-      @gj_in.flush
-      read_line(@gj_out, "enqueued", timeout)
+      st[:in].puts("enqueue #{steps}")
+      st[:in].flush
+      read_line(st[:out], "enqueued", timeout)
       created_s = wall - t0
-      Bench.wait_until(timeout, "#{steps} GoodJob jobs", interval: 0.05) do
-        @conn.exec("SELECT count(*) AS n FROM good_jobs WHERE finished_at IS NOT NULL").first["n"].to_i >= steps
+      Bench.wait_until(timeout, "#{steps} #{name} jobs", interval: 0.05) do
+        @conn.exec(peer[:done_sql]).first["n"].to_i >= steps
       end
       cpu1 = cpu_now(pids)
       split = groups.to_h { |k, g| [k, ((Bench.tree_cpu_s(g) - split0[k]) * 1e6 / steps).round(1)] }
-      row = @conn.exec(<<~SQL).first
-        SELECT count(*) FILTER (WHERE finished_at IS NOT NULL AND error IS NULL) AS done,
-               extract(epoch FROM max(finished_at))::float8 AS last,
-               percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - performed_at) * 1000) AS p50,
-               percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - performed_at) * 1000) AS p99
-          FROM good_jobs
-      SQL
-      raise "only #{row['done']} of #{steps} GoodJob jobs succeeded" unless row["done"].to_i == steps
+      done = @conn.exec(peer[:done_sql]).first["n"].to_i
+      raise "only #{done} of #{steps} #{name} jobs succeeded" unless done == steps
 
+      lat = peer[:latency] || "NULL::float8"
+      row = @conn.exec(<<~SQL).first
+        SELECT extract(epoch FROM max(finished_at))::float8 AS last,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY #{lat}) AS p50,
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY #{lat}) AS p99
+          FROM #{peer[:jobs]}
+      SQL
       result(steps: steps, seconds: row["last"].to_f - t0, cpu_s: cpu1 - cpu0, p50: row["p50"]&.to_f,
              p99: row["p99"]&.to_f, create_s: created_s, cpu_us_per_step_by_process: split)
     end

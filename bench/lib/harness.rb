@@ -80,6 +80,8 @@ module Bench
         "sidekiq" => sidekiq&.version&.to_s,
         "good_job" => gem_in_bundle("goodjob", "good_job"),
         "rails" => gem_in_bundle("goodjob", "railties"),
+        "solid_queue" => gem_in_bundle("solidqueue", "solid_queue"),
+        "solid_queue_rails" => gem_in_bundle("solidqueue", "railties"),
         "cc" => capture("cc", "--version")&.lines&.first&.strip,
         "nproc" => Etc.nprocessors,
         "kernel" => capture("uname", "-sr"),

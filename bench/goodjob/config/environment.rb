@@ -27,9 +27,4 @@ module GoodJobBench
 end
 
 Rails.application.initialize!
-
-class BenchNoopJob < ActiveJob::Base
-  queue_as :bench
-
-  def perform; end
-end
+require_relative "../../lib/activejob_peer"
