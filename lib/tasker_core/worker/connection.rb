@@ -31,6 +31,7 @@ module TaskerCore
         @peer_subscriptions = 0
         @next_heartbeat_at = nil
         @retry_at = nil
+        @wake_pending = false
       end
 
       # ---- any thread ---------------------------------------------------
@@ -51,7 +52,13 @@ module TaskerCore
 
       def summary = @links.summary
 
+      # Wakes the I/O thread. One byte per wait: while a wake-up is pending,
+      # later callers write nothing (what they queued before calling is
+      # seen by the loop that follows the pending wake-up).
       def wake
+        return if @wake_pending
+
+        @wake_pending = true
         @wake_w&.write_nonblock(".", exception: false)
       rescue IOError
         nil # pipe closed: the I/O thread has finished and needs no wake-up
@@ -62,6 +69,7 @@ module TaskerCore
       # Opens the wake-up pipe and both sockets.
       def open
         @wake_r, @wake_w = IO.pipe
+        @wake_pending = false # a wake before the pipe existed wrote nothing
         @sub = open_socket(:batch)
         @pub = open_socket(:result)
         self
@@ -80,7 +88,12 @@ module TaskerCore
       # Returns true when the batch socket is readable.
       def wait(wait_ms)
         readable = TaskerCore::Socket.select([@sub, @pub, @wake_r], wait_ms)
-        drain_wake_pipe if readable.include?(@wake_r)
+        if readable.include?(@wake_r)
+          drain_wake_pipe
+          # Cleared after the byte is read and before the caller looks at
+          # what the waking threads queued: a wake-up after this writes again.
+          @wake_pending = false
+        end
         readable.include?(@sub)
       end
 
@@ -199,7 +212,11 @@ module TaskerCore
 
       # Hands the sockets' monitor events to Links.
       def record_socket_events
-        @links.record(@sub.events.map { |e| e.merge(socket: :batch) } + @pub.events.map { |e| e.merge(socket: :result) })
+        batch = @sub.events
+        result = @pub.events
+        return if batch.empty? && result.empty?
+
+        @links.record(batch.map { |e| e.merge(socket: :batch) } + result.map { |e| e.merge(socket: :result) })
       end
 
       private

@@ -58,11 +58,15 @@ module TaskerCore
 
       # {kind => grace in seconds} of the sockets down past their grace.
       def dead(now)
+        return NONE_DEAD unless down?
+
         @links.filter_map { |kind, l| [kind, grace(l)] if l[:down_since] && now >= l[:down_since] + grace(l) }.to_h
       end
 
       # When the next socket would be dead, or nil.
       def next_due_at
+        return nil unless down?
+
         @links.each_value.filter_map { |l| l[:down_since] + grace(l) if l[:down_since] }.min
       end
 
@@ -76,6 +80,10 @@ module TaskerCore
       def moved = @links.each_value { |l| l[:reopens] = 0 }
 
       private
+
+      NONE_DEAD = {}.freeze
+
+      def down? = @links[:batch][:down_since] || @links[:result][:down_since]
 
       def grace(link) = [@grace_s * (2**[link[:reopens], 16].min), [REOPEN_GRACE_MAX_S, @grace_s].max].min
 
