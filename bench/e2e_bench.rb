@@ -191,7 +191,7 @@ limits = [
     "metric" => "database CPU per task", "max" => 0.3 }
 ]
 notes = [
-  "Latency: ours = step transition 'enqueued' (claim) to 'complete' (results applied); GoodJob = performed_at " \
+  "Latency: ours = step transition 'claimed' (the claim) to 'complete' (results applied); GoodJob = performed_at " \
   "(a process took the job) to finished_at; Solid Queue: none (it deletes the claim when the job finishes and " \
   "keeps no claim time); SQL floor = claimed_at to completed_at; Sidekiq = enqueued_at to the " \
   "job's start (its only timestamps: with the whole backlog pushed at once, this is mostly time waiting in the " \

@@ -237,7 +237,7 @@ module Bench
           FROM (SELECT extract(epoch FROM c.created_at - e.created_at) * 1000 AS ms
                   FROM tasker_workflow_step_transitions c
                   JOIN tasker_workflow_step_transitions e
-                    ON e.step_id = c.step_id AND e.attempt = c.attempt AND e.to_state = 'enqueued'
+                    ON e.step_id = c.step_id AND e.attempt = c.attempt AND e.reason = 'claimed'
                  WHERE c.to_state = 'complete' AND c.task_id > $1) x
       SQL
       stats1 = orchestrator_stats

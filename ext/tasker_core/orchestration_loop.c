@@ -764,7 +764,7 @@ static PGresult *claim(tc_loop *l, long limit)
      * unescaping, arrays as length-prefixed elements. */
     PGresult *r = PQexecParams(c,
                                "SELECT step_id, task_id, step_name, handler, handler_config, attempt, timeout_ms, "
-                               "context, dep_names, dep_outputs FROM tasker_claim_steps($1, $2::int, $3::int)",
+                               "context, dep_names, dep_outputs FROM tasker_claim_steps_v2($1, $2::int, $3::int)",
                                3, NULL, vals, NULL, NULL, 1);
     if (r && PQresultStatus(r) == PGRES_TUPLES_OK && PQnfields(r) == 10) return r;
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
@@ -957,21 +957,8 @@ static int claim_and_dispatch(tc_loop *l)
     free(steps);
     PQclear(res);
 
-    if (sent.n) {
-        /* A failure here is harmless: results apply to enqueued steps too. */
-        sbuf ids = {0}, att = {0};
-        pairs_literals(&sent, &ids, &att);
-        const char *vals[2] = {ids.p, att.p};
-        PGresult *r = (ids.oom || att.oom)
-                          ? NULL
-                          : exec_text(l, "SELECT tasker_mark_dispatched($1::bigint[], $2::int[])", 2, vals);
-        if (r)
-            PQclear(r);
-        else
-            db_failed(l, "tasker_mark_dispatched");
-        sb_free(&ids);
-        sb_free(&att);
-    }
+    /* The claim moved the steps straight to in_progress (db/migrate/0009):
+     * nothing to mark for the ones sent. */
     free(sent.v);
     release_pairs(l, &l->unsent, 0);
     if (failed) return 1;
