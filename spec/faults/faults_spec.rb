@@ -197,13 +197,11 @@ RSpec.describe "faults", :db, :no_valgrind do
   it "loses nothing with a high-water mark of 1, where messages really are dropped" do
     use_templates(template("pair", [slow("a", sleep_ms: 5), slow("b", ["a"], sleep_ms: 5)]))
     # Batches of one step: a worker with 20 free slots is sent 20 messages at
-    # once, and a queue of one refuses most of them. One worker: the loop
-    # spreads batches over the workers (the most free capacity first), so
-    # with several each would get one message in turn, not a burst.
+    # once, and a queue of one refuses most of them.
     start_loop(send_hwm: 1, recv_hwm: 1, lease_ms: 300, batch_size: 1)
     config = fault_config("send_hwm" => 1, "recv_hwm" => 1)
-    spawn_worker(config: config, concurrency: 20)
-    wait_for_workers(1)
+    3.times { spawn_worker(config: config, concurrency: 20) }
+    wait_for_workers(3)
     ids = Array.new(300) { |i| TaskerCore.create_task(name: "pair", context: { "n" => i }) }
     expect_finished_exactly_once(ids)
     stats = @handle.stats
