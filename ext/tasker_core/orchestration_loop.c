@@ -880,61 +880,63 @@ static int claim_and_dispatch(tc_loop *l)
     if (rows && idx && steps && picked && skip) {
         failed = fail_unsendable(l, res, rows, n, &body, &too_large, &too_deep);
         int first = 0; /* rows before it are all decided */
-        /* Batch by batch, to the worker the handle core's one selection
-         * rule picks (the most free capacity, then the least recently
-         * sent to), so batches spread over the workers; a worker that
-         * can take none of the rows left, or refused, sits out the rest. */
+        /* Worker by worker, in the order the handle core's one selection
+         * rule gives (the most free capacity, then the least recently sent
+         * to), each filled with batches up to its free capacity before the
+         * next, so small claims spread over the workers; a worker is
+         * visited once per claim. */
         while (first < n) {
             long wi = tc_oh_choose_worker(l->oh, 1, skip);
             if (wi < 0) break;
+            skip[wi] = 1;
             tc_oh_worker *w = &l->oh->workers[wi];
             long f = (long)(w->capacity - (int64_t)w->used);
             worker_limits wl = limits_of(l->oh, w, &body);
             long per = l->batch_size < wl.steps ? l->batch_size : (long)wl.steps;
-            long most = f < per ? f : per;
-            int take = 0;
-            int64_t bytes = wl.envelope;
-            /* In claim order, the steps this worker can take, until the
-             * next would overflow its max_message_bytes. */
-            for (int i = first; i < n && take < most; i++) {
-                if (rows[i].state != ROW_PENDING || !row_fits(&rows[i], &wl)) continue;
-                if (bytes + (int64_t)rows[i].len > wl.bytes) {
-                    split++;
-                    break;
+            while (f > 0 && first < n) {
+                long most = f < per ? f : per;
+                int take = 0;
+                int64_t bytes = wl.envelope;
+                /* In claim order, the steps this worker can take, until the
+                 * next would overflow its max_message_bytes. */
+                for (int i = first; i < n && take < most; i++) {
+                    if (rows[i].state != ROW_PENDING || !row_fits(&rows[i], &wl)) continue;
+                    if (bytes + (int64_t)rows[i].len > wl.bytes) {
+                        split++;
+                        break;
+                    }
+                    bytes += (int64_t)rows[i].len;
+                    idx[take++] = i;
                 }
-                bytes += (int64_t)rows[i].len;
-                idx[take++] = i;
+                if (take == 0) break;
+                char batch_id[TC_OH_BATCH_ID_MAX + 1];
+                tc_oh_next_batch_id(l->oh, batch_id, sizeof(batch_id));
+                for (int j = 0; j < take; j++) {
+                    steps[j].step_id = be64(PQgetvalue(res, idx[j], C_STEP));
+                    steps[j].task_id = be64(PQgetvalue(res, idx[j], C_TASK));
+                    steps[j].attempt = be32(PQgetvalue(res, idx[j], C_ATTEMPT));
+                }
+                int ok = build_batch(&body, l->oh, batch_id, w->id, ents.sbuf.data, rows, idx, take, picked) == 0;
+                if (ok) {
+                    pthread_mutex_lock(&l->mu);
+                    ok = tc_oh_send_reserve(l->oh, wi, batch_id, (size_t)take) == 0;
+                    pthread_mutex_unlock(&l->mu);
+                }
+                if (ok) {
+                    ok = tc_oh_send_raw(l->oh, wi, body.sbuf.data, body.sbuf.size) == 0;
+                    int e = errno;
+                    pthread_mutex_lock(&l->mu);
+                    tc_oh_send_record(l->oh, wi, batch_id, steps, (size_t)take, ok, e);
+                    pthread_mutex_unlock(&l->mu);
+                }
+                for (int j = 0; j < take; j++) {
+                    rows[idx[j]].state = ok ? ROW_SENT : ROW_UNSENT;
+                    pairs_push(ok ? &sent : &l->unsent, steps[j].step_id, steps[j].attempt);
+                }
+                while (first < n && rows[first].state != ROW_PENDING) first++;
+                if (!ok) break; /* refused at the high-water mark: the core backs this worker off */
+                f -= take;
             }
-            if (take == 0) {
-                skip[wi] = 1;
-                continue;
-            }
-            char batch_id[TC_OH_BATCH_ID_MAX + 1];
-            tc_oh_next_batch_id(l->oh, batch_id, sizeof(batch_id));
-            for (int j = 0; j < take; j++) {
-                steps[j].step_id = be64(PQgetvalue(res, idx[j], C_STEP));
-                steps[j].task_id = be64(PQgetvalue(res, idx[j], C_TASK));
-                steps[j].attempt = be32(PQgetvalue(res, idx[j], C_ATTEMPT));
-            }
-            int ok = build_batch(&body, l->oh, batch_id, w->id, ents.sbuf.data, rows, idx, take, picked) == 0;
-            if (ok) {
-                pthread_mutex_lock(&l->mu);
-                ok = tc_oh_send_reserve(l->oh, wi, batch_id, (size_t)take) == 0;
-                pthread_mutex_unlock(&l->mu);
-            }
-            if (ok) {
-                ok = tc_oh_send_raw(l->oh, wi, body.sbuf.data, body.sbuf.size) == 0;
-                int e = errno;
-                pthread_mutex_lock(&l->mu);
-                tc_oh_send_record(l->oh, wi, batch_id, steps, (size_t)take, ok, e);
-                pthread_mutex_unlock(&l->mu);
-            }
-            for (int j = 0; j < take; j++) {
-                rows[idx[j]].state = ok ? ROW_SENT : ROW_UNSENT;
-                pairs_push(ok ? &sent : &l->unsent, steps[j].step_id, steps[j].attempt);
-            }
-            while (first < n && rows[first].state != ROW_PENDING) first++;
-            if (!ok) skip[wi] = 1; /* refused at the high-water mark: the core backs this worker off */
         }
     }
     /* Claimed and not sent: back to pending, no attempt lost. A step too
