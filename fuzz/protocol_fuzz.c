@@ -12,7 +12,9 @@
 
 #include "protocol.h"
 
-/* The bytes the loop stores for obj are one msgpack value equal to obj. */
+/* The bytes the loop stores for obj are one msgpack value, the same as
+ * obj: both re-packed give the same bytes (msgpack_object_equal would
+ * call a NaN unequal to itself). */
 static void same_value(const tc_proto_str *bytes, const msgpack_object *obj)
 {
     if (!obj) {
@@ -23,9 +25,15 @@ static void same_value(const tc_proto_str *bytes, const msgpack_object *obj)
     msgpack_unpacked v;
     size_t off = 0;
     msgpack_unpacked_init(&v);
-    if (msgpack_unpack_next(&v, bytes->ptr, bytes->len, &off) != MSGPACK_UNPACK_SUCCESS || off != bytes->len ||
-        !msgpack_object_equal(v.data, *obj))
+    if (msgpack_unpack_next(&v, bytes->ptr, bytes->len, &off) != MSGPACK_UNPACK_SUCCESS || off != bytes->len) abort();
+    msgpack_sbuffer a, b;
+    msgpack_sbuffer_init(&a);
+    msgpack_sbuffer_init(&b);
+    if (tc_proto_pack_object(&a, &v.data) != 0 || tc_proto_pack_object(&b, obj) != 0 || a.size != b.size ||
+        memcmp(a.data, b.data, a.size) != 0)
         abort();
+    msgpack_sbuffer_destroy(&a);
+    msgpack_sbuffer_destroy(&b);
     msgpack_unpacked_destroy(&v);
 }
 

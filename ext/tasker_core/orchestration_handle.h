@@ -282,8 +282,9 @@ long tc_oh_next_expiry_ms(const tc_oh *h);
  * oversized batch is never refused forever and never piles on a busy
  * worker. Workers advertising capacity 0 take nothing; ties go to the
  * least recently sent to. The one selection rule: publish_batch and the
- * loop (batch by batch, nsteps 1) both use it. skip: NULL, or a flag per
- * worker index to leave out. Returns the index in h->workers, or -1. */
+ * loop (the order it fills workers in, nsteps 1) both use it. skip: NULL,
+ * or a flag per worker index to leave out. Returns the index in
+ * h->workers, or -1. */
 long tc_oh_choose_worker(const tc_oh *h, size_t nsteps, const unsigned char *skip);
 
 int tc_oh_worker_live(const tc_oh_worker *w);

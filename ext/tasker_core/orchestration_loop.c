@@ -1064,39 +1064,40 @@ static int claim_and_dispatch(tc_loop *l)
         failed = fail_unsendable(l, res, rows, n, &body, &too_large, &too_deep);
         dispatch_suspects(l, res, rows, n, idx, &ents, &body, steps, picked, &sent, now);
         int first = 0; /* rows before it are all decided */
-        /* Batch by batch, to the worker the handle core's one selection
-         * rule picks (the most free capacity, then the least recently
-         * sent to), so batches spread over the workers; a worker that
-         * can take none of the rows left, or refused, sits out the rest.
-         * Suspects went alone above, or wait. */
+        /* Worker by worker, in the order the handle core's one selection
+         * rule gives (the most free capacity, then the least recently sent
+         * to), each filled with batches up to its free capacity before the
+         * next, so small claims spread over the workers; a worker is
+         * visited once per claim. Suspects went alone above, or wait. */
         while (first < n) {
             long wi = tc_oh_choose_worker(l->oh, 1, skip);
             if (wi < 0) break;
+            skip[wi] = 1;
             tc_oh_worker *w = &l->oh->workers[wi];
             long f = (long)(w->capacity - (int64_t)w->used);
             worker_limits wl = limits_of(l->oh, w, &body);
             long per = l->batch_size < wl.steps ? l->batch_size : (long)wl.steps;
-            long most = f < per ? f : per;
-            int take = 0;
-            int64_t bytes = wl.envelope;
-            /* In claim order, the steps this worker can take, until the
-             * next would overflow its max_message_bytes. */
-            for (int i = first; i < n && take < most; i++) {
-                if (rows[i].state != ROW_PENDING || rows[i].suspect || !row_fits(&rows[i], &wl)) continue;
-                if (bytes + (int64_t)rows[i].len > wl.bytes) {
-                    split++;
-                    break;
+            while (f > 0 && first < n) {
+                long most = f < per ? f : per;
+                int take = 0;
+                int64_t bytes = wl.envelope;
+                /* In claim order, the steps this worker can take, until the
+                 * next would overflow its max_message_bytes. */
+                for (int i = first; i < n && take < most; i++) {
+                    if (rows[i].state != ROW_PENDING || rows[i].suspect || !row_fits(&rows[i], &wl)) continue;
+                    if (bytes + (int64_t)rows[i].len > wl.bytes) {
+                        split++;
+                        break;
+                    }
+                    bytes += (int64_t)rows[i].len;
+                    idx[take++] = i;
                 }
-                bytes += (int64_t)rows[i].len;
-                idx[take++] = i;
+                if (take == 0) break;
+                int ok = send_rows(l, (size_t)wi, res, rows, idx, take, &ents, &body, steps, picked, &sent);
+                while (first < n && rows[first].state != ROW_PENDING) first++;
+                if (!ok) break; /* refused at the high-water mark: the core backs this worker off */
+                f -= take;
             }
-            if (take == 0) {
-                skip[wi] = 1;
-                continue;
-            }
-            int ok = send_rows(l, (size_t)wi, res, rows, idx, take, &ents, &body, steps, picked, &sent);
-            while (first < n && rows[first].state != ROW_PENDING) first++;
-            if (!ok) skip[wi] = 1; /* refused at the high-water mark: the core backs this worker off */
         }
     }
     /* Claimed and not sent: back to pending, no attempt lost. A step too

@@ -20,75 +20,38 @@ const char *tc_proto_err_name(tc_proto_err e)
     return (e >= 0 && e < TC_PROTO_ERR_COUNT) ? err_names[e] : "unknown";
 }
 
-/* The value under a str key of a msgpack map, or NULL. */
-const msgpack_object *tc_proto_map_get(const msgpack_object *map, const char *key)
+/* The first pair of a msgpack map under a str key, or NULL. */
+static const msgpack_object_kv *map_pair(const msgpack_object *map, const char *key)
 {
     size_t kl = strlen(key);
     for (uint32_t i = 0; i < map->via.map.size; i++) {
         const msgpack_object *k = &map->via.map.ptr[i].key;
         if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == kl && memcmp(k->via.str.ptr, key, kl) == 0)
-            return &map->via.map.ptr[i].val;
+            return &map->via.map.ptr[i];
     }
     return NULL;
 }
 
-/* A str key's header: 1 with its body, 0 for any other type. */
-static int raw_str(const unsigned char *p, size_t left, const char **s, size_t *n)
+/* The value under a str key of a msgpack map, or NULL. */
+const msgpack_object *tc_proto_map_get(const msgpack_object *map, const char *key)
 {
-    size_t h;
-    if (left < 1) return 0;
-    if ((p[0] & 0xe0) == 0xa0) {
-        h = 1;
-        *n = p[0] & 0x1f;
-    } else if (p[0] == 0xd9 && left >= 2) {
-        h = 2;
-        *n = p[1];
-    } else if (p[0] == 0xda && left >= 3) {
-        h = 3;
-        *n = (size_t)p[1] << 8 | p[2];
-    } else if (p[0] == 0xdb && left >= 5) {
-        h = 5;
-        *n = (size_t)p[1] << 24 | (size_t)p[2] << 16 | (size_t)p[3] << 8 | p[4];
-    } else {
-        return 0;
-    }
-    if (*n > left - h) return 0;
-    *s = (const char *)p + h;
-    return 1;
+    const msgpack_object_kv *kv = map_pair(map, key);
+    return kv ? &kv->val : NULL;
 }
 
-int tc_proto_value_bytes(const char *body, size_t len, const char *key, tc_proto_str *out)
+int tc_proto_value_bytes(const msgpack_object *map, const char *body, size_t len, const char *key, tc_proto_str *out)
 {
-    const unsigned char *p = (const unsigned char *)body;
-    size_t off, npairs, kl = strlen(key);
-    if (len < 1) return -1;
-    if ((p[0] & 0xf0) == 0x80) {
-        npairs = p[0] & 0x0f;
-        off = 1;
-    } else if (p[0] == 0xde && len >= 3) {
-        npairs = (size_t)p[1] << 8 | p[2];
-        off = 3;
-    } else if (p[0] == 0xdf && len >= 5) {
-        npairs = (size_t)p[1] << 24 | (size_t)p[2] << 16 | (size_t)p[3] << 8 | p[4];
-        off = 5;
-    } else {
-        return -1;
-    }
-    for (size_t i = 0; i < npairs; i++) {
-        const char *s;
-        size_t n, klen, vlen;
-        int match = raw_str(p + off, len - off, &s, &n) && n == kl && memcmp(s, key, kl) == 0;
-        if (tc_codec_skip(body + off, len - off, &klen) != 0) return -1;
-        off += klen;
-        if (tc_codec_skip(body + off, len - off, &vlen) != 0) return -1;
-        if (match) {
-            out->ptr = body + off;
-            out->len = vlen;
-            return 0;
-        }
-        off += vlen;
-    }
-    return 1;
+    const msgpack_object_kv *kv = map_pair(map, key);
+    if (!kv) return 1;
+    /* msgpack-c points a str at its bytes in body: the value starts right
+     * after its key's, and tc_codec_skip finds where it ends. */
+    const char *start = kv->key.via.str.ptr + kv->key.via.str.size;
+    size_t n;
+    uintptr_t at = (uintptr_t)start, lo = (uintptr_t)body;
+    if (at < lo || at >= lo + len || tc_codec_skip(start, len - (size_t)(at - lo), &n) != 0) return -1;
+    out->ptr = start;
+    out->len = n;
+    return 0;
 }
 
 static int as_int(const msgpack_object *v, int64_t *out)
@@ -233,14 +196,14 @@ static tc_proto_err parse_partial(const msgpack_object *m, const char *body, siz
         FAIL(TC_PROTO_ERR_FIELDS, "partial_result with status %.*s", (int)(status.len > 32 ? 32 : status.len),
              status.ptr);
     out->output = tc_proto_map_get(m, "output");
-    if (out->output && tc_proto_value_bytes(body, len, "output", &out->output_bytes) != 0)
+    if (out->output && tc_proto_value_bytes(m, body, len, "output", &out->output_bytes) != 0)
         FAIL(TC_PROTO_ERR_UNDECODABLE, "a partial_result whose output could not be located");
     out->retryable = 1;
     out->retry_after_ms = -1;
     const msgpack_object *e = tc_proto_map_get(m, "error");
     if (e && e->type == MSGPACK_OBJECT_MAP) {
         out->error = e;
-        if (tc_proto_value_bytes(body, len, "error", &out->error_bytes) != 0)
+        if (tc_proto_value_bytes(m, body, len, "error", &out->error_bytes) != 0)
             FAIL(TC_PROTO_ERR_UNDECODABLE, "a partial_result whose error could not be located");
         const msgpack_object *r = tc_proto_map_get(e, "retryable");
         if (r && r->type == MSGPACK_OBJECT_BOOLEAN) out->retryable = r->via.boolean;

@@ -117,11 +117,11 @@ void tc_proto_refused_step(const tc_proto_msg *m, size_t i, int64_t *step_id, in
 /* Appends obj (or nil for NULL) re-encoded as msgpack to sbuf; 0 ok, -1 out of memory. */
 int tc_proto_pack_object(msgpack_sbuffer *sbuf, const msgpack_object *obj);
 
-/* The bytes of the value under a str key of the msgpack map that is the
- * whole of body (the first such key, as tc_proto_map_get finds it): 0 with
- * *out, 1 when the key is absent, -1 when body is not one map. For bodies
- * tc_codec_check accepted. */
-int tc_proto_value_bytes(const char *body, size_t len, const char *key, tc_proto_str *out);
+/* The bytes inside body of the value under a str key of map (the first
+ * such key, as tc_proto_map_get finds it), map having been unpacked from
+ * body by msgpack_unpack_next: 0 with *out, 1 when the key is absent, -1
+ * when the value's bytes are not found whole inside body. */
+int tc_proto_value_bytes(const msgpack_object *map, const char *body, size_t len, const char *key, tc_proto_str *out);
 
 /* The value under a str key of a msgpack map (linear scan), or NULL. */
 const msgpack_object *tc_proto_map_get(const msgpack_object *map, const char *key);
