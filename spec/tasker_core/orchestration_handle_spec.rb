@@ -317,12 +317,20 @@ RSpec.describe TaskerCore::OrchestrationHandle do
     end
 
     it "is interrupted by Thread#raise while waiting" do
+      h = handle
       waiting = Thread.current
+      entered = false
+      # Raised only once this thread is inside the block and asleep: a raise
+      # that landed earlier (under GC.stress this thread can be seen asleep
+      # before the block) would prove nothing about the wait.
       interrupter = Thread.new do
-        Thread.pass until waiting.status == "sleep"
+        Thread.pass until entered && waiting.status == "sleep"
         waiting.raise(RuntimeError, "stop waiting")
       end
-      expect { handle.receive_results(timeout_ms: 60_000) }.to raise_error(RuntimeError, "stop waiting")
+      expect do
+        entered = true
+        h.receive_results(timeout_ms: 60_000)
+      end.to raise_error(RuntimeError, "stop waiting")
       interrupter.join
       expect(handle.receive_results).to eq([])
     end
