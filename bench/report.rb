@@ -42,7 +42,9 @@ def table_for(doc)
   out << ""
   out << "#{doc['date']} · nproc #{env['nproc']} · #{env['ruby']&.split(' [')&.first} · libzmq #{env['libzmq']} · " \
          "msgpack-c #{env['msgpack_c']} · msgpack gem #{env['msgpack_gem']} · " \
-         "#{env['postgresql']} · #{env['redis']&.split(' sha=')&.first} · sidekiq #{env['sidekiq']}"
+         "#{env['postgresql']} · #{env['redis']&.split(' sha=')&.first} · sidekiq #{env['sidekiq']}" \
+         "#{env['good_job'] ? " · good_job #{env['good_job']} (Rails #{env['rails']})" : ''}" \
+         "#{env['loadavg_at_end'] ? " · load average at end #{env['loadavg_at_end']}" : ''}"
   params = (doc["parameters"] || {}).reject { |k, _| k == "statistic" }
   out << ""
   out << "Parameters: #{params.map { |k, v| "#{k}=#{v.is_a?(Hash) ? v.to_json : v}" }.join(', ')}"
@@ -74,6 +76,20 @@ def table_for(doc)
       met = x.nil? ? "no (no figure)" : (x >= t["min_ratio"] ? "yes" : "**no**")
       out << "| #{t['label']}: #{t['metric']} vs #{t['peer']} | #{x ? format('%.2fx', x) : '-'} | " \
              ">= #{t['min_ratio']}x | #{met} |"
+    end
+  end
+  limits = doc["limits"] || []
+  unless limits.empty?
+    out << ""
+    out << "| limit | contender | measured (median) | required | met |"
+    out << "|---|---|---|---|---|"
+    limits.each do |l|
+      r = rows.find { |x| x["label"] == l["label"] && x["metric"] == l["metric"] && x["contender"] == l["contender"] }
+      v = r && r["median"]
+      bound, ok = l.key?("max") ? ["<= #{num(l['max'])}", v && v <= l["max"]] : [">= #{num(l['min'])}", v && v >= l["min"]]
+      met = v.nil? ? "no (no figure)" : (ok ? "yes" : "**no**")
+      out << "| #{l['label']}: #{l['metric']} | #{l['contender']} | #{v.nil? ? '-' : "#{num(v)} #{r['unit']}"} | " \
+             "#{bound} #{r ? r['unit'] : ''} | #{met} |"
     end
   end
   if doc["notes"]

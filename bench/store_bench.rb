@@ -10,6 +10,16 @@
 #   concurrent: the same drain loop while a second connection (a thread)
 #               creates the tasks in statements of 100 tasks (as bench e2e
 #               does); the loop keeps going until every task is complete.
+#   create_tasks: N steps created through TaskerCore.create_tasks, calls of
+#               500 tasks (STORE_CREATE_BATCH) of 10 steps; nothing drained.
+#   create_task:  N steps created through TaskerCore.create_task, one task
+#               per call, from STORE_CREATE_THREADS threads (1); nothing drained.
+#   drain_v2:   as drain, with tasker_claim_steps_v3 (claimed straight to
+#               in_progress) and no tasker_mark_dispatched, as the loop does
+#               (concurrent too; drain keeps the claim of older orchestrators).
+#
+# The create modes report the cluster's CPU per step and per task (the
+# calling Ruby process is not counted).
 #
 # Reports steps/s, the CPU of the draining backend per step (utime+stime of
 # its process, from /proc) and of the whole cluster per step (postmaster
@@ -44,6 +54,8 @@ module Bench
           FROM generate_series(1, $1) AS g) x
     SQL
     CLAIM_SQL = "SELECT step_id, attempt FROM tasker_claim_steps($1, $2::int, $3::int)"
+    CLAIM_V2_SQL = "SELECT step_id, attempt FROM tasker_claim_steps_v3($1, $2::int, $3::int, 2, 0)"
+    CREATE_MODES = %w[create_tasks create_task].freeze
     MARK_SQL = "SELECT tasker_mark_dispatched($1::bigint[], $2::int[]) AS n"
     APPLY_SQL = "SELECT applied, stale FROM tasker_apply_results($1::bigint[], $2::int[], $3::boolean[], " \
                 "$4::bytea[], $5::bytea[], $6::boolean[], $7::int[])"
@@ -84,6 +96,15 @@ module Bench
         @settings["synchronous_commit"] == "on" && @settings["fsync"] == "on"
 
       @postmaster = File.read(File.join(@dir, "data", "postmaster.pid")).to_i
+      # TaskerCore.create_task(s) on this cluster, with a template of 10 independent no-op steps.
+      ENV["DATABASE_URL"] = @url
+      TaskerCore.configure
+      TaskerCore.task_templates = TaskerCore::TaskTemplateRegistry.new.tap do |r|
+        r.register(TaskerCore::TaskTemplate.new({
+                     "name" => "noop_x10", "namespace" => "bench",
+                     "steps" => NAMES.map { |n| { "name" => n, "handler" => "BenchHandlers::Noop" } }}
+                   ))
+      end
       @backend = @conn.exec("SELECT pg_backend_pid() AS p").first["p"]
     end
 
@@ -133,13 +154,13 @@ module Bench
       r
     end
 
-    def round(owner)
-      rows = timed("claim") { @conn.exec(CLAIM_SQL, [owner, BATCH, 10_000]) }
+    def round(owner, direct: false)
+      rows = timed("claim") { @conn.exec(direct ? CLAIM_V2_SQL : CLAIM_SQL, [owner, BATCH, 10_000]) }
       return 0 if rows.empty?
 
       ids = rows.map { |r| r["step_id"] }
       attempts = rows.map { |r| r["attempt"] }
-      timed("mark_dispatched") { @conn.exec(MARK_SQL, [ids, attempts]) }
+      timed("mark_dispatched") { @conn.exec(MARK_SQL, [ids, attempts]) } unless direct
       n = ids.size
       r = timed("apply_results") do
         @conn.exec(APPLY_SQL, [ids, attempts, Array.new(n, true), Array.new(n, "\x80".b), Array.new(n, nil),
@@ -150,13 +171,53 @@ module Bench
       n
     end
 
-    # mode: "drain" or "concurrent". Returns the result Hash of one run.
+    # Through the Ruby API: create_tasks in calls of `batch` tasks, or
+    # create_task one task per call. Returns the result Hash of one run.
+    def run_create(mode, steps)
+      reset
+      ntasks = steps / STEPS_PER_TASK
+      batch = Integer(ENV.fetch("STORE_CREATE_BATCH", "500"))
+      entry = { name: "noop_x10", namespace: "bench", context: { "order_id" => 1 } }
+      cluster0 = Bench.tree_cpu_s([@postmaster])
+      t0 = Bench.clock
+      calls = 0
+      if mode == "create_tasks"
+        left = ntasks
+        while left.positive?
+          k = [left, batch].min
+          ids = TaskerCore.create_tasks(Array.new(k) { entry })
+          raise "created #{ids.compact.size} tasks instead of #{k}" unless ids.compact.size == k
+
+          left -= k
+          calls += 1
+        end
+      else
+        threads = Integer(ENV.fetch("STORE_CREATE_THREADS", "1"))
+        Array.new(threads) { |k| Thread.new { (ntasks / threads + (k < ntasks % threads ? 1 : 0)).times { TaskerCore.create_task(**entry) } } }
+             .each(&:join)
+        calls = ntasks
+      end
+      seconds = Bench.clock - t0
+      cluster = Bench.tree_cpu_s([@postmaster]) - cluster0
+      n = @conn.exec("SELECT count(*) AS n FROM tasker_workflow_steps").first["n"]
+      raise "#{n} steps instead of #{steps}" unless n == steps
+
+      { "mode" => mode, "steps" => steps, "tasks" => ntasks, "calls" => calls, "seconds" => seconds.round(3),
+        "steps_per_s" => (steps / seconds).round(1), "tasks_per_s" => (ntasks / seconds).round(1),
+        "cluster_cpu_us_per_step" => (cluster * 1e6 / steps).round(1),
+        "cluster_cpu_us_per_task" => (cluster * 1e6 / ntasks).round(1) }
+    end
+
+    # mode: "drain", "drain_v2" or "concurrent". Returns the result Hash of one run.
     def run(mode, steps)
+      return run_create(mode, steps) if CREATE_MODES.include?(mode)
+
       reset
       reset_timings
       ntasks = steps / STEPS_PER_TASK
       create_s = nil
-      if mode == "drain"
+      direct = mode != "drain" # the loop's claim; drain keeps the version 1 claim of older orchestrators
+      if mode != "concurrent"
         t = Bench.clock
         create_tasks(@conn, ntasks)
         create_s = Bench.clock - t
@@ -182,7 +243,7 @@ module Bench
       rounds = 0
       empty = 0
       loop do
-        n = round("bench-store")
+        n = round("bench-store", direct: direct)
         done += n
         rounds += 1 if n.positive?
         next if n.positive?
@@ -192,7 +253,7 @@ module Bench
         sleep 0.001 # the creator has not committed the next chunk yet
       end
       create_s = creator.value if creator
-      done += round("bench-store") while @conn.exec(UNFINISHED_SQL).first["n"].positive? &&
+      done += round("bench-store", direct: direct) while @conn.exec(UNFINISHED_SQL).first["n"].positive? &&
                                          (creator || done < steps)
       seconds = Bench.clock - t0
       backend = backend_cpu_s - backend0
@@ -231,6 +292,12 @@ if $PROGRAM_NAME == __FILE__
       modes.each do |mode|
         r = bench.run(mode, steps)
         runs[mode] << r
+        if Bench::Store::CREATE_MODES.include?(mode)
+          puts format("%-12s run %d: %8.1f steps/s %8.1f tasks/s  cluster %7.1f µs/step %8.1f µs/task  (%d calls)",
+                      mode, i + 1, r["steps_per_s"], r["tasks_per_s"], r["cluster_cpu_us_per_step"],
+                      r["cluster_cpu_us_per_task"], r["calls"])
+          next
+        end
         puts format("%-10s run %d: %8.1f steps/s  drain backend %7.1f µs/step  cluster %7.1f µs/step  create %s s",
                     mode, i + 1, r["steps_per_s"], r["drain_backend_cpu_us_per_step"], r["cluster_cpu_us_per_step"],
                     r["create_s"].inspect)
@@ -250,6 +317,12 @@ if $PROGRAM_NAME == __FILE__
   contender = ENV.fetch("STORE_CONTENDER", "ours")
   rows = runs.flat_map do |mode, rs|
     label = "#{steps} steps, #{mode}"
+    if Bench::Store::CREATE_MODES.include?(mode)
+      next [Bench.row(label: label, contender: contender, metric: "steps/s", unit: "steps/s",
+                      samples: rs.map { |r| r["steps_per_s"] }, runs: rs),
+            Bench.row(label: label, contender: contender, metric: "cluster CPU per task", unit: "µs",
+                      samples: rs.map { |r| r["cluster_cpu_us_per_task"] })]
+    end
     [Bench.row(label: label, contender: contender, metric: "steps/s", unit: "steps/s",
                samples: rs.map { |r| r["steps_per_s"] }, runs: rs),
      Bench.row(label: label, contender: contender, metric: "draining backend CPU per step", unit: "µs",

@@ -83,6 +83,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     /* The allocation-free check must agree with the full decode. */
     char why[200];
     if ((tc_codec_check(buf, size, why, sizeof(why)) == 0) != (rc == 0)) abort();
+    /* The skipper finds a value's end inside the input; on an accepted
+     * input the one value is the whole of it, and a prefix cut short of
+     * the end holds no complete value. */
+    size_t n = 0;
+    int sk = tc_codec_skip(buf, size, &n);
+    if (sk == 0 && (n == 0 || n > size)) abort();
+    if (rc == 0 && (sk != 0 || n != size)) abort();
+    if (rc == 0 && size > 0 && tc_codec_skip(buf, size - 1, &n) == 0) abort();
     free(buf);
     return 0;
 }

@@ -1,7 +1,8 @@
 /*
  * protocol_fuzz.c: libFuzzer harness for the result-channel message parser
  * of the native loop (ext/tasker_core/protocol.c): parse, then re-encode
- * the pieces the loop splices into its SQL parameters (output, error) and
+ * the pieces the loop splices into its SQL parameters (output, error),
+ * check that their located bytes decode to exactly those objects, and
  * walk the batch_completion steps, as the loop does; walk what the handle
  * reads of a heartbeat (limits, in_flight_steps) and a batch_refusal.
  */
@@ -10,6 +11,31 @@
 #include <string.h>
 
 #include "protocol.h"
+
+/* The bytes the loop stores for obj are one msgpack value, the same as
+ * obj: both re-packed give the same bytes (msgpack_object_equal would
+ * call a NaN unequal to itself). */
+static void same_value(const tc_proto_str *bytes, const msgpack_object *obj)
+{
+    if (!obj) {
+        if (bytes->ptr) abort();
+        return;
+    }
+    if (!bytes->ptr || bytes->len == 0) abort();
+    msgpack_unpacked v;
+    size_t off = 0;
+    msgpack_unpacked_init(&v);
+    if (msgpack_unpack_next(&v, bytes->ptr, bytes->len, &off) != MSGPACK_UNPACK_SUCCESS || off != bytes->len) abort();
+    msgpack_sbuffer a, b;
+    msgpack_sbuffer_init(&a);
+    msgpack_sbuffer_init(&b);
+    if (tc_proto_pack_object(&a, &v.data) != 0 || tc_proto_pack_object(&b, obj) != 0 || a.size != b.size ||
+        memcmp(a.data, b.data, a.size) != 0)
+        abort();
+    msgpack_sbuffer_destroy(&a);
+    msgpack_sbuffer_destroy(&b);
+    msgpack_unpacked_destroy(&v);
+}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -31,6 +57,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (m.type == TC_PROTO_PARTIAL_RESULT) {
             if (tc_proto_pack_object(&sb, m.output) != 0) abort();
             if (tc_proto_pack_object(&sb, m.error) != 0) abort();
+            same_value(&m.output_bytes, m.output);
+            same_value(&m.error_bytes, m.error);
         }
         if (m.type == TC_PROTO_BATCH_COMPLETION && m.steps) {
             if (m.steps->type != MSGPACK_OBJECT_ARRAY) abort();

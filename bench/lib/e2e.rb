@@ -146,14 +146,25 @@ module Bench
     # Creates ntasks tasks of 10 independent no-op steps, CREATE_CHUNK per
     # statement (each statement its own transaction), so the orchestrator
     # starts on the first chunk while the rest are being created.
-    def create_tasks(ntasks, conn = @conn)
-      left = ntasks
-      while left.positive?
-        k = [left, CREATE_CHUNK].min
+    #
+    # With rate (steps/s), the tasks are created PACED_CHUNK at a time on a
+    # schedule of that many steps per second instead: a steady offered load.
+    PACED_CHUNK = 10 # tasks per statement when paced (100 steps)
+
+    def create_tasks(ntasks, conn = @conn, rate: nil)
+      chunk = rate ? PACED_CHUNK : CREATE_CHUNK
+      t0 = Bench.clock
+      made = 0
+      while made < ntasks
+        if rate
+          due = t0 + (made * STEPS_PER_TASK) / rate
+          (d = due - Bench.clock).positive? && sleep(d)
+        end
+        k = [ntasks - made, chunk].min
         n = conn.exec(CREATE_SQL, create_params(k)).first["n"].to_i
         raise "created #{n} tasks instead of #{k}" unless n == k
 
-        left -= k
+        made += k
       end
     end
 
@@ -193,17 +204,17 @@ module Bench
 
     # One timed run of ours (the tasker tables must be free of unfinished
     # tasks; finished history may be there). Returns the result Hash.
-    def run_ours(steps, timeout: 600)
+    def run_ours(steps, rate: nil, timeout: 600)
       ntasks = steps / STEPS_PER_TASK
       first_new = @conn.exec("SELECT coalesce(max(id), 0) AS m FROM tasker_tasks").first["m"].to_i
       stats0 = orchestrator_stats
       pids = [@postmaster, @orch_pid, *@worker_pids]
-      groups = { "postgres" => [@postmaster], "orchestrator" => [@orch_pid], "workers" => @worker_pids }
+      groups = { "database" => [@postmaster], "orchestrator" => [@orch_pid], "workers" => @worker_pids }
       split0 = groups.transform_values { |g| Bench.tree_cpu_s(g) }
       driver0 = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
       cpu0 = cpu_now(pids)
       t0 = wall
-      create_tasks(ntasks)
+      create_tasks(ntasks, rate: rate)
       created_s = wall - t0
       Bench.wait_until(timeout, "#{ntasks} tasks to finish", interval: 0.05) do
         @conn.exec("SELECT count(*) AS n FROM tasker_tasks WHERE state IN ('pending','in_progress')")
@@ -211,7 +222,7 @@ module Bench
       end
       cpu1 = cpu_now(pids)
       split = groups.to_h { |k, g| [k, ((Bench.tree_cpu_s(g) - split0[k]) * 1e6 / steps).round(1)] }
-      split["driver (creates the tasks)"] =
+      split["creator"] =
         ((Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) - driver0) * 1e6 / steps).round(1)
       row = @conn.exec(<<~SQL, [first_new]).first
         SELECT count(*) FILTER (WHERE state = 'complete') AS done, count(*) AS n,
@@ -226,7 +237,7 @@ module Bench
           FROM (SELECT extract(epoch FROM c.created_at - e.created_at) * 1000 AS ms
                   FROM tasker_workflow_step_transitions c
                   JOIN tasker_workflow_step_transitions e
-                    ON e.step_id = c.step_id AND e.attempt = c.attempt AND e.to_state = 'enqueued'
+                    ON e.step_id = c.step_id AND e.attempt = c.attempt AND e.reason = 'claimed'
                  WHERE c.to_state = 'complete' AND c.task_id > $1) x
       SQL
       stats1 = orchestrator_stats
@@ -234,7 +245,49 @@ module Bench
       result(steps: ntasks * STEPS_PER_TASK, seconds: row["last"].to_f - t0, cpu_s: cpu1 - cpu0,
              p50: lat["p50"]&.to_f, p99: lat["p99"]&.to_f, create_s: created_s,
              orchestrator_rss_kb: Bench.rss_kb(@orch_pid), orchestrator_hwm_kb: Bench.hwm_kb(@orch_pid),
-             cpu_us_per_step_by_process: split, loop_stats: loop_stats)
+             cpu_us_per_step_by_process: split, loop_stats: loop_stats, offered_steps_per_s: rate)
+    end
+
+    # --- creating tasks through the Ruby API ------------------------------------
+
+    BULK_TASKS = 500
+    BULK_DATABASE = "tasker_bench_bulk"
+
+    # Creating BULK_TASKS tasks of 10 steps through the public API, in a
+    # database of the same cluster that no orchestrator reads (so the
+    # cluster's CPU is the creation's alone): one TaskerCore.create_tasks
+    # call when the gem has it, else BULK_TASKS TaskerCore.create_task calls
+    # one after another. Returns steps/s and the cluster's CPU per task.
+    def run_bulk_create
+      unless @bulk_url
+        @conn.exec("CREATE DATABASE #{BULK_DATABASE}")
+        @bulk_url = @url.sub(%r{/[^/?]+(\?|\z)}) { "/#{BULK_DATABASE}#{Regexp.last_match(1)}" }
+        TaskerCore::Store.migrate!(@bulk_url)
+        TaskerCore.configure(overrides: { "database" => { "url" => @bulk_url } })
+        registry = TaskerCore::TaskTemplateRegistry.new
+        registry.register(TaskerCore::TaskTemplate.new({
+                                                         "namespace" => "bench", "name" => "noop_x10", "version" => "1",
+                                                         "steps" => NAMES.map { |n| { "name" => n, "handler" => "BenchHandlers::Noop" } }
+                                                       }))
+        TaskerCore.task_templates = registry
+      end
+      TaskerCore::Store.with_connection do |c|
+        c.exec("TRUNCATE tasker_workflow_step_transitions, tasker_task_transitions, tasker_workflow_step_edges, " \
+               "tasker_workflow_steps, tasker_tasks RESTART IDENTITY CASCADE")
+        c.exec("VACUUM ANALYZE")
+      end
+      specs = Array.new(BULK_TASKS) { |i| { name: "noop_x10", namespace: "bench", context: { "i" => i } } }
+      bulk = TaskerCore.respond_to?(:create_tasks)
+      pg0 = Bench.tree_cpu_s([@postmaster])
+      t0 = Bench.clock
+      ids = bulk ? TaskerCore.create_tasks(specs) : specs.map { |t| TaskerCore.create_task(**t) }
+      seconds = Bench.clock - t0
+      pg_s = Bench.tree_cpu_s([@postmaster]) - pg0
+      raise "created #{ids.size} tasks instead of #{BULK_TASKS}" unless ids.size == BULK_TASKS
+
+      { api: bulk ? "TaskerCore.create_tasks (one call)" : "TaskerCore.create_task (one call per task)",
+        steps_per_s: BULK_TASKS * STEPS_PER_TASK / seconds, seconds: seconds,
+        db_cpu_ms_per_task: pg_s * 1e3 / BULK_TASKS }
     end
 
     def diff_stats(a, b)
@@ -273,6 +326,9 @@ module Bench
       end
       clients.each { |c| read_line(c[:out], "ready", 60) }
       pids = [@postmaster, *clients.map { |c| c[:pid] }]
+      groups = { "database" => [@postmaster], "workers" => clients.map { |c| c[:pid] } }
+      split0 = groups.transform_values { |g| Bench.tree_cpu_s(g) }
+      driver0 = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
       cpu0 = cpu_now(pids)
       t0 = wall
       # Created in chunks like ours, while the clients already claim.
@@ -286,6 +342,8 @@ module Bench
       clients.each { |c| c[:in].puts("drain") && c[:in].flush }
       clients.each { |c| read_line(c[:out], "done", timeout) }
       cpu1 = cpu_now(pids)
+      split = groups.to_h { |k, g| [k, ((Bench.tree_cpu_s(g) - split0[k]) * 1e6 / steps).round(1)] }
+      split["creator"] = ((Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) - driver0) * 1e6 / steps).round(1)
       row = @conn.exec(<<~SQL, [first_new]).first
         SELECT count(*) FILTER (WHERE state = 'complete') AS done,
                extract(epoch FROM max(completed_at))::float8 AS last,
@@ -302,58 +360,209 @@ module Bench
         c[:out].close
       end
       result(steps: steps, seconds: row["last"].to_f - t0, cpu_s: cpu1 - cpu0, p50: row["p50"]&.to_f,
-             p99: row["p99"]&.to_f)
+             p99: row["p99"]&.to_f, cpu_us_per_step_by_process: split)
     end
 
     # --- Sidekiq -------------------------------------------------------------------
 
-    def start_sidekiq(steps)
-      require "sidekiq"
-      @sidekiq_done = File.join(Dir.tmpdir, "tasker_bench_sidekiq_#{Process.pid}.json")
-      File.delete(@sidekiq_done) if File.exist?(@sidekiq_done)
-      @sidekiq_log = "#{@sidekiq_done}.log"
-      # A file, not a pipe: a pipe nobody reads would stall Sidekiq's logging.
-      @sidekiq_pid = spawn_child(Gem.ruby, "-S", "sidekiq", "-r", File.join(E2E_DIR, "sidekiq_app.rb"),
-                                 "-c", SIDEKIQ_THREADS.to_s, "-q", "bench",
-                                 env: { "REDIS_URL" => redis_url, "BENCH_JOBS" => steps.to_s,
-                                        "BENCH_DONE_FILE" => @sidekiq_done },
-                                 out: @sidekiq_log, err: [:child, :out])
-      Bench.wait_until(60, "Sidekiq to start (see #{@sidekiq_log})", interval: 0.05) do
-        raise "Sidekiq exited: #{File.read(@sidekiq_log)[-2000..]}" if Process.waitpid(@sidekiq_pid, Process::WNOHANG)
+    # Sidekiq configurations measured side by side: name => [processes, queue].
+    # Every process of every configuration is started once, up front; each
+    # configuration has its own queue, so the idle ones only wait on Redis.
+    SIDEKIQ_CONFIGS = { "1x10" => [1, "bench1"], "2x10" => [2, "bench2"] }.freeze
 
-        File.read(@sidekiq_log).include?("bench-sidekiq-ready")
+    def start_sidekiq
+      require "sidekiq"
+      @sidekiq_dir = Dir.mktmpdir("tasker_bench_sidekiq")
+      @sidekiq_pids = {}
+      SIDEKIQ_CONFIGS.each do |name, (procs, queue)|
+        @sidekiq_pids[name] = Array.new(procs) do |i|
+          log = File.join(@sidekiq_dir, "#{name}-#{i}.log")
+          # A file, not a pipe: a pipe nobody reads would stall Sidekiq's logging.
+          pid = spawn_child(Gem.ruby, "-S", "sidekiq", "-r", File.join(E2E_DIR, "sidekiq_app.rb"),
+                            "-c", SIDEKIQ_THREADS.to_s, "-q", queue,
+                            env: { "REDIS_URL" => redis_url, "BENCH_DONE_DIR" => @sidekiq_dir },
+                            out: log, err: [:child, :out])
+          Bench.wait_until(60, "Sidekiq to start (see #{log})", interval: 0.05) do
+            raise "Sidekiq exited: #{File.read(log)[-2000..]}" if Process.waitpid(pid, Process::WNOHANG)
+
+            File.read(log).include?("bench-sidekiq-ready")
+          end
+          pid
+        end
       end
       Sidekiq.configure_client { |c| c.redis = { url: redis_url, size: 2 } }
+      @sidekiq_run = 0
     end
 
     def stop_sidekiq
-      Bench.stop_process(@sidekiq_pid, "TERM", timeout: 30) if @sidekiq_pid
-      @children.delete(@sidekiq_pid)
-      @sidekiq_pid = nil
-      [@sidekiq_done, @sidekiq_log].each { |f| File.delete(f) if f && File.exist?(f) }
+      (@sidekiq_pids || {}).values.flatten.each do |pid|
+        Bench.stop_process(pid, "TERM", timeout: 30)
+        @children.delete(pid)
+      end
+      @sidekiq_pids = nil
+      FileUtils.rm_rf(@sidekiq_dir) if @sidekiq_dir
     end
 
-    # One timed run; the Sidekiq process counts the jobs it has run and
-    # writes @sidekiq_done (with the latencies) at the N-th, then resets.
-    def run_sidekiq(steps, timeout: 600)
-      File.delete(@sidekiq_done) if File.exist?(@sidekiq_done)
-      pids = [@redis_pid, @sidekiq_pid]
+    # One timed run of one configuration. The job's argument is the run's
+    # id; the processes report their counts (sidekiq_app.rb), added up here.
+    def run_sidekiq(steps, config, timeout: 600)
+      _, queue = SIDEKIQ_CONFIGS.fetch(config)
+      run = (@sidekiq_run += 1)
+      sk_pids = @sidekiq_pids.fetch(config)
+      pids = [@redis_pid, *sk_pids]
+      groups = { "database" => [@redis_pid], "workers" => sk_pids }
+      split0 = groups.transform_values { |g| Bench.tree_cpu_s(g) }
+      driver0 = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
       cpu0 = cpu_now(pids)
       t0 = wall
       left = steps
       while left.positive?
         k = [left, 1000].min
-        Sidekiq::Client.push_bulk("class" => "BenchNoopJob", "queue" => "bench", "args" => Array.new(k) { [] })
+        Sidekiq::Client.push_bulk("class" => "BenchNoopJob", "queue" => queue, "args" => Array.new(k) { [run] })
         left -= k
       end
       created_s = wall - t0
-      Bench.wait_until(timeout, "#{steps} Sidekiq jobs", interval: 0.05) { File.exist?(@sidekiq_done) }
+      reports = lambda do
+        sk_pids.filter_map do |pid|
+          f = File.join(@sidekiq_dir, "#{pid}.json")
+          doc = File.exist?(f) && JSON.parse(File.read(f))
+          doc if doc && doc["run"] == run
+        end
+      end
+      Bench.wait_until(timeout, "#{steps} Sidekiq jobs", interval: 0.05) { reports.call.sum { |d| d["jobs"] } >= steps }
       cpu1 = cpu_now(pids)
-      done = JSON.parse(File.read(@sidekiq_done))
-      raise "Sidekiq ran #{done['jobs']} of #{steps} jobs" unless done["jobs"] == steps
+      split = groups.to_h { |k, g| [k, ((Bench.tree_cpu_s(g) - split0[k]) * 1e6 / steps).round(1)] }
+      split["creator"] =
+        ((Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) - driver0) * 1e6 / steps).round(1)
+      docs = Bench.wait_until(30, "the Sidekiq processes' latencies", interval: 0.05) do
+        d = reports.call
+        d if d.all? { |x| x["lat"]&.size == x["jobs"] }
+      end
+      jobs = docs.sum { |d| d["jobs"] }
+      raise "Sidekiq ran #{jobs} of #{steps} jobs" unless jobs == steps
 
-      result(steps: steps, seconds: done["last"] - t0, cpu_s: cpu1 - cpu0, p50: done["p50_ms"], p99: done["p99_ms"],
-             create_s: created_s)
+      lat = docs.flat_map { |d| d["lat"] }.sort
+      result(steps: steps, seconds: docs.map { |d| d["last"] }.max - t0, cpu_s: cpu1 - cpu0,
+             p50: Bench.quantile(lat, 0.5), p99: Bench.quantile(lat, 0.99), create_s: created_s,
+             cpu_us_per_step_by_process: split, jobs_by_process: docs.map { |d| d["jobs"] })
+    end
+
+    # --- ActiveJob on PostgreSQL: GoodJob and Solid Queue --------------------------------
+
+    PEER_PROCESSES = Integer(ENV.fetch("E2E_PEER_PROCESSES", "2"))
+    PEER_THREADS = Integer(ENV.fetch("E2E_PEER_THREADS", "10"))
+    BENCH_DIR = File.expand_path("..", __dir__)
+
+    # Each runs under its own bundle (bench/<dir>/Gemfile: Rails, pg and the
+    # peer's gem, locked), in the same private cluster and database: an
+    # enqueuer process (creates the peer's schema, enqueues in bulk: the
+    # driver's part, bench/<dir>/enqueuer.rb) and the peer's own processes,
+    # PEER_PROCESSES x PEER_THREADS. Finished jobs are kept, so completion is
+    # read from the peer's jobs table.
+    #   worker, starts: command (in bench/<dir>) and how many of it to start
+    #   live_sql: how many of its working processes have registered
+    #   done_sql: its finished jobs; truncate: its tables, emptied before each run
+    #   latency:  claim-to-complete per job in ms as SQL, or nil when the
+    #             peer keeps no claim time
+    ACTIVEJOB_PEERS = {
+      "goodjob" => {
+        dir: "goodjob", starts: PEER_PROCESSES,
+        worker: ["worker.rb", "start", "--queues=bench", "--max-threads=#{PEER_THREADS}"],
+        env: { "GOOD_JOB_ENABLE_CRON" => "false" },
+        live_sql: "SELECT count(*) AS n FROM good_job_processes",
+        done_sql: "SELECT count(*) AS n FROM good_jobs WHERE finished_at IS NOT NULL AND error IS NULL",
+        truncate: %w[good_jobs good_job_executions], jobs: "good_jobs",
+        latency: "extract(epoch FROM finished_at - performed_at) * 1000"
+      },
+      "solidqueue" => {
+        dir: "solidqueue", starts: 1, # the supervisor forks the workers and the dispatcher
+        worker: ["bin/jobs"],
+        env: { "SOLID_QUEUE_PROCESSES" => PEER_PROCESSES.to_s, "SOLID_QUEUE_THREADS" => PEER_THREADS.to_s },
+        live_sql: "SELECT count(*) AS n FROM solid_queue_processes WHERE kind = 'Worker'",
+        done_sql: "SELECT count(*) AS n FROM solid_queue_jobs WHERE finished_at IS NOT NULL",
+        truncate: %w[solid_queue_jobs solid_queue_ready_executions solid_queue_claimed_executions
+                     solid_queue_failed_executions],
+        jobs: "solid_queue_jobs", latency: nil
+      }
+    }.freeze
+
+    def peer_env(peer)
+      dir = File.join(BENCH_DIR, peer[:dir])
+      { "BUNDLE_GEMFILE" => File.join(dir, "Gemfile"), "RUBYOPT" => "-rbundler/setup",
+        "DATABASE_URL" => "#{@url}?pool=#{PEER_THREADS + 5}", "RAILS_ENV" => "production" }.merge(peer[:env])
+    end
+
+    def start_activejob_peer(name)
+      peer = ACTIVEJOB_PEERS.fetch(name)
+      dir = File.join(BENCH_DIR, peer[:dir])
+      @peers ||= {}
+      st = @peers[name] = { log: File.join(Dir.tmpdir, "tasker_bench_#{name}_#{Process.pid}.log") }
+      r, w = IO.pipe
+      ir, iw = IO.pipe
+      st[:enqueuer] = spawn_child(Gem.ruby, File.join(dir, "enqueuer.rb"), env: peer_env(peer), chdir: dir,
+                                                                            in: ir, out: w, err: st[:log])
+      w.close
+      ir.close
+      st[:out] = r
+      st[:in] = iw
+      read_line(st[:out], "ready", 120)
+      cmd = peer[:worker].dup
+      cmd[0] = File.join(dir, cmd[0])
+      st[:pids] = Array.new(peer[:starts]) do
+        spawn_child(Gem.ruby, *cmd, env: peer_env(peer), chdir: dir, out: st[:log], err: [:child, :out])
+      end
+      Bench.wait_until(120, "#{name}'s processes (see #{st[:log]})", interval: 0.1) do
+        st[:pids].each { |pid| raise "#{name} exited: #{File.read(st[:log])[-2000..]}" if Process.waitpid(pid, Process::WNOHANG) }
+        @conn.exec(peer[:live_sql]).first["n"].to_i >= PEER_PROCESSES
+      end
+    end
+
+    def stop_activejob_peers
+      (@peers || {}).each_value do |st|
+        st[:in]&.close
+        [st[:enqueuer], *st[:pids]].compact.each do |pid|
+          Bench.stop_process(pid, "TERM", timeout: 30)
+          @children.delete(pid)
+        end
+        st[:out]&.close
+        File.delete(st[:log]) if File.exist?(st[:log]) && !ENV["BENCH_KEEP_LOGS"]
+      end
+      @peers = {}
+    end
+
+    # One timed run of one ActiveJob peer. CPU: the cluster, the peer's
+    # processes (and what they fork), and the enqueuer.
+    def run_activejob_peer(name, steps, timeout: 600)
+      peer = ACTIVEJOB_PEERS.fetch(name)
+      st = @peers.fetch(name)
+      @conn.exec("TRUNCATE #{peer[:truncate].join(', ')} CASCADE")
+      peer[:truncate].each { |t| @conn.exec("VACUUM ANALYZE #{t}") }
+      pids = [@postmaster, st[:enqueuer], *st[:pids]]
+      groups = { "database" => [@postmaster], "workers" => st[:pids], "creator" => [st[:enqueuer]] }
+      split0 = groups.transform_values { |g| Bench.tree_cpu_s(g) }
+      cpu0 = cpu_now(pids)
+      t0 = wall
+      st[:in].puts("enqueue #{steps}")
+      st[:in].flush
+      read_line(st[:out], "enqueued", timeout)
+      created_s = wall - t0
+      Bench.wait_until(timeout, "#{steps} #{name} jobs", interval: 0.05) do
+        @conn.exec(peer[:done_sql]).first["n"].to_i >= steps
+      end
+      cpu1 = cpu_now(pids)
+      split = groups.to_h { |k, g| [k, ((Bench.tree_cpu_s(g) - split0[k]) * 1e6 / steps).round(1)] }
+      done = @conn.exec(peer[:done_sql]).first["n"].to_i
+      raise "only #{done} of #{steps} #{name} jobs succeeded" unless done == steps
+
+      lat = peer[:latency] || "NULL::float8"
+      row = @conn.exec(<<~SQL).first
+        SELECT extract(epoch FROM max(finished_at))::float8 AS last,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY #{lat}) AS p50,
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY #{lat}) AS p99
+          FROM #{peer[:jobs]}
+      SQL
+      result(steps: steps, seconds: row["last"].to_f - t0, cpu_s: cpu1 - cpu0, p50: row["p50"]&.to_f,
+             p99: row["p99"]&.to_f, create_s: created_s, cpu_us_per_step_by_process: split)
     end
   end
 end

@@ -78,6 +78,10 @@ module Bench
         "postgresql" => pg_bin && capture(File.join(pg_bin, "postgres"), "--version"),
         "redis" => capture("redis-server", "--version"),
         "sidekiq" => sidekiq&.version&.to_s,
+        "good_job" => gem_in_bundle("goodjob", "good_job"),
+        "rails" => gem_in_bundle("goodjob", "railties"),
+        "solid_queue" => gem_in_bundle("solidqueue", "solid_queue"),
+        "solid_queue_rails" => gem_in_bundle("solidqueue", "railties"),
         "cc" => capture("cc", "--version")&.lines&.first&.strip,
         "nproc" => Etc.nprocessors,
         "kernel" => capture("uname", "-sr"),
@@ -87,11 +91,21 @@ module Bench
     end
   end
 
-  def write_result(name, parameters:, rows:, targets: [], notes: nil)
+  # targets compare ours with a peer (ours / peer >= min_ratio); limits hold
+  # one figure of one contender against an absolute bound ("max" or "min").
+  # The version of gem locked in bench/<dir>/Gemfile.lock (a peer's own bundle).
+  def gem_in_bundle(dir, gem)
+    File.read(File.join(ROOT, "bench", dir, "Gemfile.lock"))[/^    #{Regexp.escape(gem)} \(([^)]+)\)/, 1]
+  rescue Errno::ENOENT
+    nil
+  end
+
+  def write_result(name, parameters:, rows:, targets: [], limits: nil, notes: nil)
     FileUtils.mkdir_p(RESULTS)
     env_now = env.merge("loadavg_at_end" => File.read("/proc/loadavg").split[0, 3].join(" "))
     doc = { "name" => name, "date" => Time.now.utc.iso8601, "env" => env_now, "parameters" => parameters,
             "targets" => targets, "rows" => rows }
+    doc["limits"] = limits if limits
     doc["notes"] = notes if notes
     path = File.join(RESULTS, "#{name}.json")
     File.write(path, JSON.pretty_generate(doc) + "\n")

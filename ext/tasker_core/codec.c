@@ -475,3 +475,74 @@ int tc_codec_depth(const char *buf, size_t len, int *depth, char *message, size_
         snprintf(message, message_len, "%s", d.message);
     return rc;
 }
+
+/* Big-endian reads of 1, 2 or 4 bytes. */
+static uint32_t tc_be(const unsigned char *p, int n)
+{
+    uint32_t v = 0;
+    for (int i = 0; i < n; i++) v = (v << 8) | p[i];
+    return v;
+}
+
+int tc_codec_skip(const char *buf, size_t len, size_t *value_len)
+{
+    const unsigned char *p = (const unsigned char *)buf;
+    size_t off = 0;
+    uint64_t left = 1; /* values still to skip: a container adds its items */
+    while (left > 0) {
+        if (off >= len) return -1;
+        unsigned char b = p[off++];
+        uint64_t body = 0, items = 0;
+        int hdr = 0; /* bytes of length after the type byte */
+        left--;
+        if (b <= 0x7f || b >= 0xe0) {
+            continue;                                /* fixint */
+        } else if (b <= 0x8f) {
+            items = 2u * (b & 0x0f);                 /* fixmap */
+        } else if (b <= 0x9f) {
+            items = b & 0x0f;                        /* fixarray */
+        } else if (b <= 0xbf) {
+            body = b & 0x1f;                         /* fixstr */
+        } else {
+            switch (b) {
+            case 0xc0: case 0xc2: case 0xc3: continue;          /* nil, false, true */
+            case 0xc4: case 0xd9: hdr = 1; break;               /* bin8, str8 */
+            case 0xc5: case 0xda: hdr = 2; break;               /* bin16, str16 */
+            case 0xc6: case 0xdb: hdr = 4; break;               /* bin32, str32 */
+            case 0xc7: hdr = 1; body = 1; break;                /* ext8: + type byte */
+            case 0xc8: hdr = 2; body = 1; break;                /* ext16 */
+            case 0xc9: hdr = 4; body = 1; break;                /* ext32 */
+            case 0xcc: case 0xd0: body = 1; break;
+            case 0xcd: case 0xd1: body = 2; break;
+            case 0xca: case 0xce: case 0xd2: body = 4; break;
+            case 0xcb: case 0xcf: case 0xd3: body = 8; break;
+            case 0xd4: body = 2; break;                         /* fixext 1..16: type + data */
+            case 0xd5: body = 3; break;
+            case 0xd6: body = 5; break;
+            case 0xd7: body = 9; break;
+            case 0xd8: body = 17; break;
+            case 0xdc: case 0xde: hdr = 2; break;               /* array16, map16 */
+            case 0xdd: case 0xdf: hdr = 4; break;               /* array32, map32 */
+            default: return -1;                                 /* 0xc1, never used */
+            }
+            if (hdr) {
+                if (len - off < (size_t)hdr) return -1;
+                uint64_t n = tc_be(p + off, hdr);
+                off += (size_t)hdr;
+                if (b == 0xdc || b == 0xdd)
+                    items = n;
+                else if (b == 0xde || b == 0xdf)
+                    items = 2 * n;
+                else
+                    body += n;
+            }
+        }
+        if (body > len - off) return -1;
+        off += (size_t)body;
+        /* Every item takes at least a byte: a count the input cannot hold is malformed. */
+        if (items > len - off) return -1;
+        left += items;
+    }
+    *value_len = off;
+    return 0;
+}

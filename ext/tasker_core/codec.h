@@ -168,4 +168,11 @@ int tc_codec_check(const char *buf, size_t len, char *message, size_t message_le
  * failures leave the depth seen so far. */
 int tc_codec_depth(const char *buf, size_t len, int *depth, char *message, size_t message_len);
 
+/* The length in bytes of the one msgpack value that starts at buf (buf may
+ * go on after it), without decoding it: 0 with *value_len, or -1 when
+ * buf[0, len) ends before the value does or holds the unused type 0xc1.
+ * No depth limit and no allocation (a counter, not a stack): use it on
+ * bytes tc_codec_check accepted to find where a value lies in them. */
+int tc_codec_skip(const char *buf, size_t len, size_t *value_len);
+
 #endif

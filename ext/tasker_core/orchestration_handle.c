@@ -358,13 +358,13 @@ long tc_oh_next_expiry_ms(const tc_oh *h)
     return (long)best;
 }
 
-long tc_oh_choose_worker(const tc_oh *h, size_t nsteps)
+long tc_oh_choose_worker(const tc_oh *h, size_t nsteps, const unsigned char *skip)
 {
     long best = -1;
     int64_t best_free = 0, now = tc_oh_now_ms();
     for (size_t i = 0; i < h->nworkers; i++) {
         const tc_oh_worker *w = &h->workers[i];
-        if (!tc_oh_worker_sendable(h, w, now)) continue;
+        if ((skip && skip[i]) || !tc_oh_worker_sendable(h, w, now)) continue;
         int64_t free_ = w->capacity - (int64_t)w->used;
         int fits = free_ >= (int64_t)nsteps || ((int64_t)nsteps > w->capacity && w->used == 0);
         if (!fits) continue;
@@ -494,29 +494,39 @@ void tc_oh_next_batch_id(tc_oh *h, char *buf, size_t len)
     snprintf(buf, len, "%s-%llu", h->batch_id_prefix, (unsigned long long)++h->batch_seq);
 }
 
-int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const tc_oh_step *steps,
-                     size_t nsteps, const void *body, size_t len)
+int tc_oh_send_reserve(tc_oh *h, size_t worker_index, const char *batch_id, size_t nsteps)
 {
     if (!h->open || worker_index >= h->nworkers || strlen(batch_id) > TC_OH_BATCH_ID_MAX) {
         errno = EINVAL;
         return -1;
     }
-    tc_oh_worker *w = &h->workers[worker_index];
-    if (inflight_reserve(w, nsteps) < 0) {
+    if (inflight_reserve(&h->workers[worker_index], nsteps) < 0) {
         errno = ENOMEM;
         return -1;
     }
+    return 0;
+}
+
+int tc_oh_send_raw(tc_oh *h, size_t worker_index, const void *body, size_t len)
+{
+    const tc_oh_worker *w = &h->workers[worker_index];
     char topic[TC_OH_WORKER_ID_MAX + 8];
     int tlen = snprintf(topic, sizeof(topic), "batch.%s.", w->id);
     const void *bufs[2] = {topic, body};
     size_t lens[2] = {(size_t)tlen, len};
-    if (tc_socket_send_parts(&h->batch, bufs, lens, 2) < 0) {
-        if (errno == EAGAIN) {
+    return tc_socket_send_parts(&h->batch, bufs, lens, 2) < 0 ? -1 : 0;
+}
+
+void tc_oh_send_record(tc_oh *h, size_t worker_index, const char *batch_id, const tc_oh_step *steps,
+                       size_t nsteps, int sent, int err)
+{
+    tc_oh_worker *w = &h->workers[worker_index];
+    if (!sent) {
+        if (err == EAGAIN) {
             h->stats.send_refused++;
             note_refusal(h, w);
-            errno = EAGAIN;
         }
-        return -1;
+        return;
     }
     backoff_reset(w);
     for (size_t i = 0; i < nsteps; i++) {
@@ -528,6 +538,71 @@ int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const 
     w->last_dispatch_seq = ++h->dispatch_seq;
     h->stats.batches_published++;
     h->stats.steps_published += nsteps;
+}
+
+int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const tc_oh_step *steps,
+                     size_t nsteps, const void *body, size_t len)
+{
+    if (tc_oh_send_reserve(h, worker_index, batch_id, nsteps) < 0) return -1;
+    int rc = tc_oh_send_raw(h, worker_index, body, len);
+    int e = errno;
+    tc_oh_send_record(h, worker_index, batch_id, steps, nsteps, rc == 0, e);
+    errno = e;
+    return rc;
+}
+
+/* ---- the batch builder --------------------------------------------------- */
+
+static void pack_key(msgpack_packer *pk, const char *s)
+{
+    size_t n = strlen(s);
+    msgpack_pack_str(pk, n);
+    msgpack_pack_str_body(pk, s, n);
+}
+
+/* The orchestrator's limits, told to workers in every batch (docs/protocol.md 4.1). */
+static void pack_limits(msgpack_packer *pk, const tc_oh *h)
+{
+    msgpack_pack_map(pk, 3);
+    pack_key(pk, "max_result_bytes");
+    msgpack_pack_uint64(pk, (uint64_t)h->max_result_bytes);
+    pack_key(pk, "max_message_bytes");
+    msgpack_pack_int64(pk, h->max_message_bytes > 0 ? (int64_t)h->max_message_bytes : INT64_MAX);
+    pack_key(pk, "max_payload_depth");
+    msgpack_pack_int64(pk, (int64_t)h->max_payload_depth);
+}
+
+int tc_oh_build_batch(tc_codec_writer *out, const tc_oh *h, const char *batch_id, const char *worker_id,
+                      size_t nsteps, const tc_oh_entry *pieces, size_t npieces, const char *extra, size_t extra_len,
+                      size_t nextra)
+{
+    msgpack_packer *pk = &out->pk;
+    tc_codec_writer_reset(out);
+    msgpack_pack_map(pk, 7 + nextra);
+    pack_key(pk, "protocol_version");
+    msgpack_pack_int(pk, TC_OH_PROTOCOL_VERSION);
+    pack_key(pk, "type");
+    pack_key(pk, "batch");
+    pack_key(pk, "batch_id");
+    pack_key(pk, batch_id);
+    pack_key(pk, "worker_id");
+    pack_key(pk, worker_id);
+    pack_key(pk, "sent_at");
+    msgpack_pack_double(pk, wall_s());
+    pack_key(pk, "limits");
+    pack_limits(pk, h);
+    if (nextra) pk->callback(pk->data, extra, extra_len);
+    pack_key(pk, "steps");
+    msgpack_pack_array(pk, nsteps);
+    for (size_t i = 0; i < npieces; i++) pk->callback(pk->data, pieces[i].ptr, pieces[i].len);
+    return out->failed ? -1 : 0;
+}
+
+int tc_oh_batch_key(const char *p, size_t n)
+{
+    static const char *const keys[] = {"protocol_version", "type", "batch_id", "worker_id", "sent_at", "limits", "steps"};
+    for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+        if (strlen(keys[i]) == n && memcmp(keys[i], p, n) == 0) return 1;
     return 0;
 }
 
@@ -540,7 +615,9 @@ static int str_is(const char *p, size_t n, const char *lit)
 
 #define CLIP(n) ((int)((n) > 64 ? 64 : (n)))
 
-static void queue_body(tc_oh *h, tc_oh_event_kind kind, const void *body, size_t len)
+/* Queues a copy of body (the frame is closed after the poll); for a
+ * RESULT, the fields parsed from it, spans rebased onto the copy. */
+static void queue_body(tc_oh *h, tc_oh_event_kind kind, const void *body, size_t len, const tc_proto_msg *m)
 {
     tc_oh_event *ev = event_push(h);
     if (!ev) return;
@@ -549,6 +626,22 @@ static void queue_body(tc_oh *h, tc_oh_event_kind kind, const void *body, size_t
     memcpy(ev->body, body, len);
     ev->len = len;
     ev->kind = kind;
+    if (kind == TC_OH_EV_RESULT) {
+        ev->step_id = m->step_id;
+        ev->task_id = m->task_id;
+        ev->attempt = m->attempt;
+        ev->success = m->success;
+        ev->retryable = m->retryable;
+        ev->retry_after_ms = m->retry_after_ms;
+        if (m->output_bytes.ptr) {
+            ev->output = ev->body + (m->output_bytes.ptr - (const char *)body);
+            ev->output_len = m->output_bytes.len;
+        }
+        if (m->error_bytes.ptr) {
+            ev->error = ev->body + (m->error_bytes.ptr - (const char *)body);
+            ev->error_len = m->error_bytes.len;
+        }
+    }
     h->ev_count++;
 }
 
@@ -625,7 +718,7 @@ static void on_partial(tc_oh *h, const tc_proto_msg *m, const void *body, size_t
     }
     inflight_remove(w, s);
     recent_add(w, m->step_id, m->attempt);
-    queue_body(h, TC_OH_EV_RESULT, body, len);
+    queue_body(h, TC_OH_EV_RESULT, body, len, m);
 }
 
 /* The completion follows the batch's last partial on the same connection,
@@ -642,7 +735,7 @@ static void on_completion(tc_oh *h, const tc_proto_msg *m, const void *body, siz
             inflight_remove(w, &w->slots[i]);
             h->stats.steps_released_by_completion++;
         }
-    if (h->queue_completions) queue_body(h, TC_OH_EV_COMPLETION, body, len);
+    if (h->queue_completions) queue_body(h, TC_OH_EV_COMPLETION, body, len, m);
 }
 
 static int cmp_pair(const void *a, const void *b)

@@ -7,8 +7,10 @@
  * and batch addressing. It is plain C: it never raises, never touches a
  * Ruby object and parses incoming bodies with msgpack-c, so a native
  * orchestration thread can drive it without the GVL. The Ruby binding
- * (orchestration_handle_class.c) turns Ruby batches into packed bodies and
- * the core's event queue into Ruby Hashes.
+ * (orchestration_handle_class.c) packs the steps of Ruby batches for the
+ * core's one batch builder and turns the core's event queue into Ruby
+ * Hashes. Each incoming body is parsed once, here, by tc_proto_parse (the
+ * parser the fuzzer runs); a RESULT event carries what was parsed.
  *
  * Like a tc_socket, a handle belongs to one thread at a time.
  */
@@ -18,6 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "codec.h"
 #include "curve.h"
 #include "socket.h"
 
@@ -153,10 +156,18 @@ typedef enum tc_oh_event_kind {
 /* Something receive_results hands to the caller, in arrival order. */
 typedef struct tc_oh_event {
     tc_oh_event_kind kind;
-    /* RESULT: the body as received (a msgpack map), owned by the event */
+    /* RESULT and COMPLETION: the body as received (a msgpack map), owned
+     * by the event (a taker may move it out and set body NULL) */
     char *body;
     size_t len;
-    int duplicate;
+    /* RESULT, parsed once where it entered (tc_proto_parse): what the loop
+     * stores, with output and error as the bytes they arrived as inside
+     * body (ptr NULL when absent) */
+    int64_t step_id, task_id, attempt;
+    int success, retryable;
+    int64_t retry_after_ms; /* -1: none */
+    const char *output, *error;
+    size_t output_len, error_len;
     /* LOST and FAIL: exactly the steps concerned (removed from the worker's table) */
     char worker_id[TC_OH_WORKER_ID_MAX + 1];
     char reason[TC_OH_REASON_MAX + 1];
@@ -269,9 +280,12 @@ long tc_oh_next_expiry_ms(const tc_oh *h);
  * capacity among those with free >= nsteps; a batch larger than a worker's
  * whole capacity may go only to that worker while it is fully idle, so an
  * oversized batch is never refused forever and never piles on a busy
- * worker. Workers advertising capacity 0 take nothing. Returns the index
- * in h->workers, or -1. */
-long tc_oh_choose_worker(const tc_oh *h, size_t nsteps);
+ * worker. Workers advertising capacity 0 take nothing; ties go to the
+ * least recently sent to. The one selection rule: publish_batch and the
+ * loop (the order it fills workers in, nsteps 1) both use it. skip: NULL,
+ * or a flag per worker index to leave out. Returns the index in
+ * h->workers, or -1. */
+long tc_oh_choose_worker(const tc_oh *h, size_t nsteps, const unsigned char *skip);
 
 int tc_oh_worker_live(const tc_oh_worker *w);
 
@@ -297,6 +311,39 @@ void tc_oh_next_batch_id(tc_oh *h, char *buf, size_t len);
  * is lost as "not_reading"), ENOMEM, EINVAL, or a socket error. */
 int tc_oh_send_batch(tc_oh *h, size_t worker_index, const char *batch_id, const tc_oh_step *steps,
                      size_t nsteps, const void *body, size_t len);
+
+/* Packed step maps of a batch, one or more (spliced as they are). */
+typedef struct tc_oh_entry {
+    const char *ptr;
+    size_t len;
+} tc_oh_entry;
+
+/* The one batch builder (docs/protocol.md 4.1), for the loop and the
+ * manual publish_batch alike: into out (reset first) the envelope
+ * (protocol_version, type, batch_id, worker_id, sent_at, this handle's
+ * limits), nextra further key/value pairs already packed in extra (keys
+ * not among the envelope's: see tc_oh_batch_key), and the steps array:
+ * nsteps step maps, packed, in npieces pieces spliced in order (one piece
+ * per step for the loop, one for all of them for publish_batch). nsteps 0
+ * measures the envelope. 0, or -1 out of memory. */
+int tc_oh_build_batch(tc_codec_writer *out, const tc_oh *h, const char *batch_id, const char *worker_id,
+                      size_t nsteps, const tc_oh_entry *pieces, size_t npieces, const char *extra, size_t extra_len,
+                      size_t nextra);
+
+/* Non-zero for a key tc_oh_build_batch writes itself. */
+int tc_oh_batch_key(const char *p, size_t n);
+
+/* tc_oh_send_batch in three parts, for a caller whose readers take a lock
+ * around changes to the table (the orchestration loop) but that sends
+ * without it: tc_oh_send_reserve (table change: room for nsteps in flight;
+ * -1 with EINVAL or ENOMEM) and tc_oh_send_record (table change: the
+ * outcome; sent 0 with err EAGAIN counts a refusal and backs the worker
+ * off) under the lock, tc_oh_send_raw (the send only: no table change,
+ * though the batch socket's counters move) outside it. */
+int tc_oh_send_reserve(tc_oh *h, size_t worker_index, const char *batch_id, size_t nsteps);
+int tc_oh_send_raw(tc_oh *h, size_t worker_index, const void *body, size_t len);
+void tc_oh_send_record(tc_oh *h, size_t worker_index, const char *batch_id, const tc_oh_step *steps,
+                       size_t nsteps, int sent, int err);
 
 /* Turns TC_OH_EV_COMPLETION events on or off; off also drops those queued. */
 void tc_oh_set_queue_completions(tc_oh *h, int on);

@@ -155,13 +155,6 @@ static double now_mono_ms(void)
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-static double now_wall_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static VALUE str_lit(const char *s)
 {
     return rb_utf8_str_new_cstr(s);
@@ -454,6 +447,57 @@ static VALUE worker_hash(const tc_oh_worker *wk)
     return h;
 }
 
+/* ---- reading the loop's state ------------------------------------------- */
+
+/* Readers of the loop's state copy it under the loop's lock with the GVL
+ * released: waiting for the lock never stops other Ruby threads, and the
+ * copy (plain C, no allocation that could leak on an interrupt) is turned
+ * into Ruby objects afterwards. */
+struct locked_read {
+    tc_loop *loop;
+    void (*copy)(void *);
+    void *arg;
+};
+
+static void *locked_read_nogvl(void *p)
+{
+    struct locked_read *a = p;
+    tc_loop_lock(a->loop);
+    a->copy(a->arg);
+    tc_loop_unlock(a->loop);
+    return NULL;
+}
+
+/* The lock is held only around the loop's short table changes: a wait for
+ * it is not interruptible, and need not be. */
+static void read_loop_state(tc_loop *loop, void (*copy)(void *), void *arg)
+{
+    struct locked_read a = {loop, copy, arg};
+    rb_thread_call_without_gvl(locked_read_nogvl, &a, RUBY_UBF_IO, NULL);
+}
+
+/* Live workers copied into buf (room for cap); n is how many there are. */
+struct workers_copy {
+    const tc_oh *core;
+    tc_oh_worker *buf;
+    size_t cap, n;
+};
+
+static void copy_workers(void *p)
+{
+    struct workers_copy *c = p;
+    c->n = 0;
+    for (size_t i = 0; i < c->core->nworkers; i++) {
+        const tc_oh_worker *wk = &c->core->workers[i];
+        if (!tc_oh_worker_live(wk)) continue;
+        if (c->n < c->cap) {
+            c->buf[c->n] = *wk;
+            c->buf[c->n].slots = NULL;
+        }
+        c->n++;
+    }
+}
+
 /* Polls first so the table is current without a receive_results call;
  * results read meanwhile stay queued for receive_results. */
 static VALUE oh_workers(VALUE self)
@@ -464,23 +508,19 @@ static VALUE oh_workers(VALUE self)
     VALUE ary = rb_ary_new();
     if (!w->enabled) return ary;
     if (orchestrating(w)) {
-        /* The loop keeps the table current; copy it under its lock (no
-         * Ruby allocation while holding it). */
-        tc_loop_lock(w->loop);
-        size_t n = 0;
-        for (size_t i = 0; i < w->core.nworkers; i++) n += tc_oh_worker_live(&w->core.workers[i]);
-        tc_oh_worker *copy = n ? malloc(n * sizeof(*copy)) : NULL;
-        size_t k = 0;
-        if (copy)
-            for (size_t i = 0; i < w->core.nworkers; i++)
-                if (tc_oh_worker_live(&w->core.workers[i])) {
-                    copy[k] = w->core.workers[i];
-                    copy[k].slots = NULL;
-                    k++;
-                }
-        tc_loop_unlock(w->loop);
-        for (size_t i = 0; i < k; i++) rb_ary_push(ary, worker_hash(&copy[i]));
-        free(copy);
+        /* The loop keeps the table current; copy it under its lock into
+         * a GC-owned buffer, growing it while the table outgrew it. */
+        struct workers_copy c = {.core = &w->core, .cap = 8};
+        VALUE buf;
+        for (;;) {
+            buf = rb_str_buf_new((long)(c.cap * sizeof(tc_oh_worker)));
+            c.buf = (tc_oh_worker *)RSTRING_PTR(buf);
+            read_loop_state(w->loop, copy_workers, &c);
+            if (c.n <= c.cap) break;
+            c.cap = c.n + 8;
+        }
+        for (size_t i = 0; i < c.n; i++) rb_ary_push(ary, worker_hash(&c.buf[i]));
+        RB_GC_GUARD(buf);
         return ary;
     }
     poll_or_raise(w);
@@ -504,29 +544,38 @@ static VALUE socket_counters(const tc_socket_counters *c)
 
 static VALUE loop_stats_hash(tc_loop *l);
 
+struct stats_copy {
+    oh_wrap *w;
+    tc_oh_stats stats;
+    tc_socket_counters bc, rc;
+    char ids[TC_OH_NOT_READING_LOG][TC_OH_WORKER_ID_MAX + 1];
+    size_t nids;
+    char details[TC_OH_BAD_COUNT][sizeof(((tc_oh *)0)->bad_detail[0])];
+};
+
+static void copy_stats(void *p)
+{
+    struct stats_copy *c = p;
+    c->stats = c->w->core.stats;
+    tc_loop_socket_counters(c->w->loop, &c->bc, &c->rc);
+    c->nids = take_not_reading(c->w, c->ids);
+    memcpy(c->details, c->w->core.bad_detail, sizeof(c->details));
+}
+
 static VALUE oh_stats(VALUE self)
 {
     oh_wrap *w = oh_get_any(self);
-    tc_oh_stats copy;
-    tc_socket_counters bc = w->core.batch.counters, rc = w->core.result.counters;
-    char ids[TC_OH_NOT_READING_LOG][TC_OH_WORKER_ID_MAX + 1];
-    char details[TC_OH_BAD_COUNT][sizeof(w->core.bad_detail[0])];
-    int locked = orchestrating(w);
-    if (locked) {
-        tc_loop_lock(w->loop);
-        bc = w->core.batch.counters;
-        rc = w->core.result.counters;
+    struct stats_copy c = {.w = w, .stats = w->core.stats, .bc = w->core.batch.counters,
+                           .rc = w->core.result.counters};
+    if (orchestrating(w)) {
+        read_loop_state(w->loop, copy_stats, &c);
+        /* While the loop runs, stats is where its problems get logged (a
+         * poller calls it); each bad reason and not_reading worker once. */
+        log_not_reading(w, c.ids, c.nids);
+        log_bad_reasons(w, c.stats.bad, (const char(*)[sizeof(w->core.bad_detail[0])])c.details);
     }
-    copy = w->core.stats;
-    /* While the loop runs, stats is where its problems get logged (a
-     * poller calls it); each bad reason and not_reading worker once. */
-    size_t nids = locked ? take_not_reading(w, ids) : 0;
-    if (locked) memcpy(details, w->core.bad_detail, sizeof(details));
-    if (locked) tc_loop_unlock(w->loop);
-    if (locked) {
-        log_not_reading(w, ids, nids);
-        log_bad_reasons(w, copy.bad, (const char(*)[sizeof(w->core.bad_detail[0])])details);
-    }
+    tc_oh_stats copy = c.stats;
+    tc_socket_counters bc = c.bc, rc = c.rc;
     const tc_oh_stats *st = &copy;
     VALUE h = rb_hash_new(), results = rb_hash_new(), bad = rb_hash_new();
     rb_hash_aset(h, SYM("batches_published"), ULL2NUM(st->batches_published));
@@ -579,12 +628,21 @@ static int64_t step_int(VALUE step, const char *key, long index, int64_t min)
     return n;
 }
 
+/* The caller's other batch keys; the envelope the builder writes (its
+ * limits included) wins over anything the caller put there. */
 static int copy_other_keys(VALUE key, VALUE val, VALUE arg)
 {
-    VALUE msg = arg;
-    /* The handle's own fields win over anything the caller put there. */
-    if (rb_hash_lookup2(msg, key, Qundef) == Qundef) rb_hash_aset(msg, key, val);
+    VALUE name = RB_SYMBOL_P(key) ? rb_sym2str(key) : key;
+    if (!RB_TYPE_P(name, T_STRING) || !tc_oh_batch_key(RSTRING_PTR(name), (size_t)RSTRING_LEN(name)))
+        rb_hash_aset(arg, key, val);
     return ST_CONTINUE;
+}
+
+/* Bytes of a packed map's or array's header. */
+static long header_len(VALUE packed)
+{
+    unsigned char b = (unsigned char)RSTRING_PTR(packed)[0];
+    return (b == 0xde || b == 0xdc) ? 3 : (b == 0xdf || b == 0xdd) ? 5 : 1;
 }
 
 static VALUE no_workers_error(oh_wrap *w, size_t nsteps)
@@ -621,7 +679,9 @@ static VALUE timeout_kwarg(VALUE opts, VALUE dflt)
 
 /*
  * publish_batch(batch, timeout_ms: nil) -> worker id
- * Sends the batch to one worker's topic. Without a worker that can take it,
+ * Sends the batch to one worker's topic, built by the handle core's batch
+ * builder, the one the loop uses: the envelope with this handle's limits,
+ * then the caller's other keys, then batch["steps"] packed once. Without a worker that can take it,
  * raises NoWorkersError at once (timeout_ms nil or 0) or after waiting up
  * to timeout_ms, reading heartbeats, subscriptions and results meanwhile
  * (results stay queued for receive_results). A send refused at the
@@ -655,6 +715,16 @@ static VALUE oh_publish_batch(int argc, VALUE *argv, VALUE self)
         cs[i].task_id = step_int(st, "task_id", i, INT64_MIN);
         cs[i].attempt = step_int(st, "attempt", i, 1);
     }
+    /* The step maps packed once, as one piece after the array header,
+     * spliced by the one batch builder. */
+    VALUE packed = tc_codec_pack(steps);
+    long steps_skip = header_len(packed);
+    tc_oh_entry piece = {RSTRING_PTR(packed) + steps_skip, (size_t)(RSTRING_LEN(packed) - steps_skip)};
+    VALUE others = rb_hash_new();
+    rb_hash_foreach(batch, copy_other_keys, others);
+    size_t nextra = (size_t)RHASH_SIZE(others);
+    VALUE extra = nextra ? tc_codec_pack(others) : Qnil;
+    long extra_skip = nextra ? header_len(extra) : 0;
 
     VALUE batch_id = rb_hash_aref(batch, str_lit("batch_id"));
     if (NIL_P(batch_id)) {
@@ -670,7 +740,7 @@ static VALUE oh_publish_batch(int argc, VALUE *argv, VALUE self)
     double deadline = now_mono_ms() + (double)timeout_ms;
     for (;;) {
         poll_or_raise(w);
-        long idx = tc_oh_choose_worker(&w->core, (size_t)n);
+        long idx = tc_oh_choose_worker(&w->core, (size_t)n, NULL);
         if (idx < 0) {
             long left = remaining_ms(deadline);
             if (left <= 0) rb_exc_raise(no_workers_error(w, (size_t)n));
@@ -678,23 +748,26 @@ static VALUE oh_publish_batch(int argc, VALUE *argv, VALUE self)
             continue;
         }
         VALUE worker_id = str_lit(w->core.workers[idx].id);
-        VALUE msg = rb_hash_new();
-        rb_hash_aset(msg, str_lit("protocol_version"), INT2FIX(TC_OH_PROTOCOL_VERSION));
-        rb_hash_aset(msg, str_lit("type"), str_lit("batch"));
-        rb_hash_aset(msg, str_lit("batch_id"), batch_id);
-        rb_hash_aset(msg, str_lit("worker_id"), worker_id);
-        rb_hash_aset(msg, str_lit("sent_at"), DBL2NUM(now_wall_s()));
-        rb_hash_foreach(batch, copy_other_keys, msg);
-        VALUE body = tc_codec_pack(msg);
-
-        if (tc_oh_send_batch(&w->core, (size_t)idx, RSTRING_PTR(batch_id), cs, (size_t)n, RSTRING_PTR(body),
-                             (size_t)RSTRING_LEN(body)) == 0) {
+        /* Plain C from init to destroy: nothing raises in between. */
+        tc_codec_writer body;
+        int sent = -1, e = ENOMEM;
+        if (tc_codec_writer_init(&body, 0) == 0) {
+            if (tc_oh_build_batch(&body, &w->core, RSTRING_PTR(batch_id), w->core.workers[idx].id, (size_t)n, &piece, 1,
+                                  nextra ? RSTRING_PTR(extra) + extra_skip : NULL,
+                                  nextra ? (size_t)(RSTRING_LEN(extra) - extra_skip) : 0, nextra) == 0) {
+                sent = tc_oh_send_batch(&w->core, (size_t)idx, RSTRING_PTR(batch_id), cs, (size_t)n, body.sbuf.data,
+                                        body.sbuf.size);
+                e = errno;
+            }
+            tc_codec_writer_destroy(&body);
+        }
+        if (sent == 0) {
             sync_memory(w);
             ALLOCV_END(steps_tmp);
-            RB_GC_GUARD(body);
+            RB_GC_GUARD(packed);
+            RB_GC_GUARD(extra);
             return worker_id;
         }
-        int e = errno;
         if (e == EAGAIN) {
             long left = remaining_ms(deadline);
             if (left <= 0)
@@ -834,10 +907,23 @@ static VALUE oh_close(VALUE self)
 
 /* ---- the native orchestration loop ------------------------------------------ */
 
+struct loop_stats_arg {
+    tc_loop *l;
+    tc_loop_stats *st;
+};
+
+static void *loop_stats_nogvl(void *p)
+{
+    struct loop_stats_arg *a = p;
+    tc_loop_stats_snapshot(a->l, a->st);
+    return NULL;
+}
+
 static VALUE loop_stats_hash(tc_loop *l)
 {
     tc_loop_stats st;
-    tc_loop_stats_snapshot(l, &st);
+    struct loop_stats_arg a = {l, &st};
+    rb_thread_call_without_gvl(loop_stats_nogvl, &a, RUBY_UBF_IO, NULL);
     VALUE h = rb_hash_new();
 #define LS(name, v) rb_hash_aset(h, str_lit(name), ULL2NUM(v))
     LS("claimed", st.claimed);
@@ -858,7 +944,6 @@ static VALUE loop_stats_hash(tc_loop *l)
     LS("stale_results", st.stale_results);
     LS("applied_results", st.applied_results);
     LS("results_dropped", st.results_dropped);
-    LS("bad_results", st.bad_results);
     LS("pending_results", st.pending_results);
     LS("db_reconnects", st.db_reconnects);
     LS("db_errors", st.db_errors);
@@ -873,11 +958,6 @@ static VALUE loop_stats_hash(tc_loop *l)
     rb_hash_aset(h, str_lit("loop_latency_us_avg"), DBL2NUM(st.latency_avg_us));
     rb_hash_aset(h, str_lit("db_connected"), st.db_connected ? Qtrue : Qfalse);
     rb_hash_aset(h, str_lit("running"), tc_loop_running(l) ? Qtrue : Qfalse);
-    VALUE bad = rb_hash_new();
-    for (int r = 1; r < TC_PROTO_ERR_COUNT; r++)
-        rb_hash_aset(bad, str_lit(tc_proto_err_name((tc_proto_err)r)), ULL2NUM(st.bad_by_reason[r]));
-    rb_hash_aset(h, str_lit("bad_results_by_reason"), bad);
-    rb_hash_aset(h, str_lit("last_bad_result"), st.last_bad_result[0] ? str_lit(st.last_bad_result) : Qnil);
     rb_hash_aset(h, str_lit("last_db_error"), st.last_db_error[0] ? str_lit(st.last_db_error) : Qnil);
     return h;
 }

@@ -27,12 +27,16 @@
 #include "protocol.h"
 #include "store.h"
 
+/* A result to write back. output and error are msgpack bytes inside
+ * owned (the body as it arrived, or the error map the loop packed);
+ * NULL is SQL NULL. */
 typedef struct pending_result {
     int64_t step_id;
     int64_t attempt;
     int success, retryable;
     int64_t retry_after_ms; /* -1: none */
-    char *output, *error;   /* msgpack bytes, malloc'd; NULL = SQL NULL */
+    char *owned;
+    const char *output, *error;
     size_t output_len, error_len;
 } pending_result;
 
@@ -46,7 +50,7 @@ typedef struct pair_list {
     size_t n, cap;
 } pair_list;
 
-/* A growable text buffer for array literals; oom sticks. */
+/* A growable buffer for array literals and binary arrays; oom sticks. */
 typedef struct sbuf {
     char *p;
     size_t len, cap;
@@ -79,9 +83,11 @@ struct tc_loop {
     size_t nresults, results_cap;
     pair_list lost;    /* in flight on a lost worker: a lost attempt (redispatched or failed) */
     pair_list unsent;  /* claimed but not sent: release, count as released */
-    size_t rotate;
 
     tc_loop_stats st; /* under mu */
+    /* the handle's socket counters as of the loop's last send, for readers
+     * (the loop sends without mu): under mu */
+    tc_socket_counters batch_counters, result_counters;
     uint64_t lat_ring[TC_LOOP_LATENCY_RING];
     uint64_t lat_total_us;
 };
@@ -100,13 +106,6 @@ static uint64_t mono_us(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
-
-static double wall_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
 static void sb_reserve(sbuf *b, size_t more)
@@ -157,31 +156,6 @@ static void sb_free(sbuf *b)
     memset(b, 0, sizeof(*b));
 }
 
-/* An element of a bytea[] literal: "\\x<hex>" (the array parser eats one
- * level of backslashes, bytea input reads the \x form). */
-static void sb_bytea_elem(sbuf *b, const char *p, size_t n)
-{
-    static const char hex[] = "0123456789abcdef";
-    if (!p) {
-        sb_puts(b, "NULL");
-        return;
-    }
-    sb_reserve(b, 2 * n + 6);
-    if (b->oom) return;
-    char *o = b->p + b->len;
-    *o++ = '"';
-    *o++ = '\\';
-    *o++ = '\\';
-    *o++ = 'x';
-    for (size_t i = 0; i < n; i++) {
-        *o++ = hex[(unsigned char)p[i] >> 4];
-        *o++ = hex[(unsigned char)p[i] & 15];
-    }
-    *o++ = '"';
-    b->len = (size_t)(o - b->p);
-    b->p[b->len] = '\0';
-}
-
 /* An element of a text[] literal, always quoted (an unquoted NULL would be
  * read as SQL NULL). */
 static void sb_text_elem(sbuf *b, const char *p, size_t n)
@@ -225,8 +199,71 @@ static void pairs_literals(const pair_list *l, sbuf *ids, sbuf *attempts)
 
 static void result_free(pending_result *r)
 {
-    free(r->output);
-    free(r->error);
+    free(r->owned);
+}
+
+/* ---- PostgreSQL binary arrays (array_recv: one dimension, lower bound 1) -- */
+
+enum { OID_BOOL = 16, OID_BYTEA = 17, OID_INT8 = 20, OID_INT4 = 23 };
+
+static void sb_be32(sbuf *b, uint32_t v)
+{
+    v = htobe32(v);
+    sb_put(b, (const char *)&v, 4);
+}
+
+static void sb_be64(sbuf *b, uint64_t v)
+{
+    v = htobe64(v);
+    sb_put(b, (const char *)&v, 8);
+}
+
+/* The header of an array of n elements of type oid (the has-null flag is
+ * informational: array_recv finds NULLs itself). */
+static void bin_array_begin(sbuf *b, uint32_t oid, size_t n)
+{
+    sb_reset(b);
+    sb_be32(b, 1); /* ndim */
+    sb_be32(b, 0); /* flags */
+    sb_be32(b, oid);
+    sb_be32(b, (uint32_t)n);
+    sb_be32(b, 1); /* lower bound */
+}
+
+static void bin_int8(sbuf *b, int64_t v)
+{
+    sb_be32(b, 8);
+    sb_be64(b, (uint64_t)v);
+}
+
+static void bin_int4(sbuf *b, int32_t v)
+{
+    sb_be32(b, 4);
+    sb_be32(b, (uint32_t)v);
+}
+
+static void bin_bool(sbuf *b, int v)
+{
+    sb_be32(b, 1);
+    sb_put(b, v ? "\x01" : "\x00", 1);
+}
+
+/* Bytes as they are; p NULL is SQL NULL. */
+static void bin_bytes(sbuf *b, const char *p, size_t n)
+{
+    if (!p) {
+        sb_be32(b, 0xffffffffu);
+        return;
+    }
+    sb_be32(b, (uint32_t)n);
+    sb_put(b, p, n);
+}
+
+/* mu held. */
+static void publish_counters(tc_loop *l)
+{
+    l->batch_counters = l->oh->batch.counters;
+    l->result_counters = l->oh->result.counters;
 }
 
 /* ---- the database connection --------------------------------------------- */
@@ -292,27 +329,6 @@ static PGresult *exec_text(tc_loop *l, const char *sql, int n, const char *const
 
 /* ---- results in, results out --------------------------------------------- */
 
-/* mu held (called while draining the core's events). */
-static void count_bad(tc_loop *l, tc_proto_err e, const char *detail)
-{
-    l->st.bad_results++;
-    l->st.bad_by_reason[e]++;
-    snprintf(l->st.last_bad_result, sizeof(l->st.last_bad_result), "%s: %s", tc_proto_err_name(e), detail);
-}
-
-static int copy_packed(const msgpack_object *obj, char **out, size_t *len)
-{
-    msgpack_sbuffer sb;
-    msgpack_sbuffer_init(&sb);
-    if (tc_proto_pack_object(&sb, obj) != 0) {
-        msgpack_sbuffer_destroy(&sb);
-        return -1;
-    }
-    *out = sb.data; /* ownership moves to the pending result */
-    *len = sb.size;
-    return 0;
-}
-
 static int results_push(tc_loop *l, const pending_result *r)
 {
     if (l->nresults == l->results_cap) {
@@ -347,7 +363,7 @@ static int fail_step(tc_loop *l, int64_t step_id, int64_t attempt, const char *e
     msgpack_pack_nil(pk);
     /* the buffer becomes the pending result's */
     pending_result r = {.step_id = step_id, .attempt = attempt, .retry_after_ms = -1,
-                        .error = w.sbuf.data, .error_len = w.sbuf.size};
+                        .owned = w.sbuf.data, .error = w.sbuf.data, .error_len = w.sbuf.size};
     if (w.failed || results_push(l, &r) != 0) {
         tc_codec_writer_destroy(&w);
         return -1;
@@ -355,34 +371,28 @@ static int fail_step(tc_loop *l, int64_t step_id, int64_t attempt, const char *e
     return 0;
 }
 
-/* mu held. */
-static void take_result(tc_loop *l, const tc_oh_event *ev)
+/* A result the handle core parsed and checked as it arrived: its body
+ * moves into the pending result, output or error stay the bytes the
+ * worker sent. An absent output is stored as msgpack nil. mu held. */
+static void take_result(tc_loop *l, tc_oh_event *ev)
 {
-    msgpack_unpacked u;
-    tc_proto_msg m;
-    char detail[160];
-    msgpack_unpacked_init(&u);
-    tc_proto_err e = tc_proto_parse(&u, ev->body, ev->len, &m, detail, sizeof(detail));
-    if (e != TC_PROTO_OK) {
-        count_bad(l, e, detail);
-        goto done;
-    }
-    if (m.type != TC_PROTO_PARTIAL_RESULT) goto done; /* completions only free credit, in the core */
+    static const char nil[1] = {(char)0xc0};
     if (l->nresults >= l->max_pending) {
         /* PostgreSQL has been away long: the claim deadline re-dispatches these. */
         l->st.results_dropped++;
-        goto done;
+        return;
     }
-    pending_result r = {.step_id = m.step_id, .attempt = m.attempt, .success = m.success,
-                        .retryable = m.retryable, .retry_after_ms = m.retry_after_ms};
-    if (m.success) {
-        if (copy_packed(m.output, &r.output, &r.output_len) != 0) goto done;
-    } else if (copy_packed(m.error, &r.error, &r.error_len) != 0) {
-        goto done;
+    pending_result r = {.step_id = ev->step_id, .attempt = ev->attempt, .success = ev->success,
+                        .retryable = ev->retryable, .retry_after_ms = ev->retry_after_ms, .owned = ev->body};
+    if (ev->success) {
+        r.output = ev->output ? ev->output : nil;
+        r.output_len = ev->output ? ev->output_len : 1;
+    } else {
+        r.error = ev->error;
+        r.error_len = ev->error_len;
     }
-    if (results_push(l, &r) != 0) result_free(&r);
-done:
-    msgpack_unpacked_destroy(&u);
+    if (results_push(l, &r) != 0) return; /* the event keeps the body and frees it */
+    ev->body = NULL;
 }
 
 /* Drains the core's event queue (mu held). */
@@ -399,7 +409,7 @@ static void drain_events(tc_loop *l)
             for (size_t i = 0; i < ev->n_in_flight; i++)
                 if (fail_step(l, ev->in_flight[i].step_id, ev->in_flight[i].attempt, ev->error_class, ev->message) == 0)
                     l->st.failed_refused++;
-        } else {
+        } else if (ev->kind == TC_OH_EV_RESULT) {
             take_result(l, ev);
         }
         tc_oh_event_pop(l->oh);
@@ -446,27 +456,28 @@ static int release_pairs(tc_loop *l, pair_list *pl, int lost)
     return rc;
 }
 
-/* One tasker_apply_results call for everything pending. */
+/* One tasker_apply_results call for everything pending, its arrays sent
+ * in PostgreSQL's binary format: outputs and errors go as the bytes the
+ * workers sent, with no hex encoding and no array literal to parse. */
 static int apply_results(tc_loop *l)
 {
     if (!l->nresults || !l->db_up) return 0;
+    static const uint32_t oids[7] = {OID_INT8, OID_INT4, OID_BOOL, OID_BYTEA, OID_BYTEA, OID_BOOL, OID_INT4};
     sbuf b[7] = {{0}};
-    for (int i = 0; i < 7; i++) sb_puts(&b[i], "{");
+    for (int k = 0; k < 7; k++) bin_array_begin(&b[k], oids[k], l->nresults);
     uint64_t ok = 0, bad = 0, retry = 0;
     for (size_t i = 0; i < l->nresults; i++) {
         const pending_result *r = &l->results[i];
-        const char *sep = i ? "," : "";
-        for (int k = 0; k < 7; k++) sb_puts(&b[k], sep);
-        sb_printf(&b[0], "%lld", (long long)r->step_id);
-        sb_printf(&b[1], "%lld", (long long)r->attempt);
-        sb_puts(&b[2], r->success ? "t" : "f");
-        sb_bytea_elem(&b[3], r->output, r->output_len);
-        sb_bytea_elem(&b[4], r->error, r->error_len);
-        sb_puts(&b[5], r->retryable ? "t" : "f");
+        bin_int8(&b[0], r->step_id);
+        bin_int4(&b[1], (int32_t)r->attempt);
+        bin_bool(&b[2], r->success);
+        bin_bytes(&b[3], r->output, r->output_len);
+        bin_bytes(&b[4], r->error, r->error_len);
+        bin_bool(&b[5], r->retryable);
         if (r->retry_after_ms >= 0)
-            sb_printf(&b[6], "%lld", (long long)r->retry_after_ms);
+            bin_int4(&b[6], (int32_t)r->retry_after_ms);
         else
-            sb_puts(&b[6], "NULL");
+            bin_bytes(&b[6], NULL, 0);
         if (r->success)
             ok++;
         else {
@@ -475,18 +486,20 @@ static int apply_results(tc_loop *l)
         }
     }
     int oom = 0;
-    for (int k = 0; k < 7; k++) {
-        sb_puts(&b[k], "}");
-        oom |= b[k].oom;
-    }
+    for (int k = 0; k < 7; k++) oom |= b[k].oom;
     int rc = -1;
     if (!oom) {
         const char *vals[7];
-        for (int k = 0; k < 7; k++) vals[k] = b[k].p;
-        PGresult *r = exec_text(l,
-                                "SELECT applied, stale FROM tasker_apply_results($1::bigint[], $2::int[], "
-                                "$3::boolean[], $4::bytea[], $5::bytea[], $6::boolean[], $7::int[])",
-                                7, vals);
+        int lens[7], fmts[7];
+        for (int k = 0; k < 7; k++) {
+            vals[k] = b[k].p;
+            lens[k] = (int)b[k].len;
+            fmts[k] = 1;
+        }
+        PGresult *r = tc_store_exec(&l->db,
+                                    "SELECT applied, stale FROM tasker_apply_results($1::bigint[], $2::int[], "
+                                    "$3::boolean[], $4::bytea[], $5::bytea[], $6::boolean[], $7::int[])",
+                                    7, vals, lens, fmts);
         if (r) {
             uint64_t applied = (uint64_t)atoll(PQgetvalue(r, 0, 0));
             uint64_t stale = (uint64_t)atoll(PQgetvalue(r, 0, 1));
@@ -687,42 +700,13 @@ static void row_depth(const PGresult *res, int row, claimed_row *r)
     }
 }
 
-/* The orchestrator's limits, told to workers in every batch (docs/protocol.md 4.1). */
-static void pack_limits(msgpack_packer *pk, const tc_oh *h)
-{
-    msgpack_pack_map(pk, 3);
-    pack_key(pk, "max_result_bytes");
-    msgpack_pack_uint64(pk, (uint64_t)h->max_result_bytes);
-    pack_key(pk, "max_message_bytes");
-    msgpack_pack_int64(pk, h->max_message_bytes > 0 ? (int64_t)h->max_message_bytes : INT64_MAX);
-    pack_key(pk, "max_payload_depth");
-    msgpack_pack_int64(pk, (int64_t)h->max_payload_depth);
-}
-
-/* The one batch builder: the envelope, then the chosen step maps copied
- * from the entries buffer. n = 0 measures the envelope. */
+/* A batch of the chosen step maps, copied from the entries buffer, built
+ * by the handle core's one batch builder. n = 0 measures the envelope. */
 static int build_batch(tc_codec_writer *out, const tc_oh *h, const char *batch_id, const char *worker_id,
-                       const char *entries, const claimed_row *rows, const int *idx, int n)
+                       const char *entries, const claimed_row *rows, const int *idx, int n, tc_oh_entry *picked)
 {
-    msgpack_packer *pk = &out->pk;
-    tc_codec_writer_reset(out);
-    msgpack_pack_map(pk, 7);
-    pack_key(pk, "protocol_version");
-    msgpack_pack_int(pk, TC_OH_PROTOCOL_VERSION);
-    pack_key(pk, "type");
-    pack_key(pk, "batch");
-    pack_key(pk, "batch_id");
-    pack_key(pk, batch_id);
-    pack_key(pk, "worker_id");
-    pack_key(pk, worker_id);
-    pack_key(pk, "sent_at");
-    msgpack_pack_double(pk, wall_s());
-    pack_key(pk, "limits");
-    pack_limits(pk, h);
-    pack_key(pk, "steps");
-    msgpack_pack_array(pk, (size_t)n);
-    for (int i = 0; i < n; i++) pk->callback(pk->data, entries + rows[idx[i]].off, rows[idx[i]].len);
-    return out->failed ? -1 : 0;
+    for (int i = 0; i < n; i++) picked[i] = (tc_oh_entry){entries + rows[idx[i]].off, rows[idx[i]].len};
+    return tc_oh_build_batch(out, h, batch_id, worker_id, (size_t)n, picked, (size_t)n, NULL, 0, 0);
 }
 
 /* Bytes of a message to w besides its step maps: the topic, the envelope
@@ -732,7 +716,7 @@ static int64_t envelope_bytes(tc_codec_writer *scratch, const tc_oh *h, const tc
     char id[TC_OH_BATCH_ID_MAX + 1];
     memset(id, 'x', TC_OH_BATCH_ID_MAX);
     id[TC_OH_BATCH_ID_MAX] = '\0';
-    build_batch(scratch, h, id, w->id, NULL, NULL, NULL, 0);
+    build_batch(scratch, h, id, w->id, NULL, NULL, NULL, 0, NULL);
     return (int64_t)scratch->sbuf.size + 4 + (int64_t)(strlen("batch.") + strlen(w->id) + 1);
 }
 
@@ -758,7 +742,7 @@ static int row_fits(const claimed_row *r, const worker_limits *wl)
 /* Up to limit ready steps, of which at most suspects lost
  * TC_LOOP_SUSPECT_LOST times or more (one per idle worker): a suspect
  * with no idle worker for it stays pending, unclaimed, until one is free
- * (db/migrate/0008). */
+ * (db/migrate/0008). Claimed straight to in_progress (db/migrate/0009). */
 static PGresult *claim(tc_loop *l, long limit, long suspects)
 {
     char lim[24], lease[24], lost[24], sus[24];
@@ -774,7 +758,7 @@ static PGresult *claim(tc_loop *l, long limit, long suspects)
     PGresult *r = PQexecParams(c,
                                "SELECT step_id, task_id, step_name, handler, handler_config, attempt, timeout_ms, "
                                "context, dep_names, dep_outputs, lost_attempts "
-                               "FROM tasker_claim_steps_v2($1, $2::int, $3::int, $4::int, $5::int)",
+                               "FROM tasker_claim_steps_v3($1, $2::int, $3::int, $4::int, $5::int)",
                                5, NULL, vals, NULL, NULL, 1);
     if (r && PQresultStatus(r) == PGRES_TUPLES_OK && PQnfields(r) == C_COUNT) return r;
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
@@ -789,8 +773,9 @@ static PGresult *claim(tc_loop *l, long limit, long suspects)
  * nested deeper than every live worker's max_payload_depth. Sending them
  * would cost the workers' connections (libzmq drops a connection that
  * delivers a message over ZMQ_MAXMSGSIZE) or a refusal, every time.
- * mu held. Returns the number failed. */
-static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, int n, tc_codec_writer *scratch)
+ * Counts them in *too_large and *too_deep. Returns the number failed. */
+static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, int n, tc_codec_writer *scratch,
+                           uint64_t *too_large_n, uint64_t *too_deep_n)
 {
     int64_t room = -1, bytes_limit = 0;
     int depth_limit = 0;
@@ -832,9 +817,9 @@ static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, i
         if (fail_step(l, step_id, be32(PQgetvalue(res, i, C_ATTEMPT)), cls, msg) != 0) continue;
         r->state = ROW_FAILED;
         if (too_large)
-            l->st.failed_too_large++;
+            (*too_large_n)++;
         else
-            l->st.failed_too_deep++;
+            (*too_deep_n)++;
         failed++;
     }
     return failed;
@@ -845,7 +830,7 @@ static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, i
 #define LOOP_STR_(x) #x
 #define LOOP_STR(x) LOOP_STR_(x)
 
-/* A suspect tasker_claim_steps_v2 would claim now, found through the
+/* A suspect tasker_claim_steps_v3 would claim now, found through the
  * partial index tasker_workflow_steps_suspect (db/migrate/0008: its
  * predicate, with the constant, so the planner can use it). */
 #define SUSPECT_WAITING_SQL                                                                                    \
@@ -928,10 +913,14 @@ static void check_suspects(tc_loop *l)
 }
 
 /* Sends rows idx[0..take) of the claim to worker wi as one batch and marks
- * them sent (into sent) or unsent (into l->unsent, released after). mu
- * held. Returns 1 when libzmq took the batch. */
+ * them sent (into sent) or unsent (into l->unsent, released after). Only
+ * this thread changes the handle core: it packs and sends without mu and
+ * takes it only to change the worker table (reserve, record), so a reader
+ * is never kept waiting behind a pack or a send. Returns 1 when libzmq
+ * took the batch. */
 static int send_rows(tc_loop *l, size_t wi, const PGresult *res, claimed_row *rows, const int *idx, int take,
-                     const tc_codec_writer *ents, tc_codec_writer *body, tc_oh_step *steps, pair_list *sent)
+                     const tc_codec_writer *ents, tc_codec_writer *body, tc_oh_step *steps, tc_oh_entry *picked,
+                     pair_list *sent)
 {
     char batch_id[TC_OH_BATCH_ID_MAX + 1];
     tc_oh_next_batch_id(l->oh, batch_id, sizeof(batch_id));
@@ -940,8 +929,20 @@ static int send_rows(tc_loop *l, size_t wi, const PGresult *res, claimed_row *ro
         steps[j].task_id = be64(PQgetvalue(res, idx[j], C_TASK));
         steps[j].attempt = be32(PQgetvalue(res, idx[j], C_ATTEMPT));
     }
-    int ok = build_batch(body, l->oh, batch_id, l->oh->workers[wi].id, ents->sbuf.data, rows, idx, take) == 0 &&
-             tc_oh_send_batch(l->oh, wi, batch_id, steps, (size_t)take, body->sbuf.data, body->sbuf.size) == 0;
+    int ok =
+        build_batch(body, l->oh, batch_id, l->oh->workers[wi].id, ents->sbuf.data, rows, idx, take, picked) == 0;
+    if (ok) {
+        pthread_mutex_lock(&l->mu);
+        ok = tc_oh_send_reserve(l->oh, wi, batch_id, (size_t)take) == 0;
+        pthread_mutex_unlock(&l->mu);
+    }
+    if (ok) {
+        ok = tc_oh_send_raw(l->oh, wi, body->sbuf.data, body->sbuf.size) == 0;
+        int e = errno;
+        pthread_mutex_lock(&l->mu);
+        tc_oh_send_record(l->oh, wi, batch_id, steps, (size_t)take, ok, e);
+        pthread_mutex_unlock(&l->mu);
+    }
     for (int j = 0; j < take; j++) {
         rows[idx[j]].state = ok ? ROW_SENT : ROW_UNSENT;
         pairs_push(ok ? sent : &l->unsent, steps[j].step_id, steps[j].attempt);
@@ -955,34 +956,37 @@ static int send_rows(tc_loop *l, size_t wi, const PGresult *res, claimed_row *ro
  * suspect with no such worker stays pending and is released unsent. A
  * drained worker that is idle and got no suspect (none was claimed, or it
  * does not fit) is drained no more: it takes other work from this claim
- * on. mu held. */
+ * on. Only this thread changes the worker table: it reads it without mu. */
 static void dispatch_suspects(tc_loop *l, const PGresult *res, claimed_row *rows, int n, int *idx,
-                              const tc_codec_writer *ents, tc_codec_writer *body, tc_oh_step *steps, pair_list *sent,
-                              int64_t now)
+                              const tc_codec_writer *ents, tc_codec_writer *body, tc_oh_step *steps,
+                              tc_oh_entry *picked, pair_list *sent, int64_t now)
 {
     size_t nw = l->oh->nworkers;
     for (int i = 0; i < n; i++) {
         if (rows[i].state != ROW_PENDING || !rows[i].suspect) continue;
         int tried = 0;
         for (int drained = 1; drained >= 0 && !tried; drained--) {
-            for (size_t k = 0; k < nw; k++) {
-                size_t wi = (l->rotate + k) % nw;
+            for (size_t wi = 0; wi < nw; wi++) {
                 tc_oh_worker *w = &l->oh->workers[wi];
                 if (drained && w->isolating != TC_OH_ISOLATE_DRAIN) continue;
                 if (!tc_oh_worker_idle(l->oh, w, now)) continue;
                 worker_limits wl = limits_of(l->oh, w, body);
                 if (!row_fits(&rows[i], &wl)) continue;
                 idx[0] = i;
-                if (send_rows(l, wi, res, rows, idx, 1, ents, body, steps, sent)) {
+                if (send_rows(l, wi, res, rows, idx, 1, ents, body, steps, picked, sent)) {
+                    pthread_mutex_lock(&l->mu);
                     w->isolating = TC_OH_ISOLATE_RUN;
                     l->st.isolated++;
+                    pthread_mutex_unlock(&l->mu);
                 }
                 tried = 1;
                 break;
             }
         }
     }
+    pthread_mutex_lock(&l->mu);
     end_idle_drain(l, now);
+    pthread_mutex_unlock(&l->mu);
 }
 
 /* Claims what the sendable workers have room for and sends it, each
@@ -995,7 +999,7 @@ static int claim_and_dispatch(tc_loop *l)
     long total_free = 0, sendable = 0, idle = 0;
     int draining = 0;
     int64_t now = tc_oh_now_ms();
-    pthread_mutex_lock(&l->mu);
+    /* Only this thread changes the worker table: read without mu. */
     for (size_t i = 0; i < l->oh->nworkers; i++) {
         const tc_oh_worker *w = &l->oh->workers[i];
         if (w->isolating == TC_OH_ISOLATE_DRAIN) draining = 1;
@@ -1005,18 +1009,16 @@ static int claim_and_dispatch(tc_loop *l)
         long f = (long)(w->capacity - (int64_t)w->used);
         if (f > 0) total_free += f;
     }
-    pthread_mutex_unlock(&l->mu);
     /* Never more than the sendable workers can take: a worker in its
      * send back-off gets nothing, so nothing is claimed for it. */
     if (total_free <= 0) return 0;
     long limit = (long)l->batch_size * sendable;
     if (limit > total_free) limit = total_free;
 
-    /* Only this thread changes the worker table: the idle workers counted
-     * here are still idle when the claim comes back. */
+    /* The idle workers counted here are still idle when the claim comes back. */
     PGresult *res = claim(l, limit, idle);
     if (!res) {
-        db_failed(l, "tasker_claim_steps");
+        db_failed(l, "tasker_claim_steps_v3");
         return 0;
     }
     int n = PQntuples(res);
@@ -1034,6 +1036,8 @@ static int claim_and_dispatch(tc_loop *l)
     claimed_row *rows = calloc((size_t)n, sizeof(*rows));
     int *idx = malloc((size_t)n * sizeof(*idx));
     tc_oh_step *steps = malloc((size_t)n * sizeof(*steps));
+    tc_oh_entry *picked = malloc((size_t)n * sizeof(*picked));
+    unsigned char *skip = calloc(l->oh->nworkers + 1, 1);
     tc_codec_writer ents, body;
     tc_codec_writer_init(&ents, 0);
     tc_codec_writer_init(&body, 0);
@@ -1055,19 +1059,21 @@ static int claim_and_dispatch(tc_loop *l)
         row_depth(res, i, &rows[i]);
     }
 
-    pthread_mutex_lock(&l->mu);
-    l->st.claimed += (uint64_t)n;
-    l->st.claim_calls++;
-    if (rows && idx && steps) {
-        failed = fail_unsendable(l, res, rows, n, &body);
-        dispatch_suspects(l, res, rows, n, idx, &ents, &body, steps, &sent, now);
-        size_t nw = l->oh->nworkers;
+    uint64_t too_large = 0, too_deep = 0;
+    if (rows && idx && steps && picked && skip) {
+        failed = fail_unsendable(l, res, rows, n, &body, &too_large, &too_deep);
+        dispatch_suspects(l, res, rows, n, idx, &ents, &body, steps, picked, &sent, now);
         int first = 0; /* rows before it are all decided */
-        /* Start at a rotating worker so small claims spread over the workers. */
-        for (size_t k = 0; k < nw && first < n; k++) {
-            size_t wi = (l->rotate + k) % nw;
+        /* Worker by worker, in the order the handle core's one selection
+         * rule gives (the most free capacity, then the least recently sent
+         * to), each filled with batches up to its free capacity before the
+         * next, so small claims spread over the workers; a worker is
+         * visited once per claim. Suspects went alone above, or wait. */
+        while (first < n) {
+            long wi = tc_oh_choose_worker(l->oh, 1, skip);
+            if (wi < 0) break;
+            skip[wi] = 1;
             tc_oh_worker *w = &l->oh->workers[wi];
-            if (!tc_oh_worker_sendable(l->oh, w, now)) continue;
             long f = (long)(w->capacity - (int64_t)w->used);
             worker_limits wl = limits_of(l->oh, w, &body);
             long per = l->batch_size < wl.steps ? l->batch_size : (long)wl.steps;
@@ -1087,13 +1093,12 @@ static int claim_and_dispatch(tc_loop *l)
                     idx[take++] = i;
                 }
                 if (take == 0) break;
-                int ok = send_rows(l, wi, res, rows, idx, take, &ents, &body, steps, &sent);
+                int ok = send_rows(l, (size_t)wi, res, rows, idx, take, &ents, &body, steps, picked, &sent);
                 while (first < n && rows[first].state != ROW_PENDING) first++;
                 if (!ok) break; /* refused at the high-water mark: the core backs this worker off */
                 f -= take;
             }
         }
-        l->rotate++;
     }
     /* Claimed and not sent: back to pending, no attempt lost. A step too
      * big or too deep for every sendable worker (but not every live one),
@@ -1104,31 +1109,26 @@ static int claim_and_dispatch(tc_loop *l)
         if (!rows || rows[i].state == ROW_PENDING || rows[i].state == ROW_UNSENT)
             pairs_push(&l->unsent, be64(PQgetvalue(res, i, C_STEP)), be32(PQgetvalue(res, i, C_ATTEMPT)));
     }
+    pthread_mutex_lock(&l->mu);
+    l->st.claimed += (uint64_t)n;
+    l->st.claim_calls++;
+    l->st.failed_too_large += too_large;
+    l->st.failed_too_deep += too_deep;
     l->st.dispatched += sent.n;
     l->st.batches_split_by_bytes += split;
+    publish_counters(l);
     pthread_mutex_unlock(&l->mu);
     tc_codec_writer_destroy(&ents);
     tc_codec_writer_destroy(&body);
     free(rows);
     free(idx);
     free(steps);
+    free(picked);
+    free(skip);
     PQclear(res);
 
-    if (sent.n) {
-        /* A failure here is harmless: results apply to enqueued steps too. */
-        sbuf ids = {0}, att = {0};
-        pairs_literals(&sent, &ids, &att);
-        const char *vals[2] = {ids.p, att.p};
-        PGresult *r = (ids.oom || att.oom)
-                          ? NULL
-                          : exec_text(l, "SELECT tasker_mark_dispatched($1::bigint[], $2::int[])", 2, vals);
-        if (r)
-            PQclear(r);
-        else
-            db_failed(l, "tasker_mark_dispatched");
-        sb_free(&ids);
-        sb_free(&att);
-    }
+    /* The claim moved the steps straight to in_progress (db/migrate/0009):
+     * nothing to mark for the ones sent. */
     free(sent.v);
     release_pairs(l, &l->unsent, 0);
     if (failed) return 1;
@@ -1148,7 +1148,7 @@ static void upsert_workers(tc_loop *l)
     sbuf b[NB] = {{0}};
     for (int k = 0; k < NB; k++) sb_puts(&b[k], "{");
     int count = 0;
-    pthread_mutex_lock(&l->mu);
+    /* read without mu: only this thread changes the table */
     for (size_t i = 0; i < l->oh->nworkers; i++) {
         const tc_oh_worker *w = &l->oh->workers[i];
         if (!tc_oh_worker_live(w)) continue;
@@ -1175,7 +1175,6 @@ static void upsert_workers(tc_loop *l)
             sb_puts(&b[9], "NULL");
         }
     }
-    pthread_mutex_unlock(&l->mu);
     int oom = 0;
     for (int k = 0; k < NB; k++) {
         sb_puts(&b[k], "}");
@@ -1273,6 +1272,7 @@ static int iterate(tc_loop *l)
     pthread_mutex_lock(&l->mu);
     tc_oh_poll(l->oh);
     drain_events(l);
+    publish_counters(l);
     pthread_mutex_unlock(&l->mu);
 
     ensure_db(l);
@@ -1455,6 +1455,12 @@ void tc_loop_lock(tc_loop *l)
 void tc_loop_unlock(tc_loop *l)
 {
     pthread_mutex_unlock(&l->mu);
+}
+
+void tc_loop_socket_counters(tc_loop *l, tc_socket_counters *batch, tc_socket_counters *result)
+{
+    *batch = l->batch_counters;
+    *result = l->result_counters;
 }
 
 static int cmp_u64(const void *a, const void *b)

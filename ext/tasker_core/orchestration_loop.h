@@ -6,6 +6,9 @@
  * one statement per iteration, release the steps of lost workers, requeue
  * expired claims. It never holds the GVL and runs no Ruby; Ruby reads its
  * state through the mutex (tc_loop_lock) and tc_loop_stats_snapshot.
+ * The loop is the only thread that changes the handle core while it runs:
+ * it reads the core without the mutex and takes it only around changes,
+ * never around a pack, a send or a statement.
  */
 #ifndef TASKER_CORE_ORCHESTRATION_LOOP_H
 #define TASKER_CORE_ORCHESTRATION_LOOP_H
@@ -15,7 +18,6 @@
 #include <stdint.h>
 
 #include "orchestration_handle.h"
-#include "protocol.h"
 
 #define TC_LOOP_OWNER_MAX 127
 #define TC_LOOP_LATENCY_RING 1024
@@ -46,15 +48,13 @@ typedef struct tc_loop_stats {
     uint64_t batches_split_by_bytes; /* batches cut short by max_message_bytes, not by steps */
     uint64_t isolated;               /* suspect steps sent alone to an idle worker */
     uint64_t isolation_drains;       /* workers drained for a waiting suspect (no worker was idle) */
-    uint64_t stale_results, applied_results, results_dropped, bad_results;
+    uint64_t stale_results, applied_results, results_dropped;
     uint64_t db_reconnects, db_errors, db_connected;
     uint64_t claim_calls, apply_calls, iterations;
     uint64_t latency_last_us, latency_max_us, latency_p50_us, latency_p99_us;
     double latency_avg_us;
     uint64_t pending_results;
-    uint64_t bad_by_reason[TC_PROTO_ERR_COUNT];
     char last_db_error[256];
-    char last_bad_result[200];
 } tc_loop_stats;
 
 typedef struct tc_loop tc_loop;
@@ -86,6 +86,11 @@ void tc_loop_free(tc_loop *l);
 /* Guards the handle core while the thread runs: readers take it. */
 void tc_loop_lock(tc_loop *l);
 void tc_loop_unlock(tc_loop *l);
+
+/* The handle's socket counters as of the loop's last send (the loop
+ * sends without the lock, so readers take these, not the sockets'); call
+ * it under tc_loop_lock. */
+void tc_loop_socket_counters(tc_loop *l, tc_socket_counters *batch, tc_socket_counters *result);
 
 void tc_loop_stats_snapshot(tc_loop *l, tc_loop_stats *out);
 

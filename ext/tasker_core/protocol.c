@@ -20,16 +20,38 @@ const char *tc_proto_err_name(tc_proto_err e)
     return (e >= 0 && e < TC_PROTO_ERR_COUNT) ? err_names[e] : "unknown";
 }
 
-/* The value under a str key of a msgpack map, or NULL. */
-const msgpack_object *tc_proto_map_get(const msgpack_object *map, const char *key)
+/* The first pair of a msgpack map under a str key, or NULL. */
+static const msgpack_object_kv *map_pair(const msgpack_object *map, const char *key)
 {
     size_t kl = strlen(key);
     for (uint32_t i = 0; i < map->via.map.size; i++) {
         const msgpack_object *k = &map->via.map.ptr[i].key;
         if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == kl && memcmp(k->via.str.ptr, key, kl) == 0)
-            return &map->via.map.ptr[i].val;
+            return &map->via.map.ptr[i];
     }
     return NULL;
+}
+
+/* The value under a str key of a msgpack map, or NULL. */
+const msgpack_object *tc_proto_map_get(const msgpack_object *map, const char *key)
+{
+    const msgpack_object_kv *kv = map_pair(map, key);
+    return kv ? &kv->val : NULL;
+}
+
+int tc_proto_value_bytes(const msgpack_object *map, const char *body, size_t len, const char *key, tc_proto_str *out)
+{
+    const msgpack_object_kv *kv = map_pair(map, key);
+    if (!kv) return 1;
+    /* msgpack-c points a str at its bytes in body: the value starts right
+     * after its key's, and tc_codec_skip finds where it ends. */
+    const char *start = kv->key.via.str.ptr + kv->key.via.str.size;
+    size_t n;
+    uintptr_t at = (uintptr_t)start, lo = (uintptr_t)body;
+    if (at < lo || at >= lo + len || tc_codec_skip(start, len - (size_t)(at - lo), &n) != 0) return -1;
+    out->ptr = start;
+    out->len = n;
+    return 0;
 }
 
 static int as_int(const msgpack_object *v, int64_t *out)
@@ -155,7 +177,8 @@ void tc_proto_refused_step(const tc_proto_msg *m, size_t i, int64_t *step_id, in
         return reason;                                     \
     } while (0)
 
-static tc_proto_err parse_partial(const msgpack_object *m, tc_proto_msg *out, char *detail, size_t detail_len)
+static tc_proto_err parse_partial(const msgpack_object *m, const char *body, size_t len, tc_proto_msg *out,
+                                  char *detail, size_t detail_len)
 {
     tc_proto_str status;
     if (!as_str(tc_proto_map_get(m, "worker_id"), &out->worker_id) || !as_int(tc_proto_map_get(m, "step_id"), &out->step_id) ||
@@ -173,11 +196,15 @@ static tc_proto_err parse_partial(const msgpack_object *m, tc_proto_msg *out, ch
         FAIL(TC_PROTO_ERR_FIELDS, "partial_result with status %.*s", (int)(status.len > 32 ? 32 : status.len),
              status.ptr);
     out->output = tc_proto_map_get(m, "output");
+    if (out->output && tc_proto_value_bytes(m, body, len, "output", &out->output_bytes) != 0)
+        FAIL(TC_PROTO_ERR_UNDECODABLE, "a partial_result whose output could not be located");
     out->retryable = 1;
     out->retry_after_ms = -1;
     const msgpack_object *e = tc_proto_map_get(m, "error");
     if (e && e->type == MSGPACK_OBJECT_MAP) {
         out->error = e;
+        if (tc_proto_value_bytes(m, body, len, "error", &out->error_bytes) != 0)
+            FAIL(TC_PROTO_ERR_UNDECODABLE, "a partial_result whose error could not be located");
         const msgpack_object *r = tc_proto_map_get(e, "retryable");
         if (r && r->type == MSGPACK_OBJECT_BOOLEAN) out->retryable = r->via.boolean;
         const msgpack_object *ra = tc_proto_map_get(e, "retry_after");
@@ -216,7 +243,7 @@ tc_proto_err tc_proto_parse(msgpack_unpacked *u, const char *body, size_t len, t
 
     if (str_eq(type, "partial_result")) {
         out->type = TC_PROTO_PARTIAL_RESULT;
-        return parse_partial(m, out, detail, detail_len);
+        return parse_partial(m, body, len, out, detail, detail_len);
     }
     if (str_eq(type, "batch_completion")) {
         out->type = TC_PROTO_BATCH_COMPLETION;

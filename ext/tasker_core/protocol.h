@@ -67,6 +67,9 @@ typedef struct tc_proto_msg {
     int success;                  /* status "complete" */
     const msgpack_object *output; /* NULL when absent */
     const msgpack_object *error;  /* a map, or NULL */
+    /* output and error as the bytes they arrived as, inside the body (ptr
+     * NULL when absent): what the loop stores, never re-packed */
+    tc_proto_str output_bytes, error_bytes;
     int retryable;                /* from error.retryable; true when unsaid */
     int64_t retry_after_ms;       /* from error.retry_after (seconds); -1 when nil */
 
@@ -113,6 +116,12 @@ void tc_proto_refused_step(const tc_proto_msg *m, size_t i, int64_t *step_id, in
 
 /* Appends obj (or nil for NULL) re-encoded as msgpack to sbuf; 0 ok, -1 out of memory. */
 int tc_proto_pack_object(msgpack_sbuffer *sbuf, const msgpack_object *obj);
+
+/* The bytes inside body of the value under a str key of map (the first
+ * such key, as tc_proto_map_get finds it), map having been unpacked from
+ * body by msgpack_unpack_next: 0 with *out, 1 when the key is absent, -1
+ * when the value's bytes are not found whole inside body. */
+int tc_proto_value_bytes(const msgpack_object *map, const char *body, size_t len, const char *key, tc_proto_str *out);
 
 /* The value under a str key of a msgpack map (linear scan), or NULL. */
 const msgpack_object *tc_proto_map_get(const msgpack_object *map, const char *key);

@@ -232,7 +232,7 @@ module TaskerCore
         latency = c.exec(<<~SQL, [first_id, last_id]).first
           WITH attempts AS (
             SELECT step_id, attempt,
-                   min(created_at) FILTER (WHERE to_state = 'enqueued') AS enqueued_at,
+                   min(created_at) FILTER (WHERE reason = 'claimed') AS enqueued_at,
                    min(created_at) FILTER (WHERE to_state = 'complete') AS completed_at
               FROM tasker_workflow_step_transitions
              WHERE task_id BETWEEN $1 AND $2

@@ -35,36 +35,45 @@ module TaskerCore
         FROM tasker_workflow_steps s WHERE s.task_id = $1 ORDER BY s.id
     SQL
 
-    CREATE_SQL = <<~SQL
-      SELECT task_id, created FROM tasker_create_task($1, $2, $3, $4::jsonb, $5::bytea, $6,
-        $7::text[], $8::text[], $9::bytea[], $10::int[], $11::boolean[], $12::int[], $13::int[], $14::int[],
-        $15::float8[], $16::text[], $17::text[])
-    SQL
+    # tasker_create_tasks for one template: its 17 parameters ($n..$n+16).
+    def self.create_call(first)
+      p = Array.new(17) { |i| "$#{first + i}" }
+      types = %w[text text text jsonb bytea[] text[] text[] text[] bytea[] int[] boolean[] int[] int[] int[] float8[]
+                 text[] text[]]
+      "tasker_create_tasks(#{p.zip(types).map { |a, t| "#{a}::#{t}" }.join(', ')})"
+    end
 
     class << self
+      # create_tasks with one entry.
       def create_task(name:, namespace: "default", version: nil, context: {}, identity_key: nil,
                       templates: TaskerCore.task_templates)
-        template = templates.find(name: name, namespace: namespace, version: version)
-        template.validate_context!(context)
-        packed = Payload.pack_checked(context, what: "the context of a #{template.full_name} task")
-        steps = template.steps
-        edges = steps.flat_map { |s| s.depends_on.map { |d| [d, s.name] } }
-        params = [
-          template.namespace, template.name, template.version, JSON.generate(template.definition),
-          packed, identity_key&.to_s,
-          steps.map(&:name), steps.map(&:handler), steps.map { |s| Codec.pack(s.handler_config) },
-          steps.map(&:timeout_ms), steps.map(&:retryable), steps.map(&:max_attempts),
-          steps.map(&:backoff_base_ms), steps.map(&:backoff_cap_ms), steps.map(&:jitter),
-          edges.map(&:first), edges.map(&:last)
-        ]
-        # Inside an ActiveRecord transaction: on its connection, so the task
-        # commits or rolls back with it (ActiveRecordDatabase).
-        row = ActiveRecordDatabase.with_shared_connection { |c| c.exec(CREATE_SQL, params).first }
-        if row.equal?(ActiveRecordDatabase::NONE)
-          # With an identity_key a repeat returns the task already created.
-          row = Store.with_connection(idempotent: !identity_key.nil?) { |c| c.exec(CREATE_SQL, params).first }
-        end
-        Integer(row["task_id"])
+        row = checked_row({ name: name, namespace: namespace, version: version, context: context,
+                            identity_key: identity_key }, 0, templates)
+        ids = insert_shared([row])
+        (ids.equal?(ActiveRecordDatabase::NONE) ? insert([row]) : ids).first
+      end
+
+      # Many tasks in one statement (one round trip, one commit): each
+      # entry a Hash of create_task's keywords. Every context is checked
+      # (schema, depth, size) before anything is written; the first refusal
+      # raises and nothing is created. Returns the ids in the order given; an
+      # identity_key already taken (also earlier in the same list) returns
+      # the existing task's id.
+      def create_tasks(entries, templates: TaskerCore.task_templates)
+        return [] if entries.empty?
+
+        rows = entries.each_with_index.map { |e, i| checked_row(e.to_h, i, templates) }
+        ids = insert_shared(rows)
+        ids.equal?(ActiveRecordDatabase::NONE) ? insert(rows) : ids
+      end
+
+      # rows ([template, packed context, identity_key]) created on the
+      # process's pool in one statement; their ids in order. With an
+      # identity_key on every row a lost connection runs it once more (a
+      # repeat returns the tasks already created).
+      def insert(rows)
+        sql, params = create_statement(rows)
+        ids_of(rows, Store.with_connection(idempotent: rows.all? { |r| !r[2].nil? }) { |c| c.exec(sql, params) })
       end
 
       # A Hash describing the task and each of its steps, or nil when there
@@ -104,6 +113,58 @@ module TaskerCore
       end
 
       private
+
+      def checked_row(entry, index, templates)
+        unknown = entry.keys - %i[name namespace version context identity_key]
+        raise ArgumentError, "create_tasks entry #{index}: unknown keys #{unknown.inspect}" unless unknown.empty?
+
+        template = templates.find(name: entry.fetch(:name), namespace: entry.fetch(:namespace, "default"),
+                                  version: entry[:version])
+        context = entry.fetch(:context, {})
+        template.validate_context!(context)
+        [template, Payload.pack_checked(context, what: "the context of a #{template.full_name} task"),
+         entry[:identity_key]&.to_s]
+      end
+
+      # Inside an ActiveRecord transaction: on its connection, so the tasks
+      # commit or roll back with it (ActiveRecordDatabase). Else NONE.
+      def insert_shared(rows)
+        result = ActiveRecordDatabase.with_shared_connection { |c| c.exec(*create_statement(rows)) }
+        result.equal?(ActiveRecordDatabase::NONE) ? result : ids_of(rows, result)
+      end
+
+      def ids_of(rows, result)
+        ids = Array.new(rows.size)
+        result.each { |r| ids[Integer(r["i"])] = Integer(r["task_id"]) }
+        ids
+      end
+
+      # One statement for all the rows (so one commit, and atomic without a
+      # transaction): a tasker_create_tasks call per template, its rows
+      # numbered back to their positions.
+      def create_statement(rows)
+        params = []
+        parts = rows.each_with_index.group_by { |(r, _)| r[0] }.map do |template, list|
+          first = params.size + 1
+          params.concat(template_params(template))
+          params.insert(first + 3, list.map { |(r, _)| r[1] }, list.map { |(r, _)| r[2] })
+          "SELECT ('{#{list.map(&:last).join(',')}}'::int[])[c.ord] AS i, c.task_id " \
+            "FROM #{Tasks.create_call(first)} WITH ORDINALITY AS c(task_id, created, ord)"
+        end
+        [parts.join(" UNION ALL "), params]
+      end
+
+      # tasker_create_tasks's parameters for a template, less the contexts
+      # and identity keys (positions 5 and 6).
+      def template_params(template)
+        steps = template.steps
+        edges = steps.flat_map { |s| s.depends_on.map { |d| [d, s.name] } }
+        [template.namespace, template.name, template.version, JSON.generate(template.definition),
+         steps.map(&:name), steps.map(&:handler), steps.map { |s| Codec.pack(s.handler_config) },
+         steps.map(&:timeout_ms), steps.map(&:retryable), steps.map(&:max_attempts),
+         steps.map(&:backoff_base_ms), steps.map(&:backoff_cap_ms), steps.map(&:jitter),
+         edges.map(&:first), edges.map(&:last)]
+      end
 
       def call_bool(sql, params)
         Store.with_connection { |c| c.exec(sql, params).first["ok"] }
@@ -145,6 +206,22 @@ module TaskerCore
                                                   version: version, identity_key: identity_key)
       end
       id
+    end
+
+    # Creates many tasks in one statement; returns their ids in the order
+    # given. Each entry: { name:, namespace:, version:, context:, identity_key: }
+    # as create_task takes them. See TaskerCore::Tasks.create_tasks.
+    def create_tasks(entries)
+      ids = Tasks.create_tasks(entries)
+      if Instrumentation.listening?(:task_created)
+        entries.each_with_index do |e, i|
+          e = e.to_h
+          Instrumentation.instrument(:task_created, task_id: ids[i], name: e[:name].to_s,
+                                                    namespace: e.fetch(:namespace, "default").to_s,
+                                                    version: e[:version], identity_key: e[:identity_key])
+        end
+      end
+      ids
     end
 
     def task(id) = Tasks.task(id)

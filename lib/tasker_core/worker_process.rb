@@ -4,7 +4,9 @@ require "optparse"
 require "logger"
 
 module TaskerCore
-  # A worker in the foreground (exe/tasker-worker). Signals, as in the job
+  # A worker in the foreground: exe/tasker-worker and `tasker worker` (which
+  # also boots a Rails app) parse the same options (.define_options), check
+  # them the same way (.validate!) and run #run. Signals, as in the job
   # systems users know:
   #   TERM, INT  drain (finish or time out accepted steps, send their results,
   #              say goodbye) and exit 0
@@ -13,6 +15,8 @@ module TaskerCore
   class WorkerProcess
     USAGE = "Usage: tasker-worker --handlers PATH [--concurrency N] [--batch-endpoint E] " \
             "[--result-endpoint E] [--discovery NAME] [--worker-id ID] [--shutdown-timeout SECONDS]"
+    # The keywords of #initialize that come from the command line.
+    OPTIONS = %i[handlers concurrency batch_endpoint result_endpoint discovery worker_id shutdown_timeout].freeze
 
     SIGNAL_BYTES = { "TERM" => "T", "INT" => "I", "TSTP" => "S", "CONT" => "C" }.freeze
 
@@ -29,19 +33,42 @@ module TaskerCore
     end
 
     def self.parse(argv)
-      options = { handlers: [] }
+      options = {}
       OptionParser.new do |o|
         o.banner = USAGE
-        o.on("--handlers PATH", "a .rb file or a directory of them defining step handlers (repeatable)") { |v| options[:handlers] << v }
-        o.on("--concurrency N", Integer, "threads running steps (worker.max_workers)") { |v| options[:concurrency] = v }
-        o.on("--batch-endpoint E", "where the orchestrator publishes batches") { |v| options[:batch_endpoint] = v }
-        o.on("--result-endpoint E", "where the orchestrator receives results") { |v| options[:result_endpoint] = v }
-        o.on("--discovery NAME", "look the endpoints up under this name (discovery.name) and follow changes") { |v| options[:discovery] = v }
-        o.on("--worker-id ID", "this worker's id (default: host-pid-random)") { |v| options[:worker_id] = v }
-        o.on("--shutdown-timeout SECONDS", Float, "how long TERM waits for running steps") { |v| options[:shutdown_timeout] = v }
+        define_options(o, options)
       end.parse!(argv.dup)
-      raise ArgumentError, "--handlers is required" if options[:handlers].empty?
+      validate!(options)
+      options
+    end
 
+    # The worker's command-line options, shared by exe/tasker-worker and
+    # `tasker worker` (CLI::Worker), which adds --app: each sets its key in
+    # options, the keywords of #initialize.
+    def self.define_options(o, options)
+      options[:handlers] ||= []
+      o.on("--handlers PATH", "a .rb file or a directory of them defining step handlers (repeatable; " \
+                              "required outside a Rails app)") { |v| options[:handlers] << v }
+      o.on("--concurrency N", Integer, "threads running steps (default worker.max_workers)") { |v| options[:concurrency] = v }
+      o.on("--batch-endpoint E", "where the orchestrator publishes batches") { |v| options[:batch_endpoint] = v }
+      o.on("--result-endpoint E", "where the orchestrator receives results") { |v| options[:result_endpoint] = v }
+      o.on("--discovery NAME", "look the endpoints up under this name (discovery.name) and follow changes") { |v| options[:discovery] = v }
+      o.on("--worker-id ID", "this worker's id (default host-pid-random)") { |v| options[:worker_id] = v }
+      o.on("--shutdown-timeout SECONDS", Float, "how long TERM waits for running steps") { |v| options[:shutdown_timeout] = v }
+    end
+
+    # Raises ArgumentError for options no worker can run with. rails_app:
+    # nil where no Rails app can be booted (exe/tasker-worker), else whether
+    # one was.
+    def self.validate!(options, rails_app: nil)
+      if options[:handlers].empty? && !rails_app
+        raise ArgumentError, rails_app.nil? ? "--handlers is required" : "--handlers PATH is required outside a Rails app"
+      end
+      raise ArgumentError, "--concurrency must be at least 1" if options[:concurrency]&.< 1
+
+      options[:handlers].each do |path|
+        raise ArgumentError, "--handlers #{path}: no such file or directory" unless File.exist?(path)
+      end
       options
     end
 

@@ -50,7 +50,7 @@ RSpec.describe "Discovery failover", :db do
   def steps_enqueued_by(conn, ids, pid)
     conn.exec(<<~SQL, [ids, "%-#{pid}-%"]).first["n"].to_i
       SELECT count(DISTINCT step_id) AS n FROM tasker_workflow_step_transitions
-       WHERE task_id = ANY($1::bigint[]) AND to_state = 'enqueued' AND owner LIKE $2
+       WHERE task_id = ANY($1::bigint[]) AND reason = 'claimed' AND owner LIKE $2
     SQL
   end
 

@@ -59,7 +59,7 @@ RSpec.describe "durable orchestration", :db, :no_valgrind do
     # A dependent never starts before its parents finished (transition order).
     order = conn.exec(<<~SQL, [ids[:fan]]).map { |r| r["name"] }
       SELECT s.name FROM tasker_workflow_step_transitions t JOIN tasker_workflow_steps s ON s.id = t.step_id
-       WHERE t.task_id = $1 AND t.to_state = 'enqueued' ORDER BY t.id
+       WHERE t.task_id = $1 AND t.reason = 'claimed' ORDER BY t.id
     SQL
     expect(order.first).to eq("start")
     expect(order.last).to eq("join")
@@ -133,11 +133,12 @@ RSpec.describe "durable orchestration", :db, :no_valgrind do
     f = TaskerCore.task(flaky)[:steps].first
     expect(f).to include(state: "complete", attempts: 3, output: { "attempt" => 3 })
     times = conn.exec(<<~SQL, [flaky]).map { |r| [r["to_state"], r["created_at"]] }
-      SELECT to_state, extract(epoch FROM created_at)::float8 AS created_at FROM tasker_workflow_step_transitions
-       WHERE task_id = $1 AND to_state IN ('pending', 'enqueued') AND reason <> 'created' ORDER BY id
+      SELECT CASE WHEN reason = 'claimed' THEN 'claimed' ELSE to_state END AS to_state,
+             extract(epoch FROM created_at)::float8 AS created_at FROM tasker_workflow_step_transitions
+       WHERE task_id = $1 AND (reason = 'claimed' OR (to_state = 'pending' AND reason <> 'created')) ORDER BY id
     SQL
     # retry -> claim gaps honour retry_after (0.3 s)
-    gaps = times.each_cons(2).select { |(a, _), (b, _)| a == "pending" && b == "enqueued" }.map { |(_, t1), (_, t2)| t2 - t1 }
+    gaps = times.each_cons(2).select { |(a, _), (b, _)| a == "pending" && b == "claimed" }.map { |(_, t1), (_, t2)| t2 - t1 }
     expect(gaps.size).to eq(2)
     expect(gaps).to all(be >= 0.29)
 

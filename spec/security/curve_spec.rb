@@ -314,14 +314,29 @@ RSpec.describe "CurveZMQ", :no_valgrind do
     end
 
     it "counts and drops result bodies over max_result_bytes and keeps serving" do
-      # Heartbeats (with their limits and in-flight list) fit in 600 bytes;
-      # a failed partial with its backtrace does not.
+      # Every batch tells its worker max_result_bytes and a worker cuts its
+      # results to fit, so the oversized body comes from a peer with an
+      # allowed key that ignores the limit.
       handle = new_handle(allowed: [@worker_pub], max_result_bytes: 600)
-      spawn_worker(handle, secret: @worker_sec)
-      results = pump_until(handle, message: "the worker live") { handle.workers.any? }
-      handle.publish_batch({ "batch_id" => "big", "steps" => [step(1).merge("handler" => "IntegrationHandlers::Raise")] })
-      pump_until(handle, results, message: "the oversized partial counted") { handle.stats[:bad_messages][:too_large] >= 1 }
+      peer = TaskerCore::Socket::Publisher.new(connect: handle.zeromq_config["result_endpoint"],
+                                               curve_client: { server_key: @server_pub, public_key: @worker_pub,
+                                                               secret_key: @worker_sec })
+      big = TaskerCore::Protocol.partial_result(batch_id: "big", worker_id: "raw", step_id: 1, task_id: 1, attempt: 1,
+                                                started_at: Time.now, finished_at: Time.now,
+                                                output: { "blob" => "x" * 2000 })
+      results = pump_until(handle, message: "the oversized partial counted") do
+        peer.send_parts(TaskerCore::Protocol.encode(big))
+        handle.stats[:bad_messages][:too_large] >= 1
+      end
       expect(results.select { |m| m["type"] == "partial_result" }).to eq([])
+      good = spawn_worker(handle, secret: @worker_sec)
+      pump_until(handle, results, message: "the worker live") { handle.workers.map { |w| w["id"] } == [good] }
+      handle.publish_batch({ "batch_id" => "small", "steps" => [step(2)] })
+      pump_until(handle, results, message: "the batch's completion") { |r| r.any? { |m| m["type"] == "batch_completion" } }
+      expect(results.select { |m| m["type"] == "partial_result" }.map { |m| [m["step_id"], m["status"]] })
+        .to eq([[2, "complete"]])
+    ensure
+      peer&.close
     end
   end
 end

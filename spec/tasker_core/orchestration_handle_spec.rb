@@ -142,6 +142,18 @@ RSpec.describe TaskerCore::OrchestrationHandle do
         .to raise_error(TaskerCore::NoWorkersError, %r{1 live worker.*w1=1/2})
     end
 
+    it "builds the batch as the loop does: the envelope and the handle's limits win, other keys ride along" do
+      peer = start_peer("w1", capacity: 4)
+      handle.publish_batch({ "batch_id" => "b7", "steps" => steps(2), "type" => "forged",
+                             "limits" => { "max_payload_depth" => 1 }, "trace" => { "id" => "t1" } })
+      batch = peer.receive_batches(timeout_ms: 5000).first
+      expect(batch).to include("protocol_version" => 1, "type" => "batch", "batch_id" => "b7", "worker_id" => "w1",
+                               "trace" => { "id" => "t1" })
+      expect(batch["limits"]).to eq(handle.zeromq_config.slice("max_result_bytes", "max_payload_depth")
+                                          .merge("max_message_bytes" => 2**63 - 1))
+      expect(batch["steps"]).to eq(steps(2))
+    end
+
     it "addresses exactly one worker, the one with the most free capacity, and only it receives the batch" do
       a = start_peer("wa", capacity: 2)
       b = start_peer("wb", capacity: 6)

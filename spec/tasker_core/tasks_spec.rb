@@ -26,7 +26,7 @@ RSpec.describe "TaskerCore task API", :db do
         .to_h { |r| [r["name"], r["pending_parents"]] }
   end
 
-  it "creates a linear task with its steps, edges and initial transitions" do
+  it "creates a linear task with its steps and edges; only the task logs its creation" do
     id = TaskerCore.create_task(name: "linear", version: "0.1.0", context: { "x" => 1 })
     expect(parents(id)).to eq("a" => 0, "b" => 1, "c" => 1)
     expect(edges(id)).to eq([%w[a b], %w[b c]])
@@ -37,7 +37,9 @@ RSpec.describe "TaskerCore task API", :db do
       .to eq([["a", "pending", 0], ["b", "pending", 0], ["c", "pending", 0]])
     expect(t[:created_at]).to be_a(Time)
     expect(conn.exec("SELECT count(*) AS n FROM tasker_workflow_step_transitions WHERE task_id = $1", [id])
-               .first["n"]).to eq(3)
+               .first["n"]).to eq(0)
+    expect(conn.exec("SELECT reason FROM tasker_task_transitions WHERE task_id = $1", [id]).map(&:values))
+      .to eq([["created"]])
   end
 
   it "uses the highest version when none is given" do
@@ -77,6 +79,75 @@ RSpec.describe "TaskerCore task API", :db do
       .to raise_error(TaskerCore::ValidationError, /order_id/)
     expect(TaskerCore.create_task(name: "typed", context: { "order_id" => 3 })).to be_a(Integer)
     expect(conn.exec("SELECT count(*) AS n FROM tasker_tasks").first["n"]).to eq(1)
+  end
+
+  describe "create_tasks" do
+    it "creates many tasks of several templates in one call, ids in the order given" do
+      ids = TaskerCore.create_tasks([{ name: "diamond", context: { "i" => 0 } },
+                                     { name: "linear", version: "0.1.0", context: { "i" => 1 } },
+                                     { name: "diamond", context: { "i" => 2 } }])
+      expect(ids.size).to eq(3)
+      expect(ids.uniq.size).to eq(3)
+      expect(ids.map { |id| TaskerCore.task(id)[:context] }).to eq([{ "i" => 0 }, { "i" => 1 }, { "i" => 2 }])
+      expect(parents(ids[0])).to eq("top" => 0, "left" => 1, "right" => 1, "bottom" => 2)
+      expect(parents(ids[2])).to eq("top" => 0, "left" => 1, "right" => 1, "bottom" => 2)
+      expect(parents(ids[1])).to eq("a" => 0, "b" => 1, "c" => 1)
+      expect(edges(ids[0])).to eq([%w[left bottom], %w[right bottom], %w[top left], %w[top right]])
+      expect(edges(ids[2])).to eq(edges(ids[0]))
+      expect(edges(ids[1])).to eq([%w[a b], %w[b c]])
+      expect(TaskerCore.task(ids[1])).to include(status: "pending", version: "0.1.0")
+      history = conn.exec(<<~SQL, [ids]).first
+        SELECT (SELECT count(*) FROM tasker_workflow_step_transitions WHERE task_id = ANY ($1::bigint[])) AS steps,
+               (SELECT count(*) FROM tasker_task_transitions WHERE task_id = ANY ($1::bigint[])) AS tasks
+      SQL
+      expect(history).to eq("steps" => 0, "tasks" => 3)
+      expect(TaskerCore.create_tasks([])).to eq([])
+    end
+
+    it "honours identity keys: existing tasks, repeats within the call, and concurrent calls" do
+      first = TaskerCore.create_task(name: "diamond", identity_key: "k1")
+      ids = TaskerCore.create_tasks([{ name: "diamond", identity_key: "k1" }, { name: "diamond", identity_key: "k2" },
+                                     { name: "diamond" }, { name: "diamond", identity_key: "k2" },
+                                     { name: "diamond" }])
+      expect(ids[0]).to eq(first)
+      expect(ids[3]).to eq(ids[1])
+      expect(ids.uniq.size).to eq(4)
+      expect(conn.exec("SELECT count(*) AS n FROM tasker_tasks").first["n"]).to eq(4)
+      expect(conn.exec("SELECT count(*) AS n FROM tasker_workflow_steps").first["n"]).to eq(16)
+
+      keys = Array.new(20) { |i| "c#{i}" }
+      lists = Array.new(4) do |t|
+        Thread.new do
+          TaskerCore.create_tasks((t.even? ? keys : keys.reverse).map { |k| { name: "linear", identity_key: k } })
+        end
+      end.map(&:value)
+      by_key = lists.first.zip(keys).to_h { |id, k| [k, id] }
+      lists.each_with_index do |l, t|
+        expect(l.zip(t.even? ? keys : keys.reverse).to_h { |id, k| [k, id] }).to eq(by_key)
+      end
+      expect(conn.exec("SELECT count(*) AS n FROM tasker_tasks WHERE identity_key LIKE 'c%'").first["n"]).to eq(20)
+    end
+
+    it "checks every context before writing anything: schema, depth and size" do
+      TaskerCore.configure(overrides: { "zeromq" => { "max_context_bytes" => 1000, "max_payload_depth" => 3 } })
+      good = { name: "typed", context: { "order_id" => 1 } }
+      expect { TaskerCore.create_tasks([good, { name: "typed", context: { "order_id" => "x" } }]) }
+        .to raise_error(TaskerCore::ValidationError, %r{/order_id})
+      expect { TaskerCore.create_tasks([good, { name: "linear", context: { "a" => { "b" => { "c" => [] } } } }]) }
+        .to raise_error(TaskerCore::PayloadTooDeepError, /nests 4 levels .*max_payload_depth 3/)
+      expect { TaskerCore.create_tasks([good, { name: "linear", context: { "s" => "x" * 1000 } }]) }
+        .to raise_error(TaskerCore::PayloadTooLargeError, /over zeromq.max_context_bytes 1000/)
+      expect { TaskerCore.create_tasks([good, { name: "nope" }]) }
+        .to raise_error(TaskerCore::ConfigurationError, %r{default/nope})
+      expect { TaskerCore.create_tasks([good.merge(priority: 1)]) }.to raise_error(ArgumentError, /priority/)
+      expect(conn.exec("SELECT count(*) AS n FROM tasker_tasks").first["n"]).to eq(0)
+    end
+
+    it "creates tasks that run to completion" do
+      ids = TaskerCore.create_tasks(Array.new(5) { |i| { name: "linear", version: "0.1.0", context: { "i" => i } } })
+      run_to_completion(conn)
+      expect(ids.map { |id| TaskerCore.task(id)[:status] }).to all(eq("complete"))
+    end
   end
 
   it "raises ConfigurationError for an unknown template" do

@@ -3,7 +3,7 @@
 module TaskerCore
   module RSpec
     # Runs tasks synchronously in this process: claims ready steps with
-    # tasker_claim_steps, calls their handlers here, and writes results with
+    # tasker_claim_steps_v3, calls their handlers here, and writes results with
     # tasker_apply_results, the very functions the orchestration loop calls,
     # so the state machine and the retry rules are the store's, not a copy.
     # No sockets. A retry's backoff is skipped (next_attempt_at is moved to
@@ -69,7 +69,7 @@ module TaskerCore
              WHERE task_id = $1 AND state = 'pending' AND next_attempt_at > now()
           SQL
           conn.exec(<<~SQL, [OWNER, 1000, 60_000, task_id])
-            SELECT c.* FROM tasker_claim_steps($1, $2, $3) c WHERE c.task_id = $4
+            SELECT c.* FROM tasker_claim_steps_v3($1, $2, $3, NULL, 0) c WHERE c.task_id = $4
           SQL
         end
       end
@@ -122,8 +122,6 @@ module TaskerCore
       end
 
       def apply(conn, results)
-        conn.exec("SELECT tasker_mark_dispatched($1::bigint[], $2::int[])",
-                  [results.map { |r| r[:row]["step_id"] }, results.map { |r| r[:row]["attempt"] }])
         conn.exec(<<~SQL, [
           SELECT * FROM tasker_apply_results($1::bigint[], $2::int[], $3::boolean[], $4::bytea[], $5::bytea[],
                                              $6::boolean[], $7::int[])

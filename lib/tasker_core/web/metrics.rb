@@ -122,8 +122,8 @@ module TaskerCore
       # Counters of the orchestration handle running in this process.
       def handle(out, stats)
         loop_stats = stats["loop"] || stats[:loop] || {}
-        refused = hash_of(stats[:bad_messages]).map { |reason, n| [{ "stage" => "handle", "reason" => reason }, n] } +
-                  hash_of(loop_stats["bad_results_by_reason"]).map { |reason, n| [{ "stage" => "loop", "reason" => reason }, n] }
+        # The handle core parses every message once, as it arrives: one count per reason.
+        refused = hash_of(stats[:bad_messages]).map { |reason, n| [{ "stage" => "handle", "reason" => reason }, n] }
         family(out, "tasker_messages_refused_total", "counter",
                "Messages from workers refused as malformed or out of place, by where and why", refused)
         dropped = { "send_high_water_mark" => stats.dig(:batch_socket, :send_dropped),

@@ -173,7 +173,7 @@ module TaskerCore
         SQL
         rows.group_by { |r| r["step_id"] }.transform_values do |list|
           list.select { |r| r["attempt"].positive? }.group_by { |r| r["attempt"] }.map do |n, trs|
-            claim = trs.find { |r| r["to_state"] == "enqueued" }
+            claim = trs.find { |r| r["reason"] == "claimed" }
             ended = trs.find { |r| %w[enqueued in_progress].include?(r["from_state"]) && r["to_state"] != "in_progress" }
             outcome = if ended.nil? then "running"
                       elsif ended["reason"] == "retry" then "failed, retried"

@@ -105,7 +105,7 @@ module TaskerCore
           n = row["n"]
           case row["kind"]
           when "error" then t.failed += n
-          when "enqueued" then t.retried += n
+          when "claimed" then t.retried += n
           when "complete"
             t.completed += n
             t.latency_sum += row["latency_sum"] || 0.0
@@ -142,10 +142,10 @@ module TaskerCore
           bounds = "'{#{@buckets.reverse.map { |b| -Float(b) }.join(',')}}'::float8[]"
           <<~SQL
             WITH r AS MATERIALIZED (
-              SELECT tr.id, tr.step_id, tr.task_id, tr.to_state, tr.attempt, tr.created_at
+              SELECT tr.id, tr.step_id, tr.task_id, tr.to_state, tr.reason, tr.attempt, tr.created_at
                 FROM tasker_workflow_step_transitions tr WHERE tr.id > $1 AND tr.id <= $2
               UNION ALL
-              SELECT tr.id, tr.step_id, tr.task_id, tr.to_state, tr.attempt, tr.created_at
+              SELECT tr.id, tr.step_id, tr.task_id, tr.to_state, tr.reason, tr.attempt, tr.created_at
                 FROM tasker_workflow_step_transitions tr
                WHERE tr.id = ANY ($3::bigint[]) AND tr.id >= $4 AND tr.id <= $1
             ), seen AS (
@@ -155,7 +155,8 @@ module TaskerCore
                          WHERE NOT EXISTS (SELECT 1 FROM r WHERE r.id = g))
                      END AS missing
             ), counted AS (
-              SELECT t.namespace, t.template, s.step, r.to_state AS kind,
+              SELECT t.namespace, t.template, s.step,
+                     CASE WHEN r.reason = 'claimed' THEN 'claimed' ELSE r.to_state END AS kind,
                      width_bucket(-l.s, #{bounds}) AS bounds_above, count(*) AS n, sum(l.s) AS latency_sum
                 FROM r
                 CROSS JOIN LATERAL (SELECT name AS step, last_attempt_at FROM tasker_workflow_steps
@@ -163,7 +164,7 @@ module TaskerCore
                 CROSS JOIN LATERAL (SELECT namespace, name AS template FROM tasker_tasks WHERE id = r.task_id LIMIT 1) t
                 CROSS JOIN LATERAL (SELECT CASE WHEN r.to_state = 'complete' THEN
                                              extract(epoch FROM r.created_at - s.last_attempt_at)::float8 END) l(s)
-               WHERE r.to_state IN ('complete', 'error') OR (r.to_state = 'enqueued' AND r.attempt > 1)
+               WHERE r.to_state IN ('complete', 'error') OR (r.reason = 'claimed' AND r.attempt > 1)
                GROUP BY 1, 2, 3, 4, 5
             )
             SELECT seen.found, seen.missing, counted.* FROM seen LEFT JOIN counted ON true

@@ -55,6 +55,71 @@ RSpec.describe "the store's SQL functions", :db do
     expect(claimed.map { |r| r["task_id"] }.sort).to eq(ids.sort)
   end
 
+  describe "tasker_claim_steps_v3 (claimed straight to in_progress)" do
+    def claim_v2(conn, limit: 100, lease_ms: 60_000)
+      conn.exec("SELECT * FROM tasker_claim_steps_v3($1, $2, $3, NULL, 0)", ["orch-2", limit, lease_ms])
+    end
+
+    def history(conn, step_id)
+      conn.exec("SELECT from_state, to_state, attempt, owner, reason FROM tasker_workflow_step_transitions " \
+                "WHERE step_id = $1 ORDER BY id", [step_id]).map(&:values)
+    end
+
+    it "returns what tasker_claim_steps returns, in flight at once with one transition per claim" do
+      id = TaskerCore.create_task(name: "diamond", context: { "order" => 7 })
+      rows = claim_v2(conn)
+      expect(rows.map { |r| r["step_name"] }).to eq(["top"])
+      expect(rows.first).to include("task_id" => id, "attempt" => 1, "dep_names" => [], "dep_outputs" => [])
+      expect(TaskerCore::Codec.unpack(rows.first["context"])).to eq("order" => 7)
+      expect(step_row(conn, id, "top")).to include("state" => "in_progress", "claimed_by" => "orch-2")
+      expect(step_row(conn, id, "top")["claim_deadline"]).not_to be_nil
+      expect(task_state(conn, id)).to eq("in_progress")
+      top = rows.first["step_id"]
+      expect(history(conn, top)).to eq([["pending", "in_progress", 1, "orch-2", "claimed"]])
+      # an older orchestrator's mark_dispatched finds nothing enqueued and changes nothing
+      expect(conn.exec("SELECT tasker_mark_dispatched($1::bigint[], $2::int[]) AS n", [[top], [1]]).first["n"]).to eq(0)
+      expect(claim_v2(conn)).to eq([])
+
+      expect(succeed(conn, rows)).to eq("applied" => 1, "stale" => 0)
+      expect(history(conn, top).map(&:last)).to eq(%w[claimed result]) # one row per claim, one per result
+      middle = claim_v2(conn)
+      expect(middle.map { |r| r["step_name"] }.sort).to eq(%w[left right])
+      expect(middle.map { |r| r["dep_names"] }).to all(eq(["top"]))
+      succeed(conn, middle)
+      succeed(conn, claim_v2(conn))
+      expect(task_state(conn, id)).to eq("complete")
+    end
+
+    it "releases, loses and expires its claims as the version 1 claim's, late results stale" do
+      id = TaskerCore.create_task(name: "flaky")
+      first = claim_v2(conn).first
+      expect(conn.exec("SELECT tasker_release_steps($1::bigint[], $2::int[]) AS n",
+                       [[first["step_id"]], [first["attempt"]]]).first["n"]).to eq(1)
+      expect(step_row(conn, id, "s")).to include("state" => "pending", "failures" => 0, "claimed_by" => nil)
+      second = claim_v2(conn).first
+      expect(second["attempt"]).to eq(2)
+      expect(apply(conn, [{ step_id: first["step_id"], attempt: 1 }])).to eq("applied" => 0, "stale" => 1)
+      expect(release_lost(conn, [second])).to eq("released" => 1, "failed" => 0)
+      third = claim_v2(conn)
+      expire(conn, third)
+      expect(conn.exec("SELECT tasker_requeue_expired(10, 5) AS n").first["n"]).to eq(1)
+      expect(step_row(conn, id, "s")).to include("state" => "pending", "lost_attempts" => 2, "failures" => 0)
+      fourth = claim_v2(conn)
+      expect(fail_steps(conn, fourth)).to eq("applied" => 1, "stale" => 0)
+      expect(step_row(conn, id, "s")).to include("state" => "pending", "failures" => 1)
+      expect(history(conn, first["step_id"]).map { |h| h[1] })
+        .to eq(%w[in_progress pending in_progress pending in_progress pending in_progress pending])
+    end
+
+    it "claims only through the function: other direct changes are still refused (TK001)" do
+      id = TaskerCore.create_task(name: "linear")
+      succeed(conn, claim_v2(conn))
+      a = step_row(conn, id, "a")["id"]
+      expect { conn.exec("UPDATE tasker_workflow_steps SET state = 'in_progress' WHERE id = $1", [a]) }
+        .to raise_error(TaskerCore::StoreError) { |e| expect(e.sqlstate).to eq("TK001") }
+    end
+  end
+
   it "marks claimed steps dispatched only for the current attempt" do
     TaskerCore.create_task(name: "linear")
     row = claim(conn).first
@@ -276,7 +341,17 @@ RSpec.describe "the store's SQL functions", :db do
       expect(rows.map { |r| [r["task_id"], r["step_name"], r["attempt"], r["lost_attempts"]] }).to eq([[ids[1], "a", 1, 2]])
       expect(rows.first.keys).to eq(%w[step_id task_id step_name handler handler_config attempt timeout_ms context
                                        dep_names dep_outputs lost_attempts])
-      expect(step_reasons(conn, rows.first["step_id"])).to eq(%w[created claimed])
+      expect(step_reasons(conn, rows.first["step_id"])).to eq(%w[claimed]) # history starts at the claim (0009)
+      expect(step_row(conn, ids[1], "a")["state"]).to eq("enqueued")
+    end
+
+    it "has the loop's version 3 (db/migrate/0009): the same budget and columns, straight to in_progress" do
+      ids = three_ready
+      rows = conn.exec("SELECT * FROM tasker_claim_steps_v3('orch-1', 10, 60000, 2, 1)").to_a
+      expect(rows.map { |r| [r["task_id"], r["lost_attempts"]] }).to eq([[ids[0], 0], [ids[1], 2], [ids[2], 0]])
+      expect(rows.first.keys).to eq(%w[step_id task_id step_name handler handler_config attempt timeout_ms context
+                                       dep_names dep_outputs lost_attempts])
+      expect(ids.map { |id| step_row(conn, id, "a")["state"] }).to all(eq("in_progress"))
     end
 
     it "counts the suspects it claims in the limit" do

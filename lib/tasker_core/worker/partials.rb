@@ -1,0 +1,95 @@
+# frozen_string_literal: true
+
+module TaskerCore
+  module Worker
+    # Turns a step's outcome into its encoded partial_result, within the
+    # orchestrator's limits for that batch. Called on pool threads (so the
+    # I/O thread only moves bytes) and by the watchdog for timeouts.
+    class Partials
+      # An error partial over the result limit keeps this much of its message.
+      ERROR_MESSAGE_KEEP = 1000
+
+      # The largest result body the orchestrator takes: max_result_bytes
+      # (0: none) and max_message_bytes, whichever is smaller; nil: no limit.
+      def self.result_limit(limits)
+        [limits[:max_result_bytes], limits[:max_message_bytes]].select { |v| v.is_a?(Integer) && v.positive? }.min
+      end
+
+      def initialize(worker_id:, stats:)
+        @worker_id = worker_id
+        @stats = stats
+      end
+
+      # The partial for job's output (a Hash) or error object, as an
+      # Outgoing. An output the codec cannot pack, one nested deeper than the
+      # orchestrator's max_payload_depth, or a result over its size limit
+      # turns into a failed step (not retryable) that says so, rather than a
+      # result the orchestrator would drop.
+      def encode(job, output, error)
+        limits = job.batch.limits
+        if error.nil? && (too_deep = output_too_deep(output, limits[:max_payload_depth]))
+          @stats.bump(:outputs_too_deep)
+          error = too_deep
+        end
+        encode_checked(job, output, error, limits)
+      rescue TaskerCore::ProtocolError, TypeError, ArgumentError, RangeError, EncodingError => e
+        err = Protocol.error_object(klass: e.class.name, retryable: false, backtrace: [],
+                                    message: "the step's output could not be encoded: #{e.message}")
+        encode_checked(job, nil, err, limits)
+      end
+
+      # A retryable StepTimeoutError partial saying message.
+      def timeout(job, message)
+        error = Protocol.error_object(klass: TaskerCore::StepTimeoutError.name, message: message, retryable: true)
+        out(job, partial_for(job, error: error))
+      end
+
+      private
+
+      # Encodes the partial and measures the body it made against the result
+      # limit: no second encoding unless it is too large.
+      def encode_checked(job, output, error, limits)
+        msg = partial_for(job, output: output, error: error)
+        frames = Protocol.encode(msg)
+        limit = self.class.result_limit(limits)
+        return Outgoing.new(frames: frames, kind: msg["status"], job: job, error: msg["error"]) if limit.nil? || frames[1].bytesize <= limit
+
+        size = frames[1].bytesize
+        if error && error["message"].size > ERROR_MESSAGE_KEEP
+          # A failure whose message is too long keeps its class and retry
+          # decision with the message cut short.
+          short = error.merge("message" => "#{error['message'][0, ERROR_MESSAGE_KEEP]}... (cut: #{size} bytes " \
+                                           "would be over the result limit of #{limit} bytes)")
+          return encode_checked(job, nil, short, limits)
+        end
+        @stats.bump(:outputs_too_large)
+        which = limit == limits[:max_result_bytes] ? "max_result_bytes" : "max_message_bytes"
+        err = Protocol.error_object(klass: TaskerCore::PayloadTooLargeError.name, retryable: false,
+                                    message: "the step's result is #{size} bytes, over the orchestrator's limit of " \
+                                             "#{limit} bytes (#{which})")
+        out(job, partial_for(job, error: err))
+      end
+
+      def out(job, msg)
+        Outgoing.new(frames: Protocol.encode(msg), kind: msg["status"], job: job, error: msg["error"])
+      end
+
+      # The error object for an output nested deeper than limit, else nil.
+      # Checks the Ruby object once, before it is packed.
+      def output_too_deep(output, limit)
+        return nil unless limit.is_a?(Integer) && output.is_a?(Hash) && Payload.depth(output, cap: limit) > limit
+
+        Protocol.error_object(klass: TaskerCore::PayloadTooDeepError.name, retryable: false,
+                              message: "the step's output nests arrays and maps more than #{limit} levels deep, " \
+                                       "over the orchestrator's max_payload_depth of #{limit}")
+      end
+
+      def partial_for(job, output: nil, error: nil)
+        step = job.step
+        Protocol.partial_result(batch_id: job.batch.id, worker_id: @worker_id, step_id: step["step_id"],
+                                task_id: step["task_id"], attempt: step["attempt"], output: output, error: error,
+                                started_at: job.started_at || Time.now.to_f, finished_at: Time.now.to_f)
+      end
+    end
+  end
+end
