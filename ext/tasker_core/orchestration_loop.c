@@ -94,13 +94,6 @@ struct tc_loop {
 
 /* ---- small helpers ------------------------------------------------------ */
 
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static uint64_t mono_us(void)
 {
     struct timespec ts;
@@ -287,7 +280,7 @@ static int db_failed(tc_loop *l, const char *what)
     l->db_up = 0;
     l->listening = 0;
     l->backoff_ms = 50;
-    l->next_connect_ms = mono_ms() + l->backoff_ms;
+    l->next_connect_ms = tc_oh_now_ms() + l->backoff_ms;
     pthread_mutex_lock(&l->mu);
     l->st.db_connected = 0;
     pthread_mutex_unlock(&l->mu);
@@ -315,11 +308,11 @@ static int db_connect(tc_loop *l)
 
 static void ensure_db(tc_loop *l)
 {
-    if (l->db_up || mono_ms() < l->next_connect_ms) return;
+    if (l->db_up || tc_oh_now_ms() < l->next_connect_ms) return;
     if (db_connect(l) == 0) return;
     note_db_error(l, "reconnect");
     l->backoff_ms = l->backoff_ms * 2 > 2000 ? 2000 : l->backoff_ms * 2;
-    l->next_connect_ms = mono_ms() + l->backoff_ms;
+    l->next_connect_ms = tc_oh_now_ms() + l->backoff_ms;
 }
 
 static PGresult *exec_text(tc_loop *l, const char *sql, int n, const char *const *vals)
@@ -868,7 +861,7 @@ static void end_idle_drain(tc_loop *l, int64_t now)
 static void check_suspects(tc_loop *l)
 {
     int64_t now = tc_oh_now_ms();
-    int64_t mono = mono_ms();
+    int64_t mono = tc_oh_now_ms();
     pthread_mutex_lock(&l->mu);
     tc_oh_worker *d = drained_worker(l);
     if (d && (!tc_oh_worker_live(d) || d->capacity <= 0)) {
@@ -1029,7 +1022,7 @@ static int claim_and_dispatch(tc_loop *l)
         pthread_mutex_unlock(&l->mu);
         /* Nothing claimable, and maybe a suspect held back for want of an
          * idle worker (a drain already on is checked at housekeeping). */
-        if (idle == 0 && !draining && mono_ms() >= l->next_suspect_check_ms) check_suspects(l);
+        if (idle == 0 && !draining && tc_oh_now_ms() >= l->next_suspect_check_ms) check_suspects(l);
         return 0;
     }
 
@@ -1194,7 +1187,7 @@ static void upsert_workers(tc_loop *l)
 
 static void housekeeping(tc_loop *l)
 {
-    int64_t now = mono_ms();
+    int64_t now = tc_oh_now_ms();
     if (now < l->next_housekeeping_ms) return;
     l->next_housekeeping_ms = now + l->housekeeping_interval_ms;
     /* an expired lease is a lost attempt, never a handler failure */
@@ -1238,7 +1231,7 @@ static void wait_for_work(tc_loop *l)
     if (l->db_up && l->listening && (pq = tc_store_socket(&l->db)) >= 0)
         items[n++] = (zmq_pollitem_t){.fd = pq, .events = ZMQ_POLLIN};
 
-    int64_t now = mono_ms();
+    int64_t now = tc_oh_now_ms();
     long timeout = l->poll_interval_ms;
     long exp = tc_oh_next_expiry_ms(l->oh); /* only this thread changes the table */
     if (exp >= 0 && exp + 1 < timeout) timeout = exp + 1;
@@ -1405,7 +1398,7 @@ void tc_loop_request_stop(tc_loop *l)
 int tc_loop_join(tc_loop *l, long timeout_ms, volatile int *interrupt)
 {
     if (!l->started || l->joined) return 0;
-    int64_t deadline = timeout_ms < 0 ? -1 : mono_ms() + timeout_ms;
+    int64_t deadline = timeout_ms < 0 ? -1 : tc_oh_now_ms() + timeout_ms;
     for (;;) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
@@ -1420,7 +1413,7 @@ int tc_loop_join(tc_loop *l, long timeout_ms, volatile int *interrupt)
             return 0;
         }
         if (interrupt && *interrupt) return -1;
-        if (deadline >= 0 && mono_ms() >= deadline) {
+        if (deadline >= 0 && tc_oh_now_ms() >= deadline) {
             errno = ETIMEDOUT;
             return -1;
         }
