@@ -96,8 +96,40 @@ def table_for(doc)
     out << ""
     Array(doc["notes"]).each { |n| out << "Note: #{n}" }
   end
+  out.concat(profile_of(rows))
   out << ""
   out.join("\n")
+end
+
+# The profile of ours' median run when it was taken (E2E_PROFILE=1):
+# where the CPU went by process group (perf samples: shared objects, then
+# symbols) and the statements PostgreSQL spent its time in.
+def profile_of(rows)
+  runs = rows.select { |r| r["contender"].to_s.start_with?("ours") }.flat_map { |r| r["runs"] || [] }
+             .select { |r| r["cpu_profile"] || r["top_statements"] }.uniq
+  return [] if runs.empty?
+
+  rate = ->(r) { r["steps"].to_f / r["seconds"].to_f }
+  run = runs.sort_by(&rate)[runs.size / 2]
+  out = ["", "#### Where ours' CPU goes (E2E_PROFILE=1; the median run, #{num(run['steps'])} steps, " \
+             "#{num(rate.(run))} steps/s)", ""]
+  (run["cpu_profile"] || {}).each do |group, prof|
+    cpu = run.dig("cpu_us_per_step_by_process", group)
+    out << "- **#{group}**#{cpu ? " (#{num(cpu)} µs per step)" : ''}, #{prof['samples']} samples: by object " +
+           prof["dso"].first(6).map { |d, pct| "#{d} #{pct}%" }.join(", ") + "; top symbols " +
+           prof["symbols"].first(8).map { |d, pct| "`#{d}` #{pct}%" }.join(", ")
+  end
+  statements = run["top_statements"] || []
+  unless statements.empty?
+    out << ""
+    out << "| PostgreSQL statement (pg_stat_statements, track = all; nested ones count in their caller too) | calls | rows | " \
+           "exec µs per step |"
+    out << "|---|---|---|---|"
+    statements.each do |t|
+      out << "| `#{t['query'].gsub('|', '\\|')}` | #{num(t['calls'])} | #{num(t['rows'])} | #{num(t['exec_us_per_step'])} |"
+    end
+  end
+  out
 end
 
 docs = Dir[File.join(RESULTS, "*.json")].map { |f| JSON.parse(File.read(f)) }

@@ -55,9 +55,11 @@ module Bench
 
     attr_reader :pg_settings, :conn
 
-    # E2E_PROFILE=1: pg_stat_statements (track = all, so the statements
-    # inside the SQL functions count too) over each run of ours; its top
-    # statements go into the result (:top_statements).
+    # E2E_PROFILE=1: over each run of ours, pg_stat_statements (track =
+    # all, so the statements inside the SQL functions count too) and a
+    # sampling CPU profile of the database, the orchestrator and the
+    # workers (perf); their tops go into the result (:top_statements,
+    # :cpu_profile).
     PROFILE = ENV["E2E_PROFILE"] == "1"
 
     def enable_statement_profile
@@ -250,7 +252,11 @@ module Bench
       ntasks = steps / STEPS_PER_TASK
       first_new = @conn.exec("SELECT coalesce(max(id), 0) AS m FROM tasker_tasks").first["m"].to_i
       stats0 = orchestrator_stats
-      @conn.exec("SELECT pg_stat_statements_reset()") if PROFILE
+      if PROFILE
+        @conn.exec("SELECT pg_stat_statements_reset()")
+        profile = Bench::CpuProfile.new({ "database" => Bench.tree_pids([@postmaster]), "orchestrator" => [@orch_pid],
+                                          "workers" => @worker_pids })
+      end
       pids = [@postmaster, @orch_pid, *@worker_pids]
       groups = { "database" => [@postmaster], "orchestrator" => [@orch_pid], "workers" => @worker_pids }
       split0 = groups.transform_values { |g| Bench.tree_cpu_s(g) }
@@ -264,7 +270,7 @@ module Bench
              .first["n"].to_i.zero?
       end
       cpu1 = cpu_now(pids)
-      extra = PROFILE ? { top_statements: top_statements(ntasks * STEPS_PER_TASK) } : {}
+      extra = PROFILE ? { top_statements: top_statements(ntasks * STEPS_PER_TASK), cpu_profile: profile.finish } : {}
       split = groups.to_h { |k, g| [k, ((Bench.tree_cpu_s(g) - split0[k]) * 1e6 / steps).round(1)] }
       split["creator"] =
         ((Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) - driver0) * 1e6 / steps).round(1)

@@ -16,6 +16,7 @@ require "etc"
 require "time"
 require "open3"
 require "fileutils"
+require "tmpdir"
 
 module Bench
   ROOT = File.expand_path("../..", __dir__)
@@ -166,6 +167,85 @@ module Bench
       queue.concat(children[pid])
     end
     total / CLK_TCK
+  end
+
+  # The live processes of the trees under roots (roots included).
+  def tree_pids(roots)
+    stats = all_stats
+    children = Hash.new { |h, k| h[k] = [] }
+    stats.each { |pid, (ppid, _, _)| children[ppid] << pid }
+    queue = roots.compact.select { |p| stats.key?(p) }
+    seen = []
+    until queue.empty?
+      pid = queue.shift
+      next if seen.include?(pid)
+
+      seen << pid
+      queue.concat(children[pid])
+    end
+    seen
+  end
+
+  # A CPU profile of processes by sampling (`perf record -e cpu-clock`):
+  # start it, run the work, then #finish summarises the samples per group
+  # of processes ({ name => [pids] }): the share of each shared object and
+  # the top symbols. Returns nil from #finish when perf is not there or
+  # recorded nothing.
+  class CpuProfile
+    def initialize(groups, file: File.join(Dir.tmpdir, "tasker_bench_perf.#{Process.pid}.data"))
+      @groups = groups
+      @file = file
+      pids = groups.values.flatten.uniq
+      @pid = Process.spawn("perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "-o", file, "-p", pids.join(","),
+                           out: File::NULL, err: File::NULL)
+    rescue SystemCallError
+      @pid = nil
+    end
+
+    def finish(top: 12)
+      return nil unless @pid
+
+      # perf names samples by thread: each group's threads, read while
+      # they still run.
+      tids = @groups.transform_values { |pids| pids.flat_map { |p| threads_of(p) } }
+      Process.kill("INT", @pid)
+      Process.wait(@pid)
+      by_tid = samples
+      return nil if by_tid.empty?
+
+      tids.to_h do |name, ids|
+        rows = by_tid.values_at(*ids).compact.flatten(1)
+        total = rows.sum { |r| r[:n] }.to_f
+        [name, { "samples" => total.to_i,
+                 "dso" => share(rows, total, top) { |r| r[:dso] },
+                 "symbols" => share(rows, total, top) { |r| "#{r[:sym]} (#{r[:dso]})" } }]
+      end
+    ensure
+      FileUtils.rm_f(@file)
+    end
+
+    private
+
+    def threads_of(pid)
+      Dir.children("/proc/#{pid}/task").map(&:to_i)
+    rescue SystemCallError
+      [pid]
+    end
+
+    def share(rows, total, top)
+      rows.group_by { |r| yield r }.map { |k, rs| [k, (rs.sum { |r| r[:n] } * 100 / total).round(1)] }
+          .sort_by { |_, pct| -pct }.first(top)
+    end
+
+    # { thread id => [{ dso:, sym:, n: }] } from `perf report`.
+    def samples
+      out = IO.popen(["perf", "report", "-i", @file, "--stdio", "-q", "--no-children", "-n", "--sort", "pid,dso,sym",
+                      "--percent-limit", "0.05"], err: File::NULL, &:read)
+      out.each_line.each_with_object(Hash.new { |h, k| h[k] = [] }) do |line, h|
+        m = line.match(/\A\s*[\d.]+%\s+(\d+)\s+(\d+):.*?\s+(\S+)\s+\[[.kgu]\]\s+(.+?)\s*\z/) or next
+        h[m[2].to_i] << { n: m[1].to_i, dso: File.basename(m[3]), sym: m[4] }
+      end
+    end
   end
 
   def rss_kb(pid)
