@@ -66,6 +66,29 @@ RSpec.describe "queues, routing and concurrency limits", :db, :no_valgrind do
     end
   end
 
+  it "runs the Python example worker on its own queue beside a Ruby worker" do
+    python = ["/usr/bin/python3", "python3"].find do |candidate|
+      system(candidate, "-c", "import zmq, msgpack", out: File::NULL, err: File::NULL)
+    end
+    skip "no python3 with pyzmq and msgpack" unless python
+    use_templates(template("mixed", [echo("a"), step("py", ["a"], handler: "Python::Echo", queue: "py"),
+                                     echo("c", ["py"])]))
+    cfg = start_handle
+    ruby = worker(cfg)
+    py = Process.spawn(python, File.join(SpecHelpers::ROOT, "examples", "python_worker", "worker.py"),
+                       "--batch-endpoint", cfg["batch_endpoint"], "--result-endpoint", cfg["result_endpoint"],
+                       "--queues", "py", "--heartbeat-interval-ms", "200", err: File::NULL, pgroup: true)
+    (@spawned_pids ||= []) << py
+    wait_workers(2)
+    ids = Array.new(5) { |i| TaskerCore.create_task(name: "mixed", context: { "n" => i }) }
+    wait_for_tasks(conn, ids)
+    ids.each do |id|
+      s = step_outputs(id)
+      expect(s["py"][:output]).to include("language" => "python", "echo" => { "n" => s["a"][:output]["n"] })
+      expect([s["a"][:output]["pid"], s["c"][:output]["pid"]]).to eq([ruby, ruby])
+    end
+  end
+
   it "in a rolling deploy an old worker lacking a new handler refuses it and a new worker runs it: none fails" do
     use_templates(template("deploy", [echo("old"), step("added", ["old"], handler: "QueueHandlers::Added",
                                                                           handler_config: { "sleep_ms" => 20 })]))
