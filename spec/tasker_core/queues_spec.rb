@@ -57,6 +57,35 @@ RSpec.describe "Queues, priorities, scheduled start and concurrency limits", :db
     end
   end
 
+  describe "configuration" do
+    def load(yaml)
+      path = File.join(Dir.mktmpdir("tasker_queues_config"), "tasker-config.yml")
+      File.write(path, yaml)
+      TaskerCore::Config.load(path: path, env: "test")
+    end
+
+    it "reads per-queue limits and the worker's queues" do
+      c = load("default:\n  queues:\n    api: { concurrency: 5 }\n    bulk: {}\n  worker:\n    queues: [critical, default]\n")
+      expect(TaskerCore::Queues.configured_limits(c)).to eq("api" => 5)
+      expect(c.worker["queues"]).to eq(%w[critical default])
+      expect(TaskerCore::Worker::Settings.build(config: c).queues).to eq(%w[critical default])
+      expect(TaskerCore::Worker::Settings.build(config: c, queues: "py").queues).to eq(%w[py])
+    end
+
+    {
+      "queues:\n    api: { concurrency: 0 }" => /tasker-config.yml \(section "default"\): queues.api.concurrency: expected an Integer >= 1, got 0/,
+      "queues:\n    api: { burst: 3 }" => /queues.api.burst: unknown queue option \(known: concurrency\)/,
+      "queues:\n    'bad name': { concurrency: 1 }" => /queues: expected a queue name/,
+      "queues: [api]" => /queues: expected a mapping of queue names/,
+      "worker:\n    queues: [ok, 'not ok']" => /worker.queues: expected a list of 1 to 16 queue names/,
+      "worker:\n    queues: []" => /worker.queues: expected a list of 1 to 16 queue names/
+    }.each do |yaml, message|
+      it "refuses #{yaml.lines.last.strip} naming the file and key" do
+        expect { load("default:\n  #{yaml}\n") }.to raise_error(TaskerCore::ConfigurationError, message)
+      end
+    end
+  end
+
   describe "create_task" do
     before do
       use_templates(template("two", [step("a", queue: "api"), step("b", ["a"])], priority: 2),
