@@ -88,11 +88,30 @@ static void oh_mark(void *p)
     rb_gc_mark(w->logged_not_reading);
 }
 
+/* A loop inherited across fork is never freed in the child (its thread is
+ * not there and its mutex may be held): it stays referenced here, so the
+ * memory is kept on purpose rather than lost. */
+static void **inherited_loops;
+static size_t n_inherited_loops;
+
+static void keep_inherited_loop(tc_loop *loop)
+{
+    void **grown = realloc(inherited_loops, (n_inherited_loops + 1) * sizeof(*grown));
+    if (grown == NULL) return; /* out of memory: the loop is leaked instead */
+    inherited_loops = grown;
+    inherited_loops[n_inherited_loops++] = loop;
+}
+
 static void oh_free(void *p)
 {
     oh_wrap *w = p;
     stop_loop_now(w);
-    if (w->loop && w->pid == getpid()) tc_loop_free(w->loop);
+    if (w->loop) {
+        if (w->pid == getpid())
+            tc_loop_free(w->loop);
+        else
+            keep_inherited_loop(w->loop);
+    }
     /* In a forked child tc_oh_close only forgets the parent's sockets. */
     if (w->initialized && !w->closed) tc_oh_close(&w->core);
     if (w->reported_memory) rb_gc_adjust_memory_usage(-(ssize_t)w->reported_memory);
