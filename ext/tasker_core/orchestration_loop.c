@@ -487,7 +487,7 @@ static int release_pairs(tc_loop *l, pair_list *pl, int lost)
     return rc;
 }
 
-/* tasker_defer_steps (db/migrate/0010): pl back to pending without a lost
+/* tasker_defer_steps (db/migrate/0011): pl back to pending without a lost
  * attempt, ready after delay_ms. Returns the result (step_id, handler) or
  * NULL; pl is emptied unless the connection failed. */
 static PGresult *defer_pairs(tc_loop *l, pair_list *pl, int delay_ms)
@@ -872,7 +872,7 @@ static size_t queue_rooms(const tc_loop *l, int64_t now, sbuf *names, sbuf *room
  * which at most suspects lost TC_LOOP_SUSPECT_LOST times or more (one per
  * idle worker): a suspect with no idle worker for it stays pending,
  * unclaimed, until one is free (db/migrate/0008). Claimed straight to
- * in_progress, within the configured concurrency limits (db/migrate/0010). */
+ * in_progress, within the configured concurrency limits (db/migrate/0011). */
 static PGresult *claim(tc_loop *l, long limit, long suspects, const char *queues, const char *rooms)
 {
     char lim[24], lease[24], lost[24], sus[24];
@@ -1293,7 +1293,7 @@ static int claim_and_dispatch(tc_loop *l)
 /* ---- housekeeping -------------------------------------------------------- */
 
 /* db/migrate/0004: the workers' socket monitor totals ride along;
- * db/migrate/0010: and the queues each serves (joined by commas). */
+ * db/migrate/0011: and the queues each serves (joined by commas). */
 #define UPSERT_WORKERS_SQL                                                                                   \
     "SELECT tasker_upsert_workers($1, $2::text[], $3::text[], $4::int[], $5::int[], $6::int[], $7::float8[], " \
     "$8::int[], $9::int[], $10::text[], $11::float8[], $12::text[])"

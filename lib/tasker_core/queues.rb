@@ -5,7 +5,7 @@ require_relative "errors"
 module TaskerCore
   # The rules every layer shares for queues, priorities and concurrency
   # limits (templates, create_task, the worker, the configuration). The
-  # claim that honours them is SQL (db/migrate/0010).
+  # claim that honours them is SQL (db/migrate/0011).
   module Queues
     DEFAULT = "default"
     # Queue names: letters, digits and _ . : - , 1 to 63 characters.

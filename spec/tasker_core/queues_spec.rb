@@ -1,7 +1,7 @@
 # frozen_string_literal: true
 
 # Queues, priorities, scheduled start and concurrency limits: templates,
-# create_task and the claim (tasker_claim_steps_v4, db/migrate/0010) on a
+# create_task and the claim (tasker_claim_steps_v4, db/migrate/0011) on a
 # real PostgreSQL.
 RSpec.describe "Queues, priorities, scheduled start and concurrency limits", :db do
   let(:conn) { connect }
@@ -197,6 +197,18 @@ RSpec.describe "Queues, priorities, scheduled start and concurrency limits", :db
       expect(claim_v4(connect, queues: ["default"], owner: "orch-2")).to eq([])
       finish(conn, rows.first(1))
       expect(claim_v4(conn, queues: ["default"]).size).to eq(1)
+    end
+
+    it "reads ready steps through the queue index and updates the claimed ones by id: no scan of the steps table" do
+      use_templates(template("wide", Array.new(10) { |i| step("s#{i}") }))
+      TaskerCore.create_tasks(Array.new(500) { |i| { name: "wide", queue: i.even? ? "a" : "b", priority: i % 5 } })
+      conn.exec("ANALYZE tasker_workflow_steps")
+      conn.exec("ANALYZE tasker_tasks")
+      conn.transaction do
+        expect(claim_v4(conn, queues: %w[a b], room: [30, 30], limit: 50, limited: { a: 1000 }).size).to eq(50)
+        scans = conn.exec("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'tasker_workflow_steps'")
+        expect(scans.first["seq_scan"]).to eq(0)
+      end
     end
 
     it "defers a step refused for want of its handler without a lost attempt" do
