@@ -177,6 +177,16 @@ RSpec.describe "Queues, priorities, scheduled start and concurrency limits", :db
       expect(claim_v4(conn, queues: ["default"]).map { |r| r["task_id"] }).to eq([later])
     end
 
+    it "does not read the steps scheduled for later: the claim's index scan stops before them" do
+      TaskerCore.create_tasks(Array.new(300) { { name: "one", run_at: Time.now + 3600 } } + Array.new(3) { { name: "one" } })
+      conn.transaction do
+        expect(claim_v4(conn, queues: ["default"], limit: 100).size).to eq(3)
+        read = conn.exec("SELECT pg_stat_get_xact_tuples_returned('tasker_workflow_steps_queue_ready'::regclass) AS n")
+                   .first["n"]
+        expect(read).to be_between(3, 10)
+      end
+    end
+
     it "keeps a queue's concurrency limit across claims and connections" do
       5.times { TaskerCore.create_task(name: "one", queue: "api") }
       other = connect
