@@ -119,9 +119,12 @@ RSpec.describe "tasker_core/rspec" do
       expect(TaskerCore.task(id)[:steps].map { |s| s[:output]["pid"] }).to all(eq(tasker_stack.worker_pid))
     end
 
-    it "serves the queues the templates name" do
+    it "serves the queues the templates name, and those of create_task(queue:)" do
       id = TaskerCore.create_task(name: "side", context: { "n" => 2 })
       expect(id).to complete_within(30)
+      id = TaskerCore.create_task(name: "echo", context: { "n" => 3 }, queue: "solo")
+      expect(id).to complete_within(30)
+      expect(tasker_stack.workers.map { |w| w["queues"] }).to all(include("solo", "side", "default"))
     end
 
     it "starts each example with empty tables" do
