@@ -98,7 +98,7 @@ RSpec.describe "tasker status", :db do
     r = tasker("status", env: { "DATABASE_URL" => url })
     expect(r.out).to include("Workers (1 live)")
     row = r.out.lines.find { |l| l.start_with?("w-live") }.split
-    expect(row[0..4]).to eq(%w[w-live box-a 101 10 3])
+    expect(row[0..5]).to eq(%w[w-live box-a 101 default 10 3])
     expect(r.out).to include("CONNECTS/DISCONNECTS", "LAST_EVENT(AT)")
     expect(row[-3..]).to eq(["3/1", "connected", "(2026-01-02T03:04:05.678Z)"])
   ensure
