@@ -190,9 +190,8 @@ LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
 #variable_conflict use_column
 DECLARE
   v_ids bigint[];
-  v_queues text[];
-  v_keys text[];
-  v_key_limits int[];
+  v_limited boolean;
+  v_limited_queues text[] := coalesce(p_limited_queues, '{}'::text[]);
 BEGIN
   IF p_state NOT IN ('enqueued', 'in_progress') THEN
     RAISE EXCEPTION 'tasker_claim_queued: a claim moves steps to enqueued or in_progress, not %', p_state;
@@ -208,7 +207,7 @@ BEGIN
   WITH room AS (
     SELECT r.name, r.room FROM unnest(p_queues, p_queue_room) AS r(name, room) WHERE r.room > 0
   ), suspect AS (
-    SELECT s.id, s.queue, s.concurrency_key, s.concurrency_limit
+    SELECT s.id, s.concurrency_key IS NOT NULL OR s.queue = ANY (v_limited_queues) AS limited
       FROM tasker_workflow_steps s
       JOIN tasker_tasks t ON t.id = s.task_id
      WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.next_attempt_at <= now()
@@ -220,7 +219,7 @@ BEGIN
      FOR UPDATE OF s SKIP LOCKED
   ), plain AS (
     SELECT c.* FROM room CROSS JOIN LATERAL (
-      SELECT s.id, s.queue, s.concurrency_key, s.concurrency_limit,
+      SELECT s.id, s.concurrency_key IS NOT NULL OR s.queue = ANY (v_limited_queues) AS limited,
              tasker_claim_order(s.next_attempt_at, s.priority) AS ord
         FROM tasker_workflow_steps s
         JOIN tasker_tasks t ON t.id = s.task_id
@@ -233,32 +232,30 @@ BEGIN
        LIMIT least(room.room, p_limit)
        FOR UPDATE OF s SKIP LOCKED
     ) c
-  ), picked AS (
-    SELECT x.id, x.queue, x.concurrency_key, x.concurrency_limit, row_number() OVER (ORDER BY x.grp, x.ord, x.id) AS pos
-      FROM (SELECT s.id, s.queue, s.concurrency_key, s.concurrency_limit, 0 AS grp, NULL::timestamptz AS ord
-              FROM suspect s
-            UNION ALL
-            SELECT p.id, p.queue, p.concurrency_key, p.concurrency_limit, 1, p.ord FROM plain p
-             ORDER BY 5, 6, 1
-             LIMIT p_limit) x
   )
-  SELECT array_agg(p.id ORDER BY p.pos), array_agg(p.queue ORDER BY p.pos),
-         array_agg(p.concurrency_key ORDER BY p.pos), array_agg(p.concurrency_limit ORDER BY p.pos)
-    INTO v_ids, v_queues, v_keys, v_key_limits FROM picked p;
+  SELECT array_agg(x.id ORDER BY x.grp, x.ord, x.id),
+         coalesce(bool_or(x.limited), false)
+    INTO v_ids, v_limited
+    FROM (SELECT s.id, 0 AS grp, NULL::timestamptz AS ord, s.limited FROM suspect s
+          UNION ALL
+          SELECT p.id, 1, p.ord, p.limited FROM plain p
+           ORDER BY 2, 3, 1
+           LIMIT p_limit) x;
 
   IF v_ids IS NULL THEN
     RETURN;
   END IF;
 
-  IF EXISTS (SELECT 1 FROM unnest(v_queues, v_keys) AS c(queue, key)
-              WHERE c.key IS NOT NULL OR c.queue = ANY (coalesce(p_limited_queues, '{}'::text[]))) THEN
+  IF v_limited THEN
     PERFORM pg_advisory_xact_lock(x'74636f6e63'::bigint);
     -- A statement of its own, after the lock: in flight now. The candidates
     -- are pending (locked by this claim), so not counted.
     SELECT array_agg(c.id ORDER BY c.pos) INTO v_ids
-      FROM (SELECT x.*, row_number() OVER (PARTITION BY x.queue ORDER BY x.pos) AS qn,
-                   row_number() OVER (PARTITION BY x.key ORDER BY x.pos) AS kn
-              FROM unnest(v_ids, v_queues, v_keys, v_key_limits) WITH ORDINALITY AS x(id, queue, key, key_limit, pos)) c
+      FROM (SELECT s.id, s.queue, s.concurrency_key AS key, s.concurrency_limit AS key_limit, s.pos,
+                   row_number() OVER (PARTITION BY s.queue ORDER BY s.pos) AS qn,
+                   row_number() OVER (PARTITION BY s.concurrency_key ORDER BY s.pos) AS kn
+              FROM (SELECT f.id, f.queue, f.concurrency_key, f.concurrency_limit, array_position(v_ids, f.id) AS pos
+                      FROM tasker_workflow_steps f WHERE f.id = ANY (v_ids)) s) c
       LEFT JOIN unnest(p_limited_queues, p_queue_limits) AS ql(queue, lim) ON ql.queue = c.queue
       LEFT JOIN LATERAL (SELECT count(*) AS n FROM tasker_workflow_steps s
                           WHERE ql.queue IS NOT NULL AND s.queue = c.queue
