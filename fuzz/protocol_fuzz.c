@@ -4,7 +4,7 @@
  * the pieces the loop splices into its SQL parameters (output, error),
  * check that their located bytes decode to exactly those objects, and
  * walk the batch_completion steps, as the loop does; walk what the handle
- * reads of a heartbeat (limits, in_flight_steps) and a batch_refusal.
+ * reads of a heartbeat (limits, in_flight_steps, queues) and a batch_refusal.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -75,6 +75,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                     sink += (size_t)s;
                 }
                 for (size_t i = 0; i < m.last_batch_id.len; i++) sink += (unsigned char)m.last_batch_id.ptr[i];
+            }
+            if (m.queues) {
+                if (m.queues->type != MSGPACK_OBJECT_ARRAY || m.queues->via.array.size < 1 ||
+                    m.queues->via.array.size > TC_PROTO_MAX_QUEUES)
+                    abort();
+                for (size_t i = 0; i < m.queues->via.array.size; i++) {
+                    tc_proto_str q = tc_proto_queue(&m, i);
+                    if (!q.ptr || !tc_proto_queue_name_ok(q.ptr, q.len)) abort();
+                    sink += q.len;
+                }
             }
         }
         if (m.type == TC_PROTO_BATCH_REFUSAL) {

@@ -95,8 +95,8 @@ RSpec.describe "tasker task list, task show, workers and cleanup", :db do
     r = tasker("workers", env: db_env)
     expect(r.exitstatus).to eq(0), r.err
     rows = r.out.lines.drop(2).map(&:split)
-    expect(rows.map { |row| row[0..5] }).to eq([%w[w-live box-a 101 10 orch-a 3]])
-    expect(rows.first[6]).to match(ISO_MS)
+    expect(rows.map { |row| row[0..6] }).to eq([%w[w-live box-a 101 default 10 orch-a 3]])
+    expect(rows.first[7]).to match(ISO_MS)
 
     all = JSON.parse(tasker("workers", "--all", "--json", env: db_env).out)
     expect(all.map { |w| w.values_at("id", "live", "orchestrator") }).to eq([["w-gone", false, "orch-a"], ["w-live", true, "orch-a"]])

@@ -18,6 +18,7 @@ module TaskerCore
       # older schema shows zeros and nulls instead of failing.
       SQL = <<~SQL
         SELECT id, host, pid, owner AS orchestrator, capacity, in_flight,
+               coalesce(ARRAY(SELECT jsonb_array_elements_text(to_jsonb(w) -> 'queues')), '{default}') AS queues,
                (connected AND last_heartbeat_at > now() - make_interval(secs => $1 / 1000.0)) AS live,
                extract(epoch FROM last_heartbeat_at)::float8 AS last_heartbeat_at,
                round((extract(epoch FROM now() - last_heartbeat_at) * 1000)::numeric)::bigint AS heartbeat_age_ms,
@@ -44,13 +45,14 @@ module TaskerCore
       end
 
       # Rows for Table.render under HEADERS.
-      HEADERS = %w[WORKER HOST PID CAPACITY IN_FLIGHT LAST_HEARTBEAT AGE CONNECTS/DISCONNECTS LAST_EVENT(AT)].freeze
+      HEADERS = %w[WORKER HOST PID QUEUES CAPACITY IN_FLIGHT LAST_HEARTBEAT AGE CONNECTS/DISCONNECTS LAST_EVENT(AT)].freeze
 
       def self.rows(workers)
         workers.map do |w|
           event = w["last_connection_event"]
           at = w["last_connection_event_at"]
-          [w["id"], w["host"], w["pid"], w["capacity"], w["in_flight"], TaskerCore.iso8601(w["last_heartbeat_at"]),
+          [w["id"], w["host"], w["pid"], Array(w["queues"]).join(","), w["capacity"], w["in_flight"],
+           TaskerCore.iso8601(w["last_heartbeat_at"]),
            w["heartbeat_age_ms"] && "#{(w['heartbeat_age_ms'].to_i / 1000.0).round(1)}s ago",
            "#{w['connects']}/#{w['disconnects']}", event ? "#{event}#{" (#{TaskerCore.iso8601(at)})" if at}" : "-"]
         end
@@ -74,8 +76,8 @@ module TaskerCore
         if workers.empty?
           out.puts @options[:all] ? "no workers" : "no live workers"
         else
-          headers = HEADERS.dup.insert(4, "ORCHESTRATOR")
-          rows = self.class.rows(workers).each_with_index.map { |r, i| r.dup.insert(4, workers[i]["orchestrator"]) }
+          headers = HEADERS.dup.insert(5, "ORCHESTRATOR")
+          rows = self.class.rows(workers).each_with_index.map { |r, i| r.dup.insert(5, workers[i]["orchestrator"]) }
           if @options[:all]
             headers << "LIVE"
             rows.each_with_index { |r, i| r << (workers[i]["live"] ? "yes" : "no") }

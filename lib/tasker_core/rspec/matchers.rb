@@ -31,6 +31,7 @@ module TaskerCore
 
         def matches?(actual)
           id = actual.is_a?(Integer) ? actual : task_hash(actual)[:id]
+          Stack.running&.serve_pending_queues
           @task = TaskerCore.wait_for(id, timeout: @seconds)
           @task[:status] == "complete"
         rescue WaitTimeoutError => e

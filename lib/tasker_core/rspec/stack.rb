@@ -51,6 +51,9 @@ module TaskerCore
 
         def current = @current || raise(Error, "no tasker stack: tag the example :tasker_stack or :tasker_inline")
 
+        # The stack, when one has started (nil otherwise).
+        def running = @current
+
         def shutdown!
           @current&.shutdown
           @current = nil
@@ -93,6 +96,7 @@ module TaskerCore
       end
 
       def start_processes
+        restart_worker_for_new_queues if @worker_pid
         return resume_orchestration if @worker_pid
 
         @batch_endpoint = "tcp://127.0.0.1:#{TaskerCore::Socket.free_tcp_port}"
@@ -139,6 +143,19 @@ module TaskerCore
         retry
       end
 
+      # Serves the queues of the pending steps too (complete_within calls it:
+      # a task created on a queue of its own, create_task(queue:), or from a
+      # template registered after the worker started).
+      def serve_pending_queues
+        return self unless @worker_pid && @handle&.orchestrating?
+
+        pending = Store.with_connection do |c|
+          c.exec("SELECT DISTINCT queue FROM tasker_workflow_steps WHERE state = 'pending'").map { |r| r["queue"] }
+        end
+        restart_worker_for_new_queues(pending)
+        self
+      end
+
       def workers = @handle ? @handle.workers : []
       def stats = @handle&.stats
 
@@ -167,8 +184,40 @@ module TaskerCore
 
       private
 
+      # Queues the worker does not serve (templates registered since it
+      # started, extra): a worker serving them all replaces it.
+      def restart_worker_for_new_queues(extra = [])
+        wanted = (worker_queues + extra).uniq.first(Queues::MAX_PER_WORKER)
+        return if (wanted - @worker_served).empty?
+
+        @worker_wanted = wanted
+
+        Process.kill(:TERM, @worker_pid)
+        Process.wait(@worker_pid)
+        old = @handle.workers.map { |w| w["id"] }
+        start_worker
+        deadline = monotonic + 30
+        until @handle.workers.any? { |w| !old.include?(w["id"]) }
+          raise Error, "the tasker worker did not connect within 30s" if monotonic > deadline
+
+          sleep 0.02
+        end
+      rescue Errno::ESRCH, Errno::ECHILD
+        start_worker
+      end
+
+      # The stack's worker serves the configured worker.queues and every
+      # queue the known templates name (at most Queues::MAX_PER_WORKER).
+      def worker_queues
+        named = TaskerCore.task_templates.templates.flat_map { |t| [t.queue, *t.steps.map(&:queue)] }
+        (TaskerCore.config.worker["queues"] + (@worker_served || []) + named.compact).uniq.first(Queues::MAX_PER_WORKER)
+      rescue ConfigurationError
+        TaskerCore.config.worker["queues"]
+      end
+
       def start_worker
-        endpoints = ["--concurrency", self.class.worker_concurrency.to_s,
+        @worker_served = @worker_wanted || worker_queues
+        endpoints = ["--concurrency", self.class.worker_concurrency.to_s, "--queues", @worker_served.join(","),
                      "--batch-endpoint", @batch_endpoint, "--result-endpoint", @result_endpoint]
         if (root = rails_root)
           # The app's own configuration, environment and database (its
