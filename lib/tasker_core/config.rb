@@ -5,6 +5,7 @@ require "yaml"
 require "did_you_mean"
 require_relative "errors"
 require_relative "logging"
+require_relative "recurring"
 
 module TaskerCore
   # The resolved configuration: schema defaults, deep-merged with the file's
@@ -134,6 +135,13 @@ module TaskerCore
                        "null = keep everything."),
       Setting.new(key: "retention.interval_s", type: :integer, default: 600, min: 1,
                   doc: "How often the orchestrator process looks for finished tasks past retention.finished_after."),
+      Setting.new(key: "recurring", type: :recurring, default: [],
+                  doc: "Recurring tasks, created by the orchestrator processes exactly once per tick: a list of " \
+                       "entries with name (unique), task (a template), cron (fugit syntax: five fields, or six " \
+                       "with seconds first, an optional time zone, or @hourly and the like) and optionally " \
+                       "namespace, version, context, queue, priority and backfill (default false: ticks missed " \
+                       "while no orchestrator ran are skipped; true: the latest #{Recurring::MAX_TICKS} missed are created). An " \
+                       "environment section's list replaces the default one. See README, Recurring tasks."),
     ].to_h { |s| [s.key, s.freeze] }.freeze
 
     # Every key that holds settings rather than a value: "zeromq", "worker", ...
@@ -242,7 +250,7 @@ module TaskerCore
 
         doc.to_h do |name, section|
           name = name.to_s
-          if SECTIONS.include?(name)
+          if SECTIONS.include?(name) || SCHEMA.key?(name)
             fail_at(path, nil, name, "settings go under #{BASE_SECTION}: or an environment section, not at the top level")
           end
           unless section.nil? || section.is_a?(Hash)
@@ -285,6 +293,12 @@ module TaskerCore
 
       def check_value(setting, value, path:, source:)
         return if value.nil? && setting.nullable
+
+        if setting.type == :recurring
+          where, problem = Recurring.problem(value)
+          fail_at(path, source, "#{setting.key}#{where}", problem) if problem
+          return
+        end
         return if valid?(setting, value)
 
         fail_at(path, source, setting.key, "expected #{expectation(setting)}, got #{got(value)}")
@@ -327,6 +341,7 @@ module TaskerCore
         when :curve_key then "a CURVE public key (40 Z85 characters) or null"
         when :curve_key_list then "a list of CURVE public keys (40 Z85 characters each)"
         when :duration then "a duration such as \"14d\" (a whole number and s, m, h or d)#{' or null' if setting.nullable}"
+        when :recurring then "a list of recurring task entries"
         end
       end
 
@@ -378,6 +393,7 @@ module TaskerCore
       def deep_freeze(value)
         case value
         when Hash then value.to_h { |k, v| [k.dup.freeze, deep_freeze(v)] }.freeze
+        when Array then value.map { |v| deep_freeze(v) }.freeze
         when String then value.dup.freeze
         else value.freeze
         end
@@ -407,6 +423,7 @@ module TaskerCore
     def logging = @data["logging"]
     def tasks = @data["tasks"]
     def retention = @data["retention"]
+    def recurring = @data["recurring"]
 
     # Keeps a password in database.url out of logs and consoles.
     def inspect

@@ -11,7 +11,8 @@ module TaskerCore
         Shows tasks and steps by state, steps completed per second over the last minute
         (from the step transitions) and the live workers the orchestrator knows
         (capacity, steps in flight, last heartbeat, socket connects/disconnects and
-        the last connection event). --json prints the same for scripts.
+        the last connection event), and the recurring tasks of the configuration with
+        their last and next ticks. --json prints the same for scripts.
       TEXT
       WINDOW_S = 60
       TASK_STATES = %w[pending in_progress complete error cancelled].freeze
@@ -38,7 +39,7 @@ module TaskerCore
            WHERE to_state = 'complete' AND created_at > now() - make_interval(secs => $1)
         SQL
         { "tasks" => tasks, "steps" => steps, "steps_per_second" => (done.to_f / WINDOW_S).round(2),
-          "window_seconds" => WINDOW_S, "workers" => workers(conn) }
+          "window_seconds" => WINDOW_S, "workers" => workers(conn), "recurring" => Recurring.status(conn, config) }
       end
 
       def counts(conn, table, states)
@@ -69,6 +70,18 @@ module TaskerCore
           out.puts "Workers (#{workers.size} live)"
           out.puts Table.render(Workers::HEADERS, Workers.rows(workers))
         end
+        print_recurring(report["recurring"])
+      end
+
+      def print_recurring(schedules)
+        return if schedules.empty?
+
+        out.puts
+        out.puts "Recurring tasks (#{schedules.size})"
+        rows = schedules.map do |s|
+          [s["name"], s["task"], s["cron"], s["last_tick_at"] || "-", s["last_task_id"] || "-", s["next_tick_at"]]
+        end
+        out.puts Table.render(%w[NAME TASK CRON LAST_TICK LAST_TASK NEXT_TICK], rows)
       end
     end
   end
