@@ -34,8 +34,13 @@ RSpec.describe "TaskerCore::Web dashboard", :db, :web do
     2.times { create }
     failing = create
     run_steps(fail: ["c"])
-    create("single", namespace: "billing")
+    billing = create("single", namespace: "billing")
+    TaskerCore.configure(env: "test", overrides: { recurring: [{ name: "hourly_bill", task: "single", namespace: "billing",
+                                                                  cron: "@hourly" }, { name: "nightly", task: "single",
+                                                                                       namespace: "billing", cron: "0 3 * * *" }] })
     TaskerCore::Store.with_connection do |c|
+      c.exec("INSERT INTO tasker_recurring_schedules (name, last_tick_at, last_task_id) VALUES ('hourly_bill', '2026-01-02T03:00:00Z', $1)",
+             [billing])
       c.exec(<<~SQL)
         SELECT tasker_upsert_workers('orch-test', ARRAY['worker-1'], ARRAY['host-a'], ARRAY[4242], ARRAY[8], ARRAY[3],
                                      ARRAY[extract(epoch FROM now())::float8], ARRAY[2], ARRAY[1], ARRAY['connected'],
@@ -53,6 +58,10 @@ RSpec.describe "TaskerCore::Web dashboard", :db, :web do
     worker = @browser.at_css('tr[data-worker-id="worker-1"]').text
     expect(worker).to include("host-a", "4242", "2 / 1", "connected")
     expect(texts("#failures td").join(" ")).to include("c", "diamond ##{failing}", "RuntimeError: boom")
+    hourly = @browser.at_css('#recurring tr[data-schedule="hourly_bill"]')
+    expect(hourly.text).to include("billing/single", "@hourly", "2026-01-02T03:00:00Z")
+    expect(hourly.at_css("a").attribute("href")).to end_with("/tasks/#{billing}")
+    expect(@browser.at_css('#recurring tr[data-schedule="nightly"]').text).to include("0 3 * * *", "none yet")
   end
 
   it "lists tasks with filters and pages through them" do
