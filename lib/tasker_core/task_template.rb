@@ -3,6 +3,7 @@
 require "yaml"
 require_relative "errors"
 require_relative "payload"
+require_relative "queues"
 
 module TaskerCore
   # A workflow description read from YAML: a named, namespaced, versioned
@@ -12,9 +13,15 @@ module TaskerCore
   #   namespace: shop                 # default "default"
   #   version: 1.2.0                  # default "0.1.0"
   #   context_schema: { type: object, required: [order_id] }   # optional JSON Schema
+  #   queue: shop                     # default queue of its steps (else "default")
+  #   priority: 0                     # default priority of its steps, -100..100, higher first
+  #   concurrency: { key: "%{context.customer_id}", limit: 1 }   # optional, for each step without its own
   #   steps:
   #     - name: charge
   #       handler: Shop::ChargeHandler
+  #       queue: payments             # optional: this step's queue
+  #       priority: 10                # optional
+  #       concurrency: { key: "charge", limit: 5 }   # optional
   #       depends_on: []
   #       handler_config: { currency: EUR }
   #       timeout_ms: 10000           # default worker.step_timeout_ms
@@ -29,13 +36,18 @@ module TaskerCore
   class TaskTemplate
     RETRY_DEFAULTS = { "retryable" => true, "max_attempts" => 3, "backoff_base_ms" => 500,
                        "backoff_cap_ms" => 30_000, "jitter" => 0.2 }.freeze
-    TEMPLATE_KEYS = %w[name namespace version description context_schema steps].freeze
-    STEP_KEYS = %w[name handler depends_on handler_config timeout_ms retry description].freeze
+    TEMPLATE_KEYS = %w[name namespace version description context_schema queue priority concurrency steps].freeze
+    STEP_KEYS = %w[name handler depends_on handler_config timeout_ms retry description queue priority
+                   concurrency].freeze
+    CONCURRENCY_KEYS = %w[key limit].freeze
 
+    # queue, priority and concurrency are nil when the step does not name
+    # them: the task's (create_task) or the template's apply (#placement).
     Step = Struct.new(:name, :handler, :depends_on, :handler_config, :timeout_ms, :retryable, :max_attempts,
-                      :backoff_base_ms, :backoff_cap_ms, :jitter, keyword_init: true)
+                      :backoff_base_ms, :backoff_cap_ms, :jitter, :queue, :priority, :concurrency,
+                      keyword_init: true)
 
-    attr_reader :name, :namespace, :version, :context_schema, :steps, :path
+    attr_reader :name, :namespace, :version, :context_schema, :steps, :path, :queue, :priority, :concurrency
 
     def self.load_file(path, validate_handlers: false)
       data = YAML.safe_load(File.read(path), permitted_classes: [], aliases: true, filename: path)
@@ -56,6 +68,7 @@ module TaskerCore
       @namespace = (data["namespace"] || "default").to_s
       @version = (data["version"] || "0.1.0").to_s
       @context_schema = load_schema(data["context_schema"])
+      @queue, @priority, @concurrency = placement_keys(data, nil)
       @steps = load_steps(data["steps"], validate_handlers)
       check_dag!
       freeze
@@ -78,10 +91,24 @@ module TaskerCore
       raise ValidationError, "context for #{full_name} does not match its context_schema at #{where}: #{error['error']}"
     end
 
+    # Where each step runs for one task, in step order: [queue, priority,
+    # concurrency key, concurrency limit]. A step's own queue/priority wins,
+    # then the task's (create_task's queue:/priority:), then the template's,
+    # then "default"/0. The concurrency key is computed from the context
+    # (ValidationError naming the path when it is missing).
+    def placement(context, queue: nil, priority: nil)
+      steps.map do |s|
+        limit = s.concurrency || concurrency
+        [s.queue || queue || self.queue || Queues::DEFAULT, s.priority || priority || self.priority || 0,
+         limit && Queues.concurrency_key(full_name, limit["key"], context), limit && limit["limit"]]
+      end
+    end
+
     # What is stored in tasker_task_templates.definition (JSON).
     def definition
       { "name" => name, "namespace" => namespace, "version" => version, "context_schema" => context_schema,
-        "steps" => steps.map { |s| s.to_h.transform_keys(&:to_s) } }
+        "queue" => queue, "priority" => priority, "concurrency" => concurrency,
+        "steps" => steps.map { |s| s.to_h.transform_keys(&:to_s) } }.compact
     end
 
     private
@@ -96,7 +123,8 @@ module TaskerCore
 
     def fail!(step, problem)
       where = step ? %(step "#{step}": ) : ""
-      raise ConfigurationError, "Invalid task template #{@path}: #{where}#{problem}"
+      named = @name ? " (template #{@namespace ? "#{@namespace}/" : ''}#{@name})" : ""
+      raise ConfigurationError, "Invalid task template #{@path}#{named}: #{where}#{problem}"
     end
 
     def stringify(value)
@@ -148,8 +176,37 @@ module TaskerCore
       check_payload!(config, step_name)
       timeout = raw["timeout_ms"] || default_timeout_ms
       fail!(step_name, "timeout_ms: expected a positive Integer") unless timeout.is_a?(Integer) && timeout.positive?
+      queue, priority, limit = placement_keys(raw, step_name)
       Step.new(name: step_name, handler: handler, depends_on: deps.uniq.freeze, handler_config: config.freeze,
-               timeout_ms: timeout, **retry_policy(raw["retry"], step_name)).freeze
+               timeout_ms: timeout, queue: queue, priority: priority, concurrency: limit,
+               **retry_policy(raw["retry"], step_name)).freeze
+    end
+
+    # queue, priority and concurrency of the template (step nil) or a step,
+    # each nil when unsaid.
+    def placement_keys(raw, step_name)
+      queue, priority, limit = raw.values_at("queue", "priority", "concurrency")
+      fail!(step_name, "queue: #{Queues.name_problem(queue)}") unless queue.nil? || Queues.name?(queue)
+      fail!(step_name, "priority: #{Queues.priority_problem(priority)}") unless priority.nil? || Queues.priority?(priority)
+      [queue&.freeze, priority, limit && concurrency_limit(limit, step_name)]
+    end
+
+    def concurrency_limit(raw, step_name)
+      fail!(step_name, "concurrency: expected a mapping { key:, limit: }, got #{raw.inspect}") unless raw.is_a?(Hash)
+      unknown = raw.keys - CONCURRENCY_KEYS
+      fail!(step_name, "concurrency: unknown key #{unknown.first.inspect} (known: key, limit)") if unknown.any?
+      key, limit = raw.values_at("key", "limit")
+      unless key.is_a?(String) && !key.empty? && key.bytesize <= 200
+        fail!(step_name, "concurrency.key: expected a non-empty String (at most 200 bytes) such as " \
+                         "\"%{context.customer_id}\", got #{key.inspect}")
+      end
+      stray = key.gsub(Queues::KEY_FIELD, "")
+      if stray.include?("%{")
+        fail!(step_name, "concurrency.key: only %{context.<path>} can be filled in, got #{key.inspect}")
+      end
+      fail!(step_name, "concurrency.limit: expected an Integer >= 1, got #{limit.inspect}") unless limit.is_a?(Integer) && limit >= 1
+
+      { "key" => key.freeze, "limit" => limit }.freeze
     end
 
     def retry_policy(raw, step_name)

@@ -2,6 +2,7 @@
 
 require "json"
 require_relative "payload"
+require_relative "queues"
 require_relative "store"
 require_relative "task_template_registry"
 
@@ -22,7 +23,7 @@ module TaskerCore
         FROM tasker_tasks WHERE id = $1
     SQL
     STEPS_SQL = <<~SQL
-      SELECT s.id, s.name, s.handler, s.state, s.attempts, s.failures, s.lost_attempts, s.max_attempts, s.pending_parents,
+      SELECT s.id, s.name, s.handler, s.queue, s.priority, s.concurrency_key, s.concurrency_limit, s.state, s.attempts, s.failures, s.lost_attempts, s.max_attempts, s.pending_parents,
              s.output, s.last_error,
              ARRAY(SELECT p.name FROM tasker_workflow_step_edges e JOIN tasker_workflow_steps p ON p.id = e.from_step_id
                     WHERE e.to_step_id = s.id ORDER BY p.name) AS depends_on,
@@ -35,20 +36,22 @@ module TaskerCore
         FROM tasker_workflow_steps s WHERE s.task_id = $1 ORDER BY s.id
     SQL
 
-    # tasker_create_tasks for one template: its 17 parameters ($n..$n+16).
+    # tasker_create_tasks_v2 (db/migrate/0010) for one template: its 23
+    # parameters ($n..$n+22).
+    CREATE_TYPES = %w[text text text jsonb bytea[] text[] text[] text[] bytea[] int[] boolean[] int[] int[] int[]
+                      float8[] text[] text[] text[] int[] text[] int[] timestamptz[] float8[]].freeze
     def self.create_call(first)
-      p = Array.new(17) { |i| "$#{first + i}" }
-      types = %w[text text text jsonb bytea[] text[] text[] text[] bytea[] int[] boolean[] int[] int[] int[] float8[]
-                 text[] text[]]
-      "tasker_create_tasks(#{p.zip(types).map { |a, t| "#{a}::#{t}" }.join(', ')})"
+      args = CREATE_TYPES.each_with_index.map { |t, i| "$#{first + i}::#{t}" }
+      "tasker_create_tasks_v2(#{args.join(', ')})"
     end
 
     class << self
       # create_tasks with one entry.
-      def create_task(name:, namespace: "default", version: nil, context: {}, identity_key: nil,
-                      templates: TaskerCore.task_templates)
+      def create_task(name:, namespace: "default", version: nil, context: {}, identity_key: nil, queue: nil,
+                      priority: nil, run_at: nil, delay: nil, templates: TaskerCore.task_templates)
         row = checked_row({ name: name, namespace: namespace, version: version, context: context,
-                            identity_key: identity_key }, 0, templates)
+                            identity_key: identity_key, queue: queue, priority: priority, run_at: run_at,
+                            delay: delay }, 0, templates)
         ids = insert_shared([row])
         (ids.equal?(ActiveRecordDatabase::NONE) ? insert([row]) : ids).first
       end
@@ -67,13 +70,13 @@ module TaskerCore
         ids.equal?(ActiveRecordDatabase::NONE) ? insert(rows) : ids
       end
 
-      # rows ([template, packed context, identity_key]) created on the
+      # rows (Row) created on the
       # process's pool in one statement; their ids in order. With an
       # identity_key on every row a lost connection runs it once more (a
       # repeat returns the tasks already created).
       def insert(rows)
         sql, params = create_statement(rows)
-        ids_of(rows, Store.with_connection(idempotent: rows.all? { |r| !r[2].nil? }) { |c| c.exec(sql, params) })
+        ids_of(rows, Store.with_connection(idempotent: rows.all? { |r| !r.identity_key.nil? }) { |c| c.exec(sql, params) })
       end
 
       # A Hash describing the task and each of its steps, or nil when there
@@ -112,18 +115,48 @@ module TaskerCore
         call_bool("SELECT tasker_resolve_step($1, $2::bytea) AS ok", [Integer(step_id), Codec.pack(output)])
       end
 
+      ENTRY_KEYS = %i[name namespace version context identity_key queue priority run_at delay].freeze
+
+      # One task to create: its template, packed context, identity key, the
+      # placement of each step (TaskTemplate#placement) and when it may start
+      # (run_at, a Time, or delay, seconds from the database's now; both nil:
+      # at once).
+      Row = Struct.new(:template, :context, :identity_key, :placement, :run_at, :delay)
+
       private
 
       def checked_row(entry, index, templates)
-        unknown = entry.keys - %i[name namespace version context identity_key]
+        unknown = entry.keys - ENTRY_KEYS
         raise ArgumentError, "create_tasks entry #{index}: unknown keys #{unknown.inspect}" unless unknown.empty?
 
         template = templates.find(name: entry.fetch(:name), namespace: entry.fetch(:namespace, "default"),
                                   version: entry[:version])
         context = entry.fetch(:context, {})
         template.validate_context!(context)
-        [template, Payload.pack_checked(context, what: "the context of a #{template.full_name} task"),
-         entry[:identity_key]&.to_s]
+        queue, priority, run_at, delay = entry.values_at(:queue, :priority, :run_at, :delay)
+        queue = queue.to_s if queue.is_a?(Symbol)
+        invalid!(template, "queue", Queues.name_problem(queue)) unless queue.nil? || Queues.name?(queue)
+        invalid!(template, "priority", Queues.priority_problem(priority)) unless priority.nil? || Queues.priority?(priority)
+        run_at = start_time(template, run_at, delay)
+        Row.new(template, Payload.pack_checked(context, what: "the context of a #{template.full_name} task"),
+                entry[:identity_key]&.to_s, template.placement(context, queue: queue, priority: priority),
+                run_at, delay && delay.to_f)
+      end
+
+      def start_time(template, run_at, delay)
+        invalid!(template, "run_at", "give run_at or delay, not both") if run_at && delay
+        if delay && !(delay.is_a?(Numeric) && delay.real? && delay.to_f.finite? && delay >= 0)
+          invalid!(template, "delay", "expected a number of seconds >= 0, got #{delay.inspect}")
+        end
+        return nil if run_at.nil?
+
+        run_at = run_at.to_time if defined?(DateTime) && run_at.is_a?(DateTime)
+        invalid!(template, "run_at", "expected a Time, got #{run_at.inspect} (#{run_at.class})") unless run_at.is_a?(Time)
+        run_at
+      end
+
+      def invalid!(template, key, problem)
+        raise ValidationError, "create_task #{template.full_name}: #{key}: #{problem}"
       end
 
       # Inside an ActiveRecord transaction: on its connection, so the tasks
@@ -140,22 +173,24 @@ module TaskerCore
       end
 
       # One statement for all the rows (so one commit, and atomic without a
-      # transaction): a tasker_create_tasks call per template, its rows
+      # transaction): a tasker_create_tasks_v2 call per template, its rows
       # numbered back to their positions.
       def create_statement(rows)
         params = []
-        parts = rows.each_with_index.group_by { |(r, _)| r[0] }.map do |template, list|
+        parts = rows.each_with_index.group_by { |(r, _)| r.template }.map do |template, list|
           first = params.size + 1
           params.concat(template_params(template))
-          params.insert(first + 3, list.map { |(r, _)| r[1] }, list.map { |(r, _)| r[2] })
+          tasks = list.map(&:first)
+          params.insert(first + 3, tasks.map(&:context), tasks.map(&:identity_key))
+          params.concat(task_params(tasks))
           "SELECT ('{#{list.map(&:last).join(',')}}'::int[])[c.ord] AS i, c.task_id " \
             "FROM #{Tasks.create_call(first)} WITH ORDINALITY AS c(task_id, created, ord)"
         end
         [parts.join(" UNION ALL "), params]
       end
 
-      # tasker_create_tasks's parameters for a template, less the contexts
-      # and identity keys (positions 5 and 6).
+      # tasker_create_tasks_v2's parameters for a template, less the
+      # contexts and identity keys (positions 5 and 6) and the tasks' own.
       def template_params(template)
         steps = template.steps
         edges = steps.flat_map { |s| s.depends_on.map { |d| [d, s.name] } }
@@ -164,6 +199,14 @@ module TaskerCore
          steps.map(&:timeout_ms), steps.map(&:retryable), steps.map(&:max_attempts),
          steps.map(&:backoff_base_ms), steps.map(&:backoff_cap_ms), steps.map(&:jitter),
          edges.map(&:first), edges.map(&:last)]
+      end
+
+      # Per task and step (task by task, steps in template order): queue,
+      # priority, concurrency key and limit; per task: run_at and delay.
+      def task_params(tasks)
+        placed = tasks.flat_map(&:placement)
+        [placed.map { |p| p[0] }, placed.map { |p| p[1] }, placed.map { |p| p[2] }, placed.map { |p| p[3] },
+         tasks.map { |t| t.run_at&.utc&.strftime("%Y-%m-%d %H:%M:%S.%6N+00") }, tasks.map(&:delay)]
       end
 
       def call_bool(sql, params)
@@ -181,7 +224,9 @@ module TaskerCore
           created_at: time(t["created_at"]), updated_at: time(t["updated_at"]), finished_at: time(t["finished_at"]),
           steps: steps.map do |s|
             {
-              id: s["id"], name: s["name"], handler: s["handler"], state: s["state"], attempts: s["attempts"],
+              id: s["id"], name: s["name"], handler: s["handler"], queue: s["queue"], priority: s["priority"],
+              concurrency_key: s["concurrency_key"], concurrency_limit: s["concurrency_limit"],
+              state: s["state"], attempts: s["attempts"],
               failures: s["failures"], lost_attempts: s["lost_attempts"], max_attempts: s["max_attempts"],
               depends_on: s["depends_on"],
               pending_parents: s["pending_parents"], output: unpack(s["output"]), error: unpack(s["last_error"]),
@@ -198,9 +243,15 @@ module TaskerCore
   class << self
     # Creates a task from a template; returns its id. The same identity_key
     # returns the existing task's id. See TaskerCore::Tasks.
-    def create_task(name:, namespace: "default", version: nil, context: {}, identity_key: nil)
+    # queue: the queue of its steps that do not name one in the template
+    # (instead of the template's); priority: -100..100, higher first (the
+    # same rule); run_at: a Time, or delay: seconds: its steps become ready
+    # no earlier. ValidationError naming the key for a bad value.
+    def create_task(name:, namespace: "default", version: nil, context: {}, identity_key: nil, queue: nil,
+                    priority: nil, run_at: nil, delay: nil)
       id = Tasks.create_task(name: name, namespace: namespace, version: version, context: context,
-                             identity_key: identity_key)
+                             identity_key: identity_key, queue: queue, priority: priority, run_at: run_at,
+                             delay: delay)
       if Instrumentation.listening?(:task_created)
         Instrumentation.instrument(:task_created, task_id: id, name: name.to_s, namespace: namespace.to_s,
                                                   version: version, identity_key: identity_key)
@@ -209,8 +260,8 @@ module TaskerCore
     end
 
     # Creates many tasks in one statement; returns their ids in the order
-    # given. Each entry: { name:, namespace:, version:, context:, identity_key: }
-    # as create_task takes them. See TaskerCore::Tasks.create_tasks.
+    # given. Each entry: { name:, namespace:, version:, context:, identity_key:,
+    # queue:, priority:, run_at:, delay: } as create_task takes them. See TaskerCore::Tasks.create_tasks.
     def create_tasks(entries)
       ids = Tasks.create_tasks(entries)
       if Instrumentation.listening?(:task_created)

@@ -139,7 +139,7 @@ RSpec.describe "TaskerCore task API", :db do
         .to raise_error(TaskerCore::PayloadTooLargeError, /over zeromq.max_context_bytes 1000/)
       expect { TaskerCore.create_tasks([good, { name: "nope" }]) }
         .to raise_error(TaskerCore::ConfigurationError, %r{default/nope})
-      expect { TaskerCore.create_tasks([good.merge(priority: 1)]) }.to raise_error(ArgumentError, /priority/)
+      expect { TaskerCore.create_tasks([good.merge(colour: 1)]) }.to raise_error(ArgumentError, /colour/)
       expect(conn.exec("SELECT count(*) AS n FROM tasker_tasks").first["n"]).to eq(0)
     end
 
