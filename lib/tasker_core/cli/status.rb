@@ -12,7 +12,7 @@ module TaskerCore
         (from the step transitions) and the live workers the orchestrator knows
         (capacity, steps in flight, last heartbeat, socket connects/disconnects and
         the last connection event), and the recurring tasks of the configuration with
-        their last and next ticks. --json prints the same for scripts.
+        their last and next ticks, and ActiveJob jobs by class and state. --json prints the same for scripts.
       TEXT
       WINDOW_S = 60
       TASK_STATES = %w[pending in_progress complete error cancelled].freeze
@@ -39,7 +39,8 @@ module TaskerCore
            WHERE to_state = 'complete' AND created_at > now() - make_interval(secs => $1)
         SQL
         { "tasks" => tasks, "steps" => steps, "steps_per_second" => (done.to_f / WINDOW_S).round(2),
-          "window_seconds" => WINDOW_S, "workers" => workers(conn), "recurring" => Recurring.status(conn, config) }
+          "window_seconds" => WINDOW_S, "workers" => workers(conn), "recurring" => Recurring.status(conn, config),
+          "jobs" => JobAdapter.counts(conn) }
       end
 
       def counts(conn, table, states)
@@ -71,7 +72,15 @@ module TaskerCore
           out.puts Table.render(Workers::HEADERS, Workers.rows(workers))
         end
         print_recurring(report["recurring"])
+        print_jobs(report["jobs"])
       end
+
+      def print_jobs(jobs)
+        return if jobs.empty?
+
+        out.puts
+        out.puts "ActiveJob jobs (tasks of active_job/perform) by class"
+        out.puts Table.render(%w[JOB_CLASS STATE COUNT], jobs.map { |j| j.values_at("job_class", "state", "count") })
 
       def print_recurring(schedules)
         return if schedules.empty?
