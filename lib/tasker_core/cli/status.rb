@@ -81,6 +81,7 @@ module TaskerCore
         out.puts
         out.puts "ActiveJob jobs (tasks of active_job/perform) by class"
         out.puts Table.render(%w[JOB_CLASS STATE COUNT], jobs.map { |j| j.values_at("job_class", "state", "count") })
+      end
 
       def print_recurring(schedules)
         return if schedules.empty?
