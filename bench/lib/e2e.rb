@@ -490,6 +490,7 @@ module Bench
       # claims these jobs' steps nor theirs ours; endpoints: free TCP ports.
       "taskeraj" => {
         dir: "activejob_tasker", starts: PEER_PROCESSES, database: "tasker_activejob", endpoints: true,
+        libpq_url: true, # no ActiveRecord: the URL goes to libpq, which takes no pool= parameter
         before: [["worker.rb", "orchestrator", "--stats-interval", "0"]],
         worker: ["worker.rb", "worker", "--concurrency", PEER_THREADS.to_s],
         env: { "TASKER_LOG_LEVEL" => "warn" },
@@ -504,7 +505,7 @@ module Bench
     def peer_env(peer, st)
       dir = File.join(BENCH_DIR, peer[:dir])
       { "BUNDLE_GEMFILE" => File.join(dir, "Gemfile"), "RUBYOPT" => "-rbundler/setup",
-        "DATABASE_URL" => "#{st[:url]}?pool=#{PEER_THREADS + 5}", "RAILS_ENV" => "production" }
+        "DATABASE_URL" => peer[:libpq_url] ? st[:url] : "#{st[:url]}?pool=#{PEER_THREADS + 5}", "RAILS_ENV" => "production" }
         .merge(peer[:env]).merge(st[:env])
     end
 
