@@ -2,6 +2,7 @@
 
 require "time"
 require_relative "internal/background_thread"
+require_relative "queues"
 
 module TaskerCore
   # Recurring tasks: the `recurring:` entries of the configuration, each a
@@ -163,8 +164,9 @@ module TaskerCore
           "version" => [->(v) { v.nil? || (v.is_a?(String) && !v.empty?) || v.is_a?(Numeric) }, "a template version"],
           "cron" => [->(v) { !parse_cron(v).nil? }, "a cron expression such as #{CRON_EXAMPLE}"],
           "context" => [->(v) { v.nil? || v.is_a?(Hash) }, "a mapping (the task's context)"],
-          "queue" => [->(v) { v.nil? || (v.is_a?(String) && !v.empty?) }, "a queue name"],
-          "priority" => [->(v) { v.nil? || v.is_a?(Integer) }, "an Integer"],
+          "queue" => [->(v) { v.nil? || Queues.name?(v) }, "a queue name (1 to 63 of A-Z a-z 0-9 _ . : -)"],
+          "priority" => [->(v) { v.nil? || Queues.priority?(v) },
+                         "an Integer between #{Queues::PRIORITY.min} and #{Queues::PRIORITY.max} (higher runs first)"],
           "backfill" => [->(v) { [true, false, nil].include?(v) }, "true or false"]
         }
         checks.each do |key, (ok, expected)|

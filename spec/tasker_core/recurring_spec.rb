@@ -52,7 +52,11 @@ RSpec.describe TaskerCore::Recurring do
       %(- { name: nightly, task: r, cron: "@daily", backfill: "yes" }) =>
         %(recurring[0] (nightly).backfill: expected true or false, got "yes"),
       %(- { name: nightly, task: r, cron: "@daily", priority: high }) =>
-        %(recurring[0] (nightly).priority: expected an Integer, got "high"),
+        %(recurring[0] (nightly).priority: expected an Integer between -100 and 100 (higher runs first), got "high"),
+      %(- { name: nightly, task: r, cron: "@daily", priority: 500 }) =>
+        %(recurring[0] (nightly).priority: expected an Integer between -100 and 100 (higher runs first), got 500),
+      %(- { name: nightly, task: r, cron: "@daily", queue: "no spaces" }) =>
+        %(recurring[0] (nightly).queue: expected a queue name (1 to 63 of A-Z a-z 0-9 _ . : -), got "no spaces"),
       %(- { name: a, task: r, cron: "@daily" }\n- { name: a, task: s, cron: "@hourly" }) =>
         "recurring[1] (a).name: already used by recurring[0]",
       %(- just a string) => %(recurring[0]: expected a mapping (name, task, cron, ...), got "just a string")
