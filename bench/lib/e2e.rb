@@ -30,6 +30,7 @@ module Bench
     def initialize(log: $stderr)
       @log = log
       @children = []
+      E2E.register_template
     end
 
     # --- PostgreSQL --------------------------------------------------------
@@ -38,6 +39,7 @@ module Bench
       @pg_dir = Dir.mktmpdir("tasker_bench_pg")
       File.chmod(0o755, @pg_dir)
       @url = TaskerCore::EmbeddedPostgres.start(dir: @pg_dir, database: "tasker_bench")
+      enable_statement_profile if PROFILE
       TaskerCore::Store.migrate!(@url)
       @conn = TaskerCore::Store::Connection.new(@url, connect_timeout: 10)
       settings = @conn.exec("SELECT name, setting FROM pg_settings WHERE name IN " \
@@ -52,6 +54,36 @@ module Bench
     end
 
     attr_reader :pg_settings, :conn
+
+    # E2E_PROFILE=1: pg_stat_statements (track = all, so the statements
+    # inside the SQL functions count too) over each run of ours; its top
+    # statements go into the result (:top_statements).
+    PROFILE = ENV["E2E_PROFILE"] == "1"
+
+    def enable_statement_profile
+      TaskerCore::EmbeddedPostgres.stop(dir: @pg_dir)
+      File.open(File.join(@pg_dir, "data", "postgresql.conf"), "a") do |f|
+        f.puts "shared_preload_libraries = 'pg_stat_statements'"
+        f.puts "pg_stat_statements.track = all"
+      end
+      @url = TaskerCore::EmbeddedPostgres.start(dir: @pg_dir, database: "tasker_bench")
+      TaskerCore::Store::Connection.new(@url, connect_timeout: 10).tap do |c|
+        c.exec("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+      ensure
+        c.close
+      end
+    end
+
+    # The statements that took the most time since the last reset, per step.
+    def top_statements(steps, limit = 12)
+      @conn.exec(<<~SQL, [limit]).map do |r|
+        SELECT calls, total_exec_time, rows, toplevel, regexp_replace(query, '\\s+', ' ', 'g') AS query
+          FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT $1
+      SQL
+        { "query" => r["query"][0, 140], "calls" => r["calls"].to_i, "rows" => r["rows"].to_i,
+          "toplevel" => r["toplevel"] == "t", "exec_us_per_step" => (r["total_exec_time"].to_f * 1e3 / steps).round(2) }
+      end
+    end
 
     def stop_postgres
       @conn&.close
@@ -128,30 +160,40 @@ module Bench
     # --- ours ------------------------------------------------------------------
 
     NAMES = Array.new(STEPS_PER_TASK) { |i| "step_#{i}" }.freeze
-    CREATE_SQL = <<~SQL
-      SELECT count(*) AS n FROM (
-        SELECT tasker_create_task('bench', 'noop_x10', '1', '{"steps":10}'::jsonb, '\\x80'::bytea, NULL,
-          $2::text[], $3::text[], $4::bytea[], $5::int[], $6::boolean[], $7::int[], $8::int[], $9::int[],
-          $10::float8[], '{}'::text[], '{}'::text[]) AS t
-          FROM generate_series(1, $1) AS g) x
-    SQL
+    TASK_SPEC = { name: "noop_x10", namespace: "bench", context: {} }.freeze
 
-    def create_params(ntasks)
-      n = STEPS_PER_TASK
-      [ntasks, NAMES, Array.new(n, "BenchHandlers::Noop"), Array.new(n, TaskerCore::Codec.pack({})),
-       Array.new(n, 30_000), Array.new(n, true), Array.new(n, 3), Array.new(n, 500), Array.new(n, 30_000),
-       Array.new(n, 0.2)]
+    # The benchmark's template (10 independent no-op steps), registered once
+    # for the process: tasks are created through the public API,
+    # TaskerCore.create_tasks, as an application would create them.
+    def self.register_template
+      registry = TaskerCore::TaskTemplateRegistry.new
+      registry.register(TaskerCore::TaskTemplate.new({
+                                                       "namespace" => "bench", "name" => "noop_x10", "version" => "1",
+                                                       "steps" => NAMES.map { |n| { "name" => n, "handler" => "BenchHandlers::Noop" } }
+                                                     }))
+      TaskerCore.task_templates = registry
     end
 
-    # Creates ntasks tasks of 10 independent no-op steps, CREATE_CHUNK per
-    # statement (each statement its own transaction), so the orchestrator
-    # starts on the first chunk while the rest are being created.
+    # The process's TaskerCore pool on url (the benchmark's database, or the
+    # bulk-creation one).
+    def use_database(url)
+      return if @pool_url == url
+
+      TaskerCore::Store.pool = TaskerCore::Store::Pool.new(url: url, size: 2, connect_timeout: 10)
+      @pool_url = url
+    end
+
+    # Creates ntasks tasks of 10 independent no-op steps with
+    # TaskerCore.create_tasks, CREATE_CHUNK per call (each call one
+    # statement, its own transaction), so the orchestrator starts on the
+    # first chunk while the rest are being created.
     #
     # With rate (steps/s), the tasks are created PACED_CHUNK at a time on a
     # schedule of that many steps per second instead: a steady offered load.
-    PACED_CHUNK = 10 # tasks per statement when paced (100 steps)
+    PACED_CHUNK = 10 # tasks per call when paced (100 steps)
 
-    def create_tasks(ntasks, conn = @conn, rate: nil)
+    def create_tasks(ntasks, rate: nil)
+      use_database(@url)
       chunk = rate ? PACED_CHUNK : CREATE_CHUNK
       t0 = Bench.clock
       made = 0
@@ -161,7 +203,7 @@ module Bench
           (d = due - Bench.clock).positive? && sleep(d)
         end
         k = [ntasks - made, chunk].min
-        n = conn.exec(CREATE_SQL, create_params(k)).first["n"].to_i
+        n = TaskerCore.create_tasks(Array.new(k, TASK_SPEC)).size
         raise "created #{n} tasks instead of #{k}" unless n == k
 
         made += k
@@ -208,6 +250,7 @@ module Bench
       ntasks = steps / STEPS_PER_TASK
       first_new = @conn.exec("SELECT coalesce(max(id), 0) AS m FROM tasker_tasks").first["m"].to_i
       stats0 = orchestrator_stats
+      @conn.exec("SELECT pg_stat_statements_reset()") if PROFILE
       pids = [@postmaster, @orch_pid, *@worker_pids]
       groups = { "database" => [@postmaster], "orchestrator" => [@orch_pid], "workers" => @worker_pids }
       split0 = groups.transform_values { |g| Bench.tree_cpu_s(g) }
@@ -221,6 +264,7 @@ module Bench
              .first["n"].to_i.zero?
       end
       cpu1 = cpu_now(pids)
+      extra = PROFILE ? { top_statements: top_statements(ntasks * STEPS_PER_TASK) } : {}
       split = groups.to_h { |k, g| [k, ((Bench.tree_cpu_s(g) - split0[k]) * 1e6 / steps).round(1)] }
       split["creator"] =
         ((Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID) - driver0) * 1e6 / steps).round(1)
@@ -245,7 +289,7 @@ module Bench
       result(steps: ntasks * STEPS_PER_TASK, seconds: row["last"].to_f - t0, cpu_s: cpu1 - cpu0,
              p50: lat["p50"]&.to_f, p99: lat["p99"]&.to_f, create_s: created_s,
              orchestrator_rss_kb: Bench.rss_kb(@orch_pid), orchestrator_hwm_kb: Bench.hwm_kb(@orch_pid),
-             cpu_us_per_step_by_process: split, loop_stats: loop_stats, offered_steps_per_s: rate)
+             cpu_us_per_step_by_process: split, loop_stats: loop_stats, offered_steps_per_s: rate, **extra)
     end
 
     # --- creating tasks through the Ruby API ------------------------------------
@@ -263,14 +307,8 @@ module Bench
         @conn.exec("CREATE DATABASE #{BULK_DATABASE}")
         @bulk_url = @url.sub(%r{/[^/?]+(\?|\z)}) { "/#{BULK_DATABASE}#{Regexp.last_match(1)}" }
         TaskerCore::Store.migrate!(@bulk_url)
-        TaskerCore.configure(overrides: { "database" => { "url" => @bulk_url } })
-        registry = TaskerCore::TaskTemplateRegistry.new
-        registry.register(TaskerCore::TaskTemplate.new({
-                                                         "namespace" => "bench", "name" => "noop_x10", "version" => "1",
-                                                         "steps" => NAMES.map { |n| { "name" => n, "handler" => "BenchHandlers::Noop" } }
-                                                       }))
-        TaskerCore.task_templates = registry
       end
+      use_database(@bulk_url)
       TaskerCore::Store.with_connection do |c|
         c.exec("TRUNCATE tasker_workflow_step_transitions, tasker_task_transitions, tasker_workflow_step_edges, " \
                "tasker_workflow_steps, tasker_tasks RESTART IDENTITY CASCADE")

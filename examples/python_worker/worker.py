@@ -189,6 +189,7 @@ class Worker:
         self.step_timeout_s = step_timeout_ms / 1000.0
         self.heartbeat_interval_s = heartbeat_interval_ms / 1000.0
         self.shutdown_timeout_s = shutdown_timeout_s
+        self.queues = ["default"]
         self.ctx = zmq.Context.instance()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.connect(batch_endpoint)
@@ -223,7 +224,7 @@ class Worker:
         self.send_now({"protocol_version": PROTOCOL_VERSION, "type": "heartbeat", "worker_id": self.worker_id,
                        "pid": os.getpid(), "host": socket.gethostname(),
                        "capacity": 0 if self.draining else self.capacity,
-                       "in_flight": self.in_flight, "sent_at": now()})
+                       "in_flight": self.in_flight, "sent_at": now(), "queues": self.queues})
         self.next_heartbeat = time.monotonic() + self.heartbeat_interval_s
 
     def accept(self, frames):
@@ -352,12 +353,14 @@ def main(argv):
     parser.add_argument("--step-timeout-ms", type=int, default=30000)
     parser.add_argument("--heartbeat-interval-ms", type=int, default=1000)
     parser.add_argument("--shutdown-timeout", type=float, default=30.0)
+    parser.add_argument("--queues", default="default", help="queues this worker serves, comma-separated")
     args = parser.parse_args(argv)
     if not WORKER_ID_RE.match(args.worker_id):
         parser.error("--worker-id must match [A-Za-z0-9_-]+")
 
     worker = Worker(args.batch_endpoint, args.result_endpoint, args.worker_id, args.concurrency,
                     args.step_timeout_ms, args.heartbeat_interval_ms, args.shutdown_timeout)
+    worker.queues = args.queues.split(",")  # advertised in heartbeats (docs/protocol.md 4.4)
     stop = threading.Event()
 
     def on_signal(signum, frame):

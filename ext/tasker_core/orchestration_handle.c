@@ -241,6 +241,42 @@ static void worker_default_limits(const tc_oh *h, tc_oh_worker *w)
     w->max_payload_depth = TC_OH_DEFAULT_MAX_PAYLOAD_DEPTH;
 }
 
+static void worker_default_queues(tc_oh_worker *w)
+{
+    snprintf(w->queues[0], sizeof(w->queues[0]), "default");
+    w->nqueues = 1;
+}
+
+int tc_oh_worker_serves(const tc_oh_worker *w, const char *q, size_t n)
+{
+    for (size_t i = 0; i < w->nqueues; i++)
+        if (strlen(w->queues[i]) == n && memcmp(w->queues[i], q, n) == 0) return 1;
+    return 0;
+}
+
+/* FNV-1a, never 0 (0 marks an empty slot). */
+static uint64_t handler_hash(const char *p, size_t n)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)p[i]) * 1099511628211ULL;
+    return h ? h : 1;
+}
+
+int tc_oh_worker_lacks(const tc_oh_worker *w, const char *handler, size_t n)
+{
+    uint64_t h = handler_hash(handler, n);
+    for (size_t i = 0; i < TC_OH_LACKS_MAX && i < w->nlacks; i++)
+        if (w->lacks[i] == h) return 1;
+    return 0;
+}
+
+void tc_oh_worker_note_lacks(tc_oh_worker *w, const char *handler, size_t n)
+{
+    if (tc_oh_worker_lacks(w, handler, n)) return;
+    w->lacks[w->nlacks % TC_OH_LACKS_MAX] = handler_hash(handler, n);
+    w->nlacks++;
+}
+
 static void backoff_reset(tc_oh_worker *w)
 {
     w->backoff_ms = w->backoff_until_mono_ms = w->refused_since_mono_ms = 0;
@@ -273,8 +309,11 @@ static tc_oh_worker *worker_find_or_add(tc_oh *h, const char *id, size_t n)
     memcpy(w->id, id, n);
     w->id[n] = '\0';
     worker_default_limits(h, w);
+    worker_default_queues(w);
     return w;
 }
+
+tc_oh_worker *tc_oh_worker_by_id(tc_oh *h, const char *id) { return worker_find(h, id, strlen(id)); }
 
 static void worker_remove(tc_oh *h, tc_oh_worker *w)
 {
@@ -805,6 +844,16 @@ static void on_heartbeat(tc_oh *h, const tc_proto_msg *m)
     if (m->limits.max_batch_steps) w->max_batch_steps = m->limits.max_batch_steps;
     if (m->limits.max_message_bytes) w->max_message_bytes = m->limits.max_message_bytes;
     if (m->limits.max_payload_depth) w->max_payload_depth = m->limits.max_payload_depth;
+    if (m->queues) {
+        w->nqueues = m->queues->via.array.size;
+        for (size_t i = 0; i < w->nqueues; i++) {
+            tc_proto_str q = tc_proto_queue(m, i);
+            memcpy(w->queues[i], q.ptr, q.len);
+            w->queues[i][q.len] = '\0';
+        }
+    } else {
+        worker_default_queues(w);
+    }
     w->heartbeated = 1;
     w->last_heartbeat_at = wall_s();
     w->last_heartbeat_mono_ms = tc_oh_now_ms();
@@ -835,7 +884,8 @@ static int refused_step_found(tc_oh_worker *w, const tc_proto_msg *m, size_t i, 
 
 /* Takes one refused step (or a whole batch's steps) out of flight and
  * queues what the reason asks for: FAIL for too_deep and invalid_step,
- * LOST ("refused") for anything else. */
+ * LOST "unknown_handler" (no lost attempt: the caller hands it to another
+ * worker) for unknown_handler, LOST ("refused") for anything else. */
 static void refuse(tc_oh *h, tc_oh_worker *w, tc_proto_str reason, tc_proto_str message, const tc_oh_inflight *steps,
                    size_t n)
 {
@@ -845,7 +895,8 @@ static void refuse(tc_oh *h, tc_oh_worker *w, tc_proto_str reason, tc_proto_str 
     char text[TC_OH_MESSAGE_MAX + 1];
     snprintf(text, sizeof(text), "worker %s refused the step%s: %.*s", w->id, n == 1 ? "" : "s",
              (int)(message.len > 200 ? 200 : message.len), message.ptr);
-    emit_steps(h, cls ? TC_OH_EV_FAIL : TC_OH_EV_LOST, w->id, "refused", steps, n, cls, text);
+    const char *why = str_is(reason.ptr, reason.len, "unknown_handler") ? "unknown_handler" : "refused";
+    emit_steps(h, cls ? TC_OH_EV_FAIL : TC_OH_EV_LOST, w->id, why, steps, n, cls, text);
 }
 
 /* docs/protocol.md 4.6: accepted only from the worker the batch was sent

@@ -22,6 +22,7 @@
 
 #include "codec.h"
 #include "curve.h"
+#include "protocol.h"
 #include "socket.h"
 
 #define TC_OH_PROTOCOL_VERSION 1
@@ -53,6 +54,12 @@
 /* Workers dropped as not_reading, kept for the binding to log. */
 #define TC_OH_NOT_READING_LOG 16
 #define TC_OH_MESSAGE_MAX 255
+/* Queues a worker serves (its heartbeat's "queues"; "default" when unsaid). */
+#define TC_OH_MAX_QUEUES TC_PROTO_MAX_QUEUES
+#define TC_OH_QUEUE_MAX TC_PROTO_QUEUE_MAX
+/* Handlers a worker refused as unknown_handler, remembered (hashed) so
+ * their steps are not sent to it again; the oldest is forgotten first. */
+#define TC_OH_LACKS_MAX 32
 
 /* Why an incoming message was not accepted as-is. */
 typedef enum tc_oh_bad_reason {
@@ -114,6 +121,12 @@ typedef struct tc_oh_worker {
      * the caller clears it or sends the suspect; both are cleared when the
      * worker is lost. */
     int isolating;
+    /* heartbeat "queues" (one, "default", when unsaid) */
+    char queues[TC_OH_MAX_QUEUES][TC_OH_QUEUE_MAX + 1];
+    size_t nqueues;
+    /* handlers it refused as unknown_handler (hashes, a ring) */
+    uint64_t lacks[TC_OH_LACKS_MAX];
+    size_t nlacks;
     /* heartbeat "limits" (defaults when unsaid) */
     int64_t max_batch_steps;    /* TC_OH_DEFAULT_MAX_BATCH_STEPS when unsaid */
     int64_t max_message_bytes;  /* the handle's max_message_bytes (INT64_MAX if <= 0) when unsaid */
@@ -141,7 +154,9 @@ typedef struct tc_oh_worker {
  *         step's attempt is in flight on).
  * LOST:   steps to dispatch again as a lost attempt; reason "unsubscribed",
  *         "heartbeat_timeout", "goodbye", "not_reading", "reconciled" or
- *         "refused".
+ *         "refused"; or, reason "unknown_handler", steps the worker has no
+ *         handler for: to hand back without a lost attempt, for another
+ *         worker.
  * FAIL:   steps to fail, not retryable (a batch_refusal with too_deep or
  *         invalid_step); error_class and message say why. */
 typedef enum tc_oh_event_kind {
@@ -288,6 +303,18 @@ long tc_oh_next_expiry_ms(const tc_oh *h);
 long tc_oh_choose_worker(const tc_oh *h, size_t nsteps, const unsigned char *skip);
 
 int tc_oh_worker_live(const tc_oh_worker *w);
+
+/* The worker with this id, or NULL. */
+tc_oh_worker *tc_oh_worker_by_id(tc_oh *h, const char *id);
+
+/* Non-zero when w serves the queue q (n bytes). */
+int tc_oh_worker_serves(const tc_oh_worker *w, const char *q, size_t n);
+
+/* Remembers that w has no handler named (n bytes) / asks whether it was
+ * seen to lack it. A worker keeps this for as long as it is in the table
+ * (a restarted worker has a new id). */
+void tc_oh_worker_note_lacks(tc_oh_worker *w, const char *handler, size_t n);
+int tc_oh_worker_lacks(const tc_oh_worker *w, const char *handler, size_t n);
 
 /* Live, capacity > 0, not in its HWM send back-off, not dropped as
  * not_reading, and neither isolating a suspect step still in flight nor

@@ -88,11 +88,30 @@ static void oh_mark(void *p)
     rb_gc_mark(w->logged_not_reading);
 }
 
+/* A loop inherited across fork is never freed in the child (its thread is
+ * not there and its mutex may be held): it stays referenced here, so the
+ * memory is kept on purpose rather than lost. */
+static void **inherited_loops;
+static size_t n_inherited_loops;
+
+static void keep_inherited_loop(tc_loop *loop)
+{
+    void **grown = realloc(inherited_loops, (n_inherited_loops + 1) * sizeof(*grown));
+    if (grown == NULL) return; /* out of memory: the loop is leaked instead */
+    inherited_loops = grown;
+    inherited_loops[n_inherited_loops++] = loop;
+}
+
 static void oh_free(void *p)
 {
     oh_wrap *w = p;
     stop_loop_now(w);
-    if (w->loop && w->pid == getpid()) tc_loop_free(w->loop);
+    if (w->loop) {
+        if (w->pid == getpid())
+            tc_loop_free(w->loop);
+        else
+            keep_inherited_loop(w->loop);
+    }
     /* In a forked child tc_oh_close only forgets the parent's sockets. */
     if (w->initialized && !w->closed) tc_oh_close(&w->core);
     if (w->reported_memory) rb_gc_adjust_memory_usage(-(ssize_t)w->reported_memory);
@@ -436,6 +455,9 @@ static VALUE worker_hash(const tc_oh_worker *wk)
     rb_hash_aset(lim, str_lit("max_message_bytes"), LL2NUM(wk->max_message_bytes));
     rb_hash_aset(lim, str_lit("max_payload_depth"), LL2NUM(wk->max_payload_depth));
     rb_hash_aset(h, str_lit("limits"), lim);
+    VALUE queues = rb_ary_new_capa((long)wk->nqueues);
+    for (size_t i = 0; i < wk->nqueues; i++) rb_ary_push(queues, str_lit(wk->queues[i]));
+    rb_hash_aset(h, str_lit("queues"), queues);
     rb_hash_aset(h, str_lit("connects"), LL2NUM(wk->connects));
     rb_hash_aset(h, str_lit("disconnects"), LL2NUM(wk->disconnects));
     rb_hash_aset(h, str_lit("last_connection_event"),
@@ -800,12 +822,13 @@ static VALUE unpack_body(VALUE p)
 
 /* worker_lost: the worker is gone (unsubscribed, heartbeat_timeout,
  * goodbye, not_reading) with its steps; steps_lost: steps taken back from a
- * worker that stays (reconciled, refused); steps_failed: steps it refused
- * for good (error_class, message). */
+ * worker that stays (reconciled, refused, unknown_handler); steps_failed:
+ * steps it refused for good (error_class, message). */
 static VALUE lost_hash(const tc_oh_event *e)
 {
     VALUE h = rb_hash_new(), list = rb_ary_new_capa((long)e->n_in_flight);
-    int steps_only = !strcmp(e->reason, "reconciled") || !strcmp(e->reason, "refused");
+    int steps_only =
+        !strcmp(e->reason, "reconciled") || !strcmp(e->reason, "refused") || !strcmp(e->reason, "unknown_handler");
     rb_hash_aset(h, str_lit("type"), str_lit(e->kind == TC_OH_EV_FAIL ? "steps_failed"
                                              : steps_only           ? "steps_lost"
                                                                     : "worker_lost"));
@@ -939,6 +962,8 @@ static VALUE loop_stats_hash(tc_loop *l)
     LS("batches_split_by_bytes", st.batches_split_by_bytes);
     LS("isolated", st.isolated);
     LS("isolation_drains", st.isolation_drains);
+    LS("handed_back_unknown_handler", st.handed_back_unknown_handler);
+    LS("deferred_no_handler", st.deferred_no_handler);
     LS("released", st.released);
     LS("timed_out", st.timed_out);
     LS("stale_results", st.stale_results);
@@ -976,13 +1001,16 @@ static void *connect_nogvl(void *p)
 }
 
 /*
- * _start_orchestration(database_url, owner, batch_size, lease_ms, poll_interval_ms, max_lost_attempts) -> self
+ * _start_orchestration(database_url, owner, batch_size, lease_ms, poll_interval_ms, max_lost_attempts,
+ *                      limited_queues, queue_limits) -> self
+ * (the last two: PostgreSQL array literals, text[] and int[], of the
+ * queues with a concurrency limit and their limits)
  * (start_orchestration in lib/tasker_core/orchestration_loop.rb fills in
  * the defaults.) Connects first, so a bad URL raises StoreError here
  * rather than retrying forever in the thread.
  */
 static VALUE oh_start_orchestration(VALUE self, VALUE url, VALUE owner, VALUE batch_size, VALUE lease_ms,
-                                    VALUE poll_ms, VALUE max_lost)
+                                    VALUE poll_ms, VALUE max_lost, VALUE limited_queues, VALUE queue_limits)
 {
     oh_wrap *w = oh_get(self);
     if (!w->enabled)
@@ -990,6 +1018,8 @@ static VALUE oh_start_orchestration(VALUE self, VALUE url, VALUE owner, VALUE ba
     if (orchestrating(w)) rb_raise(tc_eError, "the orchestration loop is already running");
     StringValueCStr(url);
     StringValueCStr(owner);
+    StringValueCStr(limited_queues);
+    StringValueCStr(queue_limits);
     if (RSTRING_LEN(owner) == 0 || RSTRING_LEN(owner) > TC_LOOP_OWNER_MAX)
         rb_raise(rb_eArgError, "owner must be 1..%d bytes", TC_LOOP_OWNER_MAX);
     tc_loop_config cfg = {
@@ -999,6 +1029,8 @@ static VALUE oh_start_orchestration(VALUE self, VALUE url, VALUE owner, VALUE ba
         .lease_ms = (int)kw_long(lease_ms, "lease_ms", 10000, 0),
         .poll_interval_ms = (int)kw_long(poll_ms, "poll_interval_ms", 50, 1),
         .max_lost_attempts = NUM2INT(max_lost),
+        .limited_queues = RSTRING_PTR(limited_queues),
+        .queue_limits = RSTRING_PTR(queue_limits),
     };
     if (cfg.max_lost_attempts < 1) rb_raise(rb_eArgError, "max_lost_attempts must be at least 1");
     if (w->loop) {
@@ -1108,7 +1140,7 @@ void tc_init_orchestration_handle(void)
     rb_define_method(cHandle, "curve?", oh_curve_p, 0);
     rb_define_method(cHandle, "allowed_client_keys=", oh_set_allowed_client_keys, 1);
     rb_define_const(cHandle, "MAX_BATCH_ID_BYTES", INT2FIX(TC_OH_BATCH_ID_MAX));
-    rb_define_private_method(cHandle, "_start_orchestration", oh_start_orchestration, 6);
+    rb_define_private_method(cHandle, "_start_orchestration", oh_start_orchestration, 8);
     rb_define_method(cHandle, "stop_orchestration", oh_stop_orchestration, -1);
     rb_define_method(cHandle, "orchestrating?", oh_orchestrating_p, 0);
 }

@@ -57,6 +57,17 @@ typedef struct sbuf {
     int oom;
 } sbuf;
 
+/* Steps a worker refused for want of their handler, and which worker. */
+typedef struct refused_step {
+    int64_t step_id, attempt;
+    char worker_id[TC_OH_WORKER_ID_MAX + 1];
+} refused_step;
+
+typedef struct refused_list {
+    refused_step *v;
+    size_t n, cap;
+} refused_list;
+
 struct tc_loop {
     tc_oh *oh;
     pthread_mutex_t mu;
@@ -83,6 +94,9 @@ struct tc_loop {
     size_t nresults, results_cap;
     pair_list lost;    /* in flight on a lost worker: a lost attempt (redispatched or failed) */
     pair_list unsent;  /* claimed but not sent: release, count as released */
+    refused_list refused; /* refused by their worker as unknown_handler: hand back, no attempt lost */
+    pair_list no_handler; /* claimed, and no worker serving the queue has the handler: put back for a while */
+    char *limited_queues, *queue_limits; /* array literals passed to every claim */
 
     tc_loop_stats st; /* under mu */
     /* the handle's socket counters as of the loop's last send, for readers
@@ -181,6 +195,21 @@ static int pairs_push(pair_list *l, int64_t step_id, int64_t attempt)
     l->v[l->n].attempt = attempt;
     l->n++;
     return 0;
+}
+
+static void refused_push(refused_list *l, const tc_oh_inflight *e, const char *worker_id)
+{
+    if (l->n == l->cap) {
+        size_t nc = l->cap ? l->cap * 2 : 16;
+        refused_step *v = realloc(l->v, nc * sizeof(*v));
+        if (!v) return; /* the claim deadline takes the step back */
+        l->v = v;
+        l->cap = nc;
+    }
+    refused_step *r = &l->v[l->n++];
+    r->step_id = e->step_id;
+    r->attempt = e->attempt;
+    snprintf(r->worker_id, sizeof(r->worker_id), "%s", worker_id);
 }
 
 static void pairs_literals(const pair_list *l, sbuf *ids, sbuf *attempts)
@@ -400,7 +429,9 @@ static void drain_events(tc_loop *l)
 {
     tc_oh_event *ev;
     while ((ev = tc_oh_event_peek(l->oh)) != NULL) {
-        if (ev->kind == TC_OH_EV_LOST) {
+        if (ev->kind == TC_OH_EV_LOST && !strcmp(ev->reason, "unknown_handler")) {
+            for (size_t i = 0; i < ev->n_in_flight; i++) refused_push(&l->refused, &ev->in_flight[i], ev->worker_id);
+        } else if (ev->kind == TC_OH_EV_LOST) {
             for (size_t i = 0; i < ev->n_in_flight; i++)
                 pairs_push(&l->lost, ev->in_flight[i].step_id, ev->in_flight[i].attempt);
         } else if (ev->kind == TC_OH_EV_FAIL) {
@@ -454,6 +485,56 @@ static int release_pairs(tc_loop *l, pair_list *pl, int lost)
     sb_free(&ids);
     sb_free(&att);
     return rc;
+}
+
+/* tasker_defer_steps (db/migrate/0011): pl back to pending without a lost
+ * attempt, ready after delay_ms. Returns the result (step_id, handler) or
+ * NULL; pl is emptied unless the connection failed. */
+static PGresult *defer_pairs(tc_loop *l, pair_list *pl, int delay_ms)
+{
+    if (!pl->n || !l->db_up) return NULL;
+    sbuf ids = {0}, att = {0};
+    pairs_literals(pl, &ids, &att);
+    char delay[16];
+    snprintf(delay, sizeof(delay), "%d", delay_ms);
+    const char *vals[3] = {ids.p, att.p, delay};
+    PGresult *r = NULL;
+    if (!ids.oom && !att.oom) {
+        r = exec_text(l, "SELECT step_id, handler FROM tasker_defer_steps($1::bigint[], $2::int[], $3::int)", 3, vals);
+        if (r || !db_failed(l, "tasker_defer_steps")) pl->n = 0;
+    }
+    sb_free(&ids);
+    sb_free(&att);
+    return r;
+}
+
+/* Steps refused as unknown_handler: back to pending at once, no attempt
+ * lost, and their worker is remembered to lack the handler, so the next
+ * claim sends them to another worker serving the queue (or, if none has
+ * it, puts them back for TC_LOOP_NO_HANDLER_DELAY_MS). */
+static void hand_back_refused(tc_loop *l)
+{
+    if (!l->refused.n || !l->db_up) return;
+    pair_list pl = {0};
+    for (size_t i = 0; i < l->refused.n; i++) pairs_push(&pl, l->refused.v[i].step_id, l->refused.v[i].attempt);
+    PGresult *r = defer_pairs(l, &pl, 0);
+    if (pl.n == 0) {
+        pthread_mutex_lock(&l->mu);
+        for (int row = 0; r && row < PQntuples(r); row++) {
+            int64_t id = atoll(PQgetvalue(r, row, 0));
+            const char *handler = PQgetvalue(r, row, 1);
+            for (size_t i = 0; i < l->refused.n; i++) {
+                if (l->refused.v[i].step_id != id) continue;
+                tc_oh_worker *w = tc_oh_worker_by_id(l->oh, l->refused.v[i].worker_id);
+                if (w) tc_oh_worker_note_lacks(w, handler, strlen(handler));
+            }
+        }
+        l->st.handed_back_unknown_handler += r ? (uint64_t)PQntuples(r) : 0;
+        pthread_mutex_unlock(&l->mu);
+        l->refused.n = 0;
+    }
+    PQclear(r);
+    free(pl.v);
 }
 
 /* One tasker_apply_results call for everything pending, its arrays sent
@@ -617,7 +698,7 @@ static void splice_msgpack(msgpack_packer *pk, const char *p, size_t n)
 
 /* Columns of the claim, binary format. */
 enum { C_STEP, C_TASK, C_NAME, C_HANDLER, C_CONFIG, C_ATTEMPT, C_TIMEOUT, C_CONTEXT, C_DEP_NAMES, C_DEP_OUTPUTS,
-       C_LOST, C_COUNT };
+       C_LOST, C_QUEUE, C_COUNT };
 
 /* One step map of a batch (docs/protocol.md 4.1). */
 static int pack_step(msgpack_packer *pk, const PGresult *res, int row)
@@ -656,8 +737,9 @@ static int pack_step(msgpack_packer *pk, const PGresult *res, int row)
     return 0;
 }
 
-/* A claimed step on its way out. */
-enum { ROW_PENDING, ROW_SENT, ROW_UNSENT, ROW_FAILED };
+/* A claimed step on its way out. ROW_DEFERRED: no live worker serving its
+ * queue has its handler (each refused it): put back for a while. */
+enum { ROW_PENDING, ROW_SENT, ROW_UNSENT, ROW_FAILED, ROW_DEFERRED };
 
 typedef struct claimed_row {
     size_t off, len; /* its packed step map in the entries buffer */
@@ -665,7 +747,15 @@ typedef struct claimed_row {
     char deepest[96]; /* which one that is, for the error message */
     int state;
     int suspect;      /* lost TC_LOOP_SUSPECT_LOST times or more: goes alone to an idle worker */
+    const char *queue, *handler; /* in the claim's result */
+    size_t queue_len, handler_len;
 } claimed_row;
+
+/* w serves the row's queue and has not refused its handler. */
+static int worker_takes(const tc_oh_worker *w, const claimed_row *r)
+{
+    return tc_oh_worker_serves(w, r->queue, r->queue_len) && !tc_oh_worker_lacks(w, r->handler, r->handler_len);
+}
 
 static int payload_depth(const char *p, int32_t len)
 {
@@ -739,27 +829,68 @@ static int row_fits(const claimed_row *r, const worker_limits *wl)
     return (int64_t)r->len + wl->envelope <= wl->bytes && r->depth <= wl->depth;
 }
 
-/* Up to limit ready steps, of which at most suspects lost
- * TC_LOOP_SUSPECT_LOST times or more (one per idle worker): a suspect
- * with no idle worker for it stays pending, unclaimed, until one is free
- * (db/migrate/0008). Claimed straight to in_progress (db/migrate/0009). */
-static PGresult *claim(tc_loop *l, long limit, long suspects)
+/* The queues the sendable workers serve, and for each the free capacity
+ * of the workers serving it (a worker's free capacity counts for each of
+ * its queues; the claim's limit caps the total), as array literals for the
+ * claim. Returns how many queues (0 for none or out of memory). */
+static size_t queue_rooms(const tc_loop *l, int64_t now, sbuf *names, sbuf *rooms)
+{
+    size_t cap = l->oh->nworkers * TC_OH_MAX_QUEUES, n = 0;
+    const char **q = cap ? malloc(cap * sizeof(*q)) : NULL;
+    long *room = cap ? calloc(cap, sizeof(*room)) : NULL;
+    for (size_t i = 0; q && room && i < l->oh->nworkers; i++) {
+        const tc_oh_worker *w = &l->oh->workers[i];
+        long f = (long)(w->capacity - (int64_t)w->used);
+        if (!tc_oh_worker_sendable(l->oh, w, now) || f <= 0) continue;
+        for (size_t j = 0; j < w->nqueues; j++) {
+            size_t k = 0;
+            while (k < n && strcmp(q[k], w->queues[j]) != 0) k++;
+            if (k == n) q[n++] = w->queues[j];
+            room[k] += f;
+        }
+    }
+    sb_reset(names);
+    sb_reset(rooms);
+    sb_puts(names, "{");
+    sb_puts(rooms, "{");
+    for (size_t k = 0; q && room && k < n; k++) {
+        if (k) {
+            sb_puts(names, ",");
+            sb_puts(rooms, ",");
+        }
+        sb_text_elem(names, q[k], strlen(q[k]));
+        sb_printf(rooms, "%lld", (long long)room[k]);
+    }
+    sb_puts(names, "}");
+    sb_puts(rooms, "}");
+    free(q);
+    free(room);
+    return names->oom || rooms->oom ? 0 : n;
+}
+
+/* Up to limit ready steps from the queues named (each up to its room), of
+ * which at most suspects lost TC_LOOP_SUSPECT_LOST times or more (one per
+ * idle worker): a suspect with no idle worker for it stays pending,
+ * unclaimed, until one is free (db/migrate/0008). Claimed straight to
+ * in_progress, within the configured concurrency limits (db/migrate/0011). */
+static PGresult *claim(tc_loop *l, long limit, long suspects, const char *queues, const char *rooms)
 {
     char lim[24], lease[24], lost[24], sus[24];
     snprintf(lim, sizeof(lim), "%ld", limit);
     snprintf(lease, sizeof(lease), "%d", l->lease_ms);
     snprintf(lost, sizeof(lost), "%d", TC_LOOP_SUSPECT_LOST);
     snprintf(sus, sizeof(sus), "%ld", suspects);
-    const char *vals[5] = {l->owner, lim, lease, lost, sus};
+    const char *vals[9] = {l->owner, lease, lost, sus, lim, queues, rooms, l->limited_queues, l->queue_limits};
     PGconn *c = l->db.conn;
     if (PQisnonblocking(c)) PQsetnonblocking(c, 0);
     /* Binary results: ids and attempts without parsing, bytea without
      * unescaping, arrays as length-prefixed elements. */
     PGresult *r = PQexecParams(c,
                                "SELECT step_id, task_id, step_name, handler, handler_config, attempt, timeout_ms, "
-                               "context, dep_names, dep_outputs, lost_attempts "
-                               "FROM tasker_claim_steps_v3($1, $2::int, $3::int, $4::int, $5::int)",
-                               5, NULL, vals, NULL, NULL, 1);
+                               "context, dep_names, dep_outputs, lost_attempts, queue "
+                               "FROM tasker_claim_steps_v4($1, $2::int, $3::int, $4::int, $5::int, $6::text[], "
+                               "$7::int[], $8::text[], $9::int[])",
+                               9, NULL, vals, NULL, NULL, 1);
     if (r && PQresultStatus(r) == PGRES_TUPLES_OK && PQnfields(r) == C_COUNT) return r;
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
     snprintf(l->db.sqlstate, sizeof(l->db.sqlstate), "%s", state ? state : "08006");
@@ -969,7 +1100,7 @@ static void dispatch_suspects(tc_loop *l, const PGresult *res, claimed_row *rows
             for (size_t wi = 0; wi < nw; wi++) {
                 tc_oh_worker *w = &l->oh->workers[wi];
                 if (drained && w->isolating != TC_OH_ISOLATE_DRAIN) continue;
-                if (!tc_oh_worker_idle(l->oh, w, now)) continue;
+                if (!tc_oh_worker_idle(l->oh, w, now) || !worker_takes(w, &rows[i])) continue;
                 worker_limits wl = limits_of(l->oh, w, body);
                 if (!row_fits(&rows[i], &wl)) continue;
                 idx[0] = i;
@@ -1015,10 +1146,14 @@ static int claim_and_dispatch(tc_loop *l)
     long limit = (long)l->batch_size * sendable;
     if (limit > total_free) limit = total_free;
 
+    sbuf qnames = {0}, qrooms = {0};
+    size_t nq = queue_rooms(l, now, &qnames, &qrooms);
     /* The idle workers counted here are still idle when the claim comes back. */
-    PGresult *res = claim(l, limit, idle);
+    PGresult *res = nq ? claim(l, limit, idle, qnames.p, qrooms.p) : NULL;
+    sb_free(&qnames);
+    sb_free(&qrooms);
     if (!res) {
-        db_failed(l, "tasker_claim_steps_v3");
+        if (nq) db_failed(l, "tasker_claim_steps_v4");
         return 0;
     }
     int n = PQntuples(res);
@@ -1056,6 +1191,10 @@ static int claim_and_dispatch(tc_loop *l)
         }
         rows[i].len = ents.sbuf.size - rows[i].off;
         rows[i].suspect = be32(PQgetvalue(res, i, C_LOST)) >= TC_LOOP_SUSPECT_LOST;
+        rows[i].queue = PQgetvalue(res, i, C_QUEUE);
+        rows[i].queue_len = (size_t)PQgetlength(res, i, C_QUEUE);
+        rows[i].handler = PQgetvalue(res, i, C_HANDLER);
+        rows[i].handler_len = (size_t)PQgetlength(res, i, C_HANDLER);
         row_depth(res, i, &rows[i]);
     }
 
@@ -1084,7 +1223,9 @@ static int claim_and_dispatch(tc_loop *l)
                 /* In claim order, the steps this worker can take, until the
                  * next would overflow its max_message_bytes. */
                 for (int i = first; i < n && take < most; i++) {
-                    if (rows[i].state != ROW_PENDING || rows[i].suspect || !row_fits(&rows[i], &wl)) continue;
+                    if (rows[i].state != ROW_PENDING || rows[i].suspect || !row_fits(&rows[i], &wl) ||
+                        !worker_takes(w, &rows[i]))
+                        continue;
                     if (bytes + (int64_t)rows[i].len > wl.bytes) {
                         split++;
                         break;
@@ -1103,7 +1244,19 @@ static int claim_and_dispatch(tc_loop *l)
     /* Claimed and not sent: back to pending, no attempt lost. A step too
      * big or too deep for every sendable worker (but not every live one),
      * or a suspect no idle worker could take, waits for one that takes it:
-     * the loop goes on at the next poll, not at once. */
+     * the loop goes on at the next poll, not at once. A step whose handler
+     * every live worker serving its queue refused waits longer. */
+    uint64_t deferred = 0;
+    for (int i = 0; rows && i < n; i++) {
+        if (rows[i].state != ROW_PENDING) continue;
+        int takers = 0;
+        for (size_t wi = 0; wi < l->oh->nworkers && !takers; wi++)
+            takers = tc_oh_worker_live(&l->oh->workers[wi]) && worker_takes(&l->oh->workers[wi], &rows[i]);
+        if (takers) continue;
+        rows[i].state = ROW_DEFERRED;
+        pairs_push(&l->no_handler, be64(PQgetvalue(res, i, C_STEP)), be32(PQgetvalue(res, i, C_ATTEMPT)));
+        deferred++;
+    }
     for (int i = 0; i < n; i++) {
         if (rows && rows[i].state == ROW_PENDING) unfit = 1;
         if (!rows || rows[i].state == ROW_PENDING || rows[i].state == ROW_UNSENT)
@@ -1116,6 +1269,7 @@ static int claim_and_dispatch(tc_loop *l)
     l->st.failed_too_deep += too_deep;
     l->st.dispatched += sent.n;
     l->st.batches_split_by_bytes += split;
+    l->st.deferred_no_handler += deferred;
     publish_counters(l);
     pthread_mutex_unlock(&l->mu);
     tc_codec_writer_destroy(&ents);
@@ -1131,20 +1285,22 @@ static int claim_and_dispatch(tc_loop *l)
      * nothing to mark for the ones sent. */
     free(sent.v);
     release_pairs(l, &l->unsent, 0);
+    PQclear(defer_pairs(l, &l->no_handler, TC_LOOP_NO_HANDLER_DELAY_MS));
     if (failed) return 1;
     return n == limit && !unfit;
 }
 
 /* ---- housekeeping -------------------------------------------------------- */
 
-/* db/migrate/0004: the workers' socket monitor totals ride along. */
+/* db/migrate/0004: the workers' socket monitor totals ride along;
+ * db/migrate/0011: and the queues each serves (joined by commas). */
 #define UPSERT_WORKERS_SQL                                                                                   \
     "SELECT tasker_upsert_workers($1, $2::text[], $3::text[], $4::int[], $5::int[], $6::int[], $7::float8[], " \
-    "$8::int[], $9::int[], $10::text[], $11::float8[])"
+    "$8::int[], $9::int[], $10::text[], $11::float8[], $12::text[])"
 
 static void upsert_workers(tc_loop *l)
 {
-    enum { NB = 10 };
+    enum { NB = 11 };
     sbuf b[NB] = {{0}};
     for (int k = 0; k < NB; k++) sb_puts(&b[k], "{");
     int count = 0;
@@ -1174,6 +1330,14 @@ static void upsert_workers(tc_loop *l)
         } else {
             sb_puts(&b[9], "NULL");
         }
+        sbuf joined = {0};
+        for (size_t q = 0; q < w->nqueues; q++) {
+            if (q) sb_puts(&joined, ",");
+            sb_puts(&joined, w->queues[q]);
+        }
+        sb_text_elem(&b[10], joined.p ? joined.p : "default", joined.p ? joined.len : 7);
+        b[10].oom |= joined.oom;
+        sb_free(&joined);
     }
     int oom = 0;
     for (int k = 0; k < NB; k++) {
@@ -1182,7 +1346,7 @@ static void upsert_workers(tc_loop *l)
     }
     if (!oom) {
         const char *vals[NB + 1] = {l->owner, b[0].p, b[1].p, b[2].p, b[3].p, b[4].p,
-                                    b[5].p,   b[6].p, b[7].p, b[8].p, b[9].p};
+                                    b[5].p,   b[6].p, b[7].p, b[8].p, b[9].p, b[10].p};
         PGresult *r = exec_text(l, UPSERT_WORKERS_SQL, NB + 1, vals);
         if (r)
             PQclear(r);
@@ -1279,6 +1443,7 @@ static int iterate(tc_loop *l)
     if (!l->db_up) return 0;
     release_pairs(l, &l->lost, 1);
     release_pairs(l, &l->unsent, 0);
+    hand_back_refused(l);
     apply_results(l);
     if (!l->db_up) return 0;
     housekeeping(l);
@@ -1311,9 +1476,11 @@ static void shutdown_loop(tc_loop *l)
         apply_results(l);
         release_pairs(l, &l->lost, 1);
         release_pairs(l, &l->unsent, 0);
+        hand_back_refused(l);
+        PQclear(defer_pairs(l, &l->no_handler, TC_LOOP_NO_HANDLER_DELAY_MS));
         /* mark this orchestrator's workers disconnected */
-        const char *vals[11] = {l->owner, "{}", "{}", "{}", "{}", "{}", "{}", "{}", "{}", "{}", "{}"};
-        PGresult *r = exec_text(l, UPSERT_WORKERS_SQL, 11, vals);
+        const char *vals[12] = {l->owner, "{}", "{}", "{}", "{}", "{}", "{}", "{}", "{}", "{}", "{}", "{}"};
+        PGresult *r = exec_text(l, UPSERT_WORKERS_SQL, 12, vals);
         PQclear(r);
     }
     tc_store_close(&l->db);
@@ -1348,6 +1515,8 @@ tc_loop *tc_loop_new(tc_oh *oh, const tc_loop_config *cfg, char *err, size_t err
     l->wake[0] = l->wake[1] = -1;
     l->oh = oh;
     l->conninfo = strdup(cfg->conninfo ? cfg->conninfo : "");
+    l->limited_queues = strdup(cfg->limited_queues ? cfg->limited_queues : "{}");
+    l->queue_limits = strdup(cfg->queue_limits ? cfg->queue_limits : "{}");
     snprintf(l->owner, sizeof(l->owner), "%s", cfg->owner ? cfg->owner : "tasker");
     l->batch_size = cfg->batch_size > 0 ? cfg->batch_size : 100;
     l->lease_ms = cfg->lease_ms >= 0 ? cfg->lease_ms : 10000;
@@ -1363,7 +1532,7 @@ tc_loop *tc_loop_new(tc_oh *oh, const tc_loop_config *cfg, char *err, size_t err
         tc_loop_free(l);
         return NULL;
     }
-    if (!l->conninfo || pipe2(l->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
+    if (!l->conninfo || !l->limited_queues || !l->queue_limits || pipe2(l->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
         snprintf(err, errlen, "could not set up the loop: %s", strerror(errno));
         tc_loop_free(l);
         return NULL;
@@ -1441,6 +1610,10 @@ void tc_loop_free(tc_loop *l)
     free(l->lost.v);
     free(l->unsent.v);
     free(l->conninfo);
+    free(l->limited_queues);
+    free(l->queue_limits);
+    free(l->refused.v);
+    free(l->no_handler.v);
     if (l->wake[0] >= 0) close(l->wake[0]);
     if (l->wake[1] >= 0) close(l->wake[1]);
     pthread_mutex_destroy(&l->mu);

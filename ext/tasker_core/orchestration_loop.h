@@ -27,6 +27,10 @@
  * result or loss (docs/protocol.md section 5). One crash or deploy costs a
  * step one loss, so an innocent step is isolated only after a second. */
 #define TC_LOOP_SUSPECT_LOST 2
+/* A claimed step that no live worker serving its queue can run (each
+ * refused its handler) goes back to pending, ready again this much later,
+ * so it is not claimed and put back in a loop. */
+#define TC_LOOP_NO_HANDLER_DELAY_MS 1000
 
 typedef struct tc_loop_config {
     const char *conninfo;
@@ -37,6 +41,10 @@ typedef struct tc_loop_config {
     int housekeeping_interval_ms; /* requeue_expired + tasker_workers upsert */
     size_t max_pending_results;   /* bound of the buffer kept while PostgreSQL is away */
     int max_lost_attempts;        /* lost attempts before StepLostError (orchestration.max_lost_attempts) */
+    /* Queues with a concurrency limit and the limits (config queues.<name>.concurrency), as PostgreSQL
+     * array literals (text[] and int[]), passed to every claim: "{}" for none */
+    const char *limited_queues;
+    const char *queue_limits;
 } tc_loop_config;
 
 typedef struct tc_loop_stats {
@@ -48,6 +56,10 @@ typedef struct tc_loop_stats {
     uint64_t batches_split_by_bytes; /* batches cut short by max_message_bytes, not by steps */
     uint64_t isolated;               /* suspect steps sent alone to an idle worker */
     uint64_t isolation_drains;       /* workers drained for a waiting suspect (no worker was idle) */
+    /* steps refused by a worker as unknown_handler, handed back without a
+     * lost attempt; claimed steps no worker serving their queue has the
+     * handler for, put back for TC_LOOP_NO_HANDLER_DELAY_MS */
+    uint64_t handed_back_unknown_handler, deferred_no_handler;
     uint64_t stale_results, applied_results, results_dropped;
     uint64_t db_reconnects, db_errors, db_connected;
     uint64_t claim_calls, apply_calls, iterations;

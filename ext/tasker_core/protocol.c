@@ -156,6 +156,37 @@ void tc_proto_in_flight_step(const tc_proto_msg *m, size_t i, int64_t *step_id, 
     in_flight_pair(&m->in_flight_steps->via.array.ptr[i], step_id, attempt);
 }
 
+int tc_proto_queue_name_ok(const char *p, size_t n)
+{
+    if (n < 1 || n > TC_PROTO_QUEUE_MAX) return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = p[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '.' ||
+              c == ':' || c == '-'))
+            return 0;
+    }
+    return 1;
+}
+
+/* All or nothing: one bad name and the worker reads as serving "default". */
+static void parse_queues(const msgpack_object *m, tc_proto_msg *out)
+{
+    const msgpack_object *q = tc_proto_map_get(m, "queues");
+    if (!q || q->type != MSGPACK_OBJECT_ARRAY || q->via.array.size < 1 || q->via.array.size > TC_PROTO_MAX_QUEUES)
+        return;
+    tc_proto_str s;
+    for (uint32_t i = 0; i < q->via.array.size; i++)
+        if (!as_str(&q->via.array.ptr[i], &s) || !tc_proto_queue_name_ok(s.ptr, s.len)) return;
+    out->queues = q;
+}
+
+tc_proto_str tc_proto_queue(const tc_proto_msg *m, size_t i)
+{
+    tc_proto_str s = {NULL, 0};
+    as_str(&m->queues->via.array.ptr[i], &s);
+    return s;
+}
+
 /* {step_id, attempt >= 1, reason, message} */
 static int refused_step(const msgpack_object *e, int64_t *step_id, int64_t *attempt, tc_proto_str *reason,
                         tc_proto_str *message)
@@ -265,6 +296,7 @@ tc_proto_err tc_proto_parse(msgpack_unpacked *u, const char *body, size_t len, t
         tc_proto_parse_connection(m, &out->connection);
         parse_limits(m, &out->limits);
         parse_reconcile(m, out);
+        parse_queues(m, out);
         return TC_PROTO_OK;
     }
     if (str_eq(type, "goodbye")) {

@@ -25,6 +25,11 @@ typedef enum tc_proto_type {
  * accepted; a longer one is malformed. */
 #define TC_PROTO_MAX_LIST (1 << 20)
 
+/* A heartbeat's optional "queues": 1 to TC_PROTO_MAX_QUEUES names, each 1
+ * to TC_PROTO_QUEUE_MAX bytes of [A-Za-z0-9_.:-] (lib/tasker_core/queues.rb). */
+#define TC_PROTO_MAX_QUEUES 16
+#define TC_PROTO_QUEUE_MAX 63
+
 /* Why a body was refused; counted per reason by the caller. */
 typedef enum tc_proto_err {
     TC_PROTO_OK = 0,
@@ -88,6 +93,9 @@ typedef struct tc_proto_msg {
     int reconcile;
     tc_proto_str last_batch_id;            /* ptr NULL when nil */
     const msgpack_object *in_flight_steps; /* [[step_id, attempt], ...]: tc_proto_in_flight_step */
+    /* "queues", checked (tc_proto_queue reads entry i); NULL when unsaid
+     * or malformed: the worker serves "default" (docs/protocol.md 4.4) */
+    const msgpack_object *queues;
 
     /* goodbye, batch_refusal */
     tc_proto_str reason;
@@ -109,6 +117,12 @@ void tc_proto_parse_connection(const msgpack_object *m, tc_proto_conn *out);
 
 /* Entry i of a parsed heartbeat's in_flight_steps. */
 void tc_proto_in_flight_step(const tc_proto_msg *m, size_t i, int64_t *step_id, int64_t *attempt);
+
+/* Entry i of a parsed heartbeat's queues. */
+tc_proto_str tc_proto_queue(const tc_proto_msg *m, size_t i);
+
+/* Non-zero for a valid queue name (see TC_PROTO_MAX_QUEUES). */
+int tc_proto_queue_name_ok(const char *p, size_t n);
 
 /* Entry i of a parsed batch_refusal's steps. */
 void tc_proto_refused_step(const tc_proto_msg *m, size_t i, int64_t *step_id, int64_t *attempt, tc_proto_str *reason,

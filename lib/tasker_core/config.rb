@@ -5,6 +5,7 @@ require "yaml"
 require "did_you_mean"
 require_relative "errors"
 require_relative "logging"
+require_relative "queues"
 require_relative "recurring"
 
 module TaskerCore
@@ -88,6 +89,9 @@ module TaskerCore
                   doc: "File of allowed worker public keys, one per line (# comments), added to allowed_client_keys."),
       Setting.new(key: "worker.max_workers", type: :integer, default: 10, min: 1, max: 1024,
                   doc: "Threads per worker process running step handlers; advertised as its capacity."),
+      Setting.new(key: "worker.queues", type: :queue_list, default: [Queues::DEFAULT],
+                  doc: "Queues this worker serves (advertised in its heartbeats); the orchestrator sends it only " \
+                       "steps of these queues. `tasker worker --queues a,b` overrides it."),
       Setting.new(key: "worker.step_timeout_ms", type: :integer, default: 30_000, min: 1,
                   doc: "Timeout of a step that does not set its own."),
       Setting.new(key: "worker.shutdown_timeout_ms", type: :integer, default: 25_000, min: 0,
@@ -102,6 +106,10 @@ module TaskerCore
                        "its batch refused) and dispatched again without spending its retry budget. One more " \
                        "loss fails it with StepLostError, not retryable: a step that kills every worker that " \
                        "runs it stops there."),
+      Setting.new(key: "queues", type: :queue_map, default: {},
+                  doc: "Options per queue: `{ api: { concurrency: 5 } }` allows at most 5 steps of the queue api " \
+                       "in flight at once across all workers and every orchestrator on the database (enforced " \
+                       "by the claim). Queues not listed have no limit."),
       Setting.new(key: "database.url", type: :string, default: nil, nullable: true, env: "DATABASE_URL",
                   doc: "PostgreSQL connection URL or conninfo string; null = libpq's PG* environment variables."),
       Setting.new(key: "database.pool", type: :integer, default: 5, min: 1, max: 1000,
@@ -293,7 +301,9 @@ module TaskerCore
 
       def check_value(setting, value, path:, source:)
         return if value.nil? && setting.nullable
-
+        if setting.type == :queue_map && (problem = queue_map_problem(value))
+          fail_at(path, source, problem[0], problem[1])
+        end
         if setting.type == :recurring
           where, problem = Recurring.problem(value)
           fail_at(path, source, "#{setting.key}#{where}", problem) if problem
@@ -315,7 +325,28 @@ module TaskerCore
         when :curve_key then value.is_a?(String) && value.match?(CURVE_KEY)
         when :curve_key_list then value.is_a?(Array) && value.all? { |k| k.is_a?(String) && k.match?(CURVE_KEY) }
         when :duration then value.is_a?(String) && value.match?(DURATION)
+        when :queue_list then value.is_a?(Array) && value.size.between?(1, Queues::MAX_PER_WORKER) && value.all? { |q| Queues.name?(q) }
+        when :queue_map then queue_map_problem(value).nil?
         end
+      end
+
+      QUEUE_OPTIONS = %w[concurrency].freeze
+
+      # [key, problem] for the first thing wrong in a queues: mapping, or nil.
+      def queue_map_problem(value)
+        return ["queues", "expected a mapping of queue names to options, got #{got(value)}"] unless value.is_a?(Hash)
+
+        value.each do |name, opts|
+          return ["queues", Queues.name_problem(name.to_s)] unless Queues.name?(name.to_s)
+          next if opts.nil?
+          return ["queues.#{name}", "expected a mapping of options (#{QUEUE_OPTIONS.join(', ')}), got #{got(opts)}"] unless opts.is_a?(Hash)
+
+          opts.each do |k, v|
+            return ["queues.#{name}.#{k}", "unknown queue option (known: #{QUEUE_OPTIONS.join(', ')})"] unless QUEUE_OPTIONS.include?(k.to_s)
+            return ["queues.#{name}.#{k}", "expected an Integer >= 1, got #{got(v)}"] unless v.is_a?(Integer) && v >= 1
+          end
+        end
+        nil
       end
 
       def endpoint?(value)
@@ -341,6 +372,8 @@ module TaskerCore
         when :curve_key then "a CURVE public key (40 Z85 characters) or null"
         when :curve_key_list then "a list of CURVE public keys (40 Z85 characters each)"
         when :duration then "a duration such as \"14d\" (a whole number and s, m, h or d)#{' or null' if setting.nullable}"
+        when :queue_list then "a list of 1 to #{Queues::MAX_PER_WORKER} queue names (A-Z a-z 0-9 _ . : -, 1 to 63 characters)"
+        when :queue_map then "a mapping of queue names to { concurrency: Integer >= 1 }"
         when :recurring then "a list of recurring task entries"
         end
       end
@@ -423,6 +456,7 @@ module TaskerCore
     def logging = @data["logging"]
     def tasks = @data["tasks"]
     def retention = @data["retention"]
+    def queues = @data["queues"]
     def recurring = @data["recurring"]
 
     # Keeps a password in database.url out of logs and consoles.

@@ -2,6 +2,7 @@
 
 require "securerandom"
 require "socket"
+require_relative "queues"
 
 module TaskerCore
   # The native orchestration loop's Ruby face: defaults from config for
@@ -22,8 +23,11 @@ module TaskerCore
     # max_lost_attempts: lost attempts (worker lost, lease expired, batch
     # refused) before a step fails with StepLostError
     # (orchestration.max_lost_attempts).
+    #
+    # queue_limits: { "api" => 5 }: at most that many steps of the queue in
+    # flight across every orchestrator on the database (config queues.<name>.concurrency).
     def start_orchestration(database_url: nil, owner: nil, batch_size: nil, lease_ms: nil, poll_interval_ms: 50,
-                            max_lost_attempts: nil)
+                            max_lost_attempts: nil, queue_limits: nil)
       url = database_url || self.class.configured_database_url
       if url.nil? || url.empty?
         raise ConfigurationError, "no database to orchestrate from: set DATABASE_URL (or database.url in the " \
@@ -31,11 +35,13 @@ module TaskerCore
       end
 
       orchestration = TaskerCore.respond_to?(:config) ? (TaskerCore.config.orchestration || {}) : {}
+      queue_limits ||= self.class.configured_queue_limits
       _start_orchestration(url, owner || self.class.default_owner,
                            Integer(batch_size || orchestration.fetch("batch_size", 100)),
                            Integer(lease_ms || orchestration.fetch("dispatch_timeout_ms", 10_000)),
                            Integer(poll_interval_ms),
-                           Integer(max_lost_attempts || orchestration.fetch("max_lost_attempts", 5)))
+                           Integer(max_lost_attempts || orchestration.fetch("max_lost_attempts", 5)),
+                           *self.class.queue_limit_literals(queue_limits))
       @stats_poller&.stop
       @stats_poller = StatsPoller.start(self)
       self
@@ -110,6 +116,17 @@ module TaskerCore
         url = TaskerCore.config.dig("database", "url") if TaskerCore.respond_to?(:config)
         url = ENV["DATABASE_URL"] if url.nil? || url.empty?
         url
+      end
+
+      def configured_queue_limits = TaskerCore.respond_to?(:config) ? Queues.configured_limits : {}
+
+      # The claim's two array literals (text[] and int[]) for queue_limits.
+      def queue_limit_literals(limits)
+        limits = limits.to_h { |q, n| [q.to_s, n] }
+        bad = limits.find { |q, n| !Queues.name?(q) || !(n.is_a?(Integer) && n >= 1) }
+        raise ArgumentError, "queue_limits: expected queue names => Integers >= 1, got #{bad.inspect}" if bad
+
+        ["{#{limits.keys.join(',')}}", "{#{limits.values.join(',')}}"]
       end
 
       # Unique per process and start, so two orchestrators never share claims.

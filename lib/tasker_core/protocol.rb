@@ -251,7 +251,7 @@ module TaskerCore
     # [[step_id, attempt], ...], sent with last_batch_id (which may be nil).
     # Each is left out when nil.
     def heartbeat(worker_id:, capacity:, in_flight:, pid: Process.pid, host: ::Socket.gethostname, sent_at: now,
-                  connection: nil, limits: nil, last_batch_id: nil, in_flight_steps: nil)
+                  connection: nil, limits: nil, last_batch_id: nil, in_flight_steps: nil, queues: nil)
       msg = { "protocol_version" => VERSION, "type" => HEARTBEAT, "worker_id" => worker_id, "pid" => pid,
               "host" => host, "capacity" => capacity, "in_flight" => in_flight, "sent_at" => sent_at.to_f }
       if connection
@@ -261,6 +261,7 @@ module TaskerCore
                               "last_event_at" => c["last_event_at"]&.to_f }
       end
       msg["limits"] = string_keys(limits, WORKER_LIMIT_FIELDS) if limits
+      msg["queues"] = queues.map(&:to_s) if queues
       if in_flight_steps
         msg["last_batch_id"] = last_batch_id
         msg["in_flight_steps"] = in_flight_steps.map { |id, attempt| [id, attempt] }

@@ -5,7 +5,7 @@ require_relative "errors"
 module TaskerCore
   # The rules every layer shares for queues, priorities and concurrency
   # limits (templates, create_task, the worker, the configuration). The
-  # claim that honours them is SQL (db/migrate/0010).
+  # claim that honours them is SQL (db/migrate/0011).
   module Queues
     DEFAULT = "default"
     # Queue names: letters, digits and _ . : - , 1 to 63 characters.
@@ -20,7 +20,48 @@ module TaskerCore
     # %{context.a.b} in a concurrency key.
     KEY_FIELD = /%\{context((?:\.[A-Za-z0-9_-]+)+)\}/
 
+    # Per queue: steps ready now, waiting to start (scheduled or backing
+    # off), in flight, and the live workers serving it (tasker_workers).
+    # Ready steps are read through the claim's index, in-flight ones
+    # through tasker_workflow_steps_in_flight.
+    SUMMARY_SQL = <<~SQL
+      WITH ready AS (
+        SELECT queue, count(*) FILTER (WHERE next_attempt_at <= now())::bigint AS ready,
+               count(*) FILTER (WHERE next_attempt_at > now())::bigint AS waiting
+          FROM tasker_workflow_steps WHERE state = 'pending' AND pending_parents = 0 GROUP BY queue
+      ), flight AS (
+        SELECT queue, count(*)::bigint AS in_flight
+          FROM tasker_workflow_steps WHERE state IN ('enqueued', 'in_progress') GROUP BY queue
+      ), served AS (
+        SELECT q.queue, count(*)::bigint AS workers, sum(w.capacity)::bigint AS capacity
+          FROM tasker_workers w CROSS JOIN LATERAL unnest(w.queues) AS q(queue)
+         WHERE w.connected AND w.last_heartbeat_at > now() - make_interval(secs => $1 / 1000.0)
+         GROUP BY q.queue
+      )
+      SELECT coalesce(r.queue, f.queue, s.queue) AS queue, coalesce(r.ready, 0) AS ready,
+             coalesce(r.waiting, 0) AS waiting, coalesce(f.in_flight, 0) AS in_flight,
+             coalesce(s.workers, 0) AS workers, coalesce(s.capacity, 0) AS capacity
+        FROM ready r
+        FULL JOIN flight f ON f.queue = r.queue
+        FULL JOIN served s ON s.queue = coalesce(r.queue, f.queue)
+       ORDER BY 1
+    SQL
+
     module_function
+
+    # [{"queue", "ready", "waiting", "in_flight", "workers", "capacity",
+    # "concurrency" (the configured limit or nil), "unserved" (ready steps
+    # and no live worker)}], by queue name.
+    def summary(conn, heartbeat_timeout_ms:, limits: {})
+      conn.exec(SUMMARY_SQL, [heartbeat_timeout_ms]).map do |r|
+        r.to_h.merge("concurrency" => limits[r["queue"]], "unserved" => r["ready"].positive? && r["workers"].zero?)
+      end
+    end
+
+    # { queue => concurrency } from the configuration's queues: section.
+    def configured_limits(config = TaskerCore.config)
+      (config["queues"] || {}).to_h { |name, opts| [name.to_s, opts && opts["concurrency"]] }.compact
+    end
 
     def name?(value) = value.is_a?(String) && value.match?(NAME)
     def priority?(value) = value.is_a?(Integer) && PRIORITY.cover?(value)

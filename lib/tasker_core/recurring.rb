@@ -23,7 +23,7 @@ module TaskerCore
   # ticks that are due in one statement, each with the identity_key
   # "recurring:<name>:<tick, ISO 8601 UTC>", so several orchestrators on one
   # database create each tick's task exactly once, and records the latest
-  # tick per schedule (tasker_recurring_schedules, db/migrate/0011).
+  # tick per schedule (tasker_recurring_schedules, db/migrate/0012).
   module Recurring
     KEYS = %w[name task namespace version cron context queue priority backfill].freeze
     REQUIRED = %w[name task cron].freeze

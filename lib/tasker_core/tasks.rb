@@ -36,7 +36,7 @@ module TaskerCore
         FROM tasker_workflow_steps s WHERE s.task_id = $1 ORDER BY s.id
     SQL
 
-    # tasker_create_tasks_v2 (db/migrate/0010) for one template: its 23
+    # tasker_create_tasks_v2 (db/migrate/0011) for one template: its 23
     # parameters ($n..$n+22).
     CREATE_TYPES = %w[text text text jsonb bytea[] text[] text[] text[] bytea[] int[] boolean[] int[] int[] int[]
                       float8[] text[] text[] text[] int[] text[] int[] timestamptz[] float8[]].freeze

@@ -14,9 +14,10 @@ module TaskerCore
   #   CONT       take work again
   class WorkerProcess
     USAGE = "Usage: tasker-worker --handlers PATH [--concurrency N] [--batch-endpoint E] " \
-            "[--result-endpoint E] [--discovery NAME] [--worker-id ID] [--shutdown-timeout SECONDS]"
+            "[--result-endpoint E] [--discovery NAME] [--worker-id ID] [--shutdown-timeout SECONDS] [--queues A,B]"
     # The keywords of #initialize that come from the command line.
-    OPTIONS = %i[handlers concurrency batch_endpoint result_endpoint discovery worker_id shutdown_timeout].freeze
+    OPTIONS = %i[handlers concurrency batch_endpoint result_endpoint discovery worker_id shutdown_timeout
+                 queues].freeze
 
     SIGNAL_BYTES = { "TERM" => "T", "INT" => "I", "TSTP" => "S", "CONT" => "C" }.freeze
 
@@ -55,6 +56,7 @@ module TaskerCore
       o.on("--discovery NAME", "look the endpoints up under this name (discovery.name) and follow changes") { |v| options[:discovery] = v }
       o.on("--worker-id ID", "this worker's id (default host-pid-random)") { |v| options[:worker_id] = v }
       o.on("--shutdown-timeout SECONDS", Float, "how long TERM waits for running steps") { |v| options[:shutdown_timeout] = v }
+      o.on("--queues A,B", "queues this worker serves, comma-separated (default worker.queues)") { |v| options[:queues] = v }
     end
 
     # Raises ArgumentError for options no worker can run with. rails_app:
@@ -66,6 +68,8 @@ module TaskerCore
       end
       raise ArgumentError, "--concurrency must be at least 1" if options[:concurrency]&.< 1
 
+      options[:queues] = Queues.list(options[:queues]) if options[:queues]
+
       options[:handlers].each do |path|
         raise ArgumentError, "--handlers #{path}: no such file or directory" unless File.exist?(path)
       end
@@ -73,7 +77,7 @@ module TaskerCore
     end
 
     def initialize(handlers:, concurrency: nil, batch_endpoint: nil, result_endpoint: nil, worker_id: nil,
-                   shutdown_timeout: nil, discovery: nil, logger: nil)
+                   shutdown_timeout: nil, discovery: nil, queues: nil, logger: nil)
       @handler_paths = handlers
       # Discovery is used when no endpoint is given on the command line.
       @discovery = discovery || (batch_endpoint || result_endpoint ? nil : TaskerCore.config.dig("discovery", "name"))
@@ -81,7 +85,7 @@ module TaskerCore
       @logger = logger || (TaskerCore.respond_to?(:logger) && TaskerCore.logger) || Logger.new($stderr)
       # Only what was given on the command line; the rest defaults from config.
       @orchestrator_options = { max_workers: concurrency, step_sub_endpoint: batch_endpoint,
-                                result_pub_endpoint: result_endpoint, worker_id: worker_id }.compact
+                                result_pub_endpoint: result_endpoint, worker_id: worker_id, queues: queues }.compact
     end
 
     # Runs until TERM or INT; returns the exit status.

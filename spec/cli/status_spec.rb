@@ -32,6 +32,27 @@ RSpec.describe "tasker status", :db do
     expect(r.out).to include(workers_table ? "Workers: none live" : "Workers: unknown (no tasker_workers table")
   end
 
+  it "shows per queue the steps ready, waiting and in flight and the workers serving it, naming unserved queues" do
+    seed_tasks
+    use_templates(template("later", [step("a")]))
+    TaskerCore.create_task(name: "later", queue: "later", run_at: Time.now + 3600)
+    connect.exec(<<~SQL)
+      SELECT tasker_upsert_workers('orch-test', ARRAY['worker-1'], ARRAY['host-a'], ARRAY[4242], ARRAY[8], ARRAY[0],
+                                   ARRAY[extract(epoch FROM now())::float8], ARRAY[0], ARRAY[0], ARRAY[NULL],
+                                   ARRAY[NULL]::float8[], ARRAY['api'])
+    SQL
+    r = tasker("status", env: db_env)
+    expect(r.exitstatus).to eq(0), r.err
+    queues = r.out[/^Queues
+(.*?)
+(?:Ready|
+)/m, 1].lines.drop(2).to_h { |l| l.split.then { |q, *rest| [q, rest] } }
+    expect(queues).to eq("api" => %w[0 0 0 - 1 8], "default" => %w[2 0 0 - 0 0], "later" => %w[0 1 0 - 0 0])
+    expect(r.out).to include("Ready steps and no live worker serving the queue default: start a worker with --queues default")
+    report = JSON.parse(tasker("status", "--json", env: db_env).out)
+    expect(report["queues"].find { |q| q["queue"] == "default" }).to include("ready" => 2, "workers" => 0, "unserved" => true)
+  end
+
   it "prints the same as JSON with --json" do
     seed_tasks
     r = tasker("status", "--json", env: db_env)

@@ -40,6 +40,19 @@ RSpec.describe "tasker db:migrate, task and step commands", :db do
     expect(JSON.parse(again.out)).to eq("task_id" => id)
   end
 
+  it "task create takes --queue, --priority and --delay, and refuses a bad queue naming the key, exit 1" do
+    base = ["task", "create", "order_fulfilment", "--namespace", "demo", "--templates", CLIHelpers::TEMPLATES,
+            "--context", JSON.generate(order_context(12))]
+    r = tasker(*base, "--queue", "bulk", "--priority", "7", "--delay", "600", env: db_env)
+    expect(r.exitstatus).to eq(0), r.err
+    steps = TaskerCore.task(Integer(r.out.strip))[:steps]
+    expect(steps.map { |s| [s[:queue], s[:priority]] }.uniq).to eq([["bulk", 7]])
+    expect(steps.map { |s| s[:next_attempt_at] }).to all(be > Time.now + 500)
+    r = tasker(*base, "--queue", "no spaces", env: db_env)
+    expect([r.exitstatus, r.err_lines.size]).to eq([1, 1])
+    expect(r.err).to include("queue: expected a queue name")
+  end
+
   it "task create fails in one line, exit 1, on a context that is not JSON and creates nothing" do
     r = tasker("task", "create", "order_fulfilment", "--namespace", "demo", "--templates", CLIHelpers::TEMPLATES,
                "--context", '{"order_id": 1', env: db_env)

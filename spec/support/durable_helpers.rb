@@ -20,19 +20,23 @@ module DurableHelpers
     end
   end
 
-  def spawn_durable_worker(batch_endpoint, result_endpoint, concurrency: 10)
+  # handlers: the handler files it loads; queues: --queues (nil: worker.queues).
+  def spawn_durable_worker(batch_endpoint, result_endpoint, concurrency: 10, handlers: [DURABLE_HANDLERS], queues: nil)
     env = { "TASKER_CONFIG_PATH" => worker_config_path, "TASKER_ENV" => "test" }
-    pid = Process.spawn(env, RbConfig.ruby, "-I", File.join(SpecHelpers::ROOT, "lib"), WORKER_EXE,
-                        "--handlers", DURABLE_HANDLERS, "--concurrency", concurrency.to_s,
+    args = handlers.flat_map { |h| ["--handlers", h] }
+    args += ["--queues", Array(queues).join(",")] if queues
+    pid = Process.spawn(env, RbConfig.ruby, "-I", File.join(SpecHelpers::ROOT, "lib"), WORKER_EXE, *args,
+                        "--concurrency", concurrency.to_s,
                         "--batch-endpoint", batch_endpoint, "--result-endpoint", result_endpoint, pgroup: true)
     (@spawned_pids ||= []) << pid
     pid
   end
 
-  # Returns [pid, stdout reader]; waits for "ready".
-  def spawn_orchestrator(url, batch_endpoint, result_endpoint, lease_ms: 500)
+  # Returns [pid, stdout reader]; waits for "ready". env: e.g. a
+  # TASKER_CONFIG_PATH for its configuration.
+  def spawn_orchestrator(url, batch_endpoint, result_endpoint, lease_ms: 500, env: {})
     r, w = IO.pipe
-    pid = Process.spawn(RbConfig.ruby, "-I", File.join(SpecHelpers::ROOT, "lib"), ORCHESTRATOR_SCRIPT,
+    pid = Process.spawn(env, RbConfig.ruby, "-I", File.join(SpecHelpers::ROOT, "lib"), ORCHESTRATOR_SCRIPT,
                         url, batch_endpoint, result_endpoint, lease_ms.to_s, out: w, pgroup: true)
     w.close
     (@spawned_pids ||= []) << pid
@@ -48,7 +52,13 @@ module DurableHelpers
     nil
   end
 
+  # Stops the spec's in-process orchestrator (@handle), then every process
+  # spawned and temporary folder.
   def cleanup_durable
+    if @handle && !@handle.closed?
+      @handle.stop_orchestration
+      @handle.close
+    end
     (@spawned_pids || []).each { |pid| kill9(pid) }
     @spawned_pids = []
     (@tmp_dirs || []).each { |d| FileUtils.rm_rf(d) }

@@ -31,7 +31,7 @@ class WorkerPeer
   def heartbeat(capacity: @capacity, in_flight: 0, **opt)
     fields = { "worker_id" => @id, "pid" => Process.pid, "host" => Socket.gethostname,
                "capacity" => capacity, "in_flight" => in_flight, "sent_at" => Time.now.to_f }
-    %i[connection limits last_batch_id in_flight_steps].each { |k| fields[k.to_s] = opt[k] if opt.key?(k) }
+    %i[connection limits last_batch_id in_flight_steps queues].each { |k| fields[k.to_s] = opt[k] if opt.key?(k) }
     send_message("heartbeat", fields)
   end
 

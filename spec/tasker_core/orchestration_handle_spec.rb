@@ -118,6 +118,22 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       expect(handle.stats[:bad_messages].values.sum).to eq(0)
     end
 
+    it "keeps the queues a heartbeat advertises; absent or malformed reads as default, the heartbeat still counts" do
+      peer = start_peer("w1")
+      expect(handle.workers.first["queues"]).to eq(["default"])
+      peer.heartbeat(capacity: 9, queues: %w[critical py.v2 a:b-c_d])
+      wait_until(message: "queues") { handle.workers.first["capacity"] == 9 }
+      expect(handle.workers.first["queues"]).to eq(%w[critical py.v2 a:b-c_d])
+      beats = handle.stats[:heartbeats]
+      [["bad name"], [], Array.new(17) { |i| "q#{i}" }, ["x" * 64], "critical", [1]].each_with_index do |bad, i|
+        peer.heartbeat(capacity: 20 + i, queues: bad)
+        wait_until(message: "heartbeat #{i}") { handle.workers.first["capacity"] == 20 + i }
+        expect(handle.workers.first["queues"]).to eq(["default"]), bad.inspect
+      end
+      expect(handle.stats[:heartbeats]).to eq(beats + 6)
+      expect(handle.stats[:bad_messages].values.sum).to eq(0)
+    end
+
     it "does not list a peer that heartbeats without subscribing" do
       cfg = handle.zeromq_config
       pub = TaskerCore::Socket::Publisher.new(connect: cfg["result_endpoint"])
@@ -643,14 +659,14 @@ RSpec.describe TaskerCore::OrchestrationHandle do
 
       w1.refusal("b1", reason: "too_deep", message: "mixed",
                        steps: [[1, 1, "too_deep", "context nests 30 levels, over max_payload_depth 24"],
-                               [2, 1, "invalid_step", "handler missing"], [3, 1, "too_many_steps", "over 2 steps"]])
+                               [2, 1, "invalid_step", "handler missing"], [3, 1, "unknown_handler", "no Foo"]])
       w1.refusal("b2", reason: "draining", message: "shutting down")
       w1.refusal(nil, reason: "undecodable", message: "?", steps: [[6, 1, "undecodable", "body cut"]])
       got = collect_results(5)
       expect(got.map { |r| [r["type"], r["reason"], r["error_class"], r["in_flight"].map { |st| st["step_id"] }.sort] }).to eq(
         [["steps_failed", "refused", "TaskerCore::PayloadTooDeepError", [1]],
          ["steps_failed", "refused", "TaskerCore::BatchRefusedError", [2]],
-         ["steps_lost", "refused", nil, [3]],
+         ["steps_lost", "unknown_handler", nil, [3]],
          ["steps_lost", "refused", nil, [4, 5]],
          ["steps_lost", "refused", nil, [6]]]
       )

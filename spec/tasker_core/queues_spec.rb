@@ -1,7 +1,7 @@
 # frozen_string_literal: true
 
 # Queues, priorities, scheduled start and concurrency limits: templates,
-# create_task and the claim (tasker_claim_steps_v4, db/migrate/0010) on a
+# create_task and the claim (tasker_claim_steps_v4, db/migrate/0011) on a
 # real PostgreSQL.
 RSpec.describe "Queues, priorities, scheduled start and concurrency limits", :db do
   let(:conn) { connect }
@@ -54,6 +54,35 @@ RSpec.describe "Queues, priorities, scheduled start and concurrency limits", :db
     it "refuses an unknown key naming the known ones" do
       expect { template("bad", [step("a", queues: "x")]) }
         .to raise_error(TaskerCore::ConfigurationError, /step "a": unknown key "queues" \(known: .*queue, priority, concurrency\)/)
+    end
+  end
+
+  describe "configuration" do
+    def load(yaml)
+      path = File.join(Dir.mktmpdir("tasker_queues_config"), "tasker-config.yml")
+      File.write(path, yaml)
+      TaskerCore::Config.load(path: path, env: "test")
+    end
+
+    it "reads per-queue limits and the worker's queues" do
+      c = load("default:\n  queues:\n    api: { concurrency: 5 }\n    bulk: {}\n  worker:\n    queues: [critical, default]\n")
+      expect(TaskerCore::Queues.configured_limits(c)).to eq("api" => 5)
+      expect(c.worker["queues"]).to eq(%w[critical default])
+      expect(TaskerCore::Worker::Settings.build(config: c).queues).to eq(%w[critical default])
+      expect(TaskerCore::Worker::Settings.build(config: c, queues: "py").queues).to eq(%w[py])
+    end
+
+    {
+      "queues:\n    api: { concurrency: 0 }" => /tasker-config.yml \(section "default"\): queues.api.concurrency: expected an Integer >= 1, got 0/,
+      "queues:\n    api: { burst: 3 }" => /queues.api.burst: unknown queue option \(known: concurrency\)/,
+      "queues:\n    'bad name': { concurrency: 1 }" => /queues: expected a queue name/,
+      "queues: [api]" => /queues: expected a mapping of queue names/,
+      "worker:\n    queues: [ok, 'not ok']" => /worker.queues: expected a list of 1 to 16 queue names/,
+      "worker:\n    queues: []" => /worker.queues: expected a list of 1 to 16 queue names/
+    }.each do |yaml, message|
+      it "refuses #{yaml.lines.last.strip} naming the file and key" do
+        expect { load("default:\n  #{yaml}\n") }.to raise_error(TaskerCore::ConfigurationError, message)
+      end
     end
   end
 
@@ -148,6 +177,16 @@ RSpec.describe "Queues, priorities, scheduled start and concurrency limits", :db
       expect(claim_v4(conn, queues: ["default"]).map { |r| r["task_id"] }).to eq([later])
     end
 
+    it "does not read the steps scheduled for later: the claim's index scan stops before them" do
+      TaskerCore.create_tasks(Array.new(300) { { name: "one", run_at: Time.now + 3600 } } + Array.new(3) { { name: "one" } })
+      conn.transaction do
+        expect(claim_v4(conn, queues: ["default"], limit: 100).size).to eq(3)
+        read = conn.exec("SELECT pg_stat_get_xact_tuples_returned('tasker_workflow_steps_queue_ready'::regclass) AS n")
+                   .first["n"]
+        expect(read).to be_between(3, 10)
+      end
+    end
+
     it "keeps a queue's concurrency limit across claims and connections" do
       5.times { TaskerCore.create_task(name: "one", queue: "api") }
       other = connect
@@ -168,6 +207,18 @@ RSpec.describe "Queues, priorities, scheduled start and concurrency limits", :db
       expect(claim_v4(connect, queues: ["default"], owner: "orch-2")).to eq([])
       finish(conn, rows.first(1))
       expect(claim_v4(conn, queues: ["default"]).size).to eq(1)
+    end
+
+    it "reads ready steps through the queue index and updates the claimed ones by id: no scan of the steps table" do
+      use_templates(template("wide", Array.new(10) { |i| step("s#{i}") }))
+      TaskerCore.create_tasks(Array.new(500) { |i| { name: "wide", queue: i.even? ? "a" : "b", priority: i % 5 } })
+      conn.exec("ANALYZE tasker_workflow_steps")
+      conn.exec("ANALYZE tasker_tasks")
+      conn.transaction do
+        expect(claim_v4(conn, queues: %w[a b], room: [30, 30], limit: 50, limited: { a: 1000 }).size).to eq(50)
+        scans = conn.exec("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'tasker_workflow_steps'")
+        expect(scans.first["seq_scan"]).to eq(0)
+      end
     end
 
     it "defers a step refused for want of its handler without a lost attempt" do

@@ -53,7 +53,8 @@ RSpec.describe "tasker_core/rspec" do
                           step("ship", ["charge"], handler: "KitHandlers::Start")]),
       template("flaky", [step("flaky", handler: "KitHandlers::Flaky", retry: { "max_attempts" => 5 })]),
       template("explode", [step("boom", handler: "KitHandlers::Explode", retry: { "max_attempts" => 2 })]),
-      template("echo", [step("a", handler: "DurableHandlers::Echo"), step("b", ["a"], handler: "DurableHandlers::Echo")])
+      template("echo", [step("a", handler: "DurableHandlers::Echo"), step("b", ["a"], handler: "DurableHandlers::Echo")]),
+      template("side", [step("a", handler: "DurableHandlers::Echo", queue: "side")])
     )
   end
 
@@ -116,6 +117,11 @@ RSpec.describe "tasker_core/rspec" do
       expect(id).to complete_within(30)
       expect(id).to have_step("b").in_state(:complete).with_output(hash_including("deps" => hash_including("a")))
       expect(TaskerCore.task(id)[:steps].map { |s| s[:output]["pid"] }).to all(eq(tasker_stack.worker_pid))
+    end
+
+    it "serves the queues the templates name" do
+      id = TaskerCore.create_task(name: "side", context: { "n" => 2 })
+      expect(id).to complete_within(30)
     end
 
     it "starts each example with empty tables" do

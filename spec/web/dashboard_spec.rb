@@ -70,6 +70,33 @@ RSpec.describe "TaskerCore::Web dashboard", :db, :web do
     expect(jobs).to eq(%w[ReportJob pending] => 2, %w[Admin::MailJob pending] => 1)
   end
 
+  it "shows each step's queue, and a queues table naming the queues with ready steps and no worker" do
+    use_templates(diamond, single, template("routed", [step("x", queue: "py", priority: 5), step("y", ["x"])]))
+    routed = create("routed")
+    create
+    TaskerCore::Store.with_connection do |c|
+      c.exec(<<~SQL)
+        SELECT tasker_upsert_workers('orch-test', ARRAY['worker-1'], ARRAY['host-a'], ARRAY[4242], ARRAY[8], ARRAY[0],
+                                     ARRAY[extract(epoch FROM now())::float8], ARRAY[1], ARRAY[0], ARRAY['connected'],
+                                     ARRAY[extract(epoch FROM now())::float8], ARRAY['default,api'])
+      SQL
+    end
+
+    visit("workers")
+    screenshot("queues")
+    rows = @browser.css("table.queues tr[data-queue]").to_h { |r| [r.attribute("data-queue"), r.css("td").map(&:text)] }
+    expect(rows.keys).to eq(%w[api default py])
+    expect(rows["py"]).to eq(["py", "1", "0", "0", "-", "0 (no worker serves it)", "0"])
+    expect(rows["default"]).to eq(%w[default 1 0 0 - 1 8])
+    expect(@browser.at_css('tr[data-queue="py"]').attribute("class")).to eq("unserved")
+    expect(@browser.at_css('tr[data-worker-id="worker-1"]').text).to include("default, api")
+
+    visit("tasks/#{routed}")
+    expect(@browser.at_css('.step[data-step-name="x"] .queue').text).to eq("py")
+    expect(@browser.at_css('.step[data-step-name="x"]').text).to include("priority 5")
+    expect(@browser.at_css('.step[data-step-name="y"] .queue').text).to eq("default")
+  end
+
   it "lists tasks with filters and pages through them" do
     old = create(identity_key: "order-old")
     TaskerCore::Store.with_connection do |c|

@@ -11,8 +11,10 @@ module TaskerCore
         Shows tasks and steps by state, steps completed per second over the last minute
         (from the step transitions) and the live workers the orchestrator knows
         (capacity, steps in flight, last heartbeat, socket connects/disconnects and
-        the last connection event), and the recurring tasks of the configuration with
-        their last and next ticks, and ActiveJob jobs by class and state. --json prints the same for scripts.
+        the last connection event), per queue the steps ready, waiting to start and in
+        flight, its concurrency limit and the live workers serving it, naming the queues
+        with ready steps and no worker, the recurring tasks of the configuration with their
+        last and next ticks, and ActiveJob jobs by class and state. --json prints the same for scripts.
       TEXT
       WINDOW_S = 60
       TASK_STATES = %w[pending in_progress complete error cancelled].freeze
@@ -39,8 +41,10 @@ module TaskerCore
            WHERE to_state = 'complete' AND created_at > now() - make_interval(secs => $1)
         SQL
         { "tasks" => tasks, "steps" => steps, "steps_per_second" => (done.to_f / WINDOW_S).round(2),
-          "window_seconds" => WINDOW_S, "workers" => workers(conn), "recurring" => Recurring.status(conn, config),
-          "jobs" => JobAdapter.counts(conn) }
+          "window_seconds" => WINDOW_S, "workers" => workers(conn),
+          "queues" => Queues.summary(conn, heartbeat_timeout_ms: config.zeromq["heartbeat_timeout_ms"],
+                                           limits: Queues.configured_limits(config)),
+          "recurring" => Recurring.status(conn, config), "jobs" => JobAdapter.counts(conn) }
       end
 
       def counts(conn, table, states)
@@ -61,6 +65,7 @@ module TaskerCore
         out.puts
         out.puts "Throughput: #{report['steps_per_second']} steps/s completed over the last #{WINDOW_S}s"
         out.puts
+        print_queues(report["queues"])
         workers = report["workers"]
         if workers.nil?
           out.puts "Workers: unknown (no tasker_workers table: run `tasker db:migrate` with a tasker_core " \
@@ -92,6 +97,23 @@ module TaskerCore
           [s["name"], s["task"], s["cron"], s["last_tick_at"] || "-", s["last_task_id"] || "-", s["next_tick_at"]]
         end
         out.puts Table.render(%w[NAME TASK CRON LAST_TICK LAST_TASK NEXT_TICK], rows)
+      end
+
+      QUEUE_HEADERS = %w[QUEUE READY WAITING IN_FLIGHT LIMIT WORKERS CAPACITY].freeze
+
+      def print_queues(queues)
+        return if queues.empty?
+
+        out.puts "Queues"
+        out.puts Table.render(QUEUE_HEADERS, queues.map do |q|
+          [q["queue"], q["ready"], q["waiting"], q["in_flight"], q["concurrency"] || "-", q["workers"], q["capacity"]]
+        end)
+        unserved = queues.select { |q| q["unserved"] }.map { |q| q["queue"] }
+        unless unserved.empty?
+          out.puts "Ready steps and no live worker serving #{unserved.size == 1 ? 'the queue' : 'the queues'} " \
+                   "#{unserved.join(', ')}: start a worker with --queues #{unserved.join(',')}"
+        end
+        out.puts
       end
     end
   end

@@ -9,7 +9,9 @@ module TaskerCore
       DESCRIPTION = <<~TEXT.chomp
         Creates a task from the task template NAME (templates are read from
         tasks.template_dir, or --templates DIR) and prints its id.
-        The same --identity-key returns the existing task's id.
+        The same --identity-key returns the existing task's id. --queue and
+        --priority apply to the steps that do not name their own; --delay
+        starts it that many seconds from now.
       TEXT
 
       private
@@ -20,6 +22,9 @@ module TaskerCore
         o.on("--version VERSION", "template version (default the highest)") { |v| @options[:version] = v }
         o.on("--identity-key KEY", "deduplication key: a second create returns the first task") { |v| @options[:identity_key] = v }
         o.on("--templates DIR", "folder of task template YAML files (default tasks.template_dir)") { |v| @options[:templates] = v }
+        o.on("--queue NAME", "queue of its steps that name none (default the template's)") { |v| @options[:queue] = v }
+        o.on("--priority N", Integer, "priority, -100..100, higher first (default the template's)") { |v| @options[:priority] = v }
+        o.on("--delay SECONDS", Float, "start no earlier than this many seconds from now") { |v| @options[:delay] = v }
         o.on("--json", "print {\"task_id\": ID} instead of the bare id") { @options[:json] = true }
       end
 
@@ -33,7 +38,8 @@ module TaskerCore
                     end
         id = Tasks.create_task(name: args.first, namespace: @options[:namespace] || "default",
                                version: @options[:version], context: context,
-                               identity_key: @options[:identity_key], templates: templates)
+                               identity_key: @options[:identity_key], queue: @options[:queue],
+                               priority: @options[:priority], delay: @options[:delay], templates: templates)
         @options[:json] ? print_json("task_id" => id) : out.puts(id)
         EXIT_OK
       end

@@ -167,8 +167,17 @@ module TaskerCore
 
       private
 
+      # The stack's worker serves the configured worker.queues and every
+      # queue the known templates name (at most Queues::MAX_PER_WORKER).
+      def worker_queues
+        named = TaskerCore.task_templates.templates.flat_map { |t| [t.queue, *t.steps.map(&:queue)] }
+        (TaskerCore.config.worker["queues"] + named.compact).uniq.first(Queues::MAX_PER_WORKER)
+      rescue ConfigurationError
+        TaskerCore.config.worker["queues"]
+      end
+
       def start_worker
-        endpoints = ["--concurrency", self.class.worker_concurrency.to_s,
+        endpoints = ["--concurrency", self.class.worker_concurrency.to_s, "--queues", worker_queues.join(","),
                      "--batch-endpoint", @batch_endpoint, "--result-endpoint", @result_endpoint]
         if (root = rails_root)
           # The app's own configuration, environment and database (its

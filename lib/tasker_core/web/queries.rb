@@ -13,7 +13,7 @@ module TaskerCore
       RECENT_FAILURES = 10
 
       WORKERS_SQL = <<~SQL
-        SELECT id, owner, host, pid, capacity, in_flight, connected, connects, disconnects,
+        SELECT id, owner, host, pid, capacity, in_flight, connected, connects, disconnects, queues,
                last_connection_event,
                extract(epoch FROM last_connection_event_at)::float8 AS last_connection_event_at,
                extract(epoch FROM last_heartbeat_at)::float8 AS last_heartbeat_at,
@@ -192,7 +192,9 @@ module TaskerCore
 
       def workers(conn, heartbeat_timeout_ms)
         { workers: conn.exec(WORKERS_SQL, [heartbeat_timeout_ms, 500]).to_a,
-          orchestrators: conn.exec(ORCHESTRATORS_SQL).to_a }
+          orchestrators: conn.exec(ORCHESTRATORS_SQL).to_a,
+          queues: TaskerCore::Queues.summary(conn, heartbeat_timeout_ms: heartbeat_timeout_ms,
+                                                   limits: TaskerCore::Queues.configured_limits) }
       end
     end
   end

@@ -2,9 +2,10 @@
 
 module TaskerCore
   module Worker
-    # Builds this worker's heartbeat: its capacity, what the Ledger holds in
-    # flight and, while they fit the orchestrator's result limit, the
-    # optional fields.
+    # Builds this worker's heartbeat: its capacity, the queues it serves
+    # (never shed: without them it would be sent steps of "default" only),
+    # what the Ledger holds in flight and, while they fit the orchestrator's
+    # result limit, the other optional fields.
     class Heartbeat
       # Optional heartbeat fields, left out in this order (the least needed
       # first) while the heartbeat is over the orchestrator's result limit,
@@ -14,6 +15,7 @@ module TaskerCore
       def initialize(settings:, ledger:, stats:)
         @worker_id = settings.worker_id
         @limits = settings.advertised_limits
+        @queues = settings.queues
         @ledger = ledger
         @stats = stats
       end
@@ -28,7 +30,7 @@ module TaskerCore
         [[], *SHEDDING].each do |shed|
           shed.each { |key| optional.delete(key) }
           frames = Protocol.encode(Protocol.heartbeat(worker_id: @worker_id, capacity: capacity,
-                                                      in_flight: ledger.in_flight, **optional))
+                                                      in_flight: ledger.in_flight, queues: @queues, **optional))
           return frames if limit.nil? || frames[1].bytesize <= limit
 
           @stats.warn_once(:heartbeat_over_limit) do

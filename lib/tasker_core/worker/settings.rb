@@ -10,7 +10,7 @@ module TaskerCore
     Settings = Struct.new(:worker_id, :batch_endpoint, :result_endpoint, :max_workers, :heartbeat_interval_s,
                           :step_timeout_s, :shutdown_timeout_s, :timeout_grace_s, :reopen_grace_s, :send_hwm,
                           :recv_hwm, :linger_ms, :curve, :max_message_bytes, :max_batch_steps, :max_payload_depth,
-                          :max_result_bytes, keyword_init: true)
+                          :max_result_bytes, :queues, keyword_init: true)
 
     class Settings
       # How long a timed-out handler gets to unwind after the interrupt before
@@ -45,7 +45,8 @@ module TaskerCore
             # nil; read now so a bad key file fails here, not in the I/O thread.
             curve: curve == :config ? TaskerCore::Curve.client_options(config) : curve,
             max_message_bytes: v[:max_message_bytes], max_batch_steps: v[:max_batch_steps],
-            max_payload_depth: v[:max_payload_depth], max_result_bytes: v[:max_result_bytes]).freeze
+            max_payload_depth: v[:max_payload_depth], max_result_bytes: v[:max_result_bytes],
+            queues: Queues.list(v[:queues])).freeze
       end
 
       # Keyword => the dotted configuration key it defaults to.
@@ -54,7 +55,8 @@ module TaskerCore
         step_timeout_ms: "worker.step_timeout_ms", shutdown_timeout_ms: "worker.shutdown_timeout_ms",
         send_hwm: "zeromq.send_hwm", recv_hwm: "zeromq.recv_hwm", linger_ms: "zeromq.linger_ms",
         max_message_bytes: "zeromq.max_message_bytes", max_batch_steps: "zeromq.max_batch_steps",
-        max_payload_depth: "zeromq.max_payload_depth", max_result_bytes: "zeromq.max_result_bytes"
+        max_payload_depth: "zeromq.max_payload_depth", max_result_bytes: "zeromq.max_result_bytes",
+        queues: "worker.queues"
       }.freeze
 
       # The orchestrator's limits for results when a batch carries none
@@ -73,7 +75,8 @@ module TaskerCore
 
       # Never shows the CURVE secret key.
       def inspect
-        "#<#{self.class.name} worker_id=#{worker_id.inspect} max_workers=#{max_workers} curve=#{!curve.nil?}>"
+        "#<#{self.class.name} worker_id=#{worker_id.inspect} max_workers=#{max_workers} queues=#{queues.inspect} " \
+          "curve=#{!curve.nil?}>"
       end
       alias to_s inspect
     end

@@ -354,6 +354,19 @@ RSpec.describe "the store's SQL functions", :db do
       expect(ids.map { |id| step_row(conn, id, "a")["state"] }).to all(eq("in_progress"))
     end
 
+    it "updates the steps it claims by id, not by reading the whole steps table (db/migrate/0010)" do
+      use_templates(template("wide", Array.new(10) { |i| step("s#{i}") }))
+      TaskerCore.create_tasks(Array.new(500) { { name: "wide" } })
+      conn.exec("ANALYZE tasker_workflow_steps")
+      conn.exec("ANALYZE tasker_tasks")
+      conn.transaction do
+        rows = conn.exec("SELECT * FROM tasker_claim_steps_v3('orch-1', 50, 60000, 2, 1)").to_a
+        expect(rows.size).to eq(50)
+        scans = conn.exec("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'tasker_workflow_steps'")
+        expect(scans.first["seq_scan"]).to eq(0)
+      end
+    end
+
     it "counts the suspects it claims in the limit" do
       ids = three_ready
       expect(claim_v2(limit: 2, suspects: 5).map { |r| r["task_id"] }).to eq([ids[0], ids[1]])

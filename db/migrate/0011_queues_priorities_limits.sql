@@ -1,4 +1,4 @@
--- tasker_core schema, version 10: queues, priorities, scheduled start and
+-- tasker_core schema, version 11: queues, priorities, scheduled start and
 -- concurrency limits.
 --
 -- Each step has a queue (the template's or the task's, else 'default'), a

@@ -1,4 +1,4 @@
--- tasker_core schema, version 11: recurring tasks (TaskerCore::Recurring).
+-- tasker_core schema, version 12: recurring tasks (TaskerCore::Recurring).
 --
 -- One row per recurring schedule (the `recurring:` entries of the
 -- configuration, by name): the latest tick an orchestrator created a task
