@@ -9,7 +9,5 @@
 require_relative "config/environment"
 
 TaskerCore::Store.migrate!(ENV.fetch("DATABASE_URL"))
-# The worker serves the default queue.
-BenchNoopJob.queue_as :default
 adapter = ActiveJob::Base.queue_adapter
 ActiveJobPeer.serve { |k| adapter.enqueue_all(Array.new(k) { BenchNoopJob.new }) }

@@ -530,7 +530,7 @@ module Bench
         dir: "activejob_tasker", starts: PEER_PROCESSES, database: "tasker_activejob", endpoints: true,
         libpq_url: true, # no ActiveRecord: the URL goes to libpq, which takes no pool= parameter
         before: [["worker.rb", "orchestrator", "--stats-interval", "0"]],
-        worker: ["worker.rb", "worker", "--concurrency", PEER_THREADS.to_s],
+        worker: ["worker.rb", "worker", "--queues", "bench", "--concurrency", PEER_THREADS.to_s],
         env: { "TASKER_LOG_LEVEL" => "warn" },
         live_sql: "SELECT count(*) AS n FROM tasker_workers WHERE connected",
         done_sql: "SELECT count(*) AS n FROM tasker_tasks WHERE namespace = 'active_job' AND state = 'complete'",

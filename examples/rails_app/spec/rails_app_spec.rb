@@ -149,7 +149,8 @@ RSpec.describe "examples/rails_app" do
 
   it "runs ActiveJob jobs on tasker_core: queue, priority, wait, retry_on, discard_on, enqueue_all and an unhandled error" do
     spawn_tty(@env, "bin/tasker", "orchestrator", "--stats-interval", "0", log: log("aj_orchestrator"))
-    spawn_tty(@env, "bundle", "exec", "tasker", "worker", "--concurrency", "4", log: log("aj_worker"))
+    spawn_tty(@env, "bundle", "exec", "tasker", "worker", "--concurrency", "4", "--queues", "default,receipts",
+              log: log("aj_worker"))
     wait_for_log("aj_orchestrator", /tasker orchestrator: running/)
 
     script = <<~'RUBY'
@@ -160,7 +161,7 @@ RSpec.describe "examples/rails_app" do
         retried: OrderReceiptJob.perform_later(202, busy: 2).provider_job_id,
         discarded: OrderReceiptJob.perform_later(-1).provider_job_id,
         unhandled: OrderReceiptJob.perform_later(0).provider_job_id,
-        later: OrderReceiptJob.set(wait: 3, priority: 7).perform_later(203).provider_job_id
+        later: OrderReceiptJob.set(wait: 3, priority: 7, queue: "receipts").perform_later(203).provider_job_id
       }
       all = [OrderReceiptJob.new(204), OrderReceiptJob.new(205)]
       puts "adapter=#{adapter.class.name} enqueue_all=#{adapter.enqueue_all(all)}"
@@ -195,7 +196,8 @@ RSpec.describe "examples/rails_app" do
     by_id = jobs.to_h { |j| [j["id"], j] }
     expect(ids.except("unhandled").values.flatten.map { |id| by_id.fetch(id)["state"] }.uniq).to eq(["complete"]) # discard_on too
     expect(by_id.fetch(ids["unhandled"])).to include("state" => "error", "attempts" => 1, "failed" => true) # not retried by us
-    expect(by_id.fetch(ids["later"])).to include("queue" => "default", "priority" => -7) # ActiveJob's 7 (lower first) is our -7
+    expect(by_id.fetch(ids["later"])).to include("queue" => "receipts", "priority" => -7) # ActiveJob's 7 (lower first) is our -7
+    expect(by_id.fetch(ids["plain"])).to include("queue" => "default", "priority" => 0)
     retried = jobs.select { |j| j["identity_key"].start_with?("active_job/OrderReceiptJob/") && j["state"] == "complete" }
                   .map { |j| j["identity_key"].split("/").last.to_i }
     expect(retried.tally.fetch(2)).to be >= 1 # the third execution (executions 0, 1, 2): two re-enqueues by retry_on
