@@ -97,3 +97,64 @@ RSpec.describe TaskerCore::Recurring do
     end
   end
 end
+
+RSpec.describe TaskerCore::Recurring::Scheduler, :db do
+  include StoreHelpers
+
+  before { use_templates(template("ping", [step("only")], namespace: "ops")) }
+
+  def schedules(backfill:, queue: nil, priority: nil)
+    entry = { name: "tick", task: "ping", namespace: "ops", cron: "* * * * * *", backfill: backfill,
+              queue: queue, priority: priority }.compact
+    config = TaskerCore::Config.load(env: "test", overrides: { recurring: [entry] })
+    TaskerCore::Recurring.schedules(config)
+  end
+
+  def ticks
+    TaskerCore::Store.with_connection do |c|
+      c.exec("SELECT identity_key FROM tasker_tasks WHERE identity_key LIKE 'recurring:tick:%' ORDER BY identity_key")
+       .map { |r| Time.iso8601(r["identity_key"].delete_prefix("recurring:tick:")) }
+    end
+  end
+
+  def recorded_last
+    TaskerCore::Store.with_connection do |c|
+      c.exec("SELECT last_tick_at, last_task_id FROM tasker_recurring_schedules WHERE name = 'tick'").first
+    end
+  end
+
+  it "with backfill: true creates the latest MAX_TICKS ticks missed since the recorded one, and says it skipped older ones" do
+    long_ago = Time.at(Time.now.to_i - 3600).utc
+    TaskerCore::Store.with_connection do |c|
+      c.exec("INSERT INTO tasker_recurring_schedules (name, last_tick_at) VALUES ('tick', $1)", [long_ago.iso8601])
+    end
+    log = StringIO.new
+    started = Time.now
+    scheduler = described_class.new(schedules(backfill: true, queue: "ops_q", priority: 5),
+                                     logger: Logger.new(log)).start
+    wait_until(timeout: 20, message: "the backfill") { ticks.size >= TaskerCore::Recurring::MAX_TICKS }
+    scheduler.stop
+    created = ticks
+    backfilled = created.select { |t| t <= started }
+    expect(backfilled.size).to eq(TaskerCore::Recurring::MAX_TICKS)
+    expect(backfilled).to eq((0...backfilled.size).map { |i| backfilled.first + i }) # the latest ones, one a second
+    expect(backfilled.last).to be > started - 2
+    expect(log.string).to include("tasker recurring: tick: ticks before #{backfilled.first.utc.iso8601} skipped")
+    expect(Time.parse(recorded_last["last_tick_at"].to_s)).to eq(created.last)
+    steps = TaskerCore.task(recorded_last["last_task_id"])[:steps]
+    expect(steps.map { |s| s.values_at(:queue, :priority) }).to eq([["ops_q", 5]])
+  end
+
+  it "without backfill starts from now and stops at once when told, mid-wait" do
+    TaskerCore::Store.with_connection do |c|
+      c.exec("INSERT INTO tasker_recurring_schedules (name, last_tick_at) VALUES ('tick', now() - interval '1 hour')")
+    end
+    started = Time.now
+    scheduler = described_class.new(schedules(backfill: false), logger: Logger.new(nil)).start
+    wait_until(timeout: 20, message: "two ticks") { ticks.size >= 2 }
+    scheduler.stop
+    expect(scheduler.running?).to be(false)
+    expect(ticks.first).to be > started
+    expect(ticks).to eq((0...ticks.size).map { |i| ticks.first + i })
+  end
+end
