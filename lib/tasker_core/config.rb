@@ -143,6 +143,10 @@ module TaskerCore
                        "null = keep everything."),
       Setting.new(key: "retention.interval_s", type: :integer, default: 600, min: 1,
                   doc: "How often the orchestrator process looks for finished tasks past retention.finished_after."),
+      Setting.new(key: "active_job.timeout_ms", type: :integer, default: 3_600_000, min: 1,
+                  doc: "Timeout of the step that runs an ActiveJob job (the queue adapter :tasker_core): a job " \
+                       "still running after it is abandoned and its step fails (StepTimeoutError). Jobs often " \
+                       "run longer than steps, hence its own setting (worker.step_timeout_ms is for steps)."),
       Setting.new(key: "recurring", type: :recurring, default: [],
                   doc: "Recurring tasks, created by the orchestrator processes exactly once per tick: a list of " \
                        "entries with name (unique), task (a template), cron (fugit syntax: five fields, or six " \

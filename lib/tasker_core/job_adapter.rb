@@ -19,6 +19,8 @@ module TaskerCore
   #   visible in `tasker status` and the dashboard, and `tasker step retry`
   #   runs it again.
   #
+  # The step times out after active_job.timeout_ms (an hour by default).
+  #
   # Tasks carry the identity_key "active_job/<job class>/<job_id>/<executions>":
   # enqueueing the same execution of a job twice makes one task, and status
   # counts jobs by class from it without decoding contexts.
@@ -39,18 +41,23 @@ module TaskerCore
 
     class << self
       # The built-in template, in a registry of its own (the app's
-      # config/tasks is not involved). Steps time out after
-      # worker.step_timeout_ms, as any step without its own timeout_ms.
+      # config/tasks is not involved); its step times out after
+      # active_job.timeout_ms (read when the configuration changes).
       def templates
-        @templates ||= TaskTemplateRegistry.new.tap do |r|
-          r.register(TaskTemplate.new(
-                       { "name" => NAME, "namespace" => NAMESPACE, "version" => VERSION,
-                         "description" => "An ActiveJob job: one step running ActiveJob::Base.execute on its data",
-                         "steps" => [{ "name" => NAME, "handler" => HANDLER,
-                                       "retry" => { "retryable" => false, "max_attempts" => 1 } }] },
-                       path: "(tasker_core's ActiveJob template)"
-                     ))
-        end
+        timeout = TaskerCore.config.dig("active_job", "timeout_ms")
+        cached = @templates
+        return cached.last if cached && cached.first == timeout
+
+        registry = TaskTemplateRegistry.new
+        registry.register(TaskTemplate.new(
+                            { "name" => NAME, "namespace" => NAMESPACE, "version" => VERSION,
+                              "description" => "An ActiveJob job: one step running ActiveJob::Base.execute on its data",
+                              "steps" => [{ "name" => NAME, "handler" => HANDLER, "timeout_ms" => timeout,
+                                            "retry" => { "retryable" => false, "max_attempts" => 1 } }] },
+                            path: "(tasker_core's ActiveJob template)"
+                          ))
+        @templates = [timeout, registry]
+        registry
       end
 
       # Creates one task per job in one statement; sets each job's

@@ -81,6 +81,8 @@ RSpec.describe "tasker status", :db do
     ids = TaskerCore::Tasks.create_tasks([job.("ReportJob", 1), job.("ReportJob", 2), job.("Admin::MailJob", 3)],
                                          templates: TaskerCore::JobAdapter.templates)
     TaskerCore.cancel_task(ids.last)
+    timeouts = TaskerCore::Store.with_connection { |c| c.exec("SELECT DISTINCT timeout_ms FROM tasker_workflow_steps").map { |r| r["timeout_ms"] } }
+    expect(timeouts).to eq([3_600_000]) # active_job.timeout_ms, not worker.step_timeout_ms
     TaskerCore::Store.with_connection do |c|
       c.exec("INSERT INTO tasker_recurring_schedules (name, last_tick_at, last_task_id) VALUES ('hourly_orders', '2026-01-02T03:00:00Z', 77)")
     end
