@@ -45,17 +45,20 @@ CREATE INDEX tasker_workflow_steps_queue_ready
 DROP INDEX tasker_workflow_steps_ready;
 
 -- In-flight steps with a concurrency key (only those: the index is empty
--- when no template sets a limit), counted per key by the claim.
+-- when no template sets a limit), counted per key by the claim
+-- (tasker_key_has_room).
 CREATE INDEX tasker_workflow_steps_in_flight_key ON tasker_workflow_steps (concurrency_key)
   WHERE concurrency_key IS NOT NULL AND state IN ('enqueued', 'in_progress');
 
 -- ---------------------------------------------------------------------------
 -- Creating tasks.
 
--- tasker_create_tasks (version 9) with, per task and step (task by task,
--- steps in template order), the queue, priority, concurrency key and limit,
--- and per task when it may start: p_run_at (NULL: now) or p_delay_s
--- seconds from now (NULL: none). NULL arrays: 'default', 0, no limit, now.
+-- tasker_create_tasks (version 9) with the queue, priority, concurrency key
+-- and limit of each step, either per step of the template (arrays of one
+-- element per step: the same for every task, the usual case) or per task and
+-- step (task by task, steps in template order), and per task when it may
+-- start: p_run_at (NULL: now) or p_delay_s seconds from now (NULL: none).
+-- NULL arrays: 'default', 0, no limit, now.
 CREATE FUNCTION tasker_create_tasks_v2(
   p_namespace text, p_name text, p_version text, p_definition jsonb, p_contexts bytea[], p_identity_keys text[],
   p_step_names text[], p_handlers text[], p_handler_configs bytea[], p_timeouts_ms int[],
@@ -69,6 +72,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
   v_n int := coalesce(cardinality(p_contexts), 0);
   v_steps int := cardinality(p_step_names);
+  -- placement arrays per step (shared by every task) or per task and step
+  v_shared boolean := coalesce(cardinality(p_queues), v_steps) = v_steps;
   v_template bigint;
   v_ids bigint[];
   v_new bigint[];
@@ -99,16 +104,14 @@ BEGIN
                                          queue, priority, concurrency_key, concurrency_limit, next_attempt_at)
       SELECT t.id, x.name, x.handler, x.config, coalesce(p.n, 0),
              x.retryable, x.max_attempts, x.base, x.cap, x.jitter, x.timeout,
-             coalesce(p_queues[(t.ord - 1) * v_steps + x.ord], 'default'),
-             coalesce(p_priorities[(t.ord - 1) * v_steps + x.ord], 0),
-             p_concurrency_keys[(t.ord - 1) * v_steps + x.ord],
-             CASE WHEN p_concurrency_keys[(t.ord - 1) * v_steps + x.ord] IS NOT NULL
-                  THEN p_concurrency_limits[(t.ord - 1) * v_steps + x.ord] END,
+             coalesce(p_queues[k.i], 'default'), coalesce(p_priorities[k.i], 0), p_concurrency_keys[k.i],
+             CASE WHEN p_concurrency_keys[k.i] IS NOT NULL THEN p_concurrency_limits[k.i] END,
              coalesce(p_run_at[t.ord], now() + p_delay_s[t.ord] * interval '1 second', now())
         FROM unnest(v_ids) WITH ORDINALITY AS t(id, ord)
        CROSS JOIN unnest(p_step_names, p_handlers, p_handler_configs, p_timeouts_ms, p_retryable, p_max_attempts,
                          p_backoff_base_ms, p_backoff_cap_ms, p_jitter)
              WITH ORDINALITY AS x(name, handler, config, timeout, retryable, max_attempts, base, cap, jitter, ord)
+       CROSS JOIN LATERAL (SELECT CASE WHEN v_shared THEN x.ord ELSE (t.ord - 1) * v_steps + x.ord END::int AS i) k
         LEFT JOIN (SELECT e.to_name, count(*)::int AS n FROM unnest(p_edge_to) AS e(to_name) GROUP BY e.to_name) p
           ON p.to_name = x.name
        WHERE t.id = ANY (v_new)
@@ -155,6 +158,15 @@ $$;
 -- ---------------------------------------------------------------------------
 -- Claiming.
 
+-- Fewer than p_limit steps with concurrency key p_key in flight now. The
+-- claim asks it only of steps with a key, so a step whose key is at its
+-- limit is not a candidate (the count is made again under the lock).
+CREATE FUNCTION tasker_key_has_room(p_key text, p_limit int) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+  SELECT count(*) < p_limit FROM tasker_workflow_steps f
+   WHERE f.concurrency_key = p_key AND f.state IN ('enqueued', 'in_progress')
+$$;
+
 -- Ready steps claimed to p_state as tasker_claim (version 9) does, from the
 -- queues p_queues only, each up to p_queue_room of it (what the workers
 -- serving it have free), p_limit in all, with version 8's suspect budget:
@@ -177,7 +189,6 @@ RETURNS TABLE (step_id bigint, task_id bigint, step_name text, handler text, han
 LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
 #variable_conflict use_column
 DECLARE
-  v_full text[];
   v_ids bigint[];
   v_queues text[];
   v_keys text[];
@@ -189,14 +200,6 @@ BEGIN
   IF coalesce(p_limit, 0) <= 0 OR coalesce(cardinality(p_queues), 0) = 0 THEN
     RETURN;
   END IF;
-
-  -- Keys at their limit now, so their steps are not candidates (a hint:
-  -- counted again under the lock). An empty index scan without limits.
-  SELECT array_agg(k.key) INTO v_full
-    FROM (SELECT s.concurrency_key AS key FROM tasker_workflow_steps s
-           WHERE s.concurrency_key IS NOT NULL AND s.state IN ('enqueued', 'in_progress')
-           GROUP BY s.concurrency_key HAVING count(*) >= min(s.concurrency_limit)) k;
-  v_full := coalesce(v_full, '{}'::text[]);
 
   -- Candidates, locked: suspects, then per queue in claim order. A step
   -- ready no later than now has a claim order no later than now + 100 s
@@ -211,7 +214,7 @@ BEGIN
      WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.next_attempt_at <= now()
        AND s.lost_attempts >= p_suspect_lost AND t.state IN ('pending', 'in_progress')
        AND s.queue IN (SELECT room.name FROM room)
-       AND (s.concurrency_key IS NULL OR s.concurrency_key <> ALL (v_full))
+       AND CASE WHEN s.concurrency_key IS NULL THEN true ELSE tasker_key_has_room(s.concurrency_key, s.concurrency_limit) END
      ORDER BY s.next_attempt_at, s.id
      LIMIT greatest(least(coalesce(p_suspect_limit, 0), p_limit), 0)
      FOR UPDATE OF s SKIP LOCKED
@@ -225,7 +228,7 @@ BEGIN
          AND tasker_claim_order(s.next_attempt_at, s.priority) <= now() + interval '100 seconds'
          AND s.next_attempt_at <= now()
          AND (p_suspect_lost IS NULL OR s.lost_attempts < p_suspect_lost) AND t.state IN ('pending', 'in_progress')
-         AND (s.concurrency_key IS NULL OR s.concurrency_key <> ALL (v_full))
+         AND CASE WHEN s.concurrency_key IS NULL THEN true ELSE tasker_key_has_room(s.concurrency_key, s.concurrency_limit) END
        ORDER BY tasker_claim_order(s.next_attempt_at, s.priority), s.id
        LIMIT least(room.room, p_limit)
        FOR UPDATE OF s SKIP LOCKED

@@ -201,12 +201,16 @@ module TaskerCore
          edges.map(&:first), edges.map(&:last)]
       end
 
-      # Per task and step (task by task, steps in template order): queue,
-      # priority, concurrency key and limit; per task: run_at and delay.
+      # The steps' queue, priority, concurrency key and limit: per step when
+      # every task places its steps alike (the usual case: arrays one step
+      # long), else per task and step (task by task, steps in template
+      # order); per task run_at and delay, NULL when no task has one.
       def task_params(tasks)
-        placed = tasks.flat_map(&:placement)
+        placed = tasks.map(&:placement).uniq.size == 1 ? tasks.first.placement : tasks.flat_map(&:placement)
+        run_at = tasks.map { |t| t.run_at&.utc&.strftime("%Y-%m-%d %H:%M:%S.%6N+00") }
+        delay = tasks.map(&:delay)
         [placed.map { |p| p[0] }, placed.map { |p| p[1] }, placed.map { |p| p[2] }, placed.map { |p| p[3] },
-         tasks.map { |t| t.run_at&.utc&.strftime("%Y-%m-%d %H:%M:%S.%6N+00") }, tasks.map(&:delay)]
+         (run_at if run_at.any?), (delay if delay.any?)]
       end
 
       def call_bool(sql, params)

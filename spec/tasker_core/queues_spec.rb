@@ -99,6 +99,15 @@ RSpec.describe "Queues, priorities, scheduled start and concurrency limits", :db
       expect(s.transform_values { |x| [x[:queue], x[:priority]] }).to eq("a" => ["api", -7], "b" => ["bulk", -7])
     end
 
+    it "places each entry of one create_tasks call on its own (per task and step when they differ)" do
+      ids = TaskerCore.create_tasks([{ name: "two", queue: "q1" }, { name: "two", priority: 9 },
+                                     { name: "keyed", context: { "customer" => { "id" => 1 } } },
+                                     { name: "keyed", context: { "customer" => { "id" => 2 } } }])
+      expect(steps_of(ids[0]).transform_values { |x| [x[:queue], x[:priority]] }).to eq("a" => ["api", 2], "b" => ["q1", 2])
+      expect(steps_of(ids[1]).transform_values { |x| [x[:queue], x[:priority]] }).to eq("a" => ["api", 9], "b" => ["default", 9])
+      expect(ids[2..].map { |id| steps_of(id)["a"][:concurrency_key] }).to eq(%w[cust-1 cust-2])
+    end
+
     it "computes the concurrency key from the context and refuses a context without it" do
       s = steps_of(TaskerCore.create_task(name: "keyed", context: { "customer" => { "id" => 42 } }))
       expect(s["a"].values_at(:concurrency_key, :concurrency_limit)).to eq(["cust-42", 1])
