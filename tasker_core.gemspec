@@ -31,6 +31,9 @@ Gem::Specification.new do |spec|
   spec.metadata["rubygems_mfa_required"] = "true"
 
   spec.add_dependency "json_schemer", "~> 2.0" # task templates' context_schema
+  # Recurring tasks' cron expressions (TaskerCore::Recurring): the parser
+  # GoodJob and Solid Queue use, with time zones and next/previous times.
+  spec.add_dependency "fugit", "~> 1.11"
   # TaskerCore::Web, the dashboard: a Rack app (request parsing, escaping, the
   # interface Rails' `mount` and every Ruby server speak); Rack 2 (Rails 7.0)
   # and Rack 3 both work ...

@@ -38,6 +38,7 @@ CONTENDERS = {
   "sidekiq2" => "Sidekiq 2x10",
   "goodjob" => "GoodJob #{Bench::E2E::PEER_PROCESSES}x#{Bench::E2E::PEER_THREADS}",
   "solidqueue" => "Solid Queue #{Bench::E2E::PEER_PROCESSES}x#{Bench::E2E::PEER_THREADS}",
+  "taskeraj" => "ours via ActiveJob (loop + #{Bench::E2E::PEER_PROCESSES}x#{Bench::E2E::PEER_THREADS})",
   "sql" => "SQL floor (2 clients)"
 }.freeze
 WANTED = ENV.fetch("E2E_CONTENDERS", CONTENDERS.keys.join(",")).split(",")
@@ -178,6 +179,10 @@ targets << { "label" => label, "ours" => OURS, "peer" => CONTENDERS["sql"], "met
 
   targets << { "label" => label, "ours" => OURS, "peer" => CONTENDERS[k], "metric" => "steps/s", "min_ratio" => 10.0 }
 end
+if want.("taskeraj") && want.("goodjob")
+  targets << { "label" => label, "ours" => CONTENDERS["taskeraj"], "peer" => CONTENDERS["goodjob"], "metric" => "steps/s",
+               "min_ratio" => 5.0 }
+end
 limits = [
   { "label" => label, "contender" => OURS, "metric" => "CPU per step, all processes", "max" => 60 },
   { "label" => label, "contender" => OURS, "metric" => "CPU per step, PostgreSQL / Redis", "max" => 35 },
@@ -196,7 +201,10 @@ notes = [
   "keeps no claim time); SQL floor = claimed_at to completed_at; Sidekiq = enqueued_at to the " \
   "job's start (its only timestamps: with the whole backlog pushed at once, this is mostly time waiting in the " \
   "queue, so it is not comparable with the others).",
-  "GoodJob and Solid Queue ran #{ACTIVEJOB_STEPS} jobs per repeat (E2E_ACTIVEJOB_STEPS), the others #{STEPS}: " \
+  "ours via ActiveJob: the same no-op ActiveJob job as GoodJob's, through the queue adapter :tasker_core " \
+  "(enqueue_all, 1,000 per statement), one task of one step per job, run by `tasker worker` processes of a Rails " \
+  "7.0 app and one `tasker orchestrator`, in a database of its own in the same cluster.",
+  "GoodJob, Solid Queue and ours via ActiveJob ran #{ACTIVEJOB_STEPS} jobs per repeat (E2E_ACTIVEJOB_STEPS), the others #{STEPS}: " \
   "at their rates a full-size run would take minutes per repeat; their rates are steady well before that.",
   "Half the peak rate: ours once more after the repeats, the tasks created 10 at a time on a schedule of half " \
   "its median steps/s (a steady offered load, not a backlog); the other contenders are not run paced.",

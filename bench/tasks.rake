@@ -36,7 +36,7 @@ namespace :bench do
     bench_ruby "bench/transport_bench.rb"
   end
 
-  desc "End to end: ours vs Sidekiq 1x10 and 2x10, GoodJob, Solid Queue and the batched-SQL floor (E2E_STEPS=N, E2E_CONTENDERS=...)"
+  desc "End to end: ours (and ours via ActiveJob) vs Sidekiq 1x10 and 2x10, GoodJob, Solid Queue and the batched-SQL floor (E2E_STEPS=N, E2E_CONTENDERS=...)"
   task e2e: :compile do
     bench_ruby "bench/e2e_bench.rb"
   end

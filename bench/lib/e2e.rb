@@ -527,13 +527,46 @@ module Bench
         truncate: %w[solid_queue_jobs solid_queue_ready_executions solid_queue_claimed_executions
                      solid_queue_failed_executions],
         jobs: "solid_queue_jobs", latency: nil
+      },
+      # ActiveJob on tasker_core (the adapter :tasker_core): one orchestrator
+      # (before:) and PEER_PROCESSES `tasker worker` x PEER_THREADS, in a
+      # database of their own (database:), so that ours' orchestrator never
+      # claims these jobs' steps nor theirs ours; endpoints: free TCP ports.
+      "taskeraj" => {
+        dir: "activejob_tasker", starts: PEER_PROCESSES, database: "tasker_activejob", endpoints: true,
+        libpq_url: true, # no ActiveRecord: the URL goes to libpq, which takes no pool= parameter
+        before: [["worker.rb", "orchestrator", "--stats-interval", "0"]],
+        worker: ["worker.rb", "worker", "--queues", "bench", "--concurrency", PEER_THREADS.to_s],
+        env: { "TASKER_LOG_LEVEL" => "warn" },
+        live_sql: "SELECT count(*) AS n FROM tasker_workers WHERE connected",
+        done_sql: "SELECT count(*) AS n FROM tasker_tasks WHERE namespace = 'active_job' AND state = 'complete'",
+        truncate: %w[tasker_workflow_step_transitions tasker_task_transitions tasker_workflow_step_edges
+                     tasker_workflow_steps tasker_tasks],
+        jobs: "tasker_tasks", latency: nil
       }
     }.freeze
 
-    def peer_env(peer)
+    def peer_env(peer, st)
       dir = File.join(BENCH_DIR, peer[:dir])
       { "BUNDLE_GEMFILE" => File.join(dir, "Gemfile"), "RUBYOPT" => "-rbundler/setup",
-        "DATABASE_URL" => "#{@url}?pool=#{PEER_THREADS + 5}", "RAILS_ENV" => "production" }.merge(peer[:env])
+        "DATABASE_URL" => peer[:libpq_url] ? st[:url] : "#{st[:url]}?pool=#{PEER_THREADS + 5}", "RAILS_ENV" => "production" }
+        .merge(peer[:env]).merge(st[:env])
+    end
+
+    # The peer's database: the benchmark's, or one of its own in the same cluster.
+    def peer_database(peer, st)
+      st[:url] = @url
+      st[:env] = {}
+      if peer[:endpoints]
+        st[:env] = { "TASKER_BATCH_ENDPOINT" => "tcp://127.0.0.1:#{Bench.free_port}",
+                     "TASKER_RESULT_ENDPOINT" => "tcp://127.0.0.1:#{Bench.free_port}" }
+      end
+      return unless peer[:database]
+
+      @conn.exec("CREATE DATABASE #{peer[:database]}") if @conn.exec("SELECT 1 FROM pg_database WHERE datname = $1",
+                                                                     [peer[:database]]).none?
+      st[:url] = @url.sub(%r{/[^/?]+(\?|\z)}) { "/#{peer[:database]}#{Regexp.last_match(1)}" }
+      st[:conn] = TaskerCore::Store::Connection.new(st[:url], connect_timeout: 10)
     end
 
     def start_activejob_peer(name)
@@ -541,23 +574,26 @@ module Bench
       dir = File.join(BENCH_DIR, peer[:dir])
       @peers ||= {}
       st = @peers[name] = { log: File.join(Dir.tmpdir, "tasker_bench_#{name}_#{Process.pid}.log") }
+      peer_database(peer, st)
+      conn = st[:conn] || @conn
       r, w = IO.pipe
       ir, iw = IO.pipe
-      st[:enqueuer] = spawn_child(Gem.ruby, File.join(dir, "enqueuer.rb"), env: peer_env(peer), chdir: dir,
+      st[:enqueuer] = spawn_child(Gem.ruby, File.join(dir, "enqueuer.rb"), env: peer_env(peer, st), chdir: dir,
                                                                             in: ir, out: w, err: st[:log])
       w.close
       ir.close
       st[:out] = r
       st[:in] = iw
       read_line(st[:out], "ready", 120)
-      cmd = peer[:worker].dup
-      cmd[0] = File.join(dir, cmd[0])
-      st[:pids] = Array.new(peer[:starts]) do
-        spawn_child(Gem.ruby, *cmd, env: peer_env(peer), chdir: dir, out: st[:log], err: [:child, :out])
+      commands = (peer[:before] || []) + Array.new(peer[:starts]) { peer[:worker] }
+      st[:pids] = commands.map do |command|
+        cmd = command.dup
+        cmd[0] = File.join(dir, cmd[0])
+        spawn_child(Gem.ruby, *cmd, env: peer_env(peer, st), chdir: dir, out: st[:log], err: [:child, :out])
       end
       Bench.wait_until(120, "#{name}'s processes (see #{st[:log]})", interval: 0.1) do
         st[:pids].each { |pid| raise "#{name} exited: #{File.read(st[:log])[-2000..]}" if Process.waitpid(pid, Process::WNOHANG) }
-        @conn.exec(peer[:live_sql]).first["n"].to_i >= PEER_PROCESSES
+        conn.exec(peer[:live_sql]).first["n"].to_i >= PEER_PROCESSES
       end
     end
 
@@ -569,6 +605,7 @@ module Bench
           @children.delete(pid)
         end
         st[:out]&.close
+        st[:conn]&.close
         File.delete(st[:log]) if File.exist?(st[:log]) && !ENV["BENCH_KEEP_LOGS"]
       end
       @peers = {}
@@ -579,8 +616,9 @@ module Bench
     def run_activejob_peer(name, steps, timeout: 600)
       peer = ACTIVEJOB_PEERS.fetch(name)
       st = @peers.fetch(name)
-      @conn.exec("TRUNCATE #{peer[:truncate].join(', ')} CASCADE")
-      peer[:truncate].each { |t| @conn.exec("VACUUM ANALYZE #{t}") }
+      conn = st[:conn] || @conn
+      conn.exec("TRUNCATE #{peer[:truncate].join(', ')} CASCADE")
+      peer[:truncate].each { |t| conn.exec("VACUUM ANALYZE #{t}") }
       pids = [@postmaster, st[:enqueuer], *st[:pids]]
       groups = { "database" => [@postmaster], "workers" => st[:pids], "creator" => [st[:enqueuer]] }
       split0 = groups.transform_values { |g| Bench.tree_cpu_s(g) }
@@ -591,15 +629,15 @@ module Bench
       read_line(st[:out], "enqueued", timeout)
       created_s = wall - t0
       Bench.wait_until(timeout, "#{steps} #{name} jobs", interval: 0.05) do
-        @conn.exec(peer[:done_sql]).first["n"].to_i >= steps
+        conn.exec(peer[:done_sql]).first["n"].to_i >= steps
       end
       cpu1 = cpu_now(pids)
       split = groups.to_h { |k, g| [k, ((Bench.tree_cpu_s(g) - split0[k]) * 1e6 / steps).round(1)] }
-      done = @conn.exec(peer[:done_sql]).first["n"].to_i
+      done = conn.exec(peer[:done_sql]).first["n"].to_i
       raise "only #{done} of #{steps} #{name} jobs succeeded" unless done == steps
 
       lat = peer[:latency] || "NULL::float8"
-      row = @conn.exec(<<~SQL).first
+      row = conn.exec(<<~SQL).first
         SELECT extract(epoch FROM max(finished_at))::float8 AS last,
                percentile_cont(0.5) WITHIN GROUP (ORDER BY #{lat}) AS p50,
                percentile_cont(0.99) WITHIN GROUP (ORDER BY #{lat}) AS p99

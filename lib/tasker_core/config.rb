@@ -6,6 +6,7 @@ require "did_you_mean"
 require_relative "errors"
 require_relative "logging"
 require_relative "queues"
+require_relative "recurring"
 
 module TaskerCore
   # The resolved configuration: schema defaults, deep-merged with the file's
@@ -142,6 +143,17 @@ module TaskerCore
                        "null = keep everything."),
       Setting.new(key: "retention.interval_s", type: :integer, default: 600, min: 1,
                   doc: "How often the orchestrator process looks for finished tasks past retention.finished_after."),
+      Setting.new(key: "active_job.timeout_ms", type: :integer, default: 3_600_000, min: 1,
+                  doc: "Timeout of the step that runs an ActiveJob job (the queue adapter :tasker_core): a job " \
+                       "still running after it is abandoned and its step fails (StepTimeoutError). Jobs often " \
+                       "run longer than steps, hence its own setting (worker.step_timeout_ms is for steps)."),
+      Setting.new(key: "recurring", type: :recurring, default: [],
+                  doc: "Recurring tasks, created by the orchestrator processes exactly once per tick: a list of " \
+                       "entries with name (unique), task (a template), cron (fugit syntax: five fields, or six " \
+                       "with seconds first, an optional time zone, or @hourly and the like) and optionally " \
+                       "namespace, version, context, queue, priority and backfill (default false: ticks missed " \
+                       "while no orchestrator ran are skipped; true: the latest #{Recurring::MAX_TICKS} missed are created). An " \
+                       "environment section's list replaces the default one. See README, Recurring tasks."),
     ].to_h { |s| [s.key, s.freeze] }.freeze
 
     # Every key that holds settings rather than a value: "zeromq", "worker", ...
@@ -250,7 +262,7 @@ module TaskerCore
 
         doc.to_h do |name, section|
           name = name.to_s
-          if SECTIONS.include?(name)
+          if SECTIONS.include?(name) || SCHEMA.key?(name)
             fail_at(path, nil, name, "settings go under #{BASE_SECTION}: or an environment section, not at the top level")
           end
           unless section.nil? || section.is_a?(Hash)
@@ -295,6 +307,11 @@ module TaskerCore
         return if value.nil? && setting.nullable
         if setting.type == :queue_map && (problem = queue_map_problem(value))
           fail_at(path, source, problem[0], problem[1])
+        end
+        if setting.type == :recurring
+          where, problem = Recurring.problem(value)
+          fail_at(path, source, "#{setting.key}#{where}", problem) if problem
+          return
         end
         return if valid?(setting, value)
 
@@ -361,6 +378,7 @@ module TaskerCore
         when :duration then "a duration such as \"14d\" (a whole number and s, m, h or d)#{' or null' if setting.nullable}"
         when :queue_list then "a list of 1 to #{Queues::MAX_PER_WORKER} queue names (A-Z a-z 0-9 _ . : -, 1 to 63 characters)"
         when :queue_map then "a mapping of queue names to { concurrency: Integer >= 1 }"
+        when :recurring then "a list of recurring task entries"
         end
       end
 
@@ -412,6 +430,7 @@ module TaskerCore
       def deep_freeze(value)
         case value
         when Hash then value.to_h { |k, v| [k.dup.freeze, deep_freeze(v)] }.freeze
+        when Array then value.map { |v| deep_freeze(v) }.freeze
         when String then value.dup.freeze
         else value.freeze
         end
@@ -442,6 +461,7 @@ module TaskerCore
     def tasks = @data["tasks"]
     def retention = @data["retention"]
     def queues = @data["queues"]
+    def recurring = @data["recurring"]
 
     # Keeps a password in database.url out of logs and consoles.
     def inspect

@@ -28,6 +28,13 @@ module TaskerCore
       ENV["TASKER_ENV"] ||= Rails.env.to_s
     end
 
+    # config.active_job.queue_adapter = :tasker_core: ActiveJob looks the
+    # adapter up by constant when ActiveJob::Base loads (at the latest in
+    # the app's initializers).
+    initializer "tasker_core.active_job", before: :load_config_initializers do
+      require "active_job/queue_adapters/tasker_core_adapter" if defined?(::ActiveJob::Railtie)
+    end
+
     initializer "tasker_core.logger", after: :initialize_logger do
       TaskerCore.logger = Rails.logger
     end

@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require_relative "store"
+require_relative "internal/background_thread"
 
 module TaskerCore
   # Deletes finished tasks (complete, error, cancelled) older than a cutoff,
@@ -60,6 +61,8 @@ module TaskerCore
     # it deleted (and nothing when there was nothing), and survives database
     # errors (logged; tried again next time).
     class Sweeper
+      include Internal::BackgroundThread
+
       def self.from_config(config = TaskerCore.config, url: nil)
         after = config.retention["finished_after"]
         return nil if after.nil?
@@ -74,45 +77,18 @@ module TaskerCore
         @url = url
         @connect_timeout = connect_timeout
         @logger = logger
-        @lock = Mutex.new
-        @wake = ConditionVariable.new
-        @stopping = false
-        @thread = nil
+        init_background_thread
       end
-
-      def start
-        @thread ||= Thread.new do
-          Thread.current.name = "tasker_core retention"
-          sweep_until_stopped
-        end
-        self
-      end
-
-      def stop
-        return unless @thread
-
-        @lock.synchronize do
-          @stopping = true
-          @wake.signal
-        end
-        @thread.join
-        @thread = nil
-        @stopping = false
-      end
-
-      def running? = !@thread.nil?
 
       private
 
-      def sweep_until_stopped
+      def thread_name = "tasker_core retention"
+
+      def run
         conn = nil
         loop do
           conn = sweep(conn)
-          stop = @lock.synchronize do
-            @wake.wait(@lock, @interval) unless @stopping
-            @stopping
-          end
-          break if stop
+          break if pause(@interval)
         end
       ensure
         conn&.close

@@ -65,6 +65,47 @@ RSpec.describe "tasker status", :db do
     expect(report["workers"]).to eq([]) # none live (the loop's migration is in)
   end
 
+  it "shows the recurring tasks with their last and next ticks, and ActiveJob jobs by class and state" do
+    dir = Dir.mktmpdir("status_recurring")
+    config = File.join(dir, "tasker-config.yml")
+    File.write(config, <<~YAML)
+      default:
+        recurring:
+          - { name: hourly_orders, task: order_fulfilment, namespace: demo, cron: "@hourly" }
+          - { name: nightly, task: order_fulfilment, namespace: demo, cron: "30 2 * * * UTC" }
+    YAML
+    job = lambda do |klass, n|
+      { name: "perform", namespace: "active_job", version: "1", context: { "job_class" => klass },
+        identity_key: "active_job/#{klass}/job-#{n}/0" }
+    end
+    ids = TaskerCore::Tasks.create_tasks([job.("ReportJob", 1), job.("ReportJob", 2), job.("Admin::MailJob", 3)],
+                                         templates: TaskerCore::JobAdapter.templates)
+    TaskerCore.cancel_task(ids.last)
+    timeouts = TaskerCore::Store.with_connection { |c| c.exec("SELECT DISTINCT timeout_ms FROM tasker_workflow_steps").map { |r| r["timeout_ms"] } }
+    expect(timeouts).to eq([3_600_000]) # active_job.timeout_ms, not worker.step_timeout_ms
+    TaskerCore::Store.with_connection do |c|
+      c.exec("INSERT INTO tasker_recurring_schedules (name, last_tick_at, last_task_id) VALUES ('hourly_orders', '2026-01-02T03:00:00Z', 77)")
+    end
+
+    r = tasker("status", "--json", env: db_env.merge("TASKER_CONFIG_PATH" => config))
+    expect(r.exitstatus).to eq(0), r.err
+    report = JSON.parse(r.out)
+    hourly, nightly = report["recurring"]
+    expect(hourly).to include("name" => "hourly_orders", "task" => "demo/order_fulfilment", "cron" => "@hourly",
+                              "last_tick_at" => "2026-01-02T03:00:00Z", "last_task_id" => 77)
+    expect(Time.iso8601(hourly["next_tick_at"])).to be_between(Time.now, Time.now + 3600)
+    expect(nightly).to include("last_tick_at" => nil, "last_task_id" => nil)
+    expect(nightly["next_tick_at"]).to match(/T02:30:00Z\z/)
+    expect(report["jobs"]).to eq([{ "job_class" => "ReportJob", "state" => "pending", "count" => 2 },
+                                  { "job_class" => "Admin::MailJob", "state" => "cancelled", "count" => 1 }])
+
+    r = tasker("status", env: db_env.merge("TASKER_CONFIG_PATH" => config))
+    expect(r.out).to include("Recurring tasks (2)", "ActiveJob jobs (tasks of active_job/perform) by class")
+    expect(r.out.lines.find { |l| l.start_with?("hourly_orders") }.split.first(5))
+      .to eq(%w[hourly_orders demo/order_fulfilment @hourly 2026-01-02T03:00:00Z 77])
+    expect(r.out.lines.find { |l| l.start_with?("ReportJob") }.split).to eq(%w[ReportJob pending 2])
+  end
+
   it "lists live workers from tasker_workers, leaving out disconnected and silent ones" do
     name = "tasker_cli_status_#{Process.pid}_#{rand(1 << 30)}"
     base = db_url.sub(%r{/[^/]+\z}, "")

@@ -8,7 +8,8 @@ require "fileutils"
 # The schema is migrated once; examples tagged :db start from empty tables.
 module DatabaseHelpers
   TABLES = %w[tasker_workflow_step_transitions tasker_task_transitions tasker_workflow_step_edges
-              tasker_workflow_steps tasker_tasks tasker_task_templates tasker_workers].freeze
+              tasker_workflow_steps tasker_tasks tasker_task_templates tasker_workers
+              tasker_recurring_schedules].freeze
 
   class << self
     attr_reader :pg_dir

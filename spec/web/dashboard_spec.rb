@@ -34,8 +34,17 @@ RSpec.describe "TaskerCore::Web dashboard", :db, :web do
     2.times { create }
     failing = create
     run_steps(fail: ["c"])
-    create("single", namespace: "billing")
+    billing = create("single", namespace: "billing")
+    TaskerCore.configure(env: "test", overrides: { recurring: [{ name: "hourly_bill", task: "single", namespace: "billing",
+                                                                  cron: "@hourly" }, { name: "nightly", task: "single",
+                                                                                       namespace: "billing", cron: "0 3 * * *" }] })
+    TaskerCore::Tasks.create_tasks(%w[ReportJob ReportJob Admin::MailJob].each_with_index.map do |klass, i|
+      { name: "perform", namespace: "active_job", version: "1", context: { "job_class" => klass },
+        identity_key: "active_job/#{klass}/job-#{i}/0" }
+    end, templates: TaskerCore::JobAdapter.templates)
     TaskerCore::Store.with_connection do |c|
+      c.exec("INSERT INTO tasker_recurring_schedules (name, last_tick_at, last_task_id) VALUES ('hourly_bill', '2026-01-02T03:00:00Z', $1)",
+             [billing])
       c.exec(<<~SQL)
         SELECT tasker_upsert_workers('orch-test', ARRAY['worker-1'], ARRAY['host-a'], ARRAY[4242], ARRAY[8], ARRAY[3],
                                      ARRAY[extract(epoch FROM now())::float8], ARRAY[2], ARRAY[1], ARRAY['connected'],
@@ -46,13 +55,19 @@ RSpec.describe "TaskerCore::Web dashboard", :db, :web do
     visit
     screenshot("overview")
     by_state = @browser.css("#tasks-by-state .card").to_h { |n| [n.attribute("data-state"), n.at_css(".n").text.to_i] }
-    expect(by_state).to include("complete" => 0, "error" => 3, "pending" => 1)
-    expect(@browser.at_css("#ready-depth").text.to_i).to eq(1) # the billing task's step
+    expect(by_state).to include("complete" => 0, "error" => 3, "pending" => 4) # the billing task and 3 jobs
+    expect(@browser.at_css("#ready-depth").text.to_i).to eq(4) # the billing task's step and the 3 jobs' steps
     expect(@browser.at_css("#throughput-chart")).not_to be_nil
     expect(@browser.at_css("#throughput-now").text).to match(%r{last minute: \d+\.\d\d steps/s})
     worker = @browser.at_css('tr[data-worker-id="worker-1"]').text
     expect(worker).to include("host-a", "4242", "2 / 1", "connected")
     expect(texts("#failures td").join(" ")).to include("c", "diamond ##{failing}", "RuntimeError: boom")
+    hourly = @browser.at_css('#recurring tr[data-schedule="hourly_bill"]')
+    expect(hourly.text).to include("billing/single", "@hourly", "2026-01-02T03:00:00Z")
+    expect(hourly.at_css("a").attribute("href")).to end_with("/tasks/#{billing}")
+    expect(@browser.at_css('#recurring tr[data-schedule="nightly"]').text).to include("0 3 * * *", "none yet")
+    jobs = @browser.css("#jobs tr[data-job-class]").to_h { |n| [[n.attribute("data-job-class"), n.attribute("data-state")], n.css("td").last.text.to_i] }
+    expect(jobs).to eq(%w[ReportJob pending] => 2, %w[Admin::MailJob pending] => 1)
   end
 
   it "shows each step's queue, and a queues table naming the queues with ready steps and no worker" do

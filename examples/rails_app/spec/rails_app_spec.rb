@@ -147,6 +147,71 @@ RSpec.describe "examples/rails_app" do
     expect(File.read(log("orchestrator"))).to match(/tasker orchestrator: stopped/)
   end
 
+  it "runs ActiveJob jobs on tasker_core: queue, priority, wait, retry_on, discard_on, enqueue_all and an unhandled error" do
+    spawn_tty(@env, "bin/tasker", "orchestrator", "--stats-interval", "0", log: log("aj_orchestrator"))
+    spawn_tty(@env, "bundle", "exec", "tasker", "worker", "--concurrency", "4", "--queues", "default,receipts",
+              log: log("aj_worker"))
+    wait_for_log("aj_orchestrator", /tasker orchestrator: running/)
+
+    script = <<~'RUBY'
+      adapter = ActiveJob::Base.queue_adapter
+      enqueued_at = Time.now
+      ids = {
+        plain: OrderReceiptJob.perform_later(201).provider_job_id,
+        retried: OrderReceiptJob.perform_later(202, busy: 2).provider_job_id,
+        discarded: OrderReceiptJob.perform_later(-1).provider_job_id,
+        unhandled: OrderReceiptJob.perform_later(0).provider_job_id,
+        later: OrderReceiptJob.set(wait: 3, priority: 7, queue: "receipts").perform_later(203).provider_job_id
+      }
+      all = [OrderReceiptJob.new(204), OrderReceiptJob.new(205)]
+      puts "adapter=#{adapter.class.name} enqueue_all=#{adapter.enqueue_all(all)}"
+      ids[:all] = all.map(&:provider_job_id)
+      puts "ids=#{JSON.generate(ids)} enqueued_at=#{enqueued_at.to_f}"
+    RUBY
+    out, status = run_app(@env, "bin/rails", "runner", script)
+    expect(status).to be_success, out
+    expect(out).to include("adapter=ActiveJob::QueueAdapters::TaskerCoreAdapter enqueue_all=2")
+    ids = JSON.parse(out[/^ids=(\S+)/, 1])
+    enqueued_at = Time.at(Float(out[/enqueued_at=(\S+)/, 1]))
+    task_ids = ids.values.flatten
+    expect(task_ids).to all(be_a(Integer))
+
+    state = ->(id) { @db.exec("SELECT state FROM tasker_tasks WHERE id = $1", [id]).first["state"] }
+    wait_until(timeout: 60, message: "the jobs' tasks to finish:\n#{File.read(log('aj_worker')) rescue ''}") do
+      task_ids.all? { |id| %w[complete error cancelled].include?(state.(id)) }
+    end
+    # ActiveJob re-enqueues the retried job twice, as new tasks; wait for the last one.
+    wait_until(timeout: 60, message: "the retried job's receipt") { @db.exec("SELECT 1 FROM receipts WHERE order_id = 202").any? }
+
+    receipts = @db.exec("SELECT order_id, executions, extract(epoch FROM created_at)::float8 AS at FROM receipts " \
+                        "WHERE order_id BETWEEN 201 AND 205 ORDER BY order_id").to_a
+    expect(receipts.map { |r| r.values_at("order_id", "executions") }).to eq([[201, 1], [202, 3], [203, 1], [204, 1], [205, 1]])
+    expect(receipts.find { |r| r["order_id"] == 203 }["at"]).to be >= enqueued_at.to_f + 3 # wait: 3 (seconds)
+
+    jobs = @db.exec(<<~SQL).to_a
+      SELECT t.id, t.state, t.identity_key, s.queue, s.priority, s.attempts, s.last_error IS NOT NULL AS failed
+        FROM tasker_tasks t JOIN tasker_workflow_steps s ON s.task_id = t.id
+       WHERE t.namespace = 'active_job' AND t.name = 'perform'
+    SQL
+    by_id = jobs.to_h { |j| [j["id"], j] }
+    expect(ids.except("unhandled").values.flatten.map { |id| by_id.fetch(id)["state"] }.uniq).to eq(["complete"]) # discard_on too
+    expect(by_id.fetch(ids["unhandled"])).to include("state" => "error", "attempts" => 1, "failed" => true) # not retried by us
+    expect(by_id.fetch(ids["later"])).to include("queue" => "receipts", "priority" => -7) # ActiveJob's 7 (lower first) is our -7
+    expect(by_id.fetch(ids["plain"])).to include("queue" => "default", "priority" => 0)
+    retried = jobs.select { |j| j["identity_key"].start_with?("active_job/OrderReceiptJob/") && j["state"] == "complete" }
+                  .map { |j| j["identity_key"].split("/").last.to_i }
+    expect(retried.tally.fetch(2)).to be >= 1 # the third execution (executions 0, 1, 2): two re-enqueues by retry_on
+
+    out, status = run_app(@env, "bin/tasker", "status", "--json")
+    expect(status).to be_success, out
+    counts = JSON.parse(out[/^\{.*/m])["jobs"].to_h { |j| [[j["job_class"], j["state"]], j["count"]] }
+    expect(counts[%w[OrderReceiptJob error]]).to eq(1)
+    expect(counts[%w[OrderReceiptJob complete]]).to be >= 8 # 7 enqueued here, 2 of them retried, less the unhandled one
+
+    stop_all(:TERM)
+    reap_all
+  end
+
   # A copy of the app without the files the generator writes; its Gemfile
   # reads the version from the checkout by absolute path (the copy lives elsewhere).
   def scratch_app(name, active_record: false)

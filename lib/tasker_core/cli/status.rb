@@ -11,9 +11,10 @@ module TaskerCore
         Shows tasks and steps by state, steps completed per second over the last minute
         (from the step transitions) and the live workers the orchestrator knows
         (capacity, steps in flight, last heartbeat, socket connects/disconnects and
-        the last connection event), and per queue the steps ready, waiting to start and in
+        the last connection event), per queue the steps ready, waiting to start and in
         flight, its concurrency limit and the live workers serving it, naming the queues
-        with ready steps and no worker. --json prints the same for scripts.
+        with ready steps and no worker, the recurring tasks of the configuration with their
+        last and next ticks, and ActiveJob jobs by class and state. --json prints the same for scripts.
       TEXT
       WINDOW_S = 60
       TASK_STATES = %w[pending in_progress complete error cancelled].freeze
@@ -42,7 +43,8 @@ module TaskerCore
         { "tasks" => tasks, "steps" => steps, "steps_per_second" => (done.to_f / WINDOW_S).round(2),
           "window_seconds" => WINDOW_S, "workers" => workers(conn),
           "queues" => Queues.summary(conn, heartbeat_timeout_ms: config.zeromq["heartbeat_timeout_ms"],
-                                           limits: Queues.configured_limits(config)) }
+                                           limits: Queues.configured_limits(config)),
+          "recurring" => Recurring.status(conn, config), "jobs" => JobAdapter.counts(conn) }
       end
 
       def counts(conn, table, states)
@@ -74,6 +76,27 @@ module TaskerCore
           out.puts "Workers (#{workers.size} live)"
           out.puts Table.render(Workers::HEADERS, Workers.rows(workers))
         end
+        print_recurring(report["recurring"])
+        print_jobs(report["jobs"])
+      end
+
+      def print_jobs(jobs)
+        return if jobs.empty?
+
+        out.puts
+        out.puts "ActiveJob jobs (tasks of active_job/perform) by class"
+        out.puts Table.render(%w[JOB_CLASS STATE COUNT], jobs.map { |j| j.values_at("job_class", "state", "count") })
+      end
+
+      def print_recurring(schedules)
+        return if schedules.empty?
+
+        out.puts
+        out.puts "Recurring tasks (#{schedules.size})"
+        rows = schedules.map do |s|
+          [s["name"], s["task"], s["cron"], s["last_tick_at"] || "-", s["last_task_id"] || "-", s["next_tick_at"]]
+        end
+        out.puts Table.render(%w[NAME TASK CRON LAST_TICK LAST_TASK NEXT_TICK], rows)
       end
 
       QUEUE_HEADERS = %w[QUEUE READY WAITING IN_FLIGHT LIMIT WORKERS CAPACITY].freeze

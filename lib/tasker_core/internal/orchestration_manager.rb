@@ -30,6 +30,7 @@ module TaskerCore
         @lock = Mutex.new
         @handle = nil
         @sweeper = nil
+        @recurring = nil
         @pid = Process.pid
       end
 
@@ -76,6 +77,8 @@ module TaskerCore
                                     "(or database.url in config/tasker-config.yml)"
         end
 
+        # Bad recurring entries (an unknown template, a context it refuses) stop the start here.
+        recurring = TaskerCore::Recurring::Scheduler.from_config
         handle = orchestration_handle
         handle.start_orchestration(**opts, database_url: url)
         begin
@@ -85,10 +88,12 @@ module TaskerCore
           raise
         end
         start_retention(url)
+        start_recurring(recurring)
         self
       end
 
       def stop_orchestration(timeout_ms: 10_000)
+        stop_recurring
         stop_retention
         TaskerCore::Discovery.on_orchestration_stopping
         handle = @lock.synchronize do
@@ -136,6 +141,26 @@ module TaskerCore
         sweeper = @lock.synchronize { @sweeper.tap { @sweeper = nil } }
         sweeper&.stop
       end
+
+      # The recurring tasks (TaskerCore::Recurring::Scheduler), a Ruby
+      # thread beside the native loop; scheduler is nil without any.
+      def start_recurring(scheduler)
+        scheduler&.start
+        old = @lock.synchronize { @recurring.tap { @recurring = scheduler } }
+        old&.stop
+      end
+
+      def stop_recurring
+        scheduler = @lock.synchronize { @recurring.tap { @recurring = nil } }
+        scheduler&.stop
+      end
+
+      public
+
+      # The running recurring-task scheduler, or nil.
+      def recurring_scheduler = @lock.synchronize { @recurring }
+
+      private
 
       # CURVE keys, allow-list and message limits (docs/security.md).
       def security_options

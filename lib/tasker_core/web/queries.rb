@@ -40,6 +40,8 @@ module TaskerCore
           depth: depth(conn),
           workers: conn.exec(WORKERS_SQL, [heartbeat_timeout_ms, 50]).select { |w| w["live"] },
           orchestrators: conn.exec(ORCHESTRATORS_SQL).to_a,
+          recurring: Recurring.status(conn),
+          jobs: JobAdapter.counts(conn),
           failures: conn.exec(<<~SQL, [RECENT_FAILURES]).to_a
             SELECT s.id, s.task_id, s.name, s.attempts, s.last_error, t.namespace, t.name AS task_name,
                    extract(epoch FROM s.last_failure_at)::float8 AS last_failure_at

@@ -1,13 +1,15 @@
 # frozen_string_literal: true
 
 # POST /orders creates a fulfil_order task (one SQL call: this process opens
-# no socket); GET /orders/:id shows the task and its steps.
+# no socket) and enqueues an OrderReceiptJob (ActiveJob, a task of its own);
+# GET /orders/:id shows the task and its steps.
 class OrdersController < ApplicationController
   def create
     order = params.require(:order).permit(:order_id, :customer_email, items: %i[sku quantity unit_price_cents])
     context = order.to_h.merge("order_id" => Integer(order[:order_id]), "items" => items(order))
     task_id = TaskerCore.create_task(name: "fulfil_order", namespace: "shop", context: context,
                                      identity_key: "order-#{context['order_id']}")
+    OrderReceiptJob.perform_later(context["order_id"])
     render json: { task_id: task_id }, status: :created
   rescue TaskerCore::ValidationError, ArgumentError => e
     render json: { error: e.message }, status: :unprocessable_entity
