@@ -36,7 +36,7 @@ messages = [
                      steps: [{ step_id: 1, attempt: 1, status: "complete" }, { step_id: 2, attempt: 2, status: "error" }]),
   P.heartbeat(worker_id: "w1", capacity: 10, in_flight: 3, pid: 4242, host: "worker-host", sent_at: t),
   P.goodbye(worker_id: "w1", reason: "shutdown"),
-  # heartbeat limits and reconciliation, and batch_refusal (docs/protocol.md 4.4, 4.6), as plain maps
+  # heartbeat limits and reconciliation, and batch_refusal (docs/protocol.md 4.5, 4.7), as plain maps
   P.heartbeat(worker_id: "w1", capacity: 10, in_flight: 2, pid: 4242, host: "worker-host", sent_at: t)
    .merge("limits" => { "max_batch_steps" => 100, "max_message_bytes" => 1 << 20, "max_payload_depth" => 24 },
           "last_batch_id" => "b-2", "in_flight_steps" => [[1, 1], [2, 3]]),

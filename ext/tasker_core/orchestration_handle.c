@@ -914,7 +914,7 @@ static void refuse(tc_oh *h, tc_oh_worker *w, tc_proto_str reason, tc_proto_str 
     emit_steps(h, cls ? TC_OH_EV_FAIL : TC_OH_EV_LOST, w->id, "refused", steps, n, cls, text);
 }
 
-/* docs/protocol.md 4.6: accepted only from the worker the batch was sent
+/* docs/protocol.md 4.7: accepted only from the worker the batch was sent
  * to, for steps of that batch still in flight on it (all of them when
  * steps is empty); without a batch_id only listed steps each in flight on
  * that worker. Credit is freed at once. */

@@ -31,7 +31,7 @@ module TaskerCore
     # of partial_results (docs/protocol.md 4.3).
     ENVELOPE_KEYS = %w[protocol_version type worker_id].freeze
 
-    # Reasons of a batch_refusal (docs/protocol.md 4.6).
+    # Reasons of a batch_refusal (docs/protocol.md 4.7).
     REFUSAL_REASONS = %w[too_many_steps undecodable draining too_deep invalid_step unknown_handler].freeze
 
     STATUS_COMPLETE = "complete"

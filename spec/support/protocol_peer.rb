@@ -81,6 +81,11 @@ class ProtocolPeer
     batch_id
   end
 
+  # {allowed:, denied:} CURVE handshakes over both sockets (a CURVE peer).
+  def handshakes
+    [@batches, @results].map(&:handshakes).inject { |a, b| a.merge(b) { |_k, x, y| x + y } }
+  end
+
   def send_raw(frames)
     @batches.send_parts(frames)
   end
@@ -101,3 +106,21 @@ class ProtocolPeer
     of_type("heartbeat")
   end
 end
+
+module HeldResults
+  # For worker specs that hold a worker's results: results is a bound
+  # Subscriber with no subscription yet, so the worker keeps every result.
+  # Subscribes now and returns the messages that arrive (decoded, validated)
+  # up to and including the first batch_completion.
+  def release_held_results(results)
+    results.subscribe("")
+    got = []
+    wait_until(message: "the held results") do
+      results.receive_many(timeout_ms: 50).each { |f| got << TaskerCore::Protocol.decode(f) }
+      got.any? { |m| m["type"] == "batch_completion" }
+    end
+    got
+  end
+end
+
+RSpec.configure { |c| c.include HeldResults }

@@ -36,7 +36,7 @@ class WorkerPeer
     send_message("heartbeat", fields)
   end
 
-  # A batch_refusal (docs/protocol.md 4.6); steps: [[step_id, attempt, reason, message], ...].
+  # A batch_refusal (docs/protocol.md 4.7); steps: [[step_id, attempt, reason, message], ...].
   def refusal(batch_id, reason:, message: "refused", steps: [])
     send_message("batch_refusal", "batch_id" => batch_id, "worker_id" => @id, "reason" => reason, "message" => message,
                                   "steps" => steps.map { |sid, att, r, m| { "step_id" => sid, "attempt" => att, "reason" => r, "message" => m } })

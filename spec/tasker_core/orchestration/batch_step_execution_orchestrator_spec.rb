@@ -225,12 +225,7 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     wait_until(message: "the steps to run") { @worker.stats[:steps_completed] + @worker.stats[:steps_failed] == 7 }
     expect(@worker.stats[:partials_sent]).to eq(0)
 
-    results.subscribe("")
-    got = []
-    wait_until(message: "the held results") do
-      results.receive_many(timeout_ms: 50).each { |f| got << TaskerCore::Protocol.decode(f) }
-      got.any? { |m| m["type"] == "batch_completion" }
-    end
+    got = release_held_results(results)
     together = got.select { |m| m["type"] == "partial_results" }
     expect(together.size).to eq(1)
     expect(got.none? { |m| m["type"] == "partial_result" }).to be(true)
@@ -284,12 +279,7 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     wait_until(message: "the step to run") { @worker.stats[:steps_completed] == 1 }
     expect(@worker.stats[:partials_sent]).to eq(0)
 
-    results.subscribe("")
-    types = []
-    wait_until(message: "the held results") do
-      results.receive_many(timeout_ms: 50).each { |f| types << TaskerCore::Protocol.decode(f)["type"] }
-      types.include?("batch_completion")
-    end
+    types = release_held_results(results).map { |m| m["type"] }
     expect(types).to include("heartbeat", "partial_result")
   ensure
     @worker&.stop(timeout: 1)
