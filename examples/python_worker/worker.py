@@ -99,6 +99,11 @@ def int_keys(task, sequence, step):
     return {"rows": [{1: "one"}]}  # version 2 keys are strings: sent as a failed step
 
 
+def sleep_then_echo(task, sequence, step):
+    time.sleep(step["handler_config"].get("sleep_ms", 0) / 1000.0)
+    return {"echo": task["context"], "language": "python"}
+
+
 def touch(task, sequence, step):
     touched(task)
     return {"n": task["context"].get("n")}
@@ -120,6 +125,7 @@ HANDLERS = {
     "Python::Bytes": bytes_out,
     "Python::IntKeys": int_keys,
     "Python::Touch": touch,
+    "Python::Sleep": sleep_then_echo,
 }
 
 

@@ -1,6 +1,6 @@
 /*
  * orchestration_handle.h: the orchestrator side of the batch and result
- * channels (wire protocol v1, docs/protocol.md).
+ * channels (wire protocol versions 1 and 2, docs/protocol.md).
  *
  * The core (orchestration_handle.c) owns the two sockets, the worker table,
  * credit accounting, the in-flight steps of each worker, heartbeat expiry
