@@ -234,8 +234,10 @@ def failure(cls, message):
     return {"class": cls, "message": message, "backtrace": [], "retryable": False, "retry_after": None}
 
 
-def run_step(batch_id, worker_id, step, limits):
+def run_step(batch_id, worker_id, step, limits, on_start=None):
     started = now()
+    if on_start:
+        on_start(started)
     output, error = None, None
     try:
         handler = HANDLERS.get(step["handler"])
@@ -278,8 +280,10 @@ def result_limit(limits):
 
 
 def result_entry(batch_id, step, output, error, started):
-    """One step's result: a partial_result without its envelope (docs/protocol.md 4.3)."""
+    """One step's result: a partial_result without its envelope (docs/protocol.md 4.3). started None:
+    the step never started, and started_at is finished_at (section 4.2)."""
     finished = now()
+    started = finished if started is None else started
     return {
         "batch_id": batch_id, "step_id": step["step_id"], "task_id": step["task_id"],
         "attempt": step["attempt"], "status": "error" if error else "complete",
@@ -376,6 +380,7 @@ class Worker:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self.pending = {}  # (batch_id, index) -> deadline of a step not yet reported
+        self.started = {}  # (batch_id, index) -> when its handler started (set by the pool thread)
         self.batches = {}  # batch_id -> {"steps": [...], "statuses": [...], "left": n, "limits": {...}}
         self.outbox = []  # ("result", entry, limit) or ("message", msg), sent in order
         self.in_flight = 0
@@ -465,12 +470,14 @@ class Worker:
             # Python cannot interrupt a thread, so the deadline runs from
             # acceptance and a timed-out handler is left to finish unheard.
             self.pending[key] = time.monotonic() + timeout
-            future = self.pool.submit(run_step, batch["batch_id"], self.worker_id, step, limits)
+            future = self.pool.submit(run_step, batch["batch_id"], self.worker_id, step, limits,
+                                      lambda t, key=key: key in self.pending and self.started.__setitem__(key, t))
             future.add_done_callback(lambda f, key=key: (self.results.put((key, f.result())), self.wake()))
 
     def report(self, key, entry):
         if self.pending.pop(key, None) is None:
             return  # already reported (timed out): exactly one partial per step
+        self.started.pop(key, None)
         batch = self.batches[key[0]]
         self.outbox.append(("result", entry, result_limit(batch["limits"])))
         batch["statuses"][key[1]] = entry["status"]
@@ -495,7 +502,7 @@ class Worker:
                 error = {"class": "TaskerCore::StepTimeoutError",
                          "message": "worker shut down before the step finished" if force else "step timed out",
                          "backtrace": [], "retryable": True, "retry_after": None}
-                self.report(key, result_entry(key[0], step, None, error, now()))
+                self.report(key, result_entry(key[0], step, None, error, self.started.get(key)))
 
     def next_message(self):
         """The message at the head of the outbox and how many outbox items it carries: results next to

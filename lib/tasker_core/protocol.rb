@@ -247,11 +247,13 @@ module TaskerCore
     # The packed entry (a map of string keys) of one result, checked as
     # an entry of a version 2 message: what a worker hands its I/O thread.
     # Raises MessageError (an output key that is not a string, a field
-    # missing or mistyped).
-    def pack_entry(entry)
+    # missing or mistyped). keys_checked: the caller has already looked for
+    # a non-string key in the output (non_string_key), so it is not walked
+    # again.
+    def pack_entry(entry, keys_checked: false)
       check_fields!(PARTIAL_RESULT, entry, RESULT_ENTRY_FIELDS, "")
       check_partial!(entry)
-      check_keys!(PARTIAL_RESULT, entry["output"], "output")
+      check_keys!(PARTIAL_RESULT, entry["output"], "output") unless keys_checked
       TaskerCore::Codec.pack(entry)
     end
 

@@ -61,7 +61,7 @@ module TaskerCore
       # limit: no second encoding unless it is too large.
       def encode_checked(job, output, error, limits)
         msg = partial_for(job, output: output, error: error)
-        entry = Protocol.pack_entry(msg)
+        entry = Protocol.pack_entry(msg, keys_checked: true) # #encode looked for non-string keys
         limit = self.class.result_limit(limits)
         size = entry.bytesize + ENVELOPE_BYTES
         return Outgoing.new(entry: entry, kind: msg["status"], job: job, error: msg["error"], limit: limit) if limit.nil? || size <= limit
@@ -98,9 +98,12 @@ module TaskerCore
 
       def partial_for(job, output: nil, error: nil)
         step = job.step
+        # A step that never started (timed out or given up while queued)
+        # reports started_at = finished_at (docs/protocol.md 4.2).
+        finished = Time.now.to_f
         Protocol.result_entry(batch_id: job.batch.id, step_id: step["step_id"], task_id: step["task_id"],
                               attempt: step["attempt"], output: output, error: error,
-                              started_at: job.started_at || Time.now.to_f, finished_at: Time.now.to_f)
+                              started_at: job.started_at || finished, finished_at: finished)
       end
     end
   end
