@@ -257,8 +257,8 @@ static tc_proto_err parse_partials(const msgpack_object *m, const char *body, si
 {
     const msgpack_object *r = tc_proto_map_get(m, "results");
     if (!as_str(tc_proto_map_get(m, "worker_id"), &out->worker_id) || !r || r->type != MSGPACK_OBJECT_ARRAY ||
-        r->via.array.size > TC_PROTO_MAX_RESULTS)
-        FAIL(TC_PROTO_ERR_FIELDS, "partial_results without worker_id and results (an array of at most %d maps)",
+        r->via.array.size == 0 || r->via.array.size > TC_PROTO_MAX_RESULTS)
+        FAIL(TC_PROTO_ERR_FIELDS, "partial_results without worker_id and results (an array of 1 to %d maps)",
              TC_PROTO_MAX_RESULTS);
     for (uint32_t i = 0; i < r->via.array.size; i++)
         if (r->via.array.ptr[i].type != MSGPACK_OBJECT_MAP) FAIL(TC_PROTO_ERR_FIELDS, "partial_results entry %u is not a map", i);

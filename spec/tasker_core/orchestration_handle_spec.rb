@@ -312,10 +312,11 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       # the envelope itself broken: the whole message is refused
       peer.raw(["partial_results", TaskerCore::Codec.pack({ "protocol_version" => 2, "type" => "partial_results",
                                                            "worker_id" => "w1", "results" => [1] })])
+      peer.partials([]) # no entries
       peer.partials([peer.entry(s[1], batch_id: "b1")], version: 1) # no partial_results in version 1
-      wait_until(message: "both refused") do
+      wait_until(message: "all three refused") do
         expect(handle.receive_results(timeout_ms: 20)).to eq([])
-        handle.stats[:bad_messages][:invalid_fields] == 4 && handle.stats[:bad_messages][:unknown_type] == 1
+        handle.stats[:bad_messages][:invalid_fields] == 5 && handle.stats[:bad_messages][:unknown_type] == 1
       end
       peer.partials([peer.entry(s[1], batch_id: "b1"), peer.entry(s[2], batch_id: "b1")])
       expect(collect_results(2).map { |r| r["step_id"] }).to eq([2, 3])
