@@ -60,6 +60,29 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             same_value(&m.output_bytes, m.output);
             same_value(&m.error_bytes, m.error);
         }
+        if (m.type == TC_PROTO_PARTIAL_RESULTS) {
+            /* each entry as the handle reads it: a partial_result whose
+             * pairs lie inside the body and whose output and error bytes
+             * lie inside its pairs */
+            const char *cursor = NULL;
+            if (!m.results || m.results->type != MSGPACK_OBJECT_ARRAY) abort();
+            for (size_t i = 0; i < m.results->via.array.size; i++) {
+                tc_proto_msg r;
+                tc_proto_str pairs;
+                uint32_t np = 0;
+                tc_proto_err re = tc_proto_next_result(&m, i, &cursor, buf, size, &r, &pairs, &np, detail, sizeof(detail));
+                if (re == TC_PROTO_ERR_UNDECODABLE) break;
+                if (re != TC_PROTO_OK) continue;
+                if (r.type != TC_PROTO_PARTIAL_RESULT || r.attempt < 1 || pairs.ptr < buf || pairs.ptr + pairs.len > buf + size)
+                    abort();
+                if (r.output_bytes.ptr && (r.output_bytes.ptr < pairs.ptr || r.output_bytes.ptr + r.output_bytes.len > pairs.ptr + pairs.len))
+                    abort();
+                if (r.error_bytes.ptr && (r.error_bytes.ptr < pairs.ptr || r.error_bytes.ptr + r.error_bytes.len > pairs.ptr + pairs.len))
+                    abort();
+                same_value(&r.output_bytes, r.output);
+                same_value(&r.error_bytes, r.error);
+            }
+        }
         if (m.type == TC_PROTO_BATCH_COMPLETION && m.steps) {
             if (m.steps->type != MSGPACK_OBJECT_ARRAY) abort();
             if (tc_proto_pack_object(&sb, m.steps) != 0) abort();

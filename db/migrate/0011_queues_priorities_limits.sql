@@ -333,7 +333,7 @@ BEGIN
 END $$;
 
 -- A claimed step its worker refused for want of its handler
--- (docs/protocol.md 4.6, unknown_handler): back to pending, not a lost
+-- (docs/protocol.md 4.7, unknown_handler): back to pending, not a lost
 -- attempt, ready again after p_delay_ms (so a step no worker can run yet
 -- is not claimed and sent back in a loop). Logged with reason
 -- 'unknown_handler'. Returns each step moved and its handler.

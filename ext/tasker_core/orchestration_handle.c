@@ -1,6 +1,6 @@
 /*
- * orchestration_handle.c: the orchestrator's side of wire protocol v1 in
- * plain C (see orchestration_handle.h). Owns the worker table and the
+ * orchestration_handle.c: the orchestrator's side of the wire protocol
+ * (versions 1 and 2) in plain C (see orchestration_handle.h). Owns the worker table and the
  * credit and in-flight accounting that decide which worker a batch goes
  * to; reads heartbeats, goodbyes, subscriptions and results off the two
  * sockets. Never raises, never touches Ruby.
@@ -599,6 +599,18 @@ static void pack_key(msgpack_packer *pk, const char *s)
     msgpack_pack_str_body(pk, s, n);
 }
 
+/* The version worker_id speaks (its latest heartbeat's); batches carry no
+ * field of a later version, so a version 1 worker reads them as before. */
+static int worker_version(const tc_oh *h, const char *worker_id)
+{
+    for (size_t i = 0; i < h->nworkers; i++)
+        if (strcmp(h->workers[i].id, worker_id) == 0)
+            return h->workers[i].protocol_version >= 1 && h->workers[i].protocol_version <= TC_OH_PROTOCOL_VERSION
+                       ? h->workers[i].protocol_version
+                       : 1;
+    return 1;
+}
+
 /* The orchestrator's limits, told to workers in every batch (docs/protocol.md 4.1). */
 static void pack_limits(msgpack_packer *pk, const tc_oh *h)
 {
@@ -619,7 +631,7 @@ int tc_oh_build_batch(tc_codec_writer *out, const tc_oh *h, const char *batch_id
     tc_codec_writer_reset(out);
     msgpack_pack_map(pk, 7 + nextra);
     pack_key(pk, "protocol_version");
-    msgpack_pack_int(pk, TC_OH_PROTOCOL_VERSION);
+    msgpack_pack_int(pk, worker_version(h, worker_id));
     pack_key(pk, "type");
     pack_key(pk, "batch");
     pack_key(pk, "batch_id");
@@ -654,15 +666,20 @@ static int str_is(const char *p, size_t n, const char *lit)
 
 #define CLIP(n) ((int)((n) > 64 ? 64 : (n)))
 
-/* Queues a copy of body (the frame is closed after the poll); for a
- * RESULT, the fields parsed from it, spans rebased onto the copy. */
-static void queue_body(tc_oh *h, tc_oh_event_kind kind, const void *body, size_t len, const tc_proto_msg *m)
+/* Queues a copy of body (the frame is closed after the poll), or body
+ * itself when owned (malloc'd by the caller, freed here if not queued);
+ * for a RESULT, the fields parsed from it, spans rebased onto the copy. */
+static void queue_body(tc_oh *h, tc_oh_event_kind kind, const void *body, size_t len, const tc_proto_msg *m,
+                       char *owned)
 {
     tc_oh_event *ev = event_push(h);
-    if (!ev) return;
-    ev->body = malloc(len ? len : 1);
+    if (!ev) {
+        free(owned);
+        return;
+    }
+    ev->body = owned ? owned : malloc(len ? len : 1);
     if (!ev->body) return;
-    memcpy(ev->body, body, len);
+    if (!owned) memcpy(ev->body, body, len);
     ev->len = len;
     ev->kind = kind;
     if (kind == TC_OH_EV_RESULT) {
@@ -732,12 +749,13 @@ static int recent_has(const tc_oh_worker *w, int64_t step_id, int64_t attempt)
 
 /* Applied only from the worker the (step, attempt) is in flight on, with
  * the batch it was sent in; anything else is counted and dropped. */
-static void on_partial(tc_oh *h, const tc_proto_msg *m, const void *body, size_t len)
+static void on_partial(tc_oh *h, const tc_proto_msg *m, const void *body, size_t len, char *owned)
 {
     h->stats.partial_results++;
     tc_oh_worker *w = live_sender(h, m->worker_id, "partial_result");
+    tc_oh_slot *s = w ? slot_find(w, m->step_id, m->attempt) : NULL;
+    if (!s || !batch_is(&s->e, m->batch_id)) free(owned);
     if (!w) return;
-    tc_oh_slot *s = slot_find(w, m->step_id, m->attempt);
     if (!s) {
         if (recent_has(w, m->step_id, m->attempt))
             tc_oh_count_bad(h, TC_OH_BAD_DUPLICATE, "a second partial_result for step %lld attempt %lld from %s",
@@ -757,7 +775,54 @@ static void on_partial(tc_oh *h, const tc_proto_msg *m, const void *body, size_t
     }
     inflight_remove(w, s);
     recent_add(w, m->step_id, m->attempt);
-    queue_body(h, TC_OH_EV_RESULT, body, len, m);
+    queue_body(h, TC_OH_EV_RESULT, body, len, m, owned);
+}
+
+static tc_oh_bad_reason bad_of(tc_proto_err e);
+
+/* docs/protocol.md 4.3: each entry is applied exactly as a partial_result
+ * of its own, with the same checks (sender, batch, duplicate); a bad entry
+ * is counted and the others still apply. Each entry becomes the
+ * partial_result body it stands for (the envelope's protocol_version, type
+ * and worker_id in front of the entry's pairs, copied once), so the loop
+ * and the manual API see one kind of result. */
+static void on_partials(tc_oh *h, const tc_proto_msg *m, const char *body, size_t len)
+{
+    h->stats.partial_results_messages++;
+    const char *cursor = NULL;
+    for (size_t i = 0; i < m->results->via.array.size; i++) {
+        tc_proto_msg e;
+        tc_proto_str pairs;
+        uint32_t np;
+        char detail[160];
+        tc_proto_err err = tc_proto_next_result(m, i, &cursor, body, len, &e, &pairs, &np, detail, sizeof(detail));
+        if (err != TC_PROTO_OK) {
+            tc_oh_count_bad(h, bad_of(err), "%s", detail);
+            if (err == TC_PROTO_ERR_UNDECODABLE) return;
+            continue;
+        }
+        msgpack_sbuffer sb;
+        msgpack_packer pk;
+        msgpack_sbuffer_init(&sb);
+        msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+        int bad = msgpack_pack_map(&pk, (size_t)np + 3) != 0;
+        pack_key(&pk, "protocol_version");
+        bad |= msgpack_pack_int(&pk, e.version) != 0;
+        pack_key(&pk, "type");
+        pack_key(&pk, "partial_result");
+        pack_key(&pk, "worker_id");
+        bad |= msgpack_pack_str_with_body(&pk, e.worker_id.ptr, e.worker_id.len) != 0;
+        size_t head = sb.size;
+        bad |= msgpack_sbuffer_write(&sb, pairs.ptr, pairs.len) != 0;
+        if (bad || !sb.data) {
+            msgpack_sbuffer_destroy(&sb);
+            continue; /* out of memory: the lease deadline dispatches it again */
+        }
+        if (e.output_bytes.ptr) e.output_bytes.ptr = sb.data + head + (e.output_bytes.ptr - pairs.ptr);
+        if (e.error_bytes.ptr) e.error_bytes.ptr = sb.data + head + (e.error_bytes.ptr - pairs.ptr);
+        /* queue_body rebases from the body it is given: hand it the new one. */
+        on_partial(h, &e, sb.data, sb.size, sb.data);
+    }
 }
 
 /* The completion follows the batch's last partial on the same connection,
@@ -774,7 +839,7 @@ static void on_completion(tc_oh *h, const tc_proto_msg *m, const void *body, siz
             inflight_remove(w, &w->slots[i]);
             h->stats.steps_released_by_completion++;
         }
-    if (h->queue_completions) queue_body(h, TC_OH_EV_COMPLETION, body, len, m);
+    if (h->queue_completions) queue_body(h, TC_OH_EV_COMPLETION, body, len, m, NULL);
 }
 
 static int cmp_pair(const void *a, const void *b)
@@ -827,6 +892,7 @@ static void on_heartbeat(tc_oh *h, const tc_proto_msg *m)
                  m->host.ptr);
     w->pid = m->pid;
     w->capacity = m->capacity;
+    w->protocol_version = m->version;
     const tc_proto_conn *conn = &m->connection;
     w->connects = conn->connects;
     w->disconnects = conn->disconnects;
@@ -899,7 +965,7 @@ static void refuse(tc_oh *h, tc_oh_worker *w, tc_proto_str reason, tc_proto_str 
     emit_steps(h, cls ? TC_OH_EV_FAIL : TC_OH_EV_LOST, w->id, why, steps, n, cls, text);
 }
 
-/* docs/protocol.md 4.6: accepted only from the worker the batch was sent
+/* docs/protocol.md 4.7: accepted only from the worker the batch was sent
  * to, for steps of that batch still in flight on it (all of them when
  * steps is empty); without a batch_id only listed steps each in flight on
  * that worker. Credit is freed at once. */
@@ -971,6 +1037,7 @@ static const char *type_name(tc_proto_type t)
     case TC_PROTO_HEARTBEAT: return "heartbeat";
     case TC_PROTO_GOODBYE: return "goodbye";
     case TC_PROTO_BATCH_REFUSAL: return "batch_refusal";
+    case TC_PROTO_PARTIAL_RESULTS: return "partial_results";
     }
     return "";
 }
@@ -997,7 +1064,8 @@ static void handle_result_message(tc_oh *h, const void *topic, size_t tlen, cons
         goto done;
     }
     switch (m.type) {
-    case TC_PROTO_PARTIAL_RESULT: on_partial(h, &m, body, len); break;
+    case TC_PROTO_PARTIAL_RESULT: on_partial(h, &m, body, len, NULL); break;
+    case TC_PROTO_PARTIAL_RESULTS: on_partials(h, &m, body, len); break;
     case TC_PROTO_BATCH_COMPLETION: on_completion(h, &m, body, len); break;
     case TC_PROTO_HEARTBEAT: on_heartbeat(h, &m); break;
     case TC_PROTO_GOODBYE: on_goodbye(h, &m); break;

@@ -1,6 +1,6 @@
 /*
  * orchestration_handle.h: the orchestrator side of the batch and result
- * channels (wire protocol v1, docs/protocol.md).
+ * channels (wire protocol versions 1 and 2, docs/protocol.md).
  *
  * The core (orchestration_handle.c) owns the two sockets, the worker table,
  * credit accounting, the in-flight steps of each worker, heartbeat expiry
@@ -25,7 +25,9 @@
 #include "protocol.h"
 #include "socket.h"
 
-#define TC_OH_PROTOCOL_VERSION 1
+/* The newest protocol version the handle speaks; a worker gets batches in
+ * the version of its latest heartbeat (docs/protocol.md 12). */
+#define TC_OH_PROTOCOL_VERSION 2
 /* Worker ids are /\A[A-Za-z0-9_-]+\z/ and at most this long. */
 #define TC_OH_WORKER_ID_MAX 128
 /* Batch ids (generated or given) are at most this long: they are copied
@@ -65,7 +67,7 @@
 typedef enum tc_oh_bad_reason {
     TC_OH_BAD_MALFORMED_FRAME = 0, /* not [topic, body] */
     TC_OH_BAD_UNDECODABLE,         /* body is not one msgpack map */
-    TC_OH_BAD_PROTOCOL_VERSION,    /* protocol_version missing or not 1 */
+    TC_OH_BAD_PROTOCOL_VERSION,    /* protocol_version missing or not 1 or 2 */
     TC_OH_BAD_UNKNOWN_TYPE,        /* type missing or not one we know */
     TC_OH_BAD_INVALID_FIELDS,      /* a required field missing or mistyped */
     TC_OH_BAD_UNKNOWN_WORKER,      /* a result from a worker that is not live */
@@ -127,6 +129,7 @@ typedef struct tc_oh_worker {
     /* handlers it refused as unknown_handler (hashes, a ring) */
     uint64_t lacks[TC_OH_LACKS_MAX];
     size_t nlacks;
+    int protocol_version; /* of its latest heartbeat: batches go to it in this version */
     /* heartbeat "limits" (defaults when unsaid) */
     int64_t max_batch_steps;    /* TC_OH_DEFAULT_MAX_BATCH_STEPS when unsaid */
     int64_t max_message_bytes;  /* the handle's max_message_bytes (INT64_MAX if <= 0) when unsaid */
@@ -196,7 +199,8 @@ typedef struct tc_oh_event {
 typedef struct tc_oh_stats {
     uint64_t batches_published;
     uint64_t steps_published;
-    uint64_t partial_results;
+    uint64_t partial_results;          /* results, each entry of a partial_results counting one */
+    uint64_t partial_results_messages; /* version 2 partial_results messages */
     uint64_t batch_completions;
     uint64_t heartbeats;
     uint64_t goodbyes;

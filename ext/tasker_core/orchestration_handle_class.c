@@ -603,6 +603,7 @@ static VALUE oh_stats(VALUE self)
     rb_hash_aset(h, SYM("batches_published"), ULL2NUM(st->batches_published));
     rb_hash_aset(h, SYM("steps_published"), ULL2NUM(st->steps_published));
     rb_hash_aset(results, SYM("partial_result"), ULL2NUM(st->partial_results));
+    rb_hash_aset(results, SYM("partial_results"), ULL2NUM(st->partial_results_messages));
     rb_hash_aset(results, SYM("batch_completion"), ULL2NUM(st->batch_completions));
     rb_hash_aset(h, SYM("results_received"), results);
     rb_hash_aset(h, SYM("heartbeats"), ULL2NUM(st->heartbeats));

@@ -804,7 +804,7 @@ static int64_t envelope_bytes(tc_codec_writer *scratch, const tc_oh *h, const tc
 }
 
 /* What one batch to a worker may hold: its heartbeat's limits (the core
- * fills in the defaults when it gave none, docs/protocol.md 4.4). */
+ * fills in the defaults when it gave none, docs/protocol.md 4.5). */
 typedef struct worker_limits {
     int64_t steps, bytes, depth;
     int64_t envelope; /* bytes of a batch to it besides the step maps */

@@ -1,6 +1,6 @@
 /*
- * protocol.c: parses result-channel messages of wire protocol v1 into C
- * structs (see protocol.h). Validation is strict on the fields the loop
+ * protocol.c: parses result-channel messages of wire protocol versions 1
+ * and 2 into C structs (see protocol.h). Validation is strict on the fields the loop
  * acts on and lenient on the rest, so a newer worker that adds keys still
  * talks to this orchestrator.
  */
@@ -208,13 +208,29 @@ void tc_proto_refused_step(const tc_proto_msg *m, size_t i, int64_t *step_id, in
         return reason;                                     \
     } while (0)
 
-static tc_proto_err parse_partial(const msgpack_object *m, const char *body, size_t len, tc_proto_msg *out,
-                                  char *detail, size_t detail_len)
+/* Version 2: every map inside v has str keys (docs/protocol.md 2). Depth
+ * is bounded by tc_codec_check, which ran over the whole body first. */
+static int string_keys(const msgpack_object *v)
+{
+    if (v->type == MSGPACK_OBJECT_ARRAY) {
+        for (uint32_t i = 0; i < v->via.array.size; i++)
+            if (!string_keys(&v->via.array.ptr[i])) return 0;
+    } else if (v->type == MSGPACK_OBJECT_MAP) {
+        for (uint32_t i = 0; i < v->via.map.size; i++)
+            if (v->via.map.ptr[i].key.type != MSGPACK_OBJECT_STR || !string_keys(&v->via.map.ptr[i].val)) return 0;
+    }
+    return 1;
+}
+
+/* The fields of one result (a partial_result, or an entry of
+ * partial_results) from map m; worker_id is read by the caller. */
+static tc_proto_err parse_result_fields(const msgpack_object *m, const char *body, size_t len, tc_proto_msg *out,
+                                        char *detail, size_t detail_len)
 {
     tc_proto_str status;
-    if (!as_str(tc_proto_map_get(m, "worker_id"), &out->worker_id) || !as_int(tc_proto_map_get(m, "step_id"), &out->step_id) ||
-        !as_int(tc_proto_map_get(m, "attempt"), &out->attempt) || out->attempt < 1)
-        FAIL(TC_PROTO_ERR_FIELDS, "partial_result without worker_id, step_id and attempt >= 1");
+    if (!as_int(tc_proto_map_get(m, "step_id"), &out->step_id) || !as_int(tc_proto_map_get(m, "attempt"), &out->attempt) ||
+        out->attempt < 1)
+        FAIL(TC_PROTO_ERR_FIELDS, "partial_result without step_id and attempt >= 1");
     as_int(tc_proto_map_get(m, "task_id"), &out->task_id);
     /* A result is accepted only with the batch it was sent in. */
     if (!as_str(tc_proto_map_get(m, "batch_id"), &out->batch_id)) FAIL(TC_PROTO_ERR_FIELDS, "partial_result without a batch_id");
@@ -229,6 +245,9 @@ static tc_proto_err parse_partial(const msgpack_object *m, const char *body, siz
     out->output = tc_proto_map_get(m, "output");
     if (out->output && tc_proto_value_bytes(m, body, len, "output", &out->output_bytes) != 0)
         FAIL(TC_PROTO_ERR_UNDECODABLE, "a partial_result whose output could not be located");
+    if (out->version >= 2 && out->output && !string_keys(out->output))
+        FAIL(TC_PROTO_ERR_FIELDS, "a version 2 partial_result for step %lld whose output has a map key that is not a string",
+             (long long)out->step_id);
     out->retryable = 1;
     out->retry_after_ms = -1;
     const msgpack_object *e = tc_proto_map_get(m, "error");
@@ -254,6 +273,74 @@ static tc_proto_err parse_partial(const msgpack_object *m, const char *body, siz
     return TC_PROTO_OK;
 }
 
+static tc_proto_err parse_partial(const msgpack_object *m, const char *body, size_t len, tc_proto_msg *out,
+                                  char *detail, size_t detail_len)
+{
+    if (!as_str(tc_proto_map_get(m, "worker_id"), &out->worker_id))
+        FAIL(TC_PROTO_ERR_FIELDS, "partial_result without worker_id");
+    return parse_result_fields(m, body, len, out, detail, detail_len);
+}
+
+/* Version 2: {worker_id, results: [entry, ...]}, each entry a map; the
+ * entries themselves are checked one by one by tc_proto_next_result. */
+static tc_proto_err parse_partials(const msgpack_object *m, const char *body, size_t len, tc_proto_msg *out,
+                                   char *detail, size_t detail_len)
+{
+    const msgpack_object *r = tc_proto_map_get(m, "results");
+    if (!as_str(tc_proto_map_get(m, "worker_id"), &out->worker_id) || !r || r->type != MSGPACK_OBJECT_ARRAY ||
+        r->via.array.size == 0 || r->via.array.size > TC_PROTO_MAX_RESULTS)
+        FAIL(TC_PROTO_ERR_FIELDS, "partial_results without worker_id and results (an array of 1 to %d maps)",
+             TC_PROTO_MAX_RESULTS);
+    for (uint32_t i = 0; i < r->via.array.size; i++)
+        if (r->via.array.ptr[i].type != MSGPACK_OBJECT_MAP) FAIL(TC_PROTO_ERR_FIELDS, "partial_results entry %u is not a map", i);
+    if (tc_proto_value_bytes(m, body, len, "results", &out->results_bytes) != 0)
+        FAIL(TC_PROTO_ERR_UNDECODABLE, "a partial_results whose results could not be located");
+    out->results = r;
+    return TC_PROTO_OK;
+}
+
+/* Bytes of the header of the msgpack array or map at p (fix, 16 or 32). */
+static size_t container_header(const char *p, size_t left)
+{
+    unsigned char c = left ? (unsigned char)p[0] : 0;
+    if ((c >= 0x80 && c <= 0x9f)) return 1;
+    if ((c == 0xdc || c == 0xde) && left >= 3) return 3;
+    if ((c == 0xdd || c == 0xdf) && left >= 5) return 5;
+    return 0;
+}
+
+tc_proto_err tc_proto_next_result(const tc_proto_msg *m, size_t i, const char **cursor, const char *body, size_t len,
+                                  tc_proto_msg *out, tc_proto_str *pairs, uint32_t *npairs, char *detail,
+                                  size_t detail_len)
+{
+    memset(out, 0, sizeof(*out));
+    out->type = TC_PROTO_PARTIAL_RESULT;
+    out->version = m->version;
+    out->worker_id = m->worker_id;
+    const char *end = m->results_bytes.ptr + m->results_bytes.len;
+    if (!*cursor) {
+        size_t h = container_header(m->results_bytes.ptr, m->results_bytes.len);
+        if (!h) FAIL(TC_PROTO_ERR_UNDECODABLE, "partial_results whose results are not an array");
+        *cursor = m->results_bytes.ptr + h;
+    }
+    size_t n;
+    if (i >= m->results->via.array.size || *cursor >= end || tc_codec_skip(*cursor, (size_t)(end - *cursor), &n) != 0)
+        FAIL(TC_PROTO_ERR_UNDECODABLE, "partial_results entry %zu could not be located", i);
+    const char *at = *cursor;
+    *cursor += n;
+    size_t h = container_header(at, n);
+    if (!h) FAIL(TC_PROTO_ERR_UNDECODABLE, "partial_results entry %zu is not a map", i);
+    const msgpack_object *e = &m->results->via.array.ptr[i];
+    pairs->ptr = at + h;
+    pairs->len = n - h;
+    *npairs = e->via.map.size;
+    /* The handle turns an entry into a partial_result by putting these
+     * three in front of its pairs. */
+    if (tc_proto_map_get(e, "protocol_version") || tc_proto_map_get(e, "type") || tc_proto_map_get(e, "worker_id"))
+        FAIL(TC_PROTO_ERR_FIELDS, "partial_results entry %zu carries protocol_version, type or worker_id", i);
+    return parse_result_fields(e, body, len, out, detail, detail_len);
+}
+
 tc_proto_err tc_proto_parse(msgpack_unpacked *u, const char *body, size_t len, tc_proto_msg *out, char *detail,
                             size_t detail_len)
 {
@@ -267,14 +354,20 @@ tc_proto_err tc_proto_parse(msgpack_unpacked *u, const char *body, size_t len, t
         FAIL(TC_PROTO_ERR_UNDECODABLE, "a %zu-byte body that is not one msgpack map", len);
     const msgpack_object *m = &u->data;
     int64_t version;
-    if (!as_int(tc_proto_map_get(m, "protocol_version"), &version) || version != 1)
-        FAIL(TC_PROTO_ERR_VERSION, "a message without protocol_version 1");
+    if (!as_int(tc_proto_map_get(m, "protocol_version"), &version) || version < TC_PROTO_VERSION_MIN ||
+        version > TC_PROTO_VERSION_MAX)
+        FAIL(TC_PROTO_ERR_VERSION, "a message without protocol_version 1 or 2");
+    out->version = (int)version;
     tc_proto_str type;
     if (!as_str(tc_proto_map_get(m, "type"), &type)) FAIL(TC_PROTO_ERR_TYPE, "a message without a type");
 
     if (str_eq(type, "partial_result")) {
         out->type = TC_PROTO_PARTIAL_RESULT;
         return parse_partial(m, body, len, out, detail, detail_len);
+    }
+    if (str_eq(type, "partial_results") && version >= 2) {
+        out->type = TC_PROTO_PARTIAL_RESULTS;
+        return parse_partials(m, body, len, out, detail, detail_len);
     }
     if (str_eq(type, "batch_completion")) {
         out->type = TC_PROTO_BATCH_COMPLETION;

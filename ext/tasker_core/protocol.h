@@ -1,6 +1,6 @@
 /*
- * protocol.h: wire protocol v1 messages from the result channel
- * (docs/protocol.md), parsed in plain C with msgpack-c for the native
+ * protocol.h: wire protocol messages (versions 1 and 2) from the result
+ * channel (docs/protocol.md), parsed in plain C with msgpack-c for the native
  * orchestration loop. Never raises, never touches Ruby.
  *
  * Parsed fields point into the msgpack_unpacked zone and the body buffer
@@ -18,8 +18,16 @@ typedef enum tc_proto_type {
     TC_PROTO_BATCH_COMPLETION,
     TC_PROTO_HEARTBEAT,
     TC_PROTO_GOODBYE,
-    TC_PROTO_BATCH_REFUSAL
+    TC_PROTO_BATCH_REFUSAL,
+    TC_PROTO_PARTIAL_RESULTS /* version 2: several partial_results in one message */
 } tc_proto_type;
+
+/* The protocol versions this parser speaks (docs/protocol.md 12). */
+#define TC_PROTO_VERSION_MIN 1
+#define TC_PROTO_VERSION_MAX 2
+
+/* Most entries accepted in one partial_results; a longer list is malformed. */
+#define TC_PROTO_MAX_RESULTS 10000
 
 /* Longest in_flight_steps (heartbeat) or steps (batch_refusal) list
  * accepted; a longer one is malformed. */
@@ -34,7 +42,7 @@ typedef enum tc_proto_type {
 typedef enum tc_proto_err {
     TC_PROTO_OK = 0,
     TC_PROTO_ERR_UNDECODABLE,   /* not exactly one msgpack map */
-    TC_PROTO_ERR_VERSION,       /* protocol_version missing or not 1 */
+    TC_PROTO_ERR_VERSION,       /* protocol_version missing or not 1 or 2 */
     TC_PROTO_ERR_TYPE,          /* type missing or unknown */
     TC_PROTO_ERR_FIELDS,        /* a required field missing or of the wrong type */
     TC_PROTO_ERR_COUNT
@@ -64,6 +72,7 @@ typedef struct tc_proto_limits {
 
 typedef struct tc_proto_msg {
     tc_proto_type type;
+    int version; /* the message's protocol_version: 1 or 2 */
     tc_proto_str worker_id;
     tc_proto_str batch_id; /* partial_result, batch_completion, batch_refusal (ptr NULL: nil) */
 
@@ -94,8 +103,13 @@ typedef struct tc_proto_msg {
     tc_proto_str last_batch_id;            /* ptr NULL when nil */
     const msgpack_object *in_flight_steps; /* [[step_id, attempt], ...]: tc_proto_in_flight_step */
     /* "queues", checked (tc_proto_queue reads entry i); NULL when unsaid
-     * or malformed: the worker serves "default" (docs/protocol.md 4.4) */
+     * or malformed: the worker serves "default" (docs/protocol.md 4.5) */
     const msgpack_object *queues;
+
+    /* partial_results: the "results" array, each entry a map (read them
+     * in order with tc_proto_next_result) */
+    const msgpack_object *results;
+    tc_proto_str results_bytes; /* the array's bytes inside the body */
 
     /* goodbye, batch_refusal */
     tc_proto_str reason;
@@ -127,6 +141,18 @@ int tc_proto_queue_name_ok(const char *p, size_t n);
 /* Entry i of a parsed batch_refusal's steps. */
 void tc_proto_refused_step(const tc_proto_msg *m, size_t i, int64_t *step_id, int64_t *attempt, tc_proto_str *reason,
                            tc_proto_str *message);
+
+/* Reads entry i of a parsed partial_results m (from the body m was parsed
+ * from) as a partial_result into *out: version and worker_id from the
+ * envelope, the rest checked as tc_proto_parse checks a partial_result.
+ * Entries are read in order, i from 0, with the same *cursor (NULL before
+ * entry 0). *pairs gets the entry's key/value pairs (the map's bytes after
+ * its header) inside body and *npairs their number. Returns TC_PROTO_OK or
+ * why this entry is refused; the other entries still stand (but after a
+ * TC_PROTO_ERR_UNDECODABLE the cursor is lost: stop). */
+tc_proto_err tc_proto_next_result(const tc_proto_msg *m, size_t i, const char **cursor, const char *body, size_t len,
+                                  tc_proto_msg *out, tc_proto_str *pairs, uint32_t *npairs, char *detail,
+                                  size_t detail_len);
 
 /* Appends obj (or nil for NULL) re-encoded as msgpack to sbuf; 0 ok, -1 out of memory. */
 int tc_proto_pack_object(msgpack_sbuffer *sbuf, const msgpack_object *obj);

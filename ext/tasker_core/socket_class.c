@@ -427,6 +427,12 @@ static VALUE rsocket_send_hwm(VALUE self) { return get_int_opt(self, ZMQ_SNDHWM)
 static VALUE rsocket_set_send_hwm(VALUE self, VALUE v) { return set_int_opt(self, ZMQ_SNDHWM, v); }
 static VALUE rsocket_recv_hwm(VALUE self) { return get_int_opt(self, ZMQ_RCVHWM); }
 static VALUE rsocket_set_recv_hwm(VALUE self, VALUE v) { return set_int_opt(self, ZMQ_RCVHWM, v); }
+static VALUE rsocket_immediate(VALUE self) { return NUM2INT(get_int_opt(self, ZMQ_IMMEDIATE)) ? Qtrue : Qfalse; }
+static VALUE rsocket_set_immediate(VALUE self, VALUE v)
+{
+    set_int_opt(self, ZMQ_IMMEDIATE, INT2FIX(RTEST(v) ? 1 : 0));
+    return v;
+}
 static VALUE rsocket_linger(VALUE self) { return get_int_opt(self, ZMQ_LINGER); }
 static VALUE rsocket_set_linger(VALUE self, VALUE v) { return set_int_opt(self, ZMQ_LINGER, v); }
 
@@ -785,6 +791,8 @@ void tc_init_socket(void)
     rb_define_method(cBase, "send_hwm=", rsocket_set_send_hwm, 1);
     rb_define_method(cBase, "recv_hwm", rsocket_recv_hwm, 0);
     rb_define_method(cBase, "recv_hwm=", rsocket_set_recv_hwm, 1);
+    rb_define_method(cBase, "immediate?", rsocket_immediate, 0);
+    rb_define_method(cBase, "immediate=", rsocket_set_immediate, 1);
     rb_define_method(cBase, "linger", rsocket_linger, 0);
     rb_define_method(cBase, "linger=", rsocket_set_linger, 1);
     rb_define_method(cBase, "max_message_bytes=", rsocket_set_max_message_bytes, 1);

@@ -16,7 +16,8 @@ module TaskerCore
   #
   # A Config is frozen and its hashes are deep-frozen, with string keys.
   class Config
-    Setting = Struct.new(:key, :type, :default, :doc, :min, :max, :values, :env, :nullable, keyword_init: true)
+    # protocol: who uses the key on the wire (docs/protocol.md section 13), for the keys that matter there.
+    Setting = Struct.new(:key, :type, :default, :doc, :min, :max, :values, :env, :nullable, :protocol, keyword_init: true)
 
     CURVE_KEY = %r{\A[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}\z}
     DURATION = /\A[1-9]\d*[smhd]\z/
@@ -27,34 +28,34 @@ module TaskerCore
     SCHEMA = [
       Setting.new(key: "zeromq.enabled", type: :boolean, default: true,
                   doc: "Dispatch steps to worker processes over ZeroMQ. When false, nothing binds or connects."),
-      Setting.new(key: "zeromq.batch_endpoint", type: :endpoint, default: "tcp://127.0.0.1:5555",
+      Setting.new(key: "zeromq.batch_endpoint", protocol: "orchestrator binds, workers connect", type: :endpoint, default: "tcp://127.0.0.1:5555",
                   env: "TASKER_BATCH_ENDPOINT",
                   doc: "Where batches travel: the orchestrator binds it, workers connect to it."),
-      Setting.new(key: "zeromq.result_endpoint", type: :endpoint, default: "tcp://127.0.0.1:5556",
+      Setting.new(key: "zeromq.result_endpoint", protocol: "orchestrator binds, workers connect", type: :endpoint, default: "tcp://127.0.0.1:5556",
                   env: "TASKER_RESULT_ENDPOINT",
                   doc: "Where results, completions and heartbeats travel: the orchestrator binds it, workers connect."),
-      Setting.new(key: "zeromq.send_hwm", type: :integer, default: 1000, min: 0,
+      Setting.new(key: "zeromq.send_hwm", protocol: "both: ZMQ_SNDHWM", type: :integer, default: 1000, min: 0,
                   doc: "Send high-water mark (messages queued per peer; 0 = unlimited). " \
                        "A message refused at the mark is counted as dropped and re-dispatched later."),
-      Setting.new(key: "zeromq.recv_hwm", type: :integer, default: 1000, min: 0,
+      Setting.new(key: "zeromq.recv_hwm", protocol: "both: ZMQ_RCVHWM", type: :integer, default: 1000, min: 0,
                   doc: "Receive high-water mark (messages queued per peer; 0 = unlimited)."),
-      Setting.new(key: "zeromq.linger_ms", type: :integer, default: 1000, min: -1,
+      Setting.new(key: "zeromq.linger_ms", protocol: "both, on close", type: :integer, default: 1000, min: -1,
                   doc: "How long closing a socket waits to flush unsent messages (-1 = forever, 0 = discard)."),
-      Setting.new(key: "zeromq.heartbeat_interval_ms", type: :integer, default: 1000, min: 1,
+      Setting.new(key: "zeromq.heartbeat_interval_ms", protocol: "workers: heartbeat period", type: :integer, default: 1000, min: 1,
                   doc: "How often a worker sends a heartbeat."),
-      Setting.new(key: "zeromq.heartbeat_timeout_ms", type: :integer, default: 5000, min: 1,
+      Setting.new(key: "zeromq.heartbeat_timeout_ms", protocol: "orchestrator: a silent worker is dropped after it", type: :integer, default: 5000, min: 1,
                   doc: "How long a silent worker stays live; must exceed zeromq.heartbeat_interval_ms."),
-      Setting.new(key: "zeromq.max_message_bytes", type: :integer, default: 16 * 1024 * 1024, min: 1,
+      Setting.new(key: "zeromq.max_message_bytes", protocol: "both: ZMQ_MAXMSGSIZE; workers advertise it in heartbeat `limits`", type: :integer, default: 16 * 1024 * 1024, min: 1,
                   doc: "Largest message a socket accepts; a bigger one is refused (ZMQ_MAXMSGSIZE)."),
-      Setting.new(key: "zeromq.max_result_bytes", type: :integer, default: 4 * 1024 * 1024, min: 0,
+      Setting.new(key: "zeromq.max_result_bytes", protocol: "orchestrator: largest result body; sent in each batch's `limits`", type: :integer, default: 4 * 1024 * 1024, min: 0,
                   doc: "Largest result body the orchestrator accepts. Each batch tells workers the limit; a worker " \
                        "fails a step whose result would be bigger (PayloadTooLargeError, not retryable). A bigger " \
                        "body that arrives anyway is counted (too_large) and dropped. 0 = only " \
                        "zeromq.max_message_bytes applies."),
-      Setting.new(key: "zeromq.max_batch_steps", type: :integer, default: 10_000, min: 1,
+      Setting.new(key: "zeromq.max_batch_steps", protocol: "workers: advertised in heartbeat `limits`", type: :integer, default: 10_000, min: 1,
                   doc: "Most steps a worker accepts in one batch (advertised in its heartbeats; the orchestrator " \
                        "never sends more). Steps beyond it are refused with a batch_refusal and dispatched again."),
-      Setting.new(key: "zeromq.max_payload_depth", type: :integer, default: 24, min: 1, max: 28,
+      Setting.new(key: "zeromq.max_payload_depth", protocol: "both: contexts, handler_configs, outputs; in both `limits`", type: :integer, default: 24, min: 1, max: 28,
                   doc: "Deepest nesting of maps and arrays in a task context, a handler_config or a step output. " \
                        "create_task refuses a deeper context (PayloadTooDeepError); a deeper output fails its " \
                        "step, not retryable. Messages add at most four levels, under the decoder's fixed 32."),
@@ -65,10 +66,10 @@ module TaskerCore
                        "is refused (ConfigurationError). On, anyone who can reach the ports can take batches " \
                        "(contexts and outputs included), send results that are applied, and fill the " \
                        "orchestrator's queues; see docs/security.md."),
-      Setting.new(key: "zeromq.curve.enabled", type: :boolean, default: false,
+      Setting.new(key: "zeromq.curve.enabled", protocol: "both: CURVE on both channels (section 14)", type: :boolean, default: false,
                   doc: "Authenticate and encrypt both channels with CurveZMQ: the orchestrator is the CURVE " \
                        "server, workers are clients and must be on the allow-list (docs/security.md)."),
-      Setting.new(key: "zeromq.curve.server_public_key", type: :curve_key, default: nil, nullable: true,
+      Setting.new(key: "zeromq.curve.server_public_key", protocol: "workers: the orchestrator's key (section 14)", type: :curve_key, default: nil, nullable: true,
                   env: "TASKER_CURVE_SERVER_PUBLIC_KEY",
                   doc: "The orchestrator's public key (Z85, 40 characters); workers need it."),
       Setting.new(key: "zeromq.curve.server_secret_key_file", type: :string, default: nil, nullable: true,
@@ -82,26 +83,26 @@ module TaskerCore
                   env: "TASKER_CURVE_CLIENT_SECRET_KEY_FILE",
                   doc: "File holding this worker's secret key (mode 0600, else refused). " \
                        "TASKER_CURVE_CLIENT_SECRET_KEY, when set, holds the key itself and wins."),
-      Setting.new(key: "zeromq.curve.allowed_client_keys", type: :curve_key_list, default: [],
+      Setting.new(key: "zeromq.curve.allowed_client_keys", protocol: "orchestrator: who may connect (section 14)", type: :curve_key_list, default: [],
                   doc: "Public keys (Z85) of the workers allowed to connect; every other client is refused."),
       Setting.new(key: "zeromq.curve.allowed_client_keys_file", type: :string, default: nil, nullable: true,
                   env: "TASKER_CURVE_ALLOWED_CLIENT_KEYS_FILE",
                   doc: "File of allowed worker public keys, one per line (# comments), added to allowed_client_keys."),
-      Setting.new(key: "worker.max_workers", type: :integer, default: 10, min: 1, max: 1024,
+      Setting.new(key: "worker.max_workers", protocol: "workers: heartbeat `capacity`", type: :integer, default: 10, min: 1, max: 1024,
                   doc: "Threads per worker process running step handlers; advertised as its capacity."),
-      Setting.new(key: "worker.queues", type: :queue_list, default: [Queues::DEFAULT],
+      Setting.new(key: "worker.queues", protocol: "workers: heartbeat `queues`", type: :queue_list, default: [Queues::DEFAULT],
                   doc: "Queues this worker serves (advertised in its heartbeats); the orchestrator sends it only " \
                        "steps of these queues. `tasker worker --queues a,b` overrides it."),
-      Setting.new(key: "worker.step_timeout_ms", type: :integer, default: 30_000, min: 1,
+      Setting.new(key: "worker.step_timeout_ms", protocol: "workers: timeout of a step whose `timeout_ms` is 0 or nil", type: :integer, default: 30_000, min: 1,
                   doc: "Timeout of a step that does not set its own."),
-      Setting.new(key: "worker.shutdown_timeout_ms", type: :integer, default: 25_000, min: 0,
+      Setting.new(key: "worker.shutdown_timeout_ms", protocol: "workers: drain limit (section 10)", type: :integer, default: 25_000, min: 0,
                   doc: "On TERM/INT, how long a worker waits for running steps before it stops."),
       Setting.new(key: "orchestration.batch_size", type: :integer, default: 100, min: 1, max: 10_000,
                   doc: "Most steps claimed from the database and sent in one batch."),
-      Setting.new(key: "orchestration.dispatch_timeout_ms", type: :integer, default: 10_000, min: 1,
+      Setting.new(key: "orchestration.dispatch_timeout_ms", protocol: "orchestrator: re-dispatch deadline past a step's timeout (section 9)", type: :integer, default: 10_000, min: 1,
                   doc: "How long past a step's own timeout the orchestrator waits for its result " \
                        "before it treats the step as lost and dispatches it again."),
-      Setting.new(key: "orchestration.max_lost_attempts", type: :integer, default: 5, min: 1, max: 1000,
+      Setting.new(key: "orchestration.max_lost_attempts", protocol: "orchestrator: lost attempts before `StepLostError`", type: :integer, default: 5, min: 1, max: 1000,
                   doc: "How many times a step may be lost (its worker or orchestrator lost, its lease expired, " \
                        "its batch refused) and dispatched again without spending its retry budget. One more " \
                        "loss fails it with StepLostError, not retryable: a step that kills every worker that " \
@@ -121,11 +122,11 @@ module TaskerCore
       Setting.new(key: "tasks.template_dir", type: :string, default: "config/tasks",
                   doc: "Folder of task template YAML files (*.yml), relative to the application root " \
                        "(Rails.root, else the current directory) unless absolute."),
-      Setting.new(key: "discovery.name", type: :string, default: nil, nullable: true, env: "TASKER_DISCOVERY_NAME",
+      Setting.new(key: "discovery.name", protocol: "both: endpoints looked up through PostgreSQL (section 15)", type: :string, default: nil, nullable: true, env: "TASKER_DISCOVERY_NAME",
                   doc: "Discovery through PostgreSQL: an orchestrator registers its endpoints under this name; " \
                        "a worker with it set (and no endpoints on its command line) looks them up and follows " \
                        "changes. null = off (workers use zeromq.*_endpoint)."),
-      Setting.new(key: "discovery.ttl_ms", type: :integer, default: 15_000, min: 300,
+      Setting.new(key: "discovery.ttl_ms", protocol: "orchestrator: lease of its discovery entry", type: :integer, default: 15_000, min: 300,
                   doc: "Lease of a discovery registration; renewed every ttl/3. A crashed orchestrator's entry " \
                        "disappears this long after its last renewal."),
       Setting.new(key: "logging.level", type: :enum, default: "info", values: %w[debug info warn error],
@@ -231,6 +232,40 @@ module TaskerCore
           "| `#{s.key}` | #{type} | #{default} | #{env} | #{s.doc} |"
         end
         ["| Key | Type | Default | Environment variable | Meaning |", "|---|---|---|---|---|", *rows].join("\n")
+      end
+
+      # The Markdown table of docs/protocol.md section 13: the keys that
+      # matter on the wire, generated from SCHEMA.
+      def protocol_table
+        rows = SCHEMA.each_value.select(&:protocol).map do |s|
+          "| `#{s.key}` | #{s.default.nil? ? 'null' : "`#{s.default}`"} | #{s.protocol} |"
+        end
+        ["| key | default | used by |", "|---|---|---|", *rows].join("\n")
+      end
+
+      # Generated regions of the docs: file => { marker => text between
+      # <!-- marker:begin --> and <!-- marker:end --> }.
+      def generated_docs
+        settings = { "settings" => reference_table }
+        { "README.md" => settings, "docs/configuration.md" => settings,
+          "docs/protocol.md" => { "protocol-settings" => protocol_table } }
+      end
+
+      # Rewrites the generated regions under root (bin/sync-docs, rake
+      # docs); with write: false only reports. Returns the files that were
+      # (or would be) changed.
+      def sync_docs(root, write: true)
+        generated_docs.filter_map do |rel, regions|
+          path = File.join(root, rel)
+          text = File.read(path)
+          updated = regions.reduce(text) do |t, (marker, body)|
+            t.sub(/<!-- #{marker}:begin -->\n.*?<!-- #{marker}:end -->/m) { "<!-- #{marker}:begin -->\n#{body}\n<!-- #{marker}:end -->" }
+          end
+          next if updated == text
+
+          File.write(path, updated) if write
+          rel
+        end
       end
 
       private

@@ -3,13 +3,16 @@
 require "socket"
 
 module TaskerCore
-  # Wire protocol v1 between the orchestrator and workers (docs/protocol.md).
+  # Wire protocol between the orchestrator and workers (docs/protocol.md):
+  # version 2, and version 1 as older peers speak it.
   #
   # Every message either side sends is built and checked here, so the two
   # sides cannot drift apart on a topic, a field name or an error shape
   # (the failure that sank an earlier attempt at this design).
   module Protocol
-    VERSION = 1
+    # The version this side sends; VERSIONS are the ones it accepts.
+    VERSION = 2
+    VERSIONS = [1, 2].freeze
 
     BATCH = "batch"
     PARTIAL_RESULT = "partial_result"
@@ -17,11 +20,18 @@ module TaskerCore
     HEARTBEAT = "heartbeat"
     GOODBYE = "goodbye"
     BATCH_REFUSAL = "batch_refusal"
-    TYPES = [BATCH, PARTIAL_RESULT, BATCH_COMPLETION, HEARTBEAT, GOODBYE, BATCH_REFUSAL].freeze
+    # Version 2: the results of several steps in one message.
+    PARTIAL_RESULTS = "partial_results"
+    TYPES = [BATCH, PARTIAL_RESULT, BATCH_COMPLETION, HEARTBEAT, GOODBYE, BATCH_REFUSAL, PARTIAL_RESULTS].freeze
     # Types a worker publishes on the result channel; their topic frame is the type.
-    RESULT_TYPES = [PARTIAL_RESULT, BATCH_COMPLETION, HEARTBEAT, GOODBYE, BATCH_REFUSAL].freeze
+    RESULT_TYPES = [PARTIAL_RESULT, BATCH_COMPLETION, HEARTBEAT, GOODBYE, BATCH_REFUSAL, PARTIAL_RESULTS].freeze
+    # Types that exist from version 2 on.
+    V2_TYPES = [PARTIAL_RESULTS].freeze
+    # The envelope of a partial_result; the rest of its fields make an entry
+    # of partial_results (docs/protocol.md 4.3).
+    ENVELOPE_KEYS = %w[protocol_version type worker_id].freeze
 
-    # Reasons of a batch_refusal (docs/protocol.md 4.6).
+    # Reasons of a batch_refusal (docs/protocol.md 4.7).
     REFUSAL_REASONS = %w[too_many_steps undecodable draining too_deep invalid_step unknown_handler].freeze
 
     STATUS_COMPLETE = "complete"
@@ -124,8 +134,8 @@ module TaskerCore
         ["steps", ->(v) { v.is_a?(Array) }, "an Array"]
       ],
       PARTIAL_RESULT => [
-        ["batch_id", STR, "a non-empty String"],
         ["worker_id", WORKER_ID, "a worker id matching #{WORKER_ID_PATTERN.source}"],
+        ["batch_id", STR, "a non-empty String"],
         ["step_id", INT, "an Integer"],
         ["task_id", INT, "an Integer"],
         ["attempt", POS_INT, "an Integer >= 1"],
@@ -135,6 +145,10 @@ module TaskerCore
         ["started_at", NUM, "a Float (epoch seconds)"],
         ["finished_at", NUM, "a Float (epoch seconds)"],
         ["duration_ms", NUM, "a Float (milliseconds)"]
+      ],
+      PARTIAL_RESULTS => [
+        ["worker_id", WORKER_ID, "a worker id matching #{WORKER_ID_PATTERN.source}"],
+        ["results", ->(v) { v.is_a?(Array) && !v.empty? }, "a non-empty Array"]
       ],
       BATCH_COMPLETION => [
         ["batch_id", STR, "a non-empty String"],
@@ -162,6 +176,8 @@ module TaskerCore
         ["steps", ->(v) { v.is_a?(Array) }, "an Array"]
       ]
     }.freeze
+    # An entry of partial_results: a partial_result without its envelope.
+    RESULT_ENTRY_FIELDS = FIELDS[PARTIAL_RESULT].drop(1).freeze
 
     module_function
 
@@ -192,8 +208,8 @@ module TaskerCore
     # ---- builders -------------------------------------------------------
 
     # limits: optional {max_result_bytes:, max_message_bytes:, max_payload_depth:}.
-    def batch(batch_id:, worker_id:, steps:, sent_at: now, limits: nil)
-      msg = { "protocol_version" => VERSION, "type" => BATCH, "batch_id" => batch_id,
+    def batch(batch_id:, worker_id:, steps:, sent_at: now, limits: nil, version: VERSION)
+      msg = { "protocol_version" => version, "type" => BATCH, "batch_id" => batch_id,
               "worker_id" => worker_id, "sent_at" => sent_at.to_f, "steps" => steps.map { |s| batch_step(**s) } }
       msg["limits"] = string_keys(limits, BATCH_LIMIT_FIELDS) if limits
       msg
@@ -208,13 +224,72 @@ module TaskerCore
 
     # status is derived: an error object makes it "error", else "complete".
     def partial_result(batch_id:, worker_id:, step_id:, task_id:, attempt:, started_at:, finished_at:,
-                       output: nil, error: nil)
-      { "protocol_version" => VERSION, "type" => PARTIAL_RESULT, "batch_id" => batch_id,
-        "worker_id" => worker_id, "step_id" => step_id, "task_id" => task_id, "attempt" => attempt,
+                       output: nil, error: nil, version: VERSION)
+      { "protocol_version" => version, "type" => PARTIAL_RESULT, "worker_id" => worker_id,
+        **result_entry(batch_id: batch_id, step_id: step_id, task_id: task_id, attempt: attempt,
+                       started_at: started_at, finished_at: finished_at, output: output, error: error) }
+    end
+
+    # One step's result without the envelope: an entry of partial_results.
+    def result_entry(batch_id:, step_id:, task_id:, attempt:, started_at:, finished_at:, output: nil, error: nil)
+      { "batch_id" => batch_id, "step_id" => step_id, "task_id" => task_id, "attempt" => attempt,
         "status" => error ? STATUS_ERROR : STATUS_COMPLETE,
         "output" => error ? nil : output, "error" => error,
         "started_at" => started_at.to_f, "finished_at" => finished_at.to_f,
         "duration_ms" => ((finished_at.to_f - started_at.to_f) * 1000.0).round(3) }
+    end
+
+    # Version 2: several results (result_entry maps) in one message.
+    def partial_results(worker_id:, results:)
+      { "protocol_version" => VERSION, "type" => PARTIAL_RESULTS, "worker_id" => worker_id, "results" => results }
+    end
+
+    # The packed entry (a map of string keys) of one result, checked as
+    # an entry of a version 2 message: what a worker hands its I/O thread.
+    # Raises MessageError (an output key that is not a string, a field
+    # missing or mistyped). keys_checked: the caller has already looked for
+    # a non-string key in the output (non_string_key), so it is not walked
+    # again.
+    def pack_entry(entry, keys_checked: false)
+      check_fields!(PARTIAL_RESULT, entry, RESULT_ENTRY_FIELDS, "")
+      check_partial!(entry)
+      check_keys!(PARTIAL_RESULT, entry["output"], "output") unless keys_checked
+      TaskerCore::Codec.pack(entry)
+    end
+
+    # [topic, body] of the packed entries (pack_entry), without decoding
+    # them again: one partial_result for one entry, else one
+    # partial_results. The envelope is spliced in front of the entries.
+    def result_frames(worker_id, entries)
+      if entries.size == 1
+        entry = entries[0]
+        n = entry.getbyte(0) - 0x80 # an entry has fewer than 16 keys: a fixmap
+        raise ArgumentError, "not a packed result entry" unless n.between?(1, 15 - ENVELOPE_KEYS.size)
+
+        return [PARTIAL_RESULT, ((0x80 + n + ENVELOPE_KEYS.size).chr.b << envelope_pairs(worker_id, PARTIAL_RESULT) <<
+                                 entry.byteslice(1, entry.bytesize - 1))]
+      end
+      body = (0x84.chr.b << envelope_pairs(worker_id, PARTIAL_RESULTS) << TaskerCore::Codec.pack("results"))
+      body << array_header(entries.size)
+      entries.each { |e| body << e }
+      [PARTIAL_RESULTS, body]
+    end
+
+    # The packed key/value pairs of the envelope (protocol_version, type,
+    # worker_id), without a map header.
+    def envelope_pairs(worker_id, type)
+      @envelopes ||= {}
+      @envelopes[[worker_id, type]] ||= begin
+        packed = TaskerCore::Codec.pack({ "protocol_version" => VERSION, "type" => type, "worker_id" => worker_id })
+        packed.byteslice(1, packed.bytesize - 1).freeze
+      end
+    end
+
+    def array_header(n)
+      return (0x90 + n).chr.b if n < 16
+      return [0xdc, n].pack("Cn") if n < 65_536
+
+      [0xdd, n].pack("CN")
     end
 
     # The error object of a failed partial_result.
@@ -238,8 +313,8 @@ module TaskerCore
                    backtrace: exception.backtrace || [], retryable: retryable, retry_after: retry_after)
     end
 
-    def batch_completion(batch_id:, worker_id:, steps:, completed_at: now)
-      { "protocol_version" => VERSION, "type" => BATCH_COMPLETION, "batch_id" => batch_id,
+    def batch_completion(batch_id:, worker_id:, steps:, completed_at: now, version: VERSION)
+      { "protocol_version" => version, "type" => BATCH_COMPLETION, "batch_id" => batch_id,
         "worker_id" => worker_id, "completed_at" => completed_at.to_f,
         "steps" => steps.map { |s| { "step_id" => s[:step_id] || s["step_id"], "attempt" => s[:attempt] || s["attempt"],
                                      "status" => s[:status] || s["status"] } } }
@@ -251,8 +326,9 @@ module TaskerCore
     # [[step_id, attempt], ...], sent with last_batch_id (which may be nil).
     # Each is left out when nil.
     def heartbeat(worker_id:, capacity:, in_flight:, pid: Process.pid, host: ::Socket.gethostname, sent_at: now,
-                  connection: nil, limits: nil, last_batch_id: nil, in_flight_steps: nil, queues: nil)
-      msg = { "protocol_version" => VERSION, "type" => HEARTBEAT, "worker_id" => worker_id, "pid" => pid,
+                  connection: nil, limits: nil, last_batch_id: nil, in_flight_steps: nil, queues: nil,
+                  version: VERSION)
+      msg = { "protocol_version" => version, "type" => HEARTBEAT, "worker_id" => worker_id, "pid" => pid,
               "host" => host, "capacity" => capacity, "in_flight" => in_flight, "sent_at" => sent_at.to_f }
       if connection
         c = connection.transform_keys(&:to_s)
@@ -320,20 +396,23 @@ module TaskerCore
       msg
     end
 
-    # Returns msg when it is a well-formed v1 message; raises MessageError
-    # naming the first offending field otherwise.
+    # Returns msg when it is a well-formed message of version 1 or 2;
+    # raises MessageError naming the first offending field otherwise.
+    # Version 2 adds partial_results and refuses a map key that is not a
+    # string in an output.
     def validate!(msg, strict_batch: true)
       raise MessageError.new("message must be a map, got #{msg.class}", reason: :not_a_map) unless msg.is_a?(Hash)
 
       version = msg["protocol_version"]
-      unless version == VERSION
-        raise MessageError.new("protocol_version must be #{VERSION}, got #{version.inspect}",
+      unless VERSIONS.include?(version)
+        raise MessageError.new("protocol_version must be one of #{VERSIONS.join(', ')}, got #{version.inspect}",
                                reason: :wrong_version, field: "protocol_version")
       end
 
       type = msg["type"]
-      unless TYPES.include?(type)
-        raise MessageError.new("unknown message type #{type.inspect} (known: #{TYPES.join(', ')})",
+      unless TYPES.include?(type) && (version >= 2 || !V2_TYPES.include?(type))
+        raise MessageError.new("unknown message type #{type.inspect} in protocol_version #{version} " \
+                               "(known: #{TYPES.join(', ')}; #{V2_TYPES.join(', ')} from version 2)",
                                reason: :unknown_type, field: "type")
       end
 
@@ -346,6 +425,13 @@ module TaskerCore
         msg["steps"].each_with_index { |s, i| check_nested!(type, s, COMPLETION_STEP_FIELDS, "steps[#{i}]") }
       when PARTIAL_RESULT
         check_partial!(msg)
+        check_keys!(type, msg["output"], "output") if version >= 2
+      when PARTIAL_RESULTS
+        msg["results"].each_with_index do |r, i|
+          check_nested!(type, r, RESULT_ENTRY_FIELDS, "results[#{i}]")
+          check_partial!(r, "results[#{i}].")
+          check_keys!(type, r["output"], "results[#{i}].output")
+        end
       when HEARTBEAT
         check_heartbeat!(msg)
       when BATCH_REFUSAL
@@ -397,14 +483,43 @@ module TaskerCore
       nil
     end
 
-    def check_partial!(msg)
+    def check_partial!(msg, prefix = "")
       if msg["status"] == STATUS_ERROR
-        invalid!(PARTIAL_RESULT, "error", "a map when status is \"error\"", msg["error"]) unless msg["error"].is_a?(Hash)
-        check_fields!(PARTIAL_RESULT, msg["error"], ERROR_FIELDS, "error.")
+        invalid!(PARTIAL_RESULT, "#{prefix}error", "a map when status is \"error\"", msg["error"]) unless msg["error"].is_a?(Hash)
+        check_fields!(PARTIAL_RESULT, msg["error"], ERROR_FIELDS, "#{prefix}error.")
       else
-        invalid!(PARTIAL_RESULT, "error", "nil when status is \"complete\"", msg["error"]) unless msg["error"].nil?
-        invalid!(PARTIAL_RESULT, "output", "a map when status is \"complete\"", msg["output"]) unless msg["output"].is_a?(Hash)
+        invalid!(PARTIAL_RESULT, "#{prefix}error", "nil when status is \"complete\"", msg["error"]) unless msg["error"].nil?
+        unless msg["output"].is_a?(Hash)
+          invalid!(PARTIAL_RESULT, "#{prefix}output", "a map when status is \"complete\"", msg["output"])
+        end
       end
+    end
+
+    # Version 2: every map key inside value is a String (or a Symbol, which
+    # packs as one). Walks without recursion.
+    def check_keys!(type, value, field)
+      path = non_string_key(value, field)
+      invalid!(type, path, "a map whose keys are strings (protocol version 2)", path.split(".").last) if path
+    end
+
+    # The path of the first map key inside value that does not pack as a
+    # string ("output.rows[2].7"), or nil.
+    def non_string_key(value, path = "output")
+      stack = [[value, path]]
+      until stack.empty?
+        node, at = stack.pop
+        case node
+        when Hash
+          node.each do |k, v|
+            return "#{at}.#{k.inspect}" unless k.is_a?(String) || k.is_a?(Symbol)
+
+            stack << [v, "#{at}.#{k}"] if v.is_a?(Hash) || v.is_a?(Array)
+          end
+        when Array
+          node.each_with_index { |v, i| stack << [v, "#{at}[#{i}]"] if v.is_a?(Hash) || v.is_a?(Array) }
+        end
+      end
+      nil
     end
 
     def check_nested!(type, value, fields, path)
@@ -433,7 +548,7 @@ module TaskerCore
     end
 
     private_class_method :check_partial!, :check_nested!, :check_fields!, :invalid!, :describe_frames,
-                         :check_heartbeat!, :string_keys
+                         :check_heartbeat!, :string_keys, :check_keys!, :envelope_pairs, :array_header
 
     # Walks msgpack bytes without building objects and without recursion
     # (so no nesting is too deep for it): only for reading what it can out

@@ -86,13 +86,18 @@ module TaskerCore
 
     # XPUB with XPUB_NODROP and XPUB_VERBOSER: a send refused at the
     # high-water mark returns false and is counted in stats[:send_dropped],
-    # and every subscription arrives in #subscriptions.
+    # and every subscription arrives in #subscriptions. immediate: true sets
+    # ZMQ_IMMEDIATE before connecting: messages go only to completed
+    # connections, and a connection that drops takes its pipe (and the
+    # subscriptions that came over it: #subscriptions reports them gone)
+    # with it instead of queueing for a reconnect.
     class Publisher < Base
-      def initialize(bind: nil, connect: nil, send_hwm: 1000, linger: 0, **security)
+      def initialize(bind: nil, connect: nil, send_hwm: 1000, linger: 0, immediate: false, **security)
         super()
         open_with(bind, connect, **security) do
           self.send_hwm = send_hwm
           self.linger = linger
+          self.immediate = true if immediate
         end
       end
 

@@ -4,7 +4,7 @@ require_relative "../fixtures/durable_handlers"
 require_relative "../fixtures/fault_handlers"
 
 # Payloads against zeromq.max_message_bytes (issue 10, docs/protocol.md 4.1
-# and 4.4): libzmq drops a connection that delivers a message over
+# and 4.5): libzmq drops a connection that delivers a message over
 # ZMQ_MAXMSGSIZE, so the orchestrator splits batches by bytes as well as by
 # steps, and fails a step that no live worker could ever take instead of
 # sending it. A real orchestrator process, real worker processes.

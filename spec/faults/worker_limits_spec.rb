@@ -3,7 +3,7 @@
 require_relative "../fixtures/durable_handlers"
 require_relative "../fixtures/fault_handlers"
 
-# A payload or a limit costs at most itself (docs/protocol.md 4.1, 4.4, 4.6):
+# A payload or a limit costs at most itself (docs/protocol.md 4.1, 4.5, 4.7):
 # a real orchestrator process, real worker processes (exe/tasker-worker) and
 # a real PostgreSQL.
 RSpec.describe "faults: worker limits", :db, :no_valgrind do

@@ -3,6 +3,7 @@
 require "json"
 require "yaml"
 require_relative "../fixtures/durable_handlers"
+require_relative "../fixtures/compat_handlers"
 
 RSpec.describe "Discovery failover", :db do
   let(:name) { "orders-#{SecureRandom.hex(3)}" }
@@ -52,6 +53,43 @@ RSpec.describe "Discovery failover", :db do
       SELECT count(DISTINCT step_id) AS n FROM tasker_workflow_step_transitions
        WHERE task_id = ANY($1::bigint[]) AND reason = 'claimed' AND owner LIKE $2
     SQL
+  end
+
+  # docs/protocol.md section 15: the Python worker finds the orchestrator in
+  # PostgreSQL and follows the failover as the Ruby worker does.
+  it "moves the Python worker to a second orchestrator when the first is killed, with no step lost" do
+    python = ["/usr/bin/python3", "python3"].find do |candidate|
+      system(candidate, "-c", "import zmq, msgpack, psycopg2", out: File::NULL, err: File::NULL)
+    end
+    skip "no python3 with pyzmq, msgpack and psycopg2" unless python
+
+    use_templates(template("py_chain", [
+                             step("a", handler: "Python::Sleep", handler_config: { "sleep_ms" => 200 }, timeout_ms: 2000),
+                             step("b", ["a"], handler: "Python::Sleep", handler_config: { "sleep_ms" => 200 }, timeout_ms: 2000)
+                           ]))
+    conn = connect
+    ids = Array.new(30) { |i| TaskerCore.create_task(name: "py_chain", context: { "n" => i }) }
+    a_pid, a_out = spawn_discovering_orchestrator(tcp_endpoint, tcp_endpoint)
+    expect(a_out.wait_readable(30) && a_out.gets&.chomp).to eq("ready")
+    worker = Process.spawn(python, File.join(SpecHelpers::ROOT, "examples", "python_worker", "worker.py"),
+                           "--discovery", name, "--database-url", db_url, "--concurrency", "4",
+                           "--heartbeat-interval-ms", "200", err: ENV["SPEC_LOG"] ? :err : File::NULL, pgroup: true)
+    (@spawned_pids ||= []) << worker
+    wait_until(timeout: 30, message: "some tasks done through the first orchestrator") do
+      task_states(conn, ids)["complete"].to_i >= 3
+    end
+
+    b_batch = tcp_endpoint
+    b_pid, b_out = spawn_discovering_orchestrator(b_batch, tcp_endpoint)
+    kill9(a_pid)
+    expect(b_out.wait_readable(30) && b_out.gets&.chomp).to eq("ready")
+    expect(TaskerCore::Discovery.lookup(name, url: db_url).batch_endpoint).to eq(b_batch)
+
+    expect_finished_exactly_once(ids, c: conn, timeout: 60)
+    expect(steps_enqueued_by(conn, ids, b_pid)).to be_positive
+    languages = conn.exec("SELECT output FROM tasker_workflow_steps WHERE task_id = ANY($1::bigint[])", [ids])
+                    .map { |r| TaskerCore::Codec.unpack(r["output"])["language"] }.uniq
+    expect(languages).to eq(["python"])
   end
 
   it "moves a worker to a second orchestrator when the first is killed, with no step lost" do

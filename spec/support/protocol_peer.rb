@@ -1,16 +1,19 @@
 # frozen_string_literal: true
 
 # A stand-in orchestrator for worker specs, made of real sockets speaking
-# wire protocol v1: an XPUB bound for batches, a SUB bound for results. It
-# decodes every result with TaskerCore::Protocol.decode, so a worker that
-# sends a malformed message fails the spec right there.
+# the wire protocol (version 2 unless a batch says 1): an XPUB bound for
+# batches, a SUB bound for results. It decodes every result with
+# TaskerCore::Protocol.decode, so a worker that sends a malformed message
+# fails the spec right there. A partial_results is recorded in #raw as
+# sent and in #messages as the partial_result of each entry, as the
+# orchestrator applies it.
 #
 # All methods must be called from the thread that made the peer (libzmq
 # sockets belong to one thread).
 class ProtocolPeer
   Protocol = TaskerCore::Protocol
 
-  attr_reader :batch_endpoint, :result_endpoint, :messages, :batch_subscriptions
+  attr_reader :batch_endpoint, :result_endpoint, :messages, :raw, :batch_subscriptions
 
   # curve_secret_key: makes both sockets CURVE servers that allow
   # allowed_client_keys (Z85 public keys).
@@ -22,6 +25,7 @@ class ProtocolPeer
     @batch_endpoint = @batches.last_endpoint
     @result_endpoint = @results.last_endpoint
     @messages = []
+    @raw = []
     @batch_subscriptions = []
     @next_batch = 0
   end
@@ -35,9 +39,17 @@ class ProtocolPeer
   # message) and records it; returns the new messages.
   def poll(timeout_ms: 50)
     @batch_subscriptions.concat(@batches.subscriptions(timeout_ms: 0))
-    fresh = @results.receive_many(max: 1000, timeout_ms: timeout_ms).map { |frames| Protocol.decode(frames) }
+    raw = @results.receive_many(max: 1000, timeout_ms: timeout_ms).map { |frames| Protocol.decode(frames) }
+    @raw.concat(raw)
+    fresh = raw.flat_map { |m| m["type"] == Protocol::PARTIAL_RESULTS ? expand(m) : [m] }
     @messages.concat(fresh)
     fresh
+  end
+
+  # The partial_result each entry of a partial_results stands for.
+  def expand(msg)
+    envelope = msg.slice("protocol_version", "worker_id").merge("type" => Protocol::PARTIAL_RESULT)
+    msg["results"].map { |entry| envelope.merge(entry) }
   end
 
   # Polls until the block, given every message so far, returns truthy.
@@ -62,11 +74,16 @@ class ProtocolPeer
     end
   end
 
-  def send_batch(worker_id, steps, batch_id: "b-#{@next_batch += 1}", limits: nil)
-    msg = Protocol.batch(batch_id: batch_id, worker_id: worker_id, steps: steps, limits: limits)
+  def send_batch(worker_id, steps, batch_id: "b-#{@next_batch += 1}", limits: nil, version: Protocol::VERSION)
+    msg = Protocol.batch(batch_id: batch_id, worker_id: worker_id, steps: steps, limits: limits, version: version)
     raise "batch refused at the high-water mark" unless @batches.send_parts(Protocol.encode(msg))
 
     batch_id
+  end
+
+  # {allowed:, denied:} CURVE handshakes over both sockets (a CURVE peer).
+  def handshakes
+    [@batches, @results].map(&:handshakes).inject { |a, b| a.merge(b) { |_k, x, y| x + y } }
   end
 
   def send_raw(frames)
@@ -89,3 +106,21 @@ class ProtocolPeer
     of_type("heartbeat")
   end
 end
+
+module HeldResults
+  # For worker specs that hold a worker's results: results is a bound
+  # Subscriber with no subscription yet, so the worker keeps every result.
+  # Subscribes now and returns the messages that arrive (decoded, validated)
+  # up to and including the first batch_completion.
+  def release_held_results(results)
+    results.subscribe("")
+    got = []
+    wait_until(message: "the held results") do
+      results.receive_many(timeout_ms: 50).each { |f| got << TaskerCore::Protocol.decode(f) }
+      got.any? { |m| m["type"] == "batch_completion" }
+    end
+    got
+  end
+end
+
+RSpec.configure { |c| c.include HeldResults }

@@ -2,15 +2,16 @@
 
 require "socket"
 
-# A small worker that speaks wire protocol v1 over real sockets, for specs of
-# the orchestrator side: it subscribes to its batch topic, heartbeats,
+# A small worker that speaks the wire protocol (version 1 unless given
+# version: 2) over real sockets, for specs of the orchestrator side: it subscribes to its batch topic, heartbeats,
 # collects the batches it is sent and answers with whatever the spec says.
 # It does not run handlers; the real executor lives in lib/tasker_core/worker.
 class WorkerPeer
-  attr_reader :id, :batches
+  attr_reader :id, :batches, :version
 
-  def initialize(id:, batch_endpoint:, result_endpoint:, capacity: 4)
+  def initialize(id:, batch_endpoint:, result_endpoint:, capacity: 4, version: 1)
     @id = id
+    @version = version
     @capacity = capacity
     @batches = []
     @sub = TaskerCore::Socket::Subscriber.new(connect: batch_endpoint, topics: ["batch.#{id}."])
@@ -35,7 +36,7 @@ class WorkerPeer
     send_message("heartbeat", fields)
   end
 
-  # A batch_refusal (docs/protocol.md 4.6); steps: [[step_id, attempt, reason, message], ...].
+  # A batch_refusal (docs/protocol.md 4.7); steps: [[step_id, attempt, reason, message], ...].
   def refusal(batch_id, reason:, message: "refused", steps: [])
     send_message("batch_refusal", "batch_id" => batch_id, "worker_id" => @id, "reason" => reason, "message" => message,
                                   "steps" => steps.map { |sid, att, r, m| { "step_id" => sid, "attempt" => att, "reason" => r, "message" => m } })
@@ -59,12 +60,23 @@ class WorkerPeer
 
   def partial(batch, step, status: "complete", output: { "ok" => true }, attempt: step["attempt"],
               batch_id: batch["batch_id"], worker_id: @id, topic: "partial_result")
-    now = Time.now.to_f
-    body = { "protocol_version" => 1, "type" => "partial_result", "batch_id" => batch_id, "worker_id" => worker_id,
-             "step_id" => step["step_id"], "task_id" => step["task_id"], "attempt" => attempt,
-             "status" => status, "output" => output, "error" => nil,
-             "started_at" => now, "finished_at" => now, "duration_ms" => 0.0 }
+    body = { "protocol_version" => @version, "type" => "partial_result", "worker_id" => worker_id,
+             **entry(step, status: status, output: output, attempt: attempt, batch_id: batch_id) }
     raw([topic, TaskerCore::Codec.pack(body)])
+  end
+
+  # One result entry (docs/protocol.md 4.3) for step of batch_id.
+  def entry(step, batch_id:, status: "complete", output: { "ok" => true }, attempt: step["attempt"])
+    now = Time.now.to_f
+    { "batch_id" => batch_id, "step_id" => step["step_id"], "task_id" => step["task_id"], "attempt" => attempt,
+      "status" => status, "output" => output, "error" => nil, "started_at" => now, "finished_at" => now,
+      "duration_ms" => 0.0 }
+  end
+
+  # A version 2 partial_results carrying entries (see #entry) as given.
+  def partials(entries, version: 2)
+    raw(["partial_results", TaskerCore::Codec.pack({ "protocol_version" => version, "type" => "partial_results",
+                                                     "worker_id" => @id, "results" => entries })])
   end
 
   def completion(batch)
@@ -73,7 +85,7 @@ class WorkerPeer
   end
 
   def send_message(type, fields)
-    raw([type, TaskerCore::Codec.pack({ "protocol_version" => 1, "type" => type }.merge(fields))])
+    raw([type, TaskerCore::Codec.pack({ "protocol_version" => @version, "type" => type }.merge(fields))])
   end
 
   # Any frames at all, for bad-input specs.

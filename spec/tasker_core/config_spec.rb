@@ -430,6 +430,36 @@ RSpec.describe TaskerCore::Config do
     end
   end
 
+  describe "generated docs" do
+    it "are what the generator writes from the schema (rake docs, bin/sync-docs)" do
+      expect(described_class.sync_docs(SpecHelpers::ROOT, write: false)).to eq([]),
+                                                                            "out of date: run rake docs"
+    end
+
+    it "list in docs/protocol.md section 13 every key that matters on the wire, with its default" do
+      doc = File.read(File.join(SpecHelpers::ROOT, "docs", "protocol.md"))
+      table = doc[/<!-- protocol-settings:begin -->\n(.*)\n<!-- protocol-settings:end -->/m, 1]
+      expect(table).to eq(described_class.protocol_table)
+      keys = described_class::SCHEMA.values.select(&:protocol).map(&:key)
+      expect(keys).to include("zeromq.max_result_bytes", "worker.step_timeout_ms", "orchestration.dispatch_timeout_ms")
+      keys.each { |k| expect(table).to include("`#{k}` | #{described_class::SCHEMA[k].default.nil? ? 'null' : "`#{described_class::SCHEMA[k].default}`"} |") }
+    end
+
+    it "finds a stale region and rewrites it" do
+      Dir.mktmpdir do |root|
+        FileUtils.mkdir_p(File.join(root, "docs"))
+        described_class.generated_docs.each_key do |rel|
+          FileUtils.cp(File.join(SpecHelpers::ROOT, rel), File.join(root, rel))
+        end
+        stale = File.join(root, "docs", "protocol.md")
+        File.write(stale, File.read(stale).sub("| `zeromq.max_payload_depth` | `24` |", "| `zeromq.max_payload_depth` | `28` |"))
+        expect(described_class.sync_docs(root, write: false)).to eq(["docs/protocol.md"])
+        expect(described_class.sync_docs(root)).to eq(["docs/protocol.md"])
+        expect(described_class.sync_docs(root, write: false)).to eq([])
+      end
+    end
+  end
+
   ["docs/configuration.md", "README.md"].each do |doc_path|
   describe doc_path do
     let(:doc) { File.read(File.expand_path("../../#{doc_path}", __dir__)) }

@@ -14,10 +14,10 @@ RSpec.describe TaskerCore::OrchestrationHandle do
     handle.close
   end
 
-  def new_peer(id, capacity: 4)
+  def new_peer(id, capacity: 4, version: 1)
     cfg = handle.zeromq_config
     WorkerPeer.new(id: id, batch_endpoint: cfg["batch_endpoint"], result_endpoint: cfg["result_endpoint"],
-                   capacity: capacity).tap { |p| peers << p }
+                   capacity: capacity, version: version).tap { |p| peers << p }
   end
 
   def live_ids
@@ -26,8 +26,8 @@ RSpec.describe TaskerCore::OrchestrationHandle do
 
   # Start-up as docs/protocol.md has it; the handle is polled meanwhile
   # (by #workers) because a bound SUB sends its subscription only then.
-  def start_peer(id, capacity: 4)
-    peer = new_peer(id, capacity: capacity)
+  def start_peer(id, capacity: 4, version: 1)
+    peer = new_peer(id, capacity: capacity, version: version)
     wait_until(message: "orchestrator subscription at #{id}") { handle.workers && peer.orchestrator_seen?(timeout_ms: 5) }
     peer.heartbeat
     wait_until(message: "#{id} live") { live_ids.include?(id) }
@@ -282,8 +282,84 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       expect(got.map { |r| r["type"] }).to eq(%w[partial_result partial_result partial_result batch_completion])
       expect(got.first(3).map { |r| r["step_id"] }).to eq([3, 2, 1])
       expect(handle.workers.first["in_flight"]).to eq(0)
-      expect(handle.stats[:results_received]).to eq(partial_result: 3, batch_completion: 1)
+      expect(handle.stats[:results_received]).to eq(partial_result: 3, partial_results: 0, batch_completion: 1)
       expect(handle.stats[:bad_messages].values.sum).to eq(0)
+    end
+
+    it "applies each entry of a version 2 partial_results exactly as a partial_result, across batches" do
+      peer = start_peer("w1", capacity: 8, version: 2)
+      handle.publish_batch({ "batch_id" => "b1", "steps" => steps(2) })
+      handle.publish_batch({ "batch_id" => "b2", "steps" => steps(2, first: 3) })
+      batches = []
+      wait_until(message: "both batches") { batches.concat(peer.receive_batches(timeout_ms: 50)).size == 2 }
+      expect(batches.map { |b| b["protocol_version"] }).to eq([2, 2])
+      b1, b2 = batches
+      entries = [peer.entry(b1["steps"][1], batch_id: "b1", output: { "n" => 2, "bin" => "\x00\xff".b }),
+                 peer.entry(b2["steps"][0], batch_id: "b2"),
+                 peer.entry(b1["steps"][0], batch_id: "b1", status: "error", output: nil)
+                     .merge("error" => { "class" => "ValueError", "message" => "no", "backtrace" => [], "retryable" => false,
+                                         "retry_after" => nil })]
+      peer.partials(entries)
+      got = collect_results(3)
+      expect(got.map { |r| [r["type"], r["protocol_version"], r["worker_id"], r["batch_id"], r["step_id"]] })
+        .to eq([["partial_result", 2, "w1", "b1", 2], ["partial_result", 2, "w1", "b2", 3], ["partial_result", 2, "w1", "b1", 1]])
+      expect(got[0]["output"]).to eq("n" => 2, "bin" => "\x00\xff".b)
+      expect(got[2]).to include("status" => "error", "error" => include("class" => "ValueError", "retryable" => false))
+      expect(handle.workers.first["in_flight"]).to eq(1)
+      expect(handle.stats[:results_received]).to include(partial_result: 3, partial_results: 1)
+      expect(handle.stats[:bad_messages].values.sum).to eq(0)
+    end
+
+    it "counts a bad entry of a partial_results by its reason and still applies the others" do
+      peer = start_peer("w1", capacity: 8, version: 2)
+      handle.publish_batch({ "batch_id" => "b1", "steps" => steps(4) })
+      s = peer.receive_batches(timeout_ms: 5000).first["steps"]
+      peer.partials([peer.entry(s[0], batch_id: "b1"),
+                     peer.entry(s[0], batch_id: "b1"),                           # a second result: duplicate
+                     peer.entry(s[1], batch_id: "other"),                        # not the batch it was sent in
+                     peer.entry(s[1], batch_id: "b1", output: { 1 => "int key" }), # version 2 keys are strings
+                     peer.entry(s[2], batch_id: "b1").except("attempt"),           # a field missing
+                     peer.entry(s[2], batch_id: "b1").merge("worker_id" => "w2"),  # an envelope key in an entry
+                     peer.entry(s[3], batch_id: "b1")])
+      got = collect_results(2)
+      wait_until(message: "the message read") { handle.stats[:results_received][:partial_results] == 1 }
+      expect(got.map { |r| r["step_id"] }).to eq([1, 4])
+      expect(handle.stats[:bad_messages]).to include(duplicate_result: 1, not_dispatched: 1, invalid_fields: 3)
+      # the envelope itself broken: the whole message is refused
+      peer.raw(["partial_results", TaskerCore::Codec.pack({ "protocol_version" => 2, "type" => "partial_results",
+                                                           "worker_id" => "w1", "results" => [1] })])
+      peer.partials([]) # no entries
+      peer.partials([peer.entry(s[1], batch_id: "b1")], version: 1) # no partial_results in version 1
+      wait_until(message: "all three refused") do
+        expect(handle.receive_results(timeout_ms: 20)).to eq([])
+        handle.stats[:bad_messages][:invalid_fields] == 5 && handle.stats[:bad_messages][:unknown_type] == 1
+      end
+      peer.partials([peer.entry(s[1], batch_id: "b1"), peer.entry(s[2], batch_id: "b1")])
+      expect(collect_results(2).map { |r| r["step_id"] }).to eq([2, 3])
+      expect(handle.workers.first["in_flight"]).to eq(0)
+    end
+
+    it "keeps accepting version 1 results as before, non-string output keys included" do
+      peer = start_peer("w1", version: 1)
+      handle.publish_batch({ "batch_id" => "b1", "steps" => steps(1) })
+      batch = peer.receive_batches(timeout_ms: 5000).first
+      expect(batch["protocol_version"]).to eq(1)
+      peer.partial(batch, batch["steps"].first, output: { 1 => "one" })
+      expect(collect_results(1).first).to include("protocol_version" => 1, "output" => { 1 => "one" })
+      expect(handle.stats[:bad_messages].values.sum).to eq(0)
+    end
+
+    it "sends each worker batches in the version of its latest heartbeat" do
+      old = start_peer("old", capacity: 1, version: 1)
+      new = start_peer("new", capacity: 1, version: 2)
+      2.times { handle.publish_batch({ "steps" => steps(1) }) }
+      got = {}
+      wait_until(message: "a batch each") do
+        [old, new].each { |p| p.receive_batches(timeout_ms: 10).each { |b| got[p.id] = b } }
+        got.size == 2
+      end
+      expect(got.transform_values { |b| b["protocol_version"] }).to eq("old" => 1, "new" => 2)
+      expect(got.values.map(&:keys)).to all(match_array(%w[protocol_version type batch_id worker_id sent_at limits steps]))
     end
 
     it "is non-blocking by default" do
@@ -450,7 +526,7 @@ RSpec.describe TaskerCore::OrchestrationHandle do
         peer.raw(["only one frame"])
         peer.raw(%w[a b c])
         peer.raw(["partial_result", "\xC1garbage".b])
-        peer.raw(["partial_result", pack.call({ "protocol_version" => 2, "type" => "partial_result" })])
+        peer.raw(["partial_result", pack.call({ "protocol_version" => 3, "type" => "partial_result" })])
         peer.raw(["partial_result", pack.call({ "type" => "partial_result" })])
         peer.raw(["mystery", pack.call({ "protocol_version" => 1, "type" => "mystery" })])
         peer.raw(["partial_result", pack.call({ "protocol_version" => 1, "type" => "partial_result", "worker_id" => "w1" })])

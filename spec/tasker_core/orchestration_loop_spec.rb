@@ -26,10 +26,10 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
                                                   heartbeat_timeout_ms: 2000, **opts)
   end
 
-  def connect_peer(capacity: 4)
+  def connect_peer(capacity: 4, version: 1)
     cfg = @handle.zeromq_config
     @peer = WorkerPeer.new(id: "peer-1", batch_endpoint: cfg["batch_endpoint"], result_endpoint: cfg["result_endpoint"],
-                           capacity: capacity)
+                           capacity: capacity, version: version)
     wait_until(timeout: 10, message: "the orchestrator's subscription") { @peer.orchestrator_seen?(timeout_ms: 20) }
     wait_until(timeout: 10, message: "the peer live") do
       @peer.heartbeat
@@ -118,6 +118,39 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     stored = conn.exec("SELECT encode(last_error, 'hex') AS h FROM tasker_workflow_steps WHERE task_id = $1 AND name = 'b'",
                        [id]).first["h"]
     expect(stored).to eq(error.unpack1("H*"))
+  end
+
+  it "applies each entry of a version 2 partial_results, storing each output as the bytes it was sent" do
+    ids = Array.new(3) { |i| TaskerCore.create_task(name: "pair", context: { "i" => i }) }
+    start
+    connect_peer(version: 2)
+    batch = next_batch
+    expect(batch["protocol_version"]).to eq(2)
+    steps = batch["steps"]
+    expect(steps.size).to eq(3)
+    # Entries packed by hand, each output a map msgpack-c would re-pack shorter ({"n" => i}, a uint32
+    # under a str8 key), so a stored output that is not the sent bytes shows.
+    raw = ->(i) { "\x81\xd9\x01n\xce\x00\x00\x00".b + i.chr.b }
+    entries = steps.each_with_index.map do |st, i|
+      fields = @peer.entry(st, batch_id: batch["batch_id"]).except("output")
+      packed = TaskerCore::Codec.pack(fields)
+      (0x80 | (fields.size + 1)).chr.b + packed.b[1..] + TaskerCore::Codec.pack("output").b + raw.call(i + 1)
+    end
+    body = TaskerCore::Codec.pack({ "protocol_version" => 2, "type" => "partial_results", "worker_id" => "peer-1" }).b
+    body = "\x84".b + body[1..] + TaskerCore::Codec.pack("results").b + (0x90 | entries.size).chr.b + entries.join
+    @peer.raw(["partial_results", body])
+    wait_until(message: "every a applied") do
+      ids.all? { |id| TaskerCore.task(id)[:steps].find { |x| x[:name] == "a" }[:state] == "complete" }
+    end
+    steps.each_with_index do |st, i|
+      stored = conn.exec("SELECT encode(output, 'hex') AS h FROM tasker_workflow_steps WHERE id = $1", [st["step_id"]]).first["h"]
+      expect(stored).to eq(raw.call(i + 1).unpack1("H*"))
+    end
+    expect(@handle.stats[:results_received]).to include(partial_results: 1, partial_result: 3)
+    expect(@handle.stats[:bad_messages].values.sum).to eq(0)
+    # the b steps follow, with a's output as sent
+    b = next_batch["steps"]
+    expect(b.map { |x| x["dependency_results"]["a"] }).to match_array([{ "n" => 1 }, { "n" => 2 }, { "n" => 3 }])
   end
 
   it "applies only valid results: bad ones are counted by reason and change nothing" do

@@ -23,8 +23,11 @@ RSpec.describe TaskerCore::Protocol do
     }
   end
 
-  it "builds every message type as a valid v1 message with string keys" do
+  it "builds every message type as a valid version 2 message with string keys" do
+    entry = described_class.result_entry(batch_id: "b-1", step_id: 12, task_id: 3, attempt: 1, output: { "ok" => true },
+                                         started_at: 1.0, finished_at: 2.0)
     messages = [
+      described_class.partial_results(worker_id: "w-1", results: [entry, entry.merge("step_id" => 13)]),
       batch, partial,
       described_class.partial_result(batch_id: "b-1", worker_id: "w-1", step_id: 11, task_id: 3, attempt: 2,
                                      error: described_class.error_object(klass: "X", message: "m", retryable: true),
@@ -38,7 +41,7 @@ RSpec.describe TaskerCore::Protocol do
     messages.each do |m|
       expect(described_class.validate!(m)).to equal(m)
       expect(m.keys).to all(be_a(String))
-      expect(m["protocol_version"]).to eq(1)
+      expect(m["protocol_version"]).to eq(2)
     end
     expect(messages.map { |m| m["type"] }.uniq).to match_array(described_class::TYPES)
   end
@@ -161,8 +164,54 @@ RSpec.describe TaskerCore::Protocol do
   end
 
   it "rejects a wrong or missing protocol_version" do
-    expect_invalid(batch.merge("protocol_version" => 2), :wrong_version, "protocol_version")
+    expect_invalid(batch.merge("protocol_version" => 3), :wrong_version, "protocol_version")
+    expect_invalid(batch.merge("protocol_version" => 0), :wrong_version, "protocol_version")
     expect_invalid(batch.except("protocol_version"), :wrong_version, "protocol_version")
+  end
+
+  it "accepts version 1 messages as before, without version 2's rules" do
+    v1 = batch.merge("protocol_version" => 1)
+    expect(described_class.validate!(v1)).to equal(v1)
+    int_keys = partial.merge("protocol_version" => 1, "output" => { 1 => "one", "rows" => [{ 2 => nil }] })
+    expect(described_class.validate!(int_keys)).to equal(int_keys)
+    expect_invalid(int_keys.merge("protocol_version" => 2), :invalid_field, "output.1")
+    expect_invalid(partial.merge("output" => { "rows" => [{ "a" => { 7 => 1 } }] }), :invalid_field, "output.rows[0].a.7")
+    # partial_results exists from version 2 on
+    entry = partial.except("protocol_version", "type", "worker_id")
+    v2 = described_class.partial_results(worker_id: "w-1", results: [entry])
+    expect(described_class.validate!(v2)).to equal(v2)
+    expect_invalid(v2.merge("protocol_version" => 1), :unknown_type, "type")
+  end
+
+  it "checks each entry of a partial_results as a partial_result" do
+    entry = partial.except("protocol_version", "type", "worker_id")
+    msg = ->(*entries) { described_class.partial_results(worker_id: "w-1", results: entries) }
+    expect_invalid(msg.call, :invalid_field, "results")
+    expect_invalid(msg.call(entry, entry.except("attempt")), :invalid_field, "results[1].attempt")
+    expect_invalid(msg.call(entry.merge("status" => "error")), :invalid_field, "results[0].error")
+    expect_invalid(msg.call(entry.merge("output" => { 1 => 2 })), :invalid_field, "results[0].output.1")
+  end
+
+  it "splices packed entries into one partial_result or one partial_results without re-encoding them" do
+    entries = (1..3).map do |i|
+      described_class.result_entry(batch_id: "b-1", step_id: i, task_id: 1, attempt: 1, output: { "i" => i, k: [i] },
+                                   started_at: 1.0, finished_at: 2.0)
+    end
+    packed = entries.map { |e| described_class.pack_entry(e) }
+    topic, body = described_class.result_frames("w-1", packed.first(1))
+    one = described_class.decode([topic, body])
+    expect(one).to eq(described_class.partial_result(batch_id: "b-1", worker_id: "w-1", step_id: 1, task_id: 1,
+                                                     attempt: 1, output: { "i" => 1, "k" => [1] },
+                                                     started_at: 1.0, finished_at: 2.0))
+    many = described_class.decode(described_class.result_frames("w-1", packed))
+    expect(many).to include("type" => "partial_results", "protocol_version" => 2, "worker_id" => "w-1")
+    expect(many["results"].map { |r| r["step_id"] }).to eq([1, 2, 3])
+    expect(many["results"][2]["output"]).to eq("i" => 3, "k" => [3])
+    # more than 15 entries take an array16 header
+    big = described_class.decode(described_class.result_frames("w-1", packed * 6))
+    expect(big["results"].size).to eq(18)
+    expect { described_class.pack_entry(entries[0].merge("output" => { 1 => 2 })) }
+      .to raise_error(TaskerCore::Protocol::MessageError, /output\.1/)
   end
 
   it "rejects an unknown type" do

@@ -165,26 +165,36 @@ module TaskerCore
       end
 
       # Sends the outbox in order, as much of it as the publisher takes in
-      # this call (every message queued since the last wake). A message the
-      # publisher refuses at its high-water mark stays at the head and is
-      # retried: results are never dropped, and a completion never overtakes
-      # its batch's partials. Returns the Outgoing messages sent.
+      # this call (every message queued since the last wake). Step results
+      # next to each other leave as one message (one partial_result, or a
+      # partial_results for several: docs/protocol.md 4.3), so results that
+      # finished while the last send was going out travel together. A
+      # message the publisher refuses at its high-water mark stays at the
+      # head and is retried: results are never dropped, and a completion
+      # never overtakes its batch's partials. Returns the Outgoing messages
+      # sent.
       def flush
         return [] unless peer_subscribed?
 
         @retry_at = nil
         sent = 0
-        @outbox.each do |out|
-          unless @pub.send_parts(out.frames)
+        while sent < @outbox.size
+          head = @outbox[sent]
+          run = head.entry ? result_run(sent) : 1
+          frames = head.entry ? Protocol.result_frames(@worker_id, @outbox[sent, run].map(&:entry)) : head.frames
+          unless @pub.send_parts(frames)
             @stats.bump(:send_retries)
             @retry_at = monotonic + SEND_RETRY_S
             break
           end
-          sent += 1
-          @stats.bump(SENT_COUNTER.fetch(out.kind, :partials_sent))
+          sent += run
+          count_sent(head, run)
         end
         @outbox.shift(sent)
       end
+
+      # Most results in one partial_results.
+      MAX_RESULTS_PER_MESSAGE = 1000
 
       SENT_COUNTER = { completion: :completions_sent, refusal: :refusals_sent }.freeze
 
@@ -196,6 +206,30 @@ module TaskerCore
           yield flush
           TaskerCore::Socket.select([@pub], (SEND_RETRY_S * 1000).ceil) unless @outbox.empty?
         end
+      end
+
+      # How many step results from outbox index i on fit one message: each
+      # result's batch limit holds for the whole body.
+      def result_run(i)
+        head = @outbox[i]
+        size = Partials::ENVELOPE_BYTES + head.entry.bytesize
+        limit = head.limit
+        n = 1
+        while n < MAX_RESULTS_PER_MESSAGE && (out = @outbox[i + n]) && out.entry
+          size += out.entry.bytesize
+          limit = [limit, out.limit].compact.min
+          break if limit && size > limit
+
+          n += 1
+        end
+        n
+      end
+
+      def count_sent(head, run)
+        return @stats.bump(SENT_COUNTER.fetch(head.kind)) unless head.entry
+
+        @stats.bump(:partials_sent, run)
+        @stats.bump(:partial_results_sent) if run > 1
       end
 
       # Unsubscribes, counts what was never sent and says goodbye.
@@ -232,7 +266,11 @@ module TaskerCore
           TaskerCore::Socket::Subscriber.new(connect: @endpoints[0], topics: [Protocol.batch_topic(@worker_id)],
                                              recv_hwm: s.recv_hwm, **common)
         else
-          TaskerCore::Socket::Publisher.new(connect: @endpoints[1], send_hwm: s.send_hwm, **common)
+          # IMMEDIATE: no pipe to a connection that is not (or no longer)
+          # complete, so the orchestrator going away shows as an
+          # unsubscription and results wait here, not in a dead pipe
+          # (docs/protocol.md 5).
+          TaskerCore::Socket::Publisher.new(connect: @endpoints[1], send_hwm: s.send_hwm, immediate: true, **common)
         end
       end
 

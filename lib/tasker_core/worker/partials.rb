@@ -2,12 +2,17 @@
 
 module TaskerCore
   module Worker
-    # Turns a step's outcome into its encoded partial_result, within the
+    # Turns a step's outcome into its packed result entry (docs/protocol.md
+    # 4.3: a partial_result without its envelope), within the
     # orchestrator's limits for that batch. Called on pool threads (so the
-    # I/O thread only moves bytes) and by the watchdog for timeouts.
+    # I/O thread only moves bytes: it splices entries that finished
+    # together into one message) and by the watchdog for timeouts.
     class Partials
       # An error partial over the result limit keeps this much of its message.
       ERROR_MESSAGE_KEEP = 1000
+      # Bytes a partial_result's envelope adds to its entry, at most
+      # (protocol_version, type, worker_id of up to 128 bytes, map header).
+      ENVELOPE_BYTES = 200
 
       # The largest result body the orchestrator takes: max_result_bytes
       # (0: none) and max_message_bytes, whichever is smaller; nil: no limit.
@@ -31,6 +36,12 @@ module TaskerCore
           @stats.bump(:outputs_too_deep)
           error = too_deep
         end
+        if error.nil? && (key = Protocol.non_string_key(output))
+          # Version 2: keys are strings (docs/protocol.md 2).
+          error = Protocol.error_object(klass: TypeError.name, retryable: false,
+                                        message: "the step's output has a map key that is not a string at #{key} " \
+                                                 "(protocol version 2 keys are strings)")
+        end
         encode_checked(job, output, error, limits)
       rescue TaskerCore::ProtocolError, TypeError, ArgumentError, RangeError, EncodingError => e
         err = Protocol.error_object(klass: e.class.name, retryable: false, backtrace: [],
@@ -50,11 +61,11 @@ module TaskerCore
       # limit: no second encoding unless it is too large.
       def encode_checked(job, output, error, limits)
         msg = partial_for(job, output: output, error: error)
-        frames = Protocol.encode(msg)
+        entry = Protocol.pack_entry(msg, keys_checked: true) # #encode looked for non-string keys
         limit = self.class.result_limit(limits)
-        return Outgoing.new(frames: frames, kind: msg["status"], job: job, error: msg["error"]) if limit.nil? || frames[1].bytesize <= limit
+        size = entry.bytesize + ENVELOPE_BYTES
+        return Outgoing.new(entry: entry, kind: msg["status"], job: job, error: msg["error"], limit: limit) if limit.nil? || size <= limit
 
-        size = frames[1].bytesize
         if error && error["message"].size > ERROR_MESSAGE_KEEP
           # A failure whose message is too long keeps its class and retry
           # decision with the message cut short.
@@ -71,7 +82,8 @@ module TaskerCore
       end
 
       def out(job, msg)
-        Outgoing.new(frames: Protocol.encode(msg), kind: msg["status"], job: job, error: msg["error"])
+        Outgoing.new(entry: Protocol.pack_entry(msg), kind: msg["status"], job: job, error: msg["error"],
+                     limit: self.class.result_limit(job.batch.limits))
       end
 
       # The error object for an output nested deeper than limit, else nil.
@@ -86,9 +98,12 @@ module TaskerCore
 
       def partial_for(job, output: nil, error: nil)
         step = job.step
-        Protocol.partial_result(batch_id: job.batch.id, worker_id: @worker_id, step_id: step["step_id"],
-                                task_id: step["task_id"], attempt: step["attempt"], output: output, error: error,
-                                started_at: job.started_at || Time.now.to_f, finished_at: Time.now.to_f)
+        # A step that never started (timed out or given up while queued)
+        # reports started_at = finished_at (docs/protocol.md 4.2).
+        finished = Time.now.to_f
+        Protocol.result_entry(batch_id: job.batch.id, step_id: step["step_id"], task_id: step["task_id"],
+                              attempt: step["attempt"], output: output, error: error,
+                              started_at: job.started_at || finished, finished_at: finished)
       end
     end
   end

@@ -11,7 +11,10 @@ module TaskerCore
     BatchState = Struct.new(:id, :steps, :statuses, :reported, :limits, keyword_init: true)
     # One message for the result socket. kind: a status, :completion or
     # :refusal; job: the step a partial reports; error: a failed step's error
-    # object; refused: the tokens of the steps a refusal answers.
-    Outgoing = Struct.new(:frames, :kind, :job, :error, :refused, keyword_init: true)
+    # object; refused: the tokens of the steps a refusal answers. A step's
+    # result has no frames but its packed entry (Protocol.pack_entry) and
+    # the largest result body its batch's orchestrator takes (limit, nil:
+    # none): results next to each other in the outbox leave as one message.
+    Outgoing = Struct.new(:frames, :kind, :job, :error, :refused, :entry, :limit, keyword_init: true)
   end
 end

@@ -11,7 +11,7 @@ module TaskerCore
       COUNTERS = %i[batches_received steps_received steps_completed steps_failed steps_timed_out
                     late_results_discarded threads_abandoned partials_sent completions_sent heartbeats_sent
                     send_retries results_unsent refusals_sent steps_refused_unnamed outputs_too_large
-                    outputs_too_deep sockets_reopened].freeze
+                    outputs_too_deep sockets_reopened partial_results_sent].freeze
       # Counters kept per reason.
       TALLIES = %i[bad_messages steps_refused handshake_failures].freeze
 

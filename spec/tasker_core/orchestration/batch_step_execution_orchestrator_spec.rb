@@ -22,6 +22,19 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     Array.new(count) { started.pop }
   end
 
+  # A worker whose results go to a bound subscriber with no subscription
+  # yet (so its results wait), sent one batch of steps; the subscriber.
+  def held_worker(batch_id, steps, max_workers:)
+    results = TaskerCore::Socket::Subscriber.new(bind: "tcp://127.0.0.1:*", topics: [])
+    @worker = described_class.new(step_sub_endpoint: peer.batch_endpoint, result_pub_endpoint: results.last_endpoint,
+                                  max_workers: max_workers, handler_registry: registry, worker_id: worker_id,
+                                  heartbeat_interval_ms: 50, logger: Logger.new(log)).start
+    peer.wait_for("the worker's batch subscription") { peer.batch_subscriptions.any? }
+    batch = TaskerCore::Protocol.batch(batch_id: batch_id, worker_id: worker_id, steps: steps)
+    expect(peer.send_raw(TaskerCore::Protocol.encode(batch))).to be(true)
+    results
+  end
+
   def partial_for(batch_id, step_id)
     peer.partials(batch_id).find { |m| m["step_id"] == step_id }
   end
@@ -179,7 +192,7 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     peer.send_raw([topic, "\xC1 not msgpack".b])
     peer.send_raw([topic, "\xC1 still not".b])
     peer.send_raw([topic, pack.call(good), "extra"])
-    peer.send_raw([topic, pack.call(good.merge("protocol_version" => 2))])
+    peer.send_raw([topic, pack.call(good.merge("protocol_version" => 3))])
     peer.send_raw([topic, pack.call(good.merge("type" => "launch"))])
     peer.send_raw([topic, pack.call(good.except("steps"))])
     peer.send_raw([topic, pack.call(good.merge("steps" => [{ "step_id" => 1 }]))])
@@ -205,23 +218,68 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     expect(refusals.last["message"]).to include("missing field steps")
   end
 
+  it "sends results that finished together in one partial_results, each entry as its partial_result would be" do
+    results = held_worker("together", (1..5).map { |i| step(i, "Double") } + [step(6, "Boom"), step(7, "Double")],
+                          max_workers: 4)
+    # No orchestrator subscribed yet: every result waits in the outbox.
+    wait_until(message: "the steps to run") { @worker.stats[:steps_completed] + @worker.stats[:steps_failed] == 7 }
+    expect(@worker.stats[:partials_sent]).to eq(0)
+
+    got = release_held_results(results)
+    together = got.select { |m| m["type"] == "partial_results" }
+    expect(together.size).to eq(1)
+    expect(got.none? { |m| m["type"] == "partial_result" }).to be(true)
+    entries = together.first["results"]
+    expect(entries.map { |e| e["step_id"] }).to match_array((1..7).to_a)
+    expect(entries).to all(include("batch_id" => "together", "attempt" => 1))
+    expect(entries.find { |e| e["step_id"] == 6 }).to include("status" => "error", "output" => nil,
+                                                               "error" => include("class" => "ArgumentError"))
+    expect(entries.find { |e| e["step_id"] == 2 }).to include("status" => "complete", "error" => nil)
+    expect(together.first).to include("protocol_version" => 2, "worker_id" => worker_id)
+    expect(got.index(together.first)).to be < got.index { |m| m["type"] == "batch_completion" }
+    expect(@worker.stats).to include(partials_sent: 7, partial_results_sent: 1, completions_sent: 1)
+  ensure
+    @worker&.stop(timeout: 1)
+    @worker = nil
+    results&.close
+  end
+
+  it "refuses an output with a map key that is not a string (version 2) as a failed step" do
+    registry.register("IntKeys", ->(*) { { "rows" => [{ 1 => "one" }] } })
+    registry.register("SymKeys", ->(*) { { ok: true, nested: { a: 1 } } })
+    start_worker
+    batch_id = peer.send_batch(worker_id, [step(1, "IntKeys"), step(2, "SymKeys")])
+    peer.wait_for("the completion") { peer.completions(batch_id).any? }
+    int_keys = partial_for(batch_id, 1)
+    expect(int_keys).to include("status" => "error", "output" => nil)
+    expect(int_keys["error"]).to include("class" => "TypeError", "retryable" => false)
+    expect(int_keys["error"]["message"]).to include("output.rows[0].1", "not a string")
+    expect(partial_for(batch_id, 2)).to include("status" => "complete", "output" => { "ok" => true, "nested" => { "a" => 1 } })
+  end
+
+  it "sets ZMQ_IMMEDIATE on its result socket" do
+    pub = TaskerCore::Socket::Publisher.new(connect: peer.result_endpoint, immediate: true)
+    plain = TaskerCore::Socket::Publisher.new(connect: peer.result_endpoint)
+    expect([pub.immediate?, plain.immediate?]).to eq([true, false])
+    settings = TaskerCore::Worker::Settings.build(worker_id: worker_id, curve: nil, step_sub_endpoint: peer.batch_endpoint,
+                                                  result_pub_endpoint: peer.result_endpoint)
+    conn = TaskerCore::Worker::Connection.new(settings: settings,
+                                              stats: TaskerCore::Worker::Stats.new(logger: Logger.new(log), worker_id: worker_id),
+                                              logger: Logger.new(log))
+    conn.open
+    expect(conn.instance_variable_get(:@pub).immediate?).to be(true)
+  ensure
+    conn&.close
+    pub&.close
+    plain&.close
+  end
+
   it "holds results until the orchestrator subscribes, then sends them" do
-    results = TaskerCore::Socket::Subscriber.new(bind: "tcp://127.0.0.1:*", topics: [])
-    @worker = described_class.new(step_sub_endpoint: peer.batch_endpoint, result_pub_endpoint: results.last_endpoint,
-                                  max_workers: 2, handler_registry: registry, worker_id: worker_id,
-                                  heartbeat_interval_ms: 50, logger: Logger.new(log)).start
-    peer.wait_for("the worker's batch subscription") { peer.batch_subscriptions.any? }
-    batch = TaskerCore::Protocol.batch(batch_id: "held", worker_id: worker_id, steps: [step(1, "Double")])
-    expect(peer.send_raw(TaskerCore::Protocol.encode(batch))).to be(true)
+    results = held_worker("held", [step(1, "Double")], max_workers: 2)
     wait_until(message: "the step to run") { @worker.stats[:steps_completed] == 1 }
     expect(@worker.stats[:partials_sent]).to eq(0)
 
-    results.subscribe("")
-    types = []
-    wait_until(message: "the held results") do
-      results.receive_many(timeout_ms: 50).each { |f| types << TaskerCore::Protocol.decode(f)["type"] }
-      types.include?("batch_completion")
-    end
+    types = release_held_results(results).map { |m| m["type"] }
     expect(types).to include("heartbeat", "partial_result")
   ensure
     @worker&.stop(timeout: 1)

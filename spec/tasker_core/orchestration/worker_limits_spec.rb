@@ -1,6 +1,6 @@
 # frozen_string_literal: true
 
-# The worker's side of the limits in docs/protocol.md (4.1, 4.4, 4.6, 6, 11):
+# The worker's side of the limits in docs/protocol.md (4.1, 4.5, 4.7, 6, 11):
 # refusals instead of dropped batches, checked outputs, heartbeats the
 # orchestrator can reconcile its credit from, and sockets that come back
 # after libzmq drops their connection. The orchestrator here is a real peer
