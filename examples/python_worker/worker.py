@@ -14,6 +14,8 @@ also needs psycopg2 (python3-psycopg2).
 
 Handlers are looked up by the step's "handler" name in HANDLERS below; a
 handler takes (task, sequence, step) dicts and returns a dict (the output).
+A step whose handler is not there is refused (unknown_handler), so a worker
+that has it runs it: give this worker a queue of its own with --queues.
 Results that are ready together go out as one partial_results message.
 SIGTERM / SIGINT drain and exit 0.
 """
@@ -458,7 +460,7 @@ class Worker:
                 print("worker %s: dropped a bad message (%s): %s" % (self.worker_id, e.reason, e), file=sys.stderr)
             self.bad[e.reason] = self.bad.get(e.reason, 0) + 1
             return
-        steps = batch["steps"]
+        steps = self.refuse_unknown_handlers(batch)
         limits = batch.get("limits") if isinstance(batch.get("limits"), dict) else {}
         self.batches[batch["batch_id"]] = {"steps": steps, "statuses": [None] * len(steps), "left": len(steps),
                                            "limits": limits}
@@ -474,6 +476,23 @@ class Worker:
             future = self.pool.submit(run_step, batch["batch_id"], self.worker_id, step, limits,
                                       lambda t, key=key: key in self.pending and self.started.__setitem__(key, t))
             future.add_done_callback(lambda f, key=key: (self.results.put((key, f.result())), self.wake()))
+
+    def refuse_unknown_handlers(self, batch):
+        """The steps of batch this worker has handlers for. The others are refused (unknown_handler,
+        docs/protocol.md 4.7) before any result, so the orchestrator hands them to a worker that has
+        them; they run nowhere here and the batch's completion leaves them out."""
+        unknown = [s for s in batch["steps"] if s["handler"] not in HANDLERS]
+        if not unknown:
+            return batch["steps"]
+        names = sorted({s["handler"] for s in unknown})
+        self.outbox.append(("message", {
+            "protocol_version": PROTOCOL_VERSION, "type": "batch_refusal", "batch_id": batch["batch_id"],
+            "worker_id": self.worker_id, "reason": "unknown_handler",
+            "message": "worker %s has no handler %s" % (self.worker_id, ", ".join(names)),
+            "steps": [{"step_id": s["step_id"], "attempt": s["attempt"], "reason": "unknown_handler",
+                       "message": "no handler registered as %r" % s["handler"]} for s in unknown],
+        }))
+        return [s for s in batch["steps"] if s["handler"] in HANDLERS]
 
     def report(self, key, entry):
         if self.pending.pop(key, None) is None:

@@ -44,17 +44,22 @@ RSpec.describe "examples/python_worker/worker.py" do
     peer.wait_for("the completion") { peer.completions(batch_id).any? }
 
     by_step = peer.partials(batch_id).to_h { |m| [m["step_id"], m] }
-    expect(by_step.keys).to match_array([1, 2, 3, 4, 5])
+    expect(by_step.keys).to match_array([1, 2, 3, 4])
     expect(by_step[1]).to include("status" => "complete", "task_id" => 7, "worker_id" => worker_id)
     expect(by_step[1]["output"]).to eq("echo" => { "order" => 42 }, "config" => { "x" => 1 }, "language" => "python")
     expect(by_step[2]["output"]).to eq("sum" => 5)
     expect(by_step[3]).to include("attempt" => 2)
     expect(by_step[3]["error"]).to include("class" => "TaskerCore::RetryableError", "retryable" => true, "retry_after" => 1.5)
     expect(by_step[4]["error"]).to include("class" => "TaskerCore::PermanentError", "retryable" => false)
-    expect(by_step[5]["error"]).to include("class" => "TaskerCore::UnknownHandlerError", "retryable" => false)
+    # A handler it lacks is refused before any result, so another worker can run the step.
+    refusal = peer.of_type("batch_refusal").find { |m| m["batch_id"] == batch_id }
+    expect(refusal).to include("reason" => "unknown_handler", "worker_id" => worker_id)
+    expect(refusal["steps"]).to eq([{ "step_id" => 5, "attempt" => 1, "reason" => "unknown_handler",
+                                      "message" => "no handler registered as 'Ruby::Only'" }])
+    expect(peer.messages.index(refusal)).to be < peer.partials(batch_id).map { |m| peer.messages.index(m) }.min
 
     completion = peer.completions(batch_id).first
-    expect(completion["steps"].map { |s| s["status"] }).to eq(%w[complete complete error error error])
+    expect(completion["steps"].map { |s| s["status"] }).to eq(%w[complete complete error error])
     expect(peer.messages.index(completion)).to be > peer.partials(batch_id).map { |m| peer.messages.index(m) }.max
 
     # Bad input is dropped and the worker keeps serving.
