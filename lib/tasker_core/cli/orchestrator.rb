@@ -12,7 +12,7 @@ module TaskerCore
         Runs the orchestration loop in the foreground (in a Rails app, config/environment.rb here
         or --app DIR, it boots the app first): it binds zeromq.batch_endpoint and
         zeromq.result_endpoint, claims ready steps from the database in batches, sends them to
-        live workers and writes their results back. Run one per database.
+        live workers and writes their results back. Several may share one database.
         Signals: TERM/INT stop the loop cleanly (results written back, in-flight steps released) and exit 0;
         a second TERM/INT exits at once (130). Logs go through TaskerCore.logger (logging.level, logging.format).
       TEXT
