@@ -84,7 +84,9 @@ module TaskerCore
       handler = begin
         Object.const_get(name)
       rescue NameError => e
-        raise UnknownHandlerError, "no handler registered as #{name.inspect} and no such constant (#{e.message})"
+        # The first line only: Ruby's error_highlight appends a code snippet.
+        raise UnknownHandlerError,
+              "no handler registered as #{name.inspect} and no such constant (#{e.message.lines.first.chomp})"
       end
       # Steps name handlers by string, so only accept constants that really are
       # handlers: a step must not be able to instantiate an arbitrary class.

@@ -40,6 +40,14 @@ RSpec.describe TaskerCore::HandlerRegistry do
       .to raise_error(TaskerCore::UnknownHandlerError, /RegistrySpecHandlers::Greeter/)
   end
 
+  it "names a missing constant in one line (no code snippet in the logs)" do
+    expect { described_class.new(autoload: true).resolve("RegistrySpecHandlers::Missing") }
+      .to raise_error(TaskerCore::UnknownHandlerError) { |e|
+        expect(e.message).to eq('no handler registered as "RegistrySpecHandlers::Missing" and no such constant ' \
+                                "(uninitialized constant RegistrySpecHandlers::Missing)")
+      }
+  end
+
   it "refuses things that cannot run a step" do
     expect { registry.register(RegistrySpecHandlers::NotAHandler) }.to raise_error(ArgumentError, /call/)
     expect { registry.register(Class.new { def call(*) = {} }) }.to raise_error(ArgumentError, /name/)
