@@ -30,6 +30,13 @@ module TaskerCore
     VERSION = "1"
     HANDLER = "TaskerCore::JobAdapter::Perform"
 
+    # Jobs by class and task state (counts).
+    COUNTS_SQL = <<~SQL
+      SELECT split_part(identity_key, '/', 2) AS job_class, state, count(*)::bigint AS count
+        FROM tasker_tasks WHERE namespace = '#{NAMESPACE}' AND identity_key LIKE 'active_job/%'
+       GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2
+    SQL
+
     # The step's handler on the worker.
     class Perform
       def call(task, _sequence, _step)
@@ -81,22 +88,20 @@ module TaskerCore
       def priority(job_priority) = job_priority.nil? ? nil : (-Integer(job_priority)).clamp(Queues::PRIORITY)
 
       # Jobs by class and task state, from the identity keys:
-      # [{ "job_class", "state", "count" }], most first.
-      def counts(conn)
-        conn.exec(<<~SQL, [NAMESPACE]).to_a
-          SELECT split_part(identity_key, '/', 2) AS job_class, state, count(*)::bigint AS count
-            FROM tasker_tasks WHERE namespace = $1 AND identity_key LIKE 'active_job/%'
-           GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2
-        SQL
-      end
+      # [{ "job_class", "state", "count" }], most first. Reads the partial
+      # index tasker_tasks_active_job (migration 0013: the namespace's tasks
+      # only), not the whole table; the namespace is a literal so that the
+      # planner matches the index's predicate.
+      def counts(conn) = conn.exec(COUNTS_SQL).to_a
 
       private
 
-      # ActiveJob 7.1+ keeps the time on the job; 7.0 passes it to enqueue_at only.
+      # The job's own time (set(wait:) / set(wait_until:) keep it on the
+      # job: a Float of epoch seconds in ActiveJob 7.0, a Time from 7.1);
+      # enqueue_at passes it as run_at instead. A past time is now.
       def scheduled_at(job)
         at = job.respond_to?(:scheduled_at) ? job.scheduled_at : nil
         at = Time.at(at) if at.is_a?(Numeric)
-        at = Time.iso8601(at) if at.is_a?(String)
         at && at > Time.now ? at : nil
       end
     end

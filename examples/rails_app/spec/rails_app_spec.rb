@@ -167,10 +167,26 @@ RSpec.describe "examples/rails_app" do
       puts "adapter=#{adapter.class.name} enqueue_all=#{adapter.enqueue_all(all)}"
       ids[:all] = all.map(&:provider_job_id)
       puts "ids=#{JSON.generate(ids)} enqueued_at=#{enqueued_at.to_f}"
+      # Refusals are ActiveJob::EnqueueError (perform_later returns false): a queue name
+      # tasker_core refuses, and the database refusing the INSERT in an aborted transaction.
+      refused = OrderReceiptJob.new(206)
+      puts "refused=#{[refused.enqueue(queue: "low priority"), refused.enqueue_error.class, refused.enqueue_error.cause.class].join("/")}"
+      ActiveRecord::Base.transaction do
+        begin
+          ActiveRecord::Base.connection.execute("SELECT 1/0")
+        rescue ActiveRecord::StatementInvalid
+          nil # the transaction is aborted: PostgreSQL refuses every statement until the rollback
+        end
+        aborted = OrderReceiptJob.new(207)
+        puts "aborted=#{[aborted.enqueue, aborted.enqueue_error.class, aborted.enqueue_error.cause.class].join("/")}"
+        raise ActiveRecord::Rollback
+      end
     RUBY
     out, status = run_app(@env, "bin/rails", "runner", script)
     expect(status).to be_success, out
     expect(out).to include("adapter=ActiveJob::QueueAdapters::TaskerCoreAdapter enqueue_all=2")
+    expect(out).to include("refused=false/ActiveJob::EnqueueError/TaskerCore::ValidationError")
+    expect(out).to include("aborted=false/ActiveJob::EnqueueError/PG::InFailedSqlTransaction")
     ids = JSON.parse(out[/^ids=(\S+)/, 1])
     enqueued_at = Time.at(Float(out[/enqueued_at=(\S+)/, 1]))
     task_ids = ids.values.flatten

@@ -1,0 +1,12 @@
+-- tasker_core schema, version 13: ActiveJob jobs by class and state.
+--
+-- `tasker status` and the dashboard's overview count the tasks of the
+-- built-in active_job/perform template (TaskerCore::JobAdapter.counts) on
+-- every refresh. Without an index that is a scan of every task; the identity
+-- key's unique index cannot serve identity_key LIKE 'active_job/%' under a
+-- non-C collation. This partial index holds the namespace's tasks only (none
+-- of the others': they cost nothing and lose no HOT update, as namespace
+-- never changes and state is already in tasker_tasks_unfinished's
+-- predicate), with the columns the count reads, so it is answered from the
+-- index.
+CREATE INDEX tasker_tasks_active_job ON tasker_tasks (state, identity_key) WHERE namespace = 'active_job';
