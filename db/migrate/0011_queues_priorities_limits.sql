@@ -180,10 +180,11 @@ $$;
 -- is in flight in a statement of its own (so it sees every claim committed
 -- under the lock before it); without limits it takes no lock. Returns the
 -- claimed steps as tasker_claim does, and their queue, in claim order
--- (suspects first), the order the loop sends them in.
+-- (suspects first), the order the loop sends them in. p_task_id (NULL:
+-- any) claims the steps of that task only (the RSpec inline runner).
 CREATE FUNCTION tasker_claim_queued(p_owner text, p_lease_ms int, p_state text, p_suspect_lost int,
                                     p_suspect_limit int, p_limit int, p_queues text[], p_queue_room int[],
-                                    p_limited_queues text[], p_queue_limits int[])
+                                    p_limited_queues text[], p_queue_limits int[], p_task_id bigint DEFAULT NULL)
 RETURNS TABLE (step_id bigint, task_id bigint, step_name text, handler text, handler_config bytea,
                attempt int, timeout_ms int, context bytea, dep_names text[], dep_outputs bytea[],
                lost_attempts int, queue text)
@@ -225,7 +226,7 @@ BEGIN
       JOIN tasker_tasks t ON t.id = s.task_id
      WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.next_attempt_at <= now()
        AND s.lost_attempts >= p_suspect_lost AND t.state IN ('pending', 'in_progress')
-       AND s.queue IN (SELECT room.name FROM room)
+       AND s.queue IN (SELECT room.name FROM room) AND (p_task_id IS NULL OR s.task_id = p_task_id)
        AND CASE WHEN s.concurrency_key IS NULL THEN true ELSE tasker_key_has_room(s.concurrency_key, s.concurrency_limit) END
      ORDER BY s.next_attempt_at, s.id
      LIMIT greatest(least(coalesce(p_suspect_limit, 0), p_limit), 0)
@@ -240,6 +241,7 @@ BEGIN
          AND tasker_claim_order(s.next_attempt_at, s.priority) <= now() + interval '100 seconds'
          AND s.next_attempt_at <= now()
          AND (p_suspect_lost IS NULL OR s.lost_attempts < p_suspect_lost) AND t.state IN ('pending', 'in_progress')
+         AND (p_task_id IS NULL OR s.task_id = p_task_id)
          AND CASE WHEN s.concurrency_key IS NULL THEN true ELSE tasker_key_has_room(s.concurrency_key, s.concurrency_limit) END
        ORDER BY tasker_claim_order(s.next_attempt_at, s.priority), s.id
        LIMIT least(room.room, p_limit)
