@@ -86,6 +86,12 @@ RSpec.describe "Queues, priorities, scheduled start and concurrency limits", :db
     end
   end
 
+  it "passes the configured limits to the claim as arrays whatever the queue names (null, NULL)" do
+    names, limits = TaskerCore::OrchestrationHandle.queue_limit_literals("null" => 2, "NULL" => 3, "a.b:c-d" => 1)
+    row = conn.exec("SELECT $1::text[] AS names, $2::int[] AS limits", [names, limits]).first
+    expect([row["names"], row["limits"]]).to eq([%w[null NULL a.b:c-d], [2, 3, 1]])
+  end
+
   describe "create_task" do
     before do
       use_templates(template("two", [step("a", queue: "api"), step("b", ["a"])], priority: 2),
