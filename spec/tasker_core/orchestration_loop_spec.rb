@@ -320,6 +320,76 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
       expect((steps_of(busy) + steps_of(lone)).uniq.size).to eq(2 + 1 + more.size)
     end
 
+    describe "with queues" do
+      def add_queue_peer(id, queues, capacity:)
+        cfg = @handle.zeromq_config
+        peer = WorkerPeer.new(id: id, batch_endpoint: cfg["batch_endpoint"], result_endpoint: cfg["result_endpoint"],
+                              capacity: capacity)
+        (@peers ||= []) << peer
+        (@queues_of ||= {})[id] = queues
+        wait_until(timeout: 10, message: "the orchestrator's subscription") { peer.orchestrator_seen?(timeout_ms: 20) }
+        await_q("#{id} live") { @handle.workers.any? { |w| w["id"] == id && w["queues"] == queues } }
+        peer
+      end
+
+      # Waits, heartbeating every peer with its queues, until the block is true.
+      def await_q(message, &block)
+        wait_until(timeout: 10, message: message) do
+          @peers.each do |p|
+            p.heartbeat(queues: @queues_of[p.id])
+            p.receive_batches(timeout_ms: 10)
+          end
+          block.call
+        end
+      end
+
+      # Two housekeeping rounds begun after now (each writes the worker
+      # table, then checks for waiting suspects): one went all through.
+      def await_housekeeping
+        2.times do
+          since = conn.exec("SELECT now() AS t").first["t"]
+          await_q("a housekeeping round") do
+            conn.exec("SELECT count(*) AS n FROM tasker_workers WHERE updated_at > $1", [since]).first["n"].to_i.positive?
+          end
+        end
+      end
+
+      def draining = @handle.workers.select { |w| w["draining_for_isolation"] }.map { |w| w["id"] }
+
+      it "drains only a worker serving the suspect's queue, and nobody for a queue no worker serves" do
+        use_templates(template("one", [step("s")]))
+        TaskerCore.create_task(name: "one")
+        2.times { TaskerCore.create_task(name: "one", queue: "api") }
+        start(poll_interval_ms: 20)
+        plain = add_queue_peer("plain", ["default"], capacity: 1)
+        api = add_queue_peer("api", ["api"], capacity: 2)
+        await_q("both workers full") { steps_of(plain).size == 1 && steps_of(api).size == 2 }
+
+        # A suspect in a queue no worker serves: nobody is drained for it.
+        orphan = TaskerCore.create_task(name: "one", queue: "orphan")
+        conn.exec("UPDATE tasker_workflow_steps SET lost_attempts = 2 WHERE task_id = $1", [orphan])
+        await_housekeeping
+        expect(draining).to eq([])
+        expect(@handle.stats["loop"]["isolation_drains"]).to eq(0)
+
+        # A suspect on api (full, so it waits): the api worker is drained
+        # for it, not plain, though plain has less in flight.
+        pending = TaskerCore.create_task(name: "one", queue: "api")
+        suspect = step_row(conn, pending, "s")["id"]
+        conn.exec("UPDATE tasker_workflow_steps SET lost_attempts = 2 WHERE id = $1", [suspect])
+        await_q("a worker drained") { draining.any? }
+        expect(draining).to eq(["api"])
+        expect(@handle.stats["loop"]["isolation_drains"]).to eq(1)
+
+        # Once api is idle the suspect goes to it, alone.
+        api.batches.each { |b| b["steps"].each { |st| api.partial(b, st) } }
+        await_q("the suspect sent") { steps_of(api).include?(suspect) }
+        expect(api.batches.last["steps"].map { |st| st["step_id"] }).to eq([suspect])
+        expect(steps_of(plain).size).to eq(1)
+        expect(step_row(conn, orphan, "s")).to include("state" => "pending", "attempts" => 0)
+      end
+    end
+
     describe "under a steady backlog that keeps every worker busy" do
       def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
 
