@@ -983,9 +983,10 @@ static void end_idle_drain(tc_loop *l, int64_t now)
 /* Some idle worker serves queue q. */
 static int idle_serves(const tc_loop *l, const char *q, int64_t now)
 {
-    for (size_t i = 0; i < l->oh->nworkers; i++)
-        if (tc_oh_worker_idle(l->oh, &l->oh->workers[i], now) && tc_oh_worker_serves(&l->oh->workers[i], q, strlen(q)))
-            return 1;
+    for (size_t i = 0; i < l->oh->nworkers; i++) {
+        const tc_oh_worker *w = &l->oh->workers[i];
+        if (tc_oh_worker_idle(l->oh, w, now) && tc_oh_worker_serves(w, q, strlen(q))) return 1;
+    }
     return 0;
 }
 
@@ -995,9 +996,9 @@ static int drainable(const tc_loop *l, const tc_oh_worker *w, int64_t now)
     return w->isolating == TC_OH_ISOLATE_NONE && tc_oh_worker_sendable(l->oh, w, now);
 }
 
-/* Appends to the array literal b (n so far) the queues of w (d: the
- * drained worker), or (d NULL) of every drainable worker that no idle
- * worker serves, each once. Returns the new count. */
+/* Appends to the array literal b the queues of the drained worker d, or
+ * (d NULL) those of the drainable workers that no idle worker serves, each
+ * once. Returns how many. */
 static size_t suspect_queues(const tc_loop *l, const tc_oh_worker *d, int64_t now, sbuf *b)
 {
     size_t n = 0;
@@ -1045,7 +1046,6 @@ static void check_suspects(tc_loop *l)
     int64_t now = tc_oh_now_ms();
     int64_t mono = tc_oh_now_ms();
     sbuf queues = {0};
-    size_t nq = 0;
     sb_puts(&queues, "{");
     pthread_mutex_lock(&l->mu);
     tc_oh_worker *d = drained_worker(l);
@@ -1053,7 +1053,7 @@ static void check_suspects(tc_loop *l)
         d->isolating = TC_OH_ISOLATE_NONE;
         d = NULL;
     }
-    nq = suspect_queues(l, d, now, &queues);
+    size_t nq = suspect_queues(l, d, now, &queues);
     pthread_mutex_unlock(&l->mu);
     sb_puts(&queues, "}");
     /* Every queue a worker could be drained for has an idle worker, which
