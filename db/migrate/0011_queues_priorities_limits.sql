@@ -179,10 +179,12 @@ $$;
 -- 0x74636f6e63 ("tconc") for the rest of its transaction and counts what
 -- is in flight in a statement of its own (so it sees every claim committed
 -- under the lock before it); without limits it takes no lock. Returns the
--- claimed steps as tasker_claim does, and their queue.
+-- claimed steps as tasker_claim does, and their queue, in claim order
+-- (suspects first), the order the loop sends them in. p_task_id (NULL:
+-- any) claims the steps of that task only (the RSpec inline runner).
 CREATE FUNCTION tasker_claim_queued(p_owner text, p_lease_ms int, p_state text, p_suspect_lost int,
                                     p_suspect_limit int, p_limit int, p_queues text[], p_queue_room int[],
-                                    p_limited_queues text[], p_queue_limits int[])
+                                    p_limited_queues text[], p_queue_limits int[], p_task_id bigint DEFAULT NULL)
 RETURNS TABLE (step_id bigint, task_id bigint, step_name text, handler text, handler_config bytea,
                attempt int, timeout_ms int, context bytea, dep_names text[], dep_outputs bytea[],
                lost_attempts int, queue text)
@@ -203,16 +205,28 @@ BEGIN
   -- Candidates, locked: suspects, then per queue in claim order. A step
   -- ready no later than now has a claim order no later than now + 100 s
   -- (priority >= -100): that bound stops the index scan before the steps
-  -- scheduled for later.
+  -- scheduled for later. A limited queue's room is at most what its limit
+  -- leaves now, and a full one is not read: its candidates would all be
+  -- dropped under the lock, and would have taken the places in p_limit of
+  -- other queues' steps (counted again under the lock below).
   WITH room AS (
-    SELECT r.name, r.room FROM unnest(p_queues, p_queue_room) AS r(name, room) WHERE r.room > 0
+    SELECT r.name, r.room FROM (
+      SELECT q.name, CASE WHEN ql.lim IS NULL THEN q.room
+                          ELSE least(q.room, ql.lim - (SELECT count(*) FROM tasker_workflow_steps f
+                                                        WHERE f.queue = q.name
+                                                          AND f.state IN ('enqueued', 'in_progress'))) END AS room
+        FROM unnest(p_queues, p_queue_room) AS q(name, room)
+        LEFT JOIN LATERAL (SELECT min(l.lim) AS lim FROM unnest(p_limited_queues, p_queue_limits) AS l(queue, lim)
+                            WHERE l.queue = q.name) ql ON true
+       WHERE q.room > 0) r
+     WHERE r.room > 0
   ), suspect AS (
     SELECT s.id, s.concurrency_key IS NOT NULL OR s.queue = ANY (v_limited_queues) AS limited
       FROM tasker_workflow_steps s
       JOIN tasker_tasks t ON t.id = s.task_id
      WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.next_attempt_at <= now()
        AND s.lost_attempts >= p_suspect_lost AND t.state IN ('pending', 'in_progress')
-       AND s.queue IN (SELECT room.name FROM room)
+       AND s.queue IN (SELECT room.name FROM room) AND (p_task_id IS NULL OR s.task_id = p_task_id)
        AND CASE WHEN s.concurrency_key IS NULL THEN true ELSE tasker_key_has_room(s.concurrency_key, s.concurrency_limit) END
      ORDER BY s.next_attempt_at, s.id
      LIMIT greatest(least(coalesce(p_suspect_limit, 0), p_limit), 0)
@@ -227,6 +241,7 @@ BEGIN
          AND tasker_claim_order(s.next_attempt_at, s.priority) <= now() + interval '100 seconds'
          AND s.next_attempt_at <= now()
          AND (p_suspect_lost IS NULL OR s.lost_attempts < p_suspect_lost) AND t.state IN ('pending', 'in_progress')
+         AND (p_task_id IS NULL OR s.task_id = p_task_id)
          AND CASE WHEN s.concurrency_key IS NULL THEN true ELSE tasker_key_has_room(s.concurrency_key, s.concurrency_limit) END
        ORDER BY tasker_claim_order(s.next_attempt_at, s.priority), s.id
        LIMIT least(room.room, p_limit)
@@ -300,7 +315,8 @@ BEGIN
         JOIN tasker_workflow_steps p ON p.id = e.from_step_id
        WHERE e.to_step_id = c.id
     ) d ON true
-   ORDER BY c.id;
+    JOIN unnest(v_ids) WITH ORDINALITY AS o(id, pos) ON o.id = c.id
+   ORDER BY o.pos;  -- claim order: suspects, then the others as chosen
 END $$;
 
 -- The orchestration loop's claim (version 4): tasker_claim_queued to
@@ -317,7 +333,8 @@ LANGUAGE sql AS $$
 $$;
 
 -- Versions 1 to 3 (older orchestrators, whose workers know no queues):
--- the queue 'default' only, in claim order. One rule, tasker_claim_queued.
+-- the queue 'default' only, chosen in claim order and returned in id order
+-- as before. One rule, tasker_claim_queued.
 CREATE OR REPLACE FUNCTION tasker_claim(p_owner text, p_limit int, p_lease_ms int, p_state text, p_suspect_lost int,
                                         p_suspect_limit int)
 RETURNS TABLE (step_id bigint, task_id bigint, step_name text, handler text, handler_config bytea,
@@ -329,20 +346,24 @@ BEGIN
   SELECT c.step_id, c.task_id, c.step_name, c.handler, c.handler_config, c.attempt, c.timeout_ms, c.context,
          c.dep_names, c.dep_outputs, c.lost_attempts
     FROM tasker_claim_queued(p_owner, p_lease_ms, p_state, p_suspect_lost, p_suspect_limit, p_limit,
-                             ARRAY['default'], ARRAY[p_limit], NULL, NULL) c;
+                             ARRAY['default'], ARRAY[p_limit], NULL, NULL) c
+   ORDER BY c.step_id;
 END $$;
 
--- A claimed step its worker refused for want of its handler
--- (docs/protocol.md 4.7, unknown_handler): back to pending, not a lost
--- attempt, ready again after p_delay_ms (so a step no worker can run yet
--- is not claimed and sent back in a loop). Logged with reason
--- 'unknown_handler'. Returns each step moved and its handler.
-CREATE FUNCTION tasker_defer_steps(p_step_ids bigint[], p_attempts int[], p_delay_ms int)
+-- Claimed steps back to pending without a lost attempt, logged with
+-- p_reason: ready again after p_delay_ms, or (NULL) keeping their
+-- next_attempt_at (no later than the claim), so a step sent back keeps its
+-- place in claim order instead of queueing behind the steps that became
+-- ready since. Only steps still in flight at the attempt given. Returns
+-- each step moved and its handler; notifies when they are ready at once.
+CREATE FUNCTION tasker_put_back_steps(p_step_ids bigint[], p_attempts int[], p_delay_ms int, p_reason text)
 RETURNS TABLE (step_id bigint, handler text)
 LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
 #variable_conflict use_column
+DECLARE
+  v_ids bigint[];
+  v_handlers text[];
 BEGIN
-  RETURN QUERY
   WITH target AS (
     SELECT s.id, s.state AS old_state FROM tasker_workflow_steps s
       JOIN unnest(p_step_ids, p_attempts) AS x(id, attempt) ON s.id = x.id AND s.attempts = x.attempt
@@ -351,16 +372,40 @@ BEGIN
        FOR UPDATE OF s
   ), moved AS (
     UPDATE tasker_workflow_steps s
-       SET state = 'pending', next_attempt_at = now() + greatest(p_delay_ms, 0) * interval '1 millisecond',
+       SET state = 'pending',
+           next_attempt_at = CASE WHEN p_delay_ms IS NULL THEN least(s.next_attempt_at, now())
+                                  ELSE now() + greatest(p_delay_ms, 0) * interval '1 millisecond' END,
            claimed_by = NULL, claim_deadline = NULL, updated_at = now()
       FROM target WHERE s.id = target.id
     RETURNING s.id, s.task_id, s.attempts, s.handler, target.old_state
   ), logged AS (
     INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, reason)
-    SELECT m.id, m.task_id, m.old_state, 'pending', m.attempts, 'unknown_handler' FROM moved m
+    SELECT m.id, m.task_id, m.old_state, 'pending', m.attempts, p_reason FROM moved m
   )
-  SELECT m.id, m.handler FROM moved m ORDER BY m.id;
+  SELECT array_agg(m.id ORDER BY m.id), array_agg(m.handler ORDER BY m.id) INTO v_ids, v_handlers FROM moved m;
+  IF v_ids IS NOT NULL AND p_delay_ms IS NULL THEN
+    PERFORM pg_notify('tasker_steps_ready', '');
+  END IF;
+  RETURN QUERY SELECT x.id, x.handler FROM unnest(v_ids, v_handlers) AS x(id, handler);
 END $$;
+
+-- Claimed steps the orchestrator did not send (version 1's signature),
+-- reason 'released'. Returns how many.
+CREATE OR REPLACE FUNCTION tasker_release_steps(p_step_ids bigint[], p_attempts int[]) RETURNS int
+LANGUAGE sql AS $$
+  SELECT count(*)::int FROM tasker_put_back_steps(p_step_ids, p_attempts, NULL, 'released')
+$$;
+
+-- A claimed step its worker refused for want of its handler
+-- (docs/protocol.md 4.7, unknown_handler): back to pending, not a lost
+-- attempt, ready again after p_delay_ms (so a step no worker can run yet
+-- is not claimed and sent back in a loop). Logged with reason
+-- 'unknown_handler'. Returns each step moved and its handler.
+CREATE FUNCTION tasker_defer_steps(p_step_ids bigint[], p_attempts int[], p_delay_ms int)
+RETURNS TABLE (step_id bigint, handler text)
+LANGUAGE sql AS $$
+  SELECT * FROM tasker_put_back_steps(p_step_ids, p_attempts, greatest(coalesce(p_delay_ms, 0), 0), 'unknown_handler')
+$$;
 
 -- ---------------------------------------------------------------------------
 -- Workers: the queues each serves (from its heartbeats), for tasker status.

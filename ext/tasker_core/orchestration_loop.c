@@ -954,13 +954,14 @@ static int fail_unsendable(tc_loop *l, const PGresult *res, claimed_row *rows, i
 #define LOOP_STR_(x) #x
 #define LOOP_STR(x) LOOP_STR_(x)
 
-/* A suspect tasker_claim_steps_v3 would claim now, found through the
- * partial index tasker_workflow_steps_suspect (db/migrate/0008: its
- * predicate, with the constant, so the planner can use it). */
+/* The queues of the suspects the claim would take now, among the queues
+ * in $1, found through the partial index tasker_workflow_steps_suspect
+ * (db/migrate/0008: its predicate, with the constant, so the planner can
+ * use it). */
 #define SUSPECT_WAITING_SQL                                                                                    \
-    "SELECT EXISTS (SELECT 1 FROM tasker_workflow_steps s JOIN tasker_tasks t ON t.id = s.task_id "           \
+    "SELECT DISTINCT s.queue FROM tasker_workflow_steps s JOIN tasker_tasks t ON t.id = s.task_id "          \
     "WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.lost_attempts >= " LOOP_STR(TC_LOOP_SUSPECT_LOST) \
-    " AND s.next_attempt_at <= now() AND t.state IN ('pending', 'in_progress'))"
+    " AND s.next_attempt_at <= now() AND t.state IN ('pending', 'in_progress') AND s.queue = ANY ($1::text[])"
 
 /* The worker drained for a suspect (at most one), or NULL. mu held. */
 static tc_oh_worker *drained_worker(const tc_loop *l)
@@ -979,41 +980,98 @@ static void end_idle_drain(tc_loop *l, int64_t now)
     if (d && tc_oh_worker_idle(l->oh, d, now)) d->isolating = TC_OH_ISOLATE_NONE;
 }
 
-/* A suspect is claimed only for an idle worker, and under a steady backlog
- * the loop refills every worker before it empties: a suspect could wait
- * for ever. So while one is ready and no sendable worker is idle, one
- * worker, the one with the least in flight, is drained for it: it gets no
+/* Some idle worker serves queue q. */
+static int idle_serves(const tc_loop *l, const char *q, int64_t now)
+{
+    for (size_t i = 0; i < l->oh->nworkers; i++) {
+        const tc_oh_worker *w = &l->oh->workers[i];
+        if (tc_oh_worker_idle(l->oh, w, now) && tc_oh_worker_serves(w, q, strlen(q))) return 1;
+    }
+    return 0;
+}
+
+/* A worker that could be drained for a suspect. */
+static int drainable(const tc_loop *l, const tc_oh_worker *w, int64_t now)
+{
+    return w->isolating == TC_OH_ISOLATE_NONE && tc_oh_worker_sendable(l->oh, w, now);
+}
+
+/* Appends to the array literal b the queues of the drained worker d, or
+ * (d NULL) those of the drainable workers that no idle worker serves, each
+ * once. Returns how many. */
+static size_t suspect_queues(const tc_loop *l, const tc_oh_worker *d, int64_t now, sbuf *b)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < l->oh->nworkers; i++) {
+        const tc_oh_worker *w = &l->oh->workers[i];
+        if (d ? w != d : !drainable(l, w, now)) continue;
+        for (size_t j = 0; j < w->nqueues; j++) {
+            const char *q = w->queues[j];
+            size_t len = strlen(q);
+            if (!d && idle_serves(l, q, now)) continue;
+            int seen = 0; /* already added from an earlier worker */
+            for (size_t k = 0; !d && k < i && !seen; k++)
+                seen = drainable(l, &l->oh->workers[k], now) && tc_oh_worker_serves(&l->oh->workers[k], q, len);
+            if (seen) continue;
+            if (n++) sb_puts(b, ",");
+            sb_text_elem(b, q, len);
+        }
+    }
+    return n;
+}
+
+/* w serves one of the queues in the first column of r. */
+static int serves_any(const tc_oh_worker *w, const PGresult *r)
+{
+    for (int i = 0; i < PQntuples(r); i++)
+        if (tc_oh_worker_serves(w, PQgetvalue(r, i, 0), (size_t)PQgetlength(r, i, 0))) return 1;
+    return 0;
+}
+
+/* A suspect is claimed only for an idle worker serving its queue, and
+ * under a steady backlog the loop refills every worker before it empties:
+ * a suspect could wait for ever. So while one is ready in a queue that a
+ * sendable worker serves and no idle worker does, one worker serving that
+ * queue, the one with the least in flight, is drained for it: it gets no
  * new work until it is idle, and then the suspect alone (the next claim,
  * dispatch_suspects). The drain ends when the worker is lost (the core
  * clears it), stops taking work (capacity 0), or no suspect is waiting any
- * more. One EXISTS, only when a drain is on or no worker is idle: once per
- * housekeeping interval, or after a claim that came back empty with no
- * idle worker and no drain on (at most once per poll interval). */
+ * more in the queues it serves. A suspect in a queue no worker serves
+ * drains nobody. One query, only when a drain is on or some served queue
+ * has no idle worker: once per housekeeping interval, or after a claim
+ * that came back empty with no idle worker and no drain on (at most once
+ * per poll interval). */
 static void check_suspects(tc_loop *l)
 {
     int64_t now = tc_oh_now_ms();
     int64_t mono = tc_oh_now_ms();
+    sbuf queues = {0};
+    sb_puts(&queues, "{");
     pthread_mutex_lock(&l->mu);
     tc_oh_worker *d = drained_worker(l);
     if (d && (!tc_oh_worker_live(d) || d->capacity <= 0)) {
         d->isolating = TC_OH_ISOLATE_NONE;
         d = NULL;
     }
-    long idle = 0;
-    for (size_t i = 0; i < l->oh->nworkers; i++)
-        if (tc_oh_worker_idle(l->oh, &l->oh->workers[i], now)) idle++;
+    size_t nq = suspect_queues(l, d, now, &queues);
     pthread_mutex_unlock(&l->mu);
-    /* An idle worker takes a waiting suspect with the next claim. */
-    if (!d && idle) return;
+    sb_puts(&queues, "}");
+    /* Every queue a worker could be drained for has an idle worker, which
+     * takes a waiting suspect with the next claim. */
+    if ((!d && nq == 0) || queues.oom) {
+        sb_free(&queues);
+        return;
+    }
 
     l->next_suspect_check_ms = mono + l->poll_interval_ms;
-    PGresult *r = exec_text(l, SUSPECT_WAITING_SQL, 0, NULL);
+    const char *vals[1] = {queues.p};
+    PGresult *r = exec_text(l, SUSPECT_WAITING_SQL, 1, vals);
+    sb_free(&queues);
     if (!r) {
         db_failed(l, "suspect check");
         return;
     }
-    int waiting = PQntuples(r) == 1 && PQgetvalue(r, 0, 0)[0] == 't';
-    PQclear(r);
+    int waiting = PQntuples(r) > 0;
 
     pthread_mutex_lock(&l->mu);
     /* Only this thread changes the worker table: d is still valid. */
@@ -1023,7 +1081,7 @@ static void check_suspects(tc_loop *l)
         tc_oh_worker *best = NULL;
         for (size_t i = 0; i < l->oh->nworkers; i++) {
             tc_oh_worker *w = &l->oh->workers[i];
-            if (!tc_oh_worker_sendable(l->oh, w, now) || w->isolating != TC_OH_ISOLATE_NONE) continue;
+            if (!drainable(l, w, now) || !serves_any(w, r)) continue;
             if (!best || w->used < best->used ||
                 (w->used == best->used && w->last_dispatch_seq < best->last_dispatch_seq))
                 best = w;
@@ -1034,6 +1092,7 @@ static void check_suspects(tc_loop *l)
         }
     }
     pthread_mutex_unlock(&l->mu);
+    PQclear(r);
 }
 
 /* Sends rows idx[0..take) of the claim to worker wi as one batch and marks

@@ -126,7 +126,7 @@ module TaskerCore
         bad = limits.find { |q, n| !Queues.name?(q) || !(n.is_a?(Integer) && n >= 1) }
         raise ArgumentError, "queue_limits: expected queue names => Integers >= 1, got #{bad.inspect}" if bad
 
-        ["{#{limits.keys.join(',')}}", "{#{limits.values.join(',')}}"]
+        [Store::ParamEncoding.encode(limits.keys), Store::ParamEncoding.encode(limits.values)]
       end
 
       # Unique per process and start, so two orchestrators never share claims.

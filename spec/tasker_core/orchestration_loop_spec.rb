@@ -241,6 +241,104 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     expect(@handle.stats["loop"]).to include("redispatched" => 1, "lost_failed" => 1)
   end
 
+  describe "with queues" do
+    after { @peers&.each(&:close) }
+
+    def steps_of(peer) = peer.batches.flat_map { |b| b["steps"].map { |s| s["step_id"] } }
+
+    def add_queue_peer(id, queues, capacity:)
+      cfg = @handle.zeromq_config
+      peer = WorkerPeer.new(id: id, batch_endpoint: cfg["batch_endpoint"], result_endpoint: cfg["result_endpoint"],
+                            capacity: capacity)
+      (@peers ||= []) << peer
+      (@queues_of ||= {})[id] = queues
+      wait_until(timeout: 10, message: "the orchestrator's subscription") { peer.orchestrator_seen?(timeout_ms: 20) }
+      await_q("#{id} live") { @handle.workers.any? { |w| w["id"] == id && w["queues"] == queues } }
+      peer
+    end
+
+    # Waits, heartbeating every peer with its queues, until the block is true.
+    def await_q(message, &block)
+      wait_until(timeout: 10, message: message) do
+        @peers.each do |p|
+          p.heartbeat(queues: @queues_of[p.id])
+          p.receive_batches(timeout_ms: 10)
+        end
+        block.call
+      end
+    end
+
+    # Two housekeeping rounds begun after now (each writes the worker
+    # table, then checks for waiting suspects): one went all through.
+    def await_housekeeping
+      2.times do
+        since = conn.exec("SELECT now() AS t").first["t"]
+        await_q("a housekeeping round") do
+          conn.exec("SELECT count(*) AS n FROM tasker_workers WHERE updated_at > $1", [since]).first["n"].to_i.positive?
+        end
+      end
+    end
+
+    def draining = @handle.workers.select { |w| w["draining_for_isolation"] }.map { |w| w["id"] }
+
+    it "claims for a worker's other queues while one it serves is at its limit" do
+      use_templates(template("one", [step("s")]))
+      first = TaskerCore.create_task(name: "one", queue: "partner_api")
+      start(poll_interval_ms: 20, queue_limits: { "partner_api" => 1 })
+      peer = add_queue_peer("both", %w[default partner_api], capacity: 4)
+      await_q("the first partner_api step sent") { steps_of(peer).size == 1 }
+      expect(step_row(conn, first, "s")["state"]).to eq("in_progress")
+
+      # An older partner_api backlog (the queue is full), then default work.
+      backlog = Array.new(3) { TaskerCore.create_task(name: "one", queue: "partner_api") }
+      conn.exec("UPDATE tasker_workflow_steps SET next_attempt_at = now() - interval '60 seconds' " \
+                "WHERE task_id = ANY ($1::bigint[])", ["{#{backlog.join(',')}}"])
+      fresh = Array.new(3) { TaskerCore.create_task(name: "one") }
+      await_q("the default steps sent") { steps_of(peer).size == 4 }
+      sent_tasks = peer.batches.flat_map { |b| b["steps"].map { |st| st["task_id"] } }
+      expect(sent_tasks).to match_array([first] + fresh)
+
+      # The limit's room back: the oldest of the backlog goes next.
+      b = peer.batches.first
+      peer.partial(b, b["steps"].first)
+      await_q("a partner_api step sent") { steps_of(peer).size == 5 }
+      expect(peer.batches.last["steps"].map { |st| st["task_id"] }).to eq([backlog.first])
+    end
+
+    it "drains only a worker serving the suspect's queue, and nobody for a queue no worker serves" do
+      use_templates(template("one", [step("s")]))
+      TaskerCore.create_task(name: "one")
+      2.times { TaskerCore.create_task(name: "one", queue: "api") }
+      start(poll_interval_ms: 20)
+      plain = add_queue_peer("plain", ["default"], capacity: 1)
+      api = add_queue_peer("api", ["api"], capacity: 2)
+      await_q("both workers full") { steps_of(plain).size == 1 && steps_of(api).size == 2 }
+
+      # A suspect in a queue no worker serves: nobody is drained for it.
+      orphan = TaskerCore.create_task(name: "one", queue: "orphan")
+      conn.exec("UPDATE tasker_workflow_steps SET lost_attempts = 2 WHERE task_id = $1", [orphan])
+      await_housekeeping
+      expect(draining).to eq([])
+      expect(@handle.stats["loop"]["isolation_drains"]).to eq(0)
+
+      # A suspect on api (full, so it waits): the api worker is drained
+      # for it, not plain, though plain has less in flight.
+      pending = TaskerCore.create_task(name: "one", queue: "api")
+      suspect = step_row(conn, pending, "s")["id"]
+      conn.exec("UPDATE tasker_workflow_steps SET lost_attempts = 2 WHERE id = $1", [suspect])
+      await_q("a worker drained") { draining.any? }
+      expect(draining).to eq(["api"])
+      expect(@handle.stats["loop"]["isolation_drains"]).to eq(1)
+
+      # Once api is idle the suspect goes to it, alone.
+      api.batches.each { |b| b["steps"].each { |st| api.partial(b, st) } }
+      await_q("the suspect sent") { steps_of(api).include?(suspect) }
+      expect(api.batches.last["steps"].map { |st| st["step_id"] }).to eq([suspect])
+      expect(steps_of(plain).size).to eq(1)
+      expect(step_row(conn, orphan, "s")).to include("state" => "pending", "attempts" => 0)
+    end
+  end
+
   describe "a suspect step (lost twice)" do
     after { @peers&.each(&:close) }
 

@@ -86,6 +86,12 @@ RSpec.describe "Queues, priorities, scheduled start and concurrency limits", :db
     end
   end
 
+  it "passes the configured limits to the claim as arrays whatever the queue names (null, NULL)" do
+    names, limits = TaskerCore::OrchestrationHandle.queue_limit_literals("null" => 2, "NULL" => 3, "a.b:c-d" => 1)
+    row = conn.exec("SELECT $1::text[] AS names, $2::int[] AS limits", [names, limits]).first
+    expect([row["names"], row["limits"]]).to eq([%w[null NULL a.b:c-d], [2, 3, 1]])
+  end
+
   describe "create_task" do
     before do
       use_templates(template("two", [step("a", queue: "api"), step("b", ["a"])], priority: 2),
@@ -205,6 +211,36 @@ RSpec.describe "Queues, priorities, scheduled start and concurrency limits", :db
       expect(claim_v4(conn, queues: ["api"], limited: { api: 3 })).to eq([])
       finish(conn, first)
       expect(claim_v4(other, queues: ["api"], limited: { api: 3 }).size).to eq(2)
+    end
+
+    it "does not let a queue at its limit take the claim's places from the other queues" do
+      TaskerCore.create_task(name: "one", queue: "partner_api")
+      busy = claim_v4(conn, queues: ["partner_api"], limited: { partner_api: 1 })
+      expect(busy.size).to eq(1)
+      # An older backlog on the full queue, then newer steps on default.
+      backlog = Array.new(3) { TaskerCore.create_task(name: "one", queue: "partner_api") }
+      conn.exec("UPDATE tasker_workflow_steps SET next_attempt_at = now() - interval '60 seconds' " \
+                "WHERE task_id = ANY ($1::bigint[])", [PG_INT[backlog]])
+      fresh = Array.new(3) { TaskerCore.create_task(name: "one") }
+      rows = claim_v4(conn, queues: %w[default partner_api], room: [3, 3], limit: 3, limited: { partner_api: 1 })
+      expect(rows.map { |r| r["task_id"] }).to match_array(fresh)
+      finish(conn, busy)
+      rows = claim_v4(conn, queues: %w[default partner_api], room: [3, 3], limit: 3, limited: { partner_api: 1 })
+      expect(rows.map { |r| r["task_id"] }).to eq([backlog.first])
+    end
+
+    it "returns the claimed steps in claim order, and a step released unsent keeps its place" do
+      low = TaskerCore.create_task(name: "one", priority: -50)
+      high = TaskerCore.create_task(name: "one", priority: 50)
+      mid = TaskerCore.create_task(name: "one", priority: 0)
+      rows = claim_v4(conn, queues: ["default"], limit: 10)
+      expect(rows.map { |r| r["task_id"] }).to eq([high, mid, low])
+      later = TaskerCore.create_task(name: "one", priority: 0)
+      before = conn.exec("SELECT id, next_attempt_at FROM tasker_workflow_steps ORDER BY id").to_a
+      conn.exec("SELECT tasker_release_steps($1::bigint[], $2::int[])",
+                [PG_INT[rows.map { |r| r["step_id"] }], PG_INT[rows.map { |r| r["attempt"] }]])
+      expect(conn.exec("SELECT id, next_attempt_at FROM tasker_workflow_steps ORDER BY id").to_a).to eq(before)
+      expect(claim_v4(conn, queues: ["default"], limit: 10).map { |r| r["task_id"] }).to eq([high, mid, later, low])
     end
 
     it "keeps a key's limit, and other keys are not held up behind a full one" do

@@ -54,7 +54,9 @@ RSpec.describe "tasker_core/rspec" do
       template("flaky", [step("flaky", handler: "KitHandlers::Flaky", retry: { "max_attempts" => 5 })]),
       template("explode", [step("boom", handler: "KitHandlers::Explode", retry: { "max_attempts" => 2 })]),
       template("echo", [step("a", handler: "DurableHandlers::Echo"), step("b", ["a"], handler: "DurableHandlers::Echo")]),
-      template("side", [step("a", handler: "DurableHandlers::Echo", queue: "side")])
+      template("side", [step("a", handler: "DurableHandlers::Echo", queue: "side")]),
+      template("pay", [step("start", handler: "KitHandlers::Start", queue: "payments"),
+                       step("double", ["start"], handler: "KitHandlers::Double", priority: 5)])
     )
   end
 
@@ -68,6 +70,15 @@ RSpec.describe "tasker_core/rspec" do
       conn = connect
       expect(conn.exec("SELECT count(*) AS n FROM tasker_workflow_step_transitions WHERE task_id = $1 AND to_state = 'complete'",
                        [result.task_id]).first["n"]).to eq(2)
+    end
+
+    it "runs steps on any queue, and only that task's: other tasks' ready steps are left alone" do
+      other = TaskerCore.create_task(name: "order", context: { "order_id" => 2 })
+      result = tasker_inline.run(name: "pay", context: { "order_id" => 4 })
+      expect(result.status).to eq("complete")
+      expect(result).to have_step("double").in_state(:complete).with_output(total: 8)
+      expect(TaskerCore.task(other)[:steps].map { |st| [st[:name], st[:state], st[:attempts]] })
+        .to contain_exactly(["start", "pending", 0], ["double", "pending", 0])
     end
 
     it "stops at a permanent failure and never runs the dependents" do

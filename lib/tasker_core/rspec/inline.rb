@@ -2,8 +2,9 @@
 
 module TaskerCore
   module RSpec
-    # Runs tasks synchronously in this process: claims ready steps with
-    # tasker_claim_steps_v3, calls their handlers here, and writes results with
+    # Runs tasks synchronously in this process: claims ready steps of the
+    # task, whatever their queue, with tasker_claim_queued (the claim under
+    # tasker_claim_steps_v4), calls their handlers here, and writes results with
     # tasker_apply_results, the very functions the orchestration loop calls,
     # so the state machine and the retry rules are the store's, not a copy.
     # No sockets. A retry's backoff is skipped (next_attempt_at is moved to
@@ -68,8 +69,14 @@ module TaskerCore
             UPDATE tasker_workflow_steps SET next_attempt_at = now()
              WHERE task_id = $1 AND state = 'pending' AND next_attempt_at > now()
           SQL
+          # The queued claim, from the queues of the task's pending steps
+          # and restricted to the task (p_task_id).
           conn.exec(<<~SQL, [OWNER, 1000, 60_000, task_id])
-            SELECT c.* FROM tasker_claim_steps_v3($1, $2, $3, NULL, 0) c WHERE c.task_id = $4
+            SELECT c.* FROM (SELECT array_agg(DISTINCT s.queue) AS q FROM tasker_workflow_steps s
+                              WHERE s.task_id = $4 AND s.state = 'pending') x
+             CROSS JOIN LATERAL tasker_claim_queued($1, $3, 'in_progress', NULL, 0, $2, x.q,
+                                                    array_fill($2::int, ARRAY[coalesce(cardinality(x.q), 0)]),
+                                                    NULL, NULL, $4::bigint) c
           SQL
         end
       end
