@@ -12,6 +12,9 @@ RSpec.describe TaskerCore::Config do
 
   around do |example|
     saved = env_vars.to_h { |v| [v, ENV.delete(v)] }
+    # Whatever an earlier spec file installed is not this example's.
+    TaskerCore.reset_config!
+    TaskerCore.logger = nil
     Dir.mktmpdir("tasker-config") do |dir|
       @tmp = dir
       example.run
