@@ -123,7 +123,7 @@ module TaskerCore
       def accept(frames)
         jobs, outgoing = @intake.accept(frames)
         @connection.outbox.concat(outgoing)
-        jobs.each { |job| @executor.submit(job) }
+        @executor.submit(jobs) unless jobs.empty?
       end
 
       def collect_results
