@@ -25,6 +25,10 @@ module TaskerCore
       # StandardError, so a handler's `rescue => e` cannot swallow it.
       class TimeoutInterrupt < Exception; end # rubocop:disable Lint/InheritException
 
+      # Thread.handle_interrupt masks, made once.
+      DEFER_TIMEOUT = { TimeoutInterrupt => :never }.freeze
+      ALLOW_TIMEOUT = { TimeoutInterrupt => :immediate }.freeze
+
       # wake: called (from a pool thread) when a result is ready or a new
       # deadline is earlier than the I/O thread's next wake-up.
       def initialize(settings:, registry:, partials:, stats:, logger:, wake:)
@@ -148,7 +152,7 @@ module TaskerCore
       def pool_main
         # Timeout interrupts are only let in while a handler runs; one that
         # arrives between steps must not hit the next step (see run_job).
-        Thread.handle_interrupt(TimeoutInterrupt => :never) do
+        Thread.handle_interrupt(DEFER_TIMEOUT) do
           while (job = take_job)
             run_job(job)
             break if Thread.current[:tc_abandoned]
@@ -203,7 +207,7 @@ module TaskerCore
       def start_job(job)
         job.state = :running
         job.thread = Thread.current
-        job.started_at = Time.now.to_f
+        job.started_at = Process.clock_gettime(Process::CLOCK_REALTIME)
         job.deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + job.timeout_s
         @running << job
         @wake.call if @next_wake_at.nil? || job.deadline < @next_wake_at
@@ -215,7 +219,7 @@ module TaskerCore
         claimed = false
         instrument_step(:step_started, job)
         begin
-          Thread.handle_interrupt(TimeoutInterrupt => :immediate) do
+          Thread.handle_interrupt(ALLOW_TIMEOUT) do
             output, error = execute(job)
             out = @partials.encode(job, output, error)
             # After this, the watchdog no longer interrupts the thread.
@@ -263,7 +267,7 @@ module TaskerCore
         payload = { step_id: step["step_id"], task_id: step["task_id"], step_name: step["step_name"],
                     handler: step["handler"], attempt: step["attempt"], worker_id: @worker_id, batch_id: job.batch.id }
         if error
-          payload[:duration_ms] = ((Time.now.to_f - job.started_at) * 1000).round(3)
+          payload[:duration_ms] = ((Process.clock_gettime(Process::CLOCK_REALTIME) - job.started_at) * 1000).round(3)
           if event == :step_failed
             payload.merge!(error_class: error["class"], error_message: error["message"], retryable: error["retryable"])
           end
@@ -276,7 +280,7 @@ module TaskerCore
       def discard_pending_interrupt
         return unless Thread.pending_interrupt?(TimeoutInterrupt)
 
-        Thread.handle_interrupt(TimeoutInterrupt => :immediate) { nil }
+        Thread.handle_interrupt(ALLOW_TIMEOUT) { nil }
       rescue TimeoutInterrupt
         nil
       end

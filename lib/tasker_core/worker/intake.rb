@@ -118,16 +118,25 @@ module TaskerCore
         limit = @settings.max_payload_depth
         return nil unless limit.is_a?(Integer)
 
-        parts = [["context", step["context"]], ["handler_config", step["handler_config"]]]
-        step["dependency_results"].each { |name, output| parts << ["the output of dependency #{name}", output] }
-        parts.each do |what, value|
-          # Decoded values nest at most Codec::MAX_DEPTH deep: measured exactly.
-          depth = Payload.depth(value)
-          next if depth <= limit
+        found = too_deep(step["context"], limit) { "context" } ||
+                too_deep(step["handler_config"], limit) { "handler_config" }
+        return found if found
 
-          return "worker #{@worker_id} refused the step: #{what} nests #{depth} levels, over max_payload_depth #{limit}"
+        step["dependency_results"].each do |name, output|
+          found = too_deep(output, limit) { "the output of dependency #{name}" }
+          return found if found
         end
         nil
+      end
+
+      # The refusal message when value nests deeper than limit (the block
+      # names what it is), else nil.
+      def too_deep(value, limit)
+        # Decoded values nest at most Codec::MAX_DEPTH deep: measured exactly.
+        depth = Payload.depth(value)
+        return nil if depth <= limit
+
+        "worker #{@worker_id} refused the step: #{yield} nests #{depth} levels, over max_payload_depth #{limit}"
       end
 
       # One batch_refusal for the refused steps of a batch. A step whose

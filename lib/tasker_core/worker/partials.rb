@@ -17,7 +17,11 @@ module TaskerCore
       # The largest result body the orchestrator takes: max_result_bytes
       # (0: none) and max_message_bytes, whichever is smaller; nil: no limit.
       def self.result_limit(limits)
-        [limits[:max_result_bytes], limits[:max_message_bytes]].select { |v| v.is_a?(Integer) && v.positive? }.min
+        result = limits[:max_result_bytes]
+        message = limits[:max_message_bytes]
+        result = nil unless result.is_a?(Integer) && result.positive?
+        message = nil unless message.is_a?(Integer) && message.positive?
+        result && message ? [result, message].min : result || message
       end
 
       def initialize(worker_id:, stats:)
@@ -100,7 +104,7 @@ module TaskerCore
         step = job.step
         # A step that never started (timed out or given up while queued)
         # reports started_at = finished_at (docs/protocol.md 4.2).
-        finished = Time.now.to_f
+        finished = Process.clock_gettime(Process::CLOCK_REALTIME)
         Protocol.result_entry(batch_id: job.batch.id, step_id: step["step_id"], task_id: step["task_id"],
                               attempt: step["attempt"], output: output, error: error,
                               started_at: job.started_at || finished, finished_at: finished)
