@@ -250,10 +250,14 @@ module TaskerCore
     # Raises MessageError (an output key that is not a string, a field
     # missing or mistyped). keys_checked: the caller has already looked for
     # a non-string key in the output (non_string_key), so it is not walked
-    # again.
-    def pack_entry(entry, keys_checked: false)
-      check_fields!(PARTIAL_RESULT, entry, RESULT_ENTRY_FIELDS, "")
-      check_partial!(entry)
+    # again. fields_checked: the caller built a complete entry from a
+    # validated batch step and a Hash output (Worker::Partials), so its
+    # fields are not checked again.
+    def pack_entry(entry, keys_checked: false, fields_checked: false)
+      unless fields_checked
+        check_fields!(PARTIAL_RESULT, entry, RESULT_ENTRY_FIELDS, "")
+        check_partial!(entry)
+      end
       check_keys!(PARTIAL_RESULT, entry["output"], "output") unless keys_checked
       TaskerCore::Codec.pack(entry)
     end

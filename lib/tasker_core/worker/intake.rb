@@ -64,8 +64,9 @@ module TaskerCore
         limits = @ledger.batch_seen(msg["batch_id"], Protocol.batch_limits(msg))
         runnable = []
         refused = []
+        missing = {} # handler name => why this worker lacks it (nil: it has it), once per batch
         steps.each_with_index do |step, index|
-          reason, why = step_refusal(step, index, steps.size)
+          reason, why = step_refusal(step, index, steps.size, missing)
           reason ? refused << [step, reason, why] : runnable << step
         end
         outgoing = refused.empty? ? [] : refuse_steps(msg["batch_id"], refused)
@@ -81,7 +82,7 @@ module TaskerCore
       end
 
       # [reason, message] when this worker will not run the step, else nil.
-      def step_refusal(step, index, count)
+      def step_refusal(step, index, count, missing)
         max = @settings.max_batch_steps
         if max && index >= max
           return ["too_many_steps", "batch of #{count} steps is over this worker's max_batch_steps of #{max}"]
@@ -94,8 +95,9 @@ module TaskerCore
         too_deep = payload_too_deep(step)
         return ["too_deep", too_deep] if too_deep
 
-        missing = handler_missing(step["handler"])
-        missing && ["unknown_handler", missing]
+        handler = step["handler"]
+        why = missing.fetch(handler) { missing[handler] = handler_missing(handler) }
+        why && ["unknown_handler", why]
       end
 
       # Why this worker cannot run handler name (it has no such handler), or

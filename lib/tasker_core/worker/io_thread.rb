@@ -127,10 +127,16 @@ module TaskerCore
       end
 
       def collect_results
-        @executor.finished.each do |out|
-          @stats.bump(out.kind == Protocol::STATUS_COMPLETE ? :steps_completed : :steps_failed)
+        finished = @executor.finished
+        return if finished.empty?
+
+        completed = 0
+        finished.each do |out|
+          completed += 1 if out.kind == Protocol::STATUS_COMPLETE
           report(out)
         end
+        @stats.bump(:steps_completed, completed) if completed.positive?
+        @stats.bump(:steps_failed, finished.size - completed) if completed < finished.size
       end
 
       # Queues a step's one partial and, once every step of its batch has one

@@ -65,7 +65,10 @@ module TaskerCore
       # limit: no second encoding unless it is too large.
       def encode_checked(job, output, error, limits)
         msg = partial_for(job, output: output, error: error)
-        entry = Protocol.pack_entry(msg, keys_checked: true) # #encode looked for non-string keys
+        # #encode looked for non-string keys; a step completed with a Hash
+        # output (the batch's step fields were checked when it arrived) is
+        # well-formed by construction, a failure's error object is checked.
+        entry = Protocol.pack_entry(msg, keys_checked: true, fields_checked: error.nil? && output.is_a?(Hash))
         limit = self.class.result_limit(limits)
         size = entry.bytesize + ENVELOPE_BYTES
         return Outgoing.new(entry: entry, kind: msg["status"], job: job, error: msg["error"], limit: limit) if limit.nil? || size <= limit
