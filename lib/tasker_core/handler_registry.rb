@@ -51,7 +51,7 @@ module TaskerCore
     # The class (or callable) registered under name. With autoload, an
     # unregistered name is looked up as a constant and remembered.
     def resolve(name)
-      key = name.to_s.delete_prefix("::")
+      key = self.class.key(name)
       found = @mutex.synchronize { @handlers[key] }
       return found if found
 
@@ -63,7 +63,14 @@ module TaskerCore
     end
 
     def registered?(name)
-      @mutex.synchronize { @handlers.key?(name.to_s.delete_prefix("::")) }
+      @mutex.synchronize { @handlers.key?(self.class.key(name)) }
+    end
+
+    # The registry's key for a handler name: without a leading "::" (a
+    # name that has none is used as it is, no copy made).
+    def self.key(name)
+      name = name.to_s
+      name.start_with?("::") ? name.delete_prefix("::") : name
     end
 
     def names

@@ -46,6 +46,8 @@ module TaskerCore
 
     # Runs the block inside handler_wrapper; returns the block's value.
     def wrap_handler(&block)
+      return yield if @handler_wrapper.nil? # HandlerWrapper::DIRECT, without its closures
+
       result = nil
       handler_wrapper.call { result = block.call }
       result

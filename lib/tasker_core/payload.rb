@@ -11,21 +11,38 @@ module TaskerCore
     # [], 2 for { "a" => [] }. Walks without recursion and stops descending
     # past cap levels (so a cyclic or absurdly deep value ends): cap + 1 then.
     def depth(value, cap: Codec::MAX_DEPTH)
+      return 0 unless value.is_a?(Hash) || value.is_a?(Array)
+      # The common case (a map or array of scalars) allocates nothing.
+      return cap < 1 ? cap + 1 : 1 if flat?(value)
+
       deepest = 0
-      stack = [[value, 1]]
+      stack = [value, 1]
       until stack.empty?
-        node, level = stack.pop
-        children = case node
-                   when Hash then node.keys + node.values
-                   when Array then node
-                   else next
-                   end
+        level = stack.pop
+        node = stack.pop
         deepest = level if level > deepest
         return cap + 1 if level > cap
 
-        children.each { |c| stack << [c, level + 1] if c.is_a?(Hash) || c.is_a?(Array) }
+        if node.is_a?(Hash)
+          node.each_pair do |k, v|
+            stack << k << level + 1 if k.is_a?(Hash) || k.is_a?(Array)
+            stack << v << level + 1 if v.is_a?(Hash) || v.is_a?(Array)
+          end
+        else
+          node.each { |c| stack << c << level + 1 if c.is_a?(Hash) || c.is_a?(Array) }
+        end
       end
       deepest
+    end
+
+    # True when the map or array holds no map or array (as a key or value).
+    def flat?(value)
+      if value.is_a?(Hash)
+        value.each_pair { |k, v| return false if k.is_a?(Hash) || k.is_a?(Array) || v.is_a?(Hash) || v.is_a?(Array) }
+      else
+        value.each { |c| return false if c.is_a?(Hash) || c.is_a?(Array) }
+      end
+      true
     end
 
     # PayloadTooDeepError naming what, its depth and the limit

@@ -190,8 +190,9 @@ module TaskerCore
       msg["type"] == BATCH ? batch_topic(msg["worker_id"]) : msg["type"]
     end
 
+    # Epoch seconds, a Float (no Time object made).
     def now
-      Time.now.to_f
+      Process.clock_gettime(Process::CLOCK_REALTIME)
     end
 
     def valid_worker_id?(id)
@@ -249,10 +250,14 @@ module TaskerCore
     # Raises MessageError (an output key that is not a string, a field
     # missing or mistyped). keys_checked: the caller has already looked for
     # a non-string key in the output (non_string_key), so it is not walked
-    # again.
-    def pack_entry(entry, keys_checked: false)
-      check_fields!(PARTIAL_RESULT, entry, RESULT_ENTRY_FIELDS, "")
-      check_partial!(entry)
+    # again. fields_checked: the caller built a complete entry from a
+    # validated batch step and a Hash output (Worker::Partials), so its
+    # fields are not checked again.
+    def pack_entry(entry, keys_checked: false, fields_checked: false)
+      unless fields_checked
+        check_fields!(PARTIAL_RESULT, entry, RESULT_ENTRY_FIELDS, "")
+        check_partial!(entry)
+      end
       check_keys!(PARTIAL_RESULT, entry["output"], "output") unless keys_checked
       TaskerCore::Codec.pack(entry)
     end
@@ -419,23 +424,23 @@ module TaskerCore
       check_fields!(type, msg, FIELDS.fetch(type), "")
       case type
       when BATCH
-        msg["steps"].each_with_index { |s, i| check_nested!(type, s, STEP_FIELDS, "steps[#{i}]") } if strict_batch
+        msg["steps"].each_with_index { |s, i| check_nested!(type, s, STEP_FIELDS, "steps", i) } if strict_batch
         check_nested!(type, msg["limits"], BATCH_LIMIT_FIELDS, "limits") if strict_batch && msg.key?("limits")
       when BATCH_COMPLETION
-        msg["steps"].each_with_index { |s, i| check_nested!(type, s, COMPLETION_STEP_FIELDS, "steps[#{i}]") }
+        msg["steps"].each_with_index { |s, i| check_nested!(type, s, COMPLETION_STEP_FIELDS, "steps", i) }
       when PARTIAL_RESULT
         check_partial!(msg)
         check_keys!(type, msg["output"], "output") if version >= 2
       when PARTIAL_RESULTS
         msg["results"].each_with_index do |r, i|
-          check_nested!(type, r, RESULT_ENTRY_FIELDS, "results[#{i}]")
+          check_nested!(type, r, RESULT_ENTRY_FIELDS, "results", i)
           check_partial!(r, "results[#{i}].")
           check_keys!(type, r["output"], "results[#{i}].output")
         end
       when HEARTBEAT
         check_heartbeat!(msg)
       when BATCH_REFUSAL
-        msg["steps"].each_with_index { |s, i| check_nested!(type, s, REFUSAL_STEP_FIELDS, "steps[#{i}]") }
+        msg["steps"].each_with_index { |s, i| check_nested!(type, s, REFUSAL_STEP_FIELDS, "steps", i) }
       end
       msg
     end
@@ -443,7 +448,7 @@ module TaskerCore
     # The problem with one step map of a batch (a MessageError naming the
     # field, e.g. "steps[2].attempt"), or nil when it is well-formed.
     def step_problem(step, index)
-      check_nested!(BATCH, step, STEP_FIELDS, "steps[#{index}]")
+      check_nested!(BATCH, step, STEP_FIELDS, "steps", index)
       nil
     rescue MessageError => e
       e
@@ -505,6 +510,8 @@ module TaskerCore
     # The path of the first map key inside value that does not pack as a
     # string ("output.rows[2].7"), or nil.
     def non_string_key(value, path = "output")
+      return nil if value.is_a?(Hash) && flat_with_string_keys?(value) # the common case, without allocating
+
       stack = [[value, path]]
       until stack.empty?
         node, at = stack.pop
@@ -522,17 +529,36 @@ module TaskerCore
       nil
     end
 
-    def check_nested!(type, value, fields, path)
+    # A map of scalars under String (or Symbol) keys.
+    def flat_with_string_keys?(hash)
+      hash.each_pair do |k, v|
+        return false unless (k.is_a?(String) || k.is_a?(Symbol)) && !v.is_a?(Hash) && !v.is_a?(Array)
+      end
+      true
+    end
+
+    # index: value is element index of the array at path ("steps[3]").
+    def check_nested!(type, value, fields, path, index = nil)
+      # Well-formed (the common case): nothing allocated for field names.
+      return if value.is_a?(Hash) && fields_valid?(value, fields)
+
+      path = "#{path}[#{index}]" if index
       invalid!(type, path, "a map", value) unless value.is_a?(Hash)
       check_fields!(type, value, fields, "#{path}.")
     end
 
+    def fields_valid?(hash, fields)
+      fields.all? { |name, check, _| hash.key?(name) && check.call(hash[name]) }
+    end
+
     def check_fields!(type, hash, fields, prefix)
       fields.each do |name, check, description|
-        field = "#{prefix}#{name}"
-        raise MessageError.new("#{type}: missing field #{field}", reason: :invalid_field, field: field) unless hash.key?(name)
+        unless hash.key?(name)
+          field = "#{prefix}#{name}"
+          raise MessageError.new("#{type}: missing field #{field}", reason: :invalid_field, field: field)
+        end
 
-        invalid!(type, field, description, hash[name]) unless check.call(hash[name])
+        invalid!(type, "#{prefix}#{name}", description, hash[name]) unless check.call(hash[name])
       end
     end
 
@@ -548,7 +574,8 @@ module TaskerCore
     end
 
     private_class_method :check_partial!, :check_nested!, :check_fields!, :invalid!, :describe_frames,
-                         :check_heartbeat!, :string_keys, :check_keys!, :envelope_pairs, :array_header
+                         :check_heartbeat!, :string_keys, :check_keys!, :envelope_pairs, :array_header,
+                         :flat_with_string_keys?, :fields_valid?
 
     # Walks msgpack bytes without building objects and without recursion
     # (so no nesting is too deep for it): only for reading what it can out

@@ -2,10 +2,19 @@
 
 module TaskerCore
   module Worker
-    # Runs steps: max_workers pool threads pop Jobs, run each handler inside
+    # Runs steps: max_workers pool threads take Jobs, run each handler inside
     # TaskerCore.handler_wrapper (the Rails executor and reloader under
     # Rails), encode its partial (Partials) and hand it back through a queue
     # plus a wake-up of the I/O thread. They never touch a socket.
+    #
+    # Hand-off: a batch's jobs are queued at once and wake one idle thread;
+    # a thread that takes a job while others wait queued wakes one more
+    # (never more than one wake-up outstanding). A thread that finishes a
+    # step takes the next queued job itself. So a burst of quick steps runs
+    # on the threads already awake instead of waking every idle thread,
+    # while a handler that blocks (I/O, sleep) still lets the next job start
+    # on another thread at once: whenever jobs are queued and a thread is
+    # idle, one is being woken.
     #
     # Deadlines: the I/O thread calls #expire as the watchdog; a step past
     # its deadline is interrupted (TimeoutInterrupt) and reported by the
@@ -15,6 +24,10 @@ module TaskerCore
       # Raised into a handler's thread when its step times out. Not a
       # StandardError, so a handler's `rescue => e` cannot swallow it.
       class TimeoutInterrupt < Exception; end # rubocop:disable Lint/InheritException
+
+      # Thread.handle_interrupt masks, made once.
+      DEFER_TIMEOUT = { TimeoutInterrupt => :never }.freeze
+      ALLOW_TIMEOUT = { TimeoutInterrupt => :immediate }.freeze
 
       # wake: called (from a pool thread) when a result is ready or a new
       # deadline is earlier than the I/O thread's next wake-up.
@@ -26,8 +39,12 @@ module TaskerCore
         @stats = stats
         @logger = logger
         @wake = wake
-        @mutex = Mutex.new # guards job states, @running, @pool, @next_wake_at, @stopping
-        @jobs = Thread::Queue.new
+        @mutex = Mutex.new # guards job states, @running, @pool, @next_wake_at, @stopping and the job queue
+        @jobs_ready = ConditionVariable.new
+        @jobs = [] # queued Jobs, oldest first
+        @idle = 0 # pool threads waiting for a job
+        @waking = 0 # of those, woken (signalled) and not yet running
+        @closed = false # no more jobs: threads leave once the queue is empty
         @results = Thread::Queue.new
         @running = Set.new.compare_by_identity # Jobs are mutable Structs: hash by identity
         @pool = []
@@ -40,8 +57,12 @@ module TaskerCore
         self
       end
 
-      def submit(job)
-        @jobs << job
+      # Queues jobs (a batch's, in order) for the pool.
+      def submit(jobs)
+        @mutex.synchronize do
+          @jobs.concat(jobs)
+          wake_idle_thread
+        end
       end
 
       def results_ready? = !@results.empty?
@@ -60,7 +81,10 @@ module TaskerCore
 
       # Closes the queue and waits up to timeout_grace_s for each thread.
       def join
-        @jobs.close
+        @mutex.synchronize do
+          @closed = true
+          @jobs_ready.broadcast
+        end
         pool = @mutex.synchronize { @pool.dup }
         pool.each { |t| t.join(@settings.timeout_grace_s) }
       end
@@ -128,31 +152,74 @@ module TaskerCore
       def pool_main
         # Timeout interrupts are only let in while a handler runs; one that
         # arrives between steps must not hit the next step (see run_job).
-        Thread.handle_interrupt(TimeoutInterrupt => :never) do
-          while (job = @jobs.pop)
+        Thread.handle_interrupt(DEFER_TIMEOUT) do
+          while (job = take_job)
             run_job(job)
             break if Thread.current[:tc_abandoned]
           end
         end
       end
 
-      def run_job(job)
+      # The next queued job, marked running on this thread (one that timed
+      # out by shutdown while queued is skipped); nil once the queue is
+      # closed and empty. Waits while there is none.
+      def take_job
         @mutex.synchronize do
-          return unless job.state == :queued # timed out by shutdown before it started
+          loop do
+            while @jobs.empty?
+              return nil if @closed
 
-          job.state = :running
-          job.thread = Thread.current
-          job.started_at = Time.now.to_f
-          job.deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + job.timeout_s
-          @running << job
-          @wake.call if @next_wake_at.nil? || job.deadline < @next_wake_at
+              wait_for_job
+            end
+            job = @jobs.shift
+            # More work queued: a second thread, in case this step blocks.
+            wake_idle_thread
+            next unless job.state == :queued # timed out by shutdown before it started
+
+            start_job(job)
+            return job
+          end
         end
+      end
+
+      # Called with @mutex held.
+      def wait_for_job
+        @idle += 1
+        @jobs_ready.wait(@mutex)
+      ensure
+        @idle -= 1
+        # A signalled thread is running now; a spurious or broadcast
+        # wake-up may have left the signal to another thread: then the
+        # next one to run consumes it, and the next submit wakes again.
+        @waking -= 1 if @waking.positive?
+      end
+
+      # Wakes one idle thread when jobs are queued and no wake-up is on its
+      # way already. Called with @mutex held.
+      def wake_idle_thread
+        return if @jobs.empty? || @waking.positive? || @idle.zero?
+
+        @waking += 1
+        @jobs_ready.signal
+      end
+
+      # Called with @mutex held.
+      def start_job(job)
+        job.state = :running
+        job.thread = Thread.current
+        job.started_at = Process.clock_gettime(Process::CLOCK_REALTIME)
+        job.deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + job.timeout_s
+        @running << job
+        @wake.call if @next_wake_at.nil? || job.deadline < @next_wake_at
+      end
+
+      def run_job(job)
 
         out = nil
         claimed = false
         instrument_step(:step_started, job)
         begin
-          Thread.handle_interrupt(TimeoutInterrupt => :immediate) do
+          Thread.handle_interrupt(ALLOW_TIMEOUT) do
             output, error = execute(job)
             out = @partials.encode(job, output, error)
             # After this, the watchdog no longer interrupts the thread.
@@ -200,7 +267,7 @@ module TaskerCore
         payload = { step_id: step["step_id"], task_id: step["task_id"], step_name: step["step_name"],
                     handler: step["handler"], attempt: step["attempt"], worker_id: @worker_id, batch_id: job.batch.id }
         if error
-          payload[:duration_ms] = ((Time.now.to_f - job.started_at) * 1000).round(3)
+          payload[:duration_ms] = ((Process.clock_gettime(Process::CLOCK_REALTIME) - job.started_at) * 1000).round(3)
           if event == :step_failed
             payload.merge!(error_class: error["class"], error_message: error["message"], retryable: error["retryable"])
           end
@@ -213,7 +280,7 @@ module TaskerCore
       def discard_pending_interrupt
         return unless Thread.pending_interrupt?(TimeoutInterrupt)
 
-        Thread.handle_interrupt(TimeoutInterrupt => :immediate) { nil }
+        Thread.handle_interrupt(ALLOW_TIMEOUT) { nil }
       rescue TimeoutInterrupt
         nil
       end

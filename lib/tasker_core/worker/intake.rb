@@ -64,8 +64,9 @@ module TaskerCore
         limits = @ledger.batch_seen(msg["batch_id"], Protocol.batch_limits(msg))
         runnable = []
         refused = []
+        missing = {} # handler name => why this worker lacks it (nil: it has it), once per batch
         steps.each_with_index do |step, index|
-          reason, why = step_refusal(step, index, steps.size)
+          reason, why = step_refusal(step, index, steps.size, missing)
           reason ? refused << [step, reason, why] : runnable << step
         end
         outgoing = refused.empty? ? [] : refuse_steps(msg["batch_id"], refused)
@@ -81,7 +82,7 @@ module TaskerCore
       end
 
       # [reason, message] when this worker will not run the step, else nil.
-      def step_refusal(step, index, count)
+      def step_refusal(step, index, count, missing)
         max = @settings.max_batch_steps
         if max && index >= max
           return ["too_many_steps", "batch of #{count} steps is over this worker's max_batch_steps of #{max}"]
@@ -94,8 +95,9 @@ module TaskerCore
         too_deep = payload_too_deep(step)
         return ["too_deep", too_deep] if too_deep
 
-        missing = handler_missing(step["handler"])
-        missing && ["unknown_handler", missing]
+        handler = step["handler"]
+        why = missing.fetch(handler) { missing[handler] = handler_missing(handler) }
+        why && ["unknown_handler", why]
       end
 
       # Why this worker cannot run handler name (it has no such handler), or
@@ -118,16 +120,25 @@ module TaskerCore
         limit = @settings.max_payload_depth
         return nil unless limit.is_a?(Integer)
 
-        parts = [["context", step["context"]], ["handler_config", step["handler_config"]]]
-        step["dependency_results"].each { |name, output| parts << ["the output of dependency #{name}", output] }
-        parts.each do |what, value|
-          # Decoded values nest at most Codec::MAX_DEPTH deep: measured exactly.
-          depth = Payload.depth(value)
-          next if depth <= limit
+        found = too_deep(step["context"], limit) { "context" } ||
+                too_deep(step["handler_config"], limit) { "handler_config" }
+        return found if found
 
-          return "worker #{@worker_id} refused the step: #{what} nests #{depth} levels, over max_payload_depth #{limit}"
+        step["dependency_results"].each do |name, output|
+          found = too_deep(output, limit) { "the output of dependency #{name}" }
+          return found if found
         end
         nil
+      end
+
+      # The refusal message when value nests deeper than limit (the block
+      # names what it is), else nil.
+      def too_deep(value, limit)
+        # Decoded values nest at most Codec::MAX_DEPTH deep: measured exactly.
+        depth = Payload.depth(value)
+        return nil if depth <= limit
+
+        "worker #{@worker_id} refused the step: #{yield} nests #{depth} levels, over max_payload_depth #{limit}"
       end
 
       # One batch_refusal for the refused steps of a batch. A step whose

@@ -123,14 +123,20 @@ module TaskerCore
       def accept(frames)
         jobs, outgoing = @intake.accept(frames)
         @connection.outbox.concat(outgoing)
-        jobs.each { |job| @executor.submit(job) }
+        @executor.submit(jobs) unless jobs.empty?
       end
 
       def collect_results
-        @executor.finished.each do |out|
-          @stats.bump(out.kind == Protocol::STATUS_COMPLETE ? :steps_completed : :steps_failed)
+        finished = @executor.finished
+        return if finished.empty?
+
+        completed = 0
+        finished.each do |out|
+          completed += 1 if out.kind == Protocol::STATUS_COMPLETE
           report(out)
         end
+        @stats.bump(:steps_completed, completed) if completed.positive?
+        @stats.bump(:steps_failed, finished.size - completed) if completed < finished.size
       end
 
       # Queues a step's one partial and, once every step of its batch has one

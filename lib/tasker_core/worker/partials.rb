@@ -17,7 +17,11 @@ module TaskerCore
       # The largest result body the orchestrator takes: max_result_bytes
       # (0: none) and max_message_bytes, whichever is smaller; nil: no limit.
       def self.result_limit(limits)
-        [limits[:max_result_bytes], limits[:max_message_bytes]].select { |v| v.is_a?(Integer) && v.positive? }.min
+        result = limits[:max_result_bytes]
+        message = limits[:max_message_bytes]
+        result = nil unless result.is_a?(Integer) && result.positive?
+        message = nil unless message.is_a?(Integer) && message.positive?
+        result && message ? [result, message].min : result || message
       end
 
       def initialize(worker_id:, stats:)
@@ -61,7 +65,10 @@ module TaskerCore
       # limit: no second encoding unless it is too large.
       def encode_checked(job, output, error, limits)
         msg = partial_for(job, output: output, error: error)
-        entry = Protocol.pack_entry(msg, keys_checked: true) # #encode looked for non-string keys
+        # #encode looked for non-string keys; a step completed with a Hash
+        # output (the batch's step fields were checked when it arrived) is
+        # well-formed by construction, a failure's error object is checked.
+        entry = Protocol.pack_entry(msg, keys_checked: true, fields_checked: error.nil? && output.is_a?(Hash))
         limit = self.class.result_limit(limits)
         size = entry.bytesize + ENVELOPE_BYTES
         return Outgoing.new(entry: entry, kind: msg["status"], job: job, error: msg["error"], limit: limit) if limit.nil? || size <= limit
@@ -100,7 +107,7 @@ module TaskerCore
         step = job.step
         # A step that never started (timed out or given up while queued)
         # reports started_at = finished_at (docs/protocol.md 4.2).
-        finished = Time.now.to_f
+        finished = Process.clock_gettime(Process::CLOCK_REALTIME)
         Protocol.result_entry(batch_id: job.batch.id, step_id: step["step_id"], task_id: step["task_id"],
                               attempt: step["attempt"], output: output, error: error,
                               started_at: job.started_at || finished, finished_at: finished)

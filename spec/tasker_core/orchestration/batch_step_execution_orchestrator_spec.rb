@@ -101,6 +101,26 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     expect(index_of(partial_for(batch_id, 1))).to be < index_of(peer.completions(batch_id).first)
   end
 
+  it "starts as many blocking steps at once as it has threads, and each queued one as a thread frees up" do
+    start_worker(max_workers: 6)
+    first = peer.send_batch(worker_id, (1..4).map { |id| step(id, "Gated") })
+    expect(started_steps(4)).to match_array([1, 2, 3, 4])
+    # Two threads still idle: a second batch's steps start on them while the
+    # first four block, and the rest wait for a thread.
+    second = peer.send_batch(worker_id, (5..9).map { |id| step(id, "Gated") })
+    expect(started_steps(2)).to match_array([5, 6])
+    expect(started.size).to eq(0) # all six threads are busy
+
+    3.times { gate << :go }
+    expect(started_steps(3)).to match_array([7, 8, 9])
+    6.times { gate << :go }
+    peer.wait_for("both completions") { peer.completions(first).any? && peer.completions(second).any? }
+    expect(peer.partials(first).map { |m| m["step_id"] }).to match_array([1, 2, 3, 4])
+    expect(peer.partials(second).map { |m| m["step_id"] }).to match_array([5, 6, 7, 8, 9])
+    expect((peer.partials(first) + peer.partials(second)).map { |m| m["status"] }.uniq).to eq(["complete"])
+    expect(@worker.stats).to include(steps_completed: 9, steps_failed: 0, late_results_discarded: 0)
+  end
+
   it "completes an empty batch at once" do
     start_worker
     batch_id = peer.send_batch(worker_id, [])
