@@ -149,7 +149,7 @@ RSpec.describe "durable orchestration", :db, :no_valgrind do
     h = TaskerCore.task(slow)[:steps].first
     expect(h).to include(state: "complete", attempts: 2, output: { "attempt" => 2 })
     expect(conn.exec("SELECT failures FROM tasker_workflow_steps WHERE task_id = $1", [slow]).first["failures"]).to eq(1)
-    expect(@handle.stats["loop"]).to include("failed" => 4, "retried" => 3)
+    expect_counters("failed" => 4, "retried" => 3) { @handle.stats["loop"] }
   end
 
   it "re-dispatches the steps of a worker killed mid-batch and completes every task" do

@@ -50,6 +50,19 @@ module SpecHelpers
     end
   end
 
+  # Counters are published just after what they count becomes visible (a
+  # batch on the wire, a committed row): waits for the block's hash to
+  # include `expected` (values or matchers), then asserts it does.
+  def expect_counters(expected)
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 10
+    now = yield
+    until expected.all? { |key, value| value === now[key] } || Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+      sleep 0.01
+      now = yield
+    end
+    expect(now).to include(expected)
+  end
+
   def self.included(base)
     base.after { kill_spawned } if base.respond_to?(:after)
   end

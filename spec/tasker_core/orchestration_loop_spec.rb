@@ -81,7 +81,7 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     @peer.partial(batch, a, output: { "from" => "again" })
     wait_until(message: "a duplicate counted") { @handle.stats[:bad_messages][:duplicate_result] == 1 }
     expect(TaskerCore.task(id)[:steps].first[:output]).to eq("from" => "a")
-    expect(@handle.stats["loop"]).to include("claimed" => 2, "dispatched" => 2, "completed" => 2, "stale_results" => 0)
+    expect_counters("claimed" => 2, "dispatched" => 2, "completed" => 2, "stale_results" => 0) { @handle.stats["loop"] }
   end
 
   # A partial_result whose output (or error) is raw msgpack spliced in as is.
@@ -205,7 +205,7 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     expect(@peer.batches.size).to be >= 2
     expect(@peer.batches.map { |b| TaskerCore::Codec.pack(b).bytesize }).to all(be < 64 * 1024)
     expect(@peer.batches.flat_map { |b| b["steps"].map { |s| s["task_id"] } }).to match_array(ids)
-    expect(@handle.stats["loop"]["batches_split_by_bytes"]).to be >= 1
+    expect_counters("batches_split_by_bytes" => be >= 1) { @handle.stats["loop"] }
   end
 
   it "fails a step whose context nests deeper than any live worker takes, without sending it" do
@@ -220,7 +220,7 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     expect(step[:error]).to include("class" => "TaskerCore::PayloadTooDeepError", "retryable" => false)
     expect(step[:error]["message"]).to match(/context nests 30 levels, over max_payload_depth \d+/)
     expect(@peer.receive_batches(timeout_ms: 100)).to eq([])
-    expect(@handle.stats["loop"]).to include("failed_too_deep" => 1, "dispatched" => 0)
+    expect_counters("failed_too_deep" => 1, "dispatched" => 0) { @handle.stats["loop"] }
   end
 
   it "fails a step lost more than max_lost_attempts times with StepLostError" do
@@ -328,7 +328,7 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
       conn.exec("UPDATE tasker_workflow_steps SET lost_attempts = 2 WHERE id = $1", [suspect])
       await_q("a worker drained") { draining.any? }
       expect(draining).to eq(["api"])
-      expect(@handle.stats["loop"]["isolation_drains"]).to eq(1)
+      expect_counters("isolation_drains" => 1) { @handle.stats["loop"] }
 
       # Once api is idle the suspect goes to it, alone.
       api.batches.each { |b| b["steps"].each { |st| api.partial(b, st) } }
@@ -397,7 +397,7 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
       lone = add_peer("lone")
       await("b sent to lone") { lone.batches.any? }
       expect(lone.batches.map { |b| b["steps"].map { |s| s["step_id"] } }).to eq([[suspect]])
-      expect(@handle.stats["loop"]["isolated"]).to eq(1)
+      expect_counters("isolated" => 1) { @handle.stats["loop"] }
       expect(@handle.workers.find { |w| w["id"] == "lone" }).to include("isolating" => true, "in_flight" => 1)
 
       # New work goes to busy (3 free) and waits; none goes to lone meanwhile.
@@ -483,7 +483,7 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
         drained, other = @peers.partition { |p| steps_of(p).include?(suspect) }.map(&:first)
         suspect_batch = drained.batches.find { |b| b["steps"].any? { |st| st["step_id"] == suspect } }
         expect(suspect_batch["steps"].map { |st| st["step_id"] }).to eq([suspect])
-        expect(@handle.stats["loop"]).to include("isolated" => 1, "isolation_drains" => 1)
+        expect_counters("isolated" => 1, "isolation_drains" => 1) { @handle.stats["loop"] }
         expect(@handle.workers.find { |w| w["id"] == drained.id })
           .to include("isolating" => true, "draining_for_isolation" => false, "in_flight" => 1)
         # Everything sent to it before was answered: it ran nothing else.
@@ -532,7 +532,7 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
       first.heartbeat # live again, and idle: it may take the step again, alone
       await("sent again") { steps_of(first).size == 2 }
       expect(first.batches.map { |b| b["steps"].size }).to eq([1, 1])
-      expect(@handle.stats["loop"]).to include("isolated" => 2, "redispatched" => 1)
+      expect_counters("isolated" => 2, "redispatched" => 1) { @handle.stats["loop"] }
     end
   end
 
@@ -561,7 +561,7 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
       again = @peer.batches.last["steps"].find { |s| s["step_id"] == draining["step_id"] && s["attempt"] > draining["attempt"] }
     end
     expect(again).not_to be_nil
-    expect(@handle.stats["loop"]).to include("failed_refused" => 1, "redispatched" => 1)
+    expect_counters("failed_refused" => 1, "redispatched" => 1) { @handle.stats["loop"] }
     expect(ids).to include(deep["task_id"], draining["task_id"])
   end
 
