@@ -14,9 +14,10 @@
 #               500 tasks (STORE_CREATE_BATCH) of 10 steps; nothing drained.
 #   create_task:  N steps created through TaskerCore.create_task, one task
 #               per call, from STORE_CREATE_THREADS threads (1); nothing drained.
-#   drain_v2:   as drain, with tasker_claim_steps_v3 (claimed straight to
-#               in_progress) and no tasker_mark_dispatched, as the loop does
-#               (concurrent too; drain keeps the claim of older orchestrators).
+#   drain_v2:   as drain, with the loop's claim (tasker_claim_steps_v4, claimed
+#               straight to in_progress, every column the loop reads) and no
+#               tasker_mark_dispatched (concurrent too; drain keeps the claim
+#               of older orchestrators). STORE_BATCH steps per claim (100).
 #
 # The create modes report the cluster's CPU per step and per task (the
 # calling Ruby process is not counted).
@@ -44,7 +45,7 @@ module Bench
   class Store
     STEPS_PER_TASK = 10
     CREATE_CHUNK = 100
-    BATCH = 100
+    BATCH = Integer(ENV.fetch("STORE_BATCH", "100"))
     NAMES = Array.new(STEPS_PER_TASK) { |i| "step_#{i}" }.freeze
     CREATE_SQL = <<~SQL
       SELECT count(*) AS n FROM (
@@ -54,7 +55,10 @@ module Bench
           FROM generate_series(1, $1) AS g) x
     SQL
     CLAIM_SQL = "SELECT step_id, attempt FROM tasker_claim_steps($1, $2::int, $3::int)"
-    CLAIM_V2_SQL = "SELECT step_id, attempt FROM tasker_claim_steps_v3($1, $2::int, $3::int, 2, 0)"
+    # The loop's claim: every column it reads, the queue 'default' with room for the whole batch.
+    CLAIM_V2_SQL = "SELECT step_id, task_id, step_name, handler, handler_config, attempt, timeout_ms, context, " \
+                   "dep_names, dep_outputs, lost_attempts, queue " \
+                   "FROM tasker_claim_steps_v4($1, $3::int, 2, 0, $2::int, '{default}', ARRAY[$2::int], '{}', '{}')"
     CREATE_MODES = %w[create_tasks create_task].freeze
     MARK_SQL = "SELECT tasker_mark_dispatched($1::bigint[], $2::int[]) AS n"
     APPLY_SQL = "SELECT applied, stale FROM tasker_apply_results($1::bigint[], $2::int[], $3::boolean[], " \

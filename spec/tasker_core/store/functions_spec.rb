@@ -367,6 +367,29 @@ RSpec.describe "the store's SQL functions", :db do
       end
     end
 
+    it "reads no table whole in a claim and an apply, with plans made while the tables held one task (db/migrate/0014)" do
+      use_templates(template("fan", [step("a"), step("b"), step("c", %w[a b])]))
+      session = connect # a new session: its plans are made below, on near-empty tables
+      loop_claim = "SELECT * FROM tasker_claim_steps_v4('orch-1', 60000, 2, $1, 50, '{default}', '{50}', '{}', '{}')"
+      TaskerCore.create_tasks([{ name: "fan" }])
+      2.times { succeed(session, session.exec(loop_claim, [1]).to_a) }
+      TaskerCore.create_tasks(Array.new(500) { { name: "fan" } })
+      %w[tasker_workflow_steps tasker_tasks tasker_workflow_step_edges].each { |t| conn.exec("ANALYZE #{t}") }
+      session.transaction do
+        rows = session.exec(loop_claim, [1]).to_a
+        expect(rows.size).to eq(50)
+        expect(succeed(session, rows)).to eq("applied" => 50, "stale" => 0)
+        finished = rows.select { |r| r["step_name"] == "b" }.map { |r| r["task_id"] }
+        expect(finished).not_to be_empty # a and b of these tasks done: c is ready, as release_children made it
+        rows = session.exec(loop_claim, [0]).to_a
+        scans = session.exec("SELECT relname, seq_scan FROM pg_stat_xact_user_tables WHERE relname IN " \
+                             "('tasker_workflow_steps', 'tasker_tasks', 'tasker_workflow_step_edges')").to_a
+        expect(scans.to_h { |s| [s["relname"], s["seq_scan"]] })
+          .to eq("tasker_workflow_steps" => 0, "tasker_tasks" => 0, "tasker_workflow_step_edges" => 0)
+        expect(rows.size).to eq(50)
+      end
+    end
+
     it "counts the suspects it claims in the limit" do
       ids = three_ready
       expect(claim_v2(limit: 2, suspects: 5).map { |r| r["task_id"] }).to eq([ids[0], ids[1]])

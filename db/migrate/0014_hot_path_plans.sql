@@ -1,0 +1,342 @@
+-- tasker_core schema, version 14: the hot path's plans made once per session.
+--
+-- The loop's functions carried plan_cache_mode = force_custom_plan (version
+-- 1; docs/store.md): every statement was planned again on every call, about
+-- a third of the database CPU of a claim and an apply (pg_stat_statements
+-- with track_planning, bench/store_bench.rb drain_v2: 870 ms of planning
+-- against 2.8 s of execution for 20,000 steps). Custom plans were chosen
+-- because a generic plan made while a table looked empty scans it whole,
+-- and stays cached as the table grows.
+--
+-- Here every statement of tasker_claim_queued's claim, tasker_apply_results,
+-- tasker_settle_tasks and tasker_release_children reaches each table through
+-- an index condition on ids or keys it already holds (an array, or the
+-- outer row of a lateral join), and the functions run with enable_seqscan
+-- off, so no plan reads a table whole whatever its size was when the plan
+-- was made. Their plans are generic (force_generic_plan): made on the first
+-- call in a session, reused after. One statement stays custom: the choice
+-- of suspects, made only when the loop has an idle worker for one, as the
+-- suspects' partial index (lost_attempts >= 2) serves a threshold known
+-- when the statement is planned.
+--
+-- What each function does is unchanged.
+
+-- The children of steps that became complete or resolved_manually have one
+-- parent fewer to wait for.
+CREATE OR REPLACE FUNCTION tasker_release_children(p_step_ids bigint[]) RETURNS void
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+DECLARE
+  v_children bigint[];
+  v_parents int[];
+BEGIN
+  SELECT array_agg(d.to_step_id ORDER BY d.to_step_id), array_agg(d.n ORDER BY d.to_step_id)
+    INTO v_children, v_parents
+    FROM (SELECT e.to_step_id, count(*)::int AS n FROM tasker_workflow_step_edges e
+           WHERE e.from_step_id = ANY (p_step_ids) GROUP BY e.to_step_id) d;
+  IF v_children IS NULL THEN
+    RETURN;
+  END IF;
+  UPDATE tasker_workflow_steps c SET pending_parents = c.pending_parents - d.n
+    FROM unnest(v_children, v_parents) AS d(id, n)
+   WHERE c.id = d.id AND c.id = ANY (v_children);
+END $$;
+
+-- As in version 9.
+CREATE OR REPLACE FUNCTION tasker_settle_tasks(p_task_ids bigint[], p_done_task_ids bigint[]) RETURNS int
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+#variable_conflict use_column
+DECLARE
+  v_changed int;
+  v_finished bigint[];
+BEGIN
+  WITH d AS (
+    SELECT x.task_id, count(*)::int AS n FROM unnest(p_done_task_ids) AS x(task_id) GROUP BY x.task_id
+  ), cand AS (
+    SELECT t.id, t.state AS old_state, t.remaining_steps - coalesce(d.n, 0) AS remaining,
+           CASE
+             WHEN t.state NOT IN ('pending', 'in_progress', 'error') THEN NULL
+             WHEN t.remaining_steps - coalesce(d.n, 0) = 0 THEN 'complete'
+             WHEN t.state <> 'error' AND EXISTS (
+               SELECT 1 FROM tasker_workflow_steps s WHERE s.task_id = t.id AND s.state = 'error') THEN 'error'
+             WHEN t.state = 'error' AND NOT EXISTS (
+               SELECT 1 FROM tasker_workflow_steps s WHERE s.task_id = t.id AND s.state = 'error') THEN 'in_progress'
+           END AS to_state
+      FROM tasker_tasks t LEFT JOIN d ON d.task_id = t.id
+     WHERE t.id = ANY (p_task_ids)
+     ORDER BY t.id
+       FOR UPDATE OF t
+  ), moved AS (
+    UPDATE tasker_tasks t
+       SET remaining_steps = c.remaining, state = coalesce(c.to_state, t.state), updated_at = now(),
+           finished_at = CASE WHEN c.to_state IS NULL THEN t.finished_at
+                              WHEN c.to_state IN ('complete', 'error') THEN now() END
+      FROM cand c
+     WHERE t.id = c.id AND t.id = ANY (p_task_ids) AND (c.to_state IS NOT NULL OR c.remaining <> t.remaining_steps)
+    RETURNING t.id, c.old_state, c.to_state
+  ), logged AS (
+    INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)
+    SELECT m.id, m.old_state, m.to_state, 'finalize' FROM moved m WHERE m.to_state IS NOT NULL
+  )
+  SELECT count(*) FILTER (WHERE m.to_state IS NOT NULL),
+         array_agg(m.id ORDER BY m.id) FILTER (WHERE m.to_state IN ('complete', 'error'))
+    INTO v_changed, v_finished FROM moved m;
+
+  IF v_finished IS NOT NULL THEN
+    PERFORM pg_notify('tasker_task_finished', f::text) FROM unnest(v_finished) AS f;
+  END IF;
+  RETURN v_changed;
+END $$;
+
+-- As in version 9.
+CREATE OR REPLACE FUNCTION tasker_apply_results(p_step_ids bigint[], p_attempts int[], p_success boolean[],
+                                                p_outputs bytea[], p_errors bytea[], p_retryable boolean[],
+                                                p_retry_after_ms int[])
+RETURNS TABLE (applied int, stale int)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+#variable_conflict use_column
+DECLARE
+  v_total int := coalesce(cardinality(p_step_ids), 0);
+  v_ids bigint[]; v_attempts int[]; v_success boolean[]; v_outputs bytea[]; v_errors bytea[];
+  v_retryable boolean[]; v_after int[]; v_old text[];
+  v_done bigint[];
+  v_done_tasks bigint[];
+  v_tasks bigint[];
+BEGIN
+  -- Lock the rows still in flight with the attempt reported; a duplicate
+  -- within the call (first wins), a late result (the step moved on) or an
+  -- old attempt is left out and counted as stale.
+  SELECT array_agg(t.id ORDER BY t.id), array_agg(t.attempt ORDER BY t.id), array_agg(t.success ORDER BY t.id),
+         array_agg(t.output ORDER BY t.id), array_agg(t.error ORDER BY t.id),
+         array_agg(t.retryable ORDER BY t.id), array_agg(t.retry_after_ms ORDER BY t.id),
+         array_agg(t.old_state ORDER BY t.id)
+    INTO v_ids, v_attempts, v_success, v_outputs, v_errors, v_retryable, v_after, v_old
+    FROM (SELECT s.id, x.attempt, coalesce(x.success, false) AS success, x.output, x.error,
+                 coalesce(x.retryable, true) AS retryable, x.retry_after_ms, s.state AS old_state
+            FROM (SELECT DISTINCT ON (u.id) u.*
+                    FROM unnest(p_step_ids, p_attempts, p_success, p_outputs, p_errors, p_retryable,
+                                p_retry_after_ms)
+                         WITH ORDINALITY AS u(id, attempt, success, output, error, retryable, retry_after_ms, ord)
+                   ORDER BY u.id, u.ord) x
+            JOIN tasker_workflow_steps s ON s.id = x.id
+           WHERE s.id = ANY (p_step_ids) AND s.attempts = x.attempt AND s.state IN ('enqueued', 'in_progress')
+           ORDER BY s.id
+             FOR UPDATE OF s) t;
+
+  IF v_ids IS NULL THEN
+    RETURN QUERY SELECT 0, v_total;
+    RETURN;
+  END IF;
+
+  -- success: complete with its output. failure: failures + 1; back to
+  -- pending after a backoff while retryable and attempts remain (the
+  -- handler's retry_after wins over the exponential backoff), else error.
+  WITH r AS (
+    SELECT * FROM unnest(v_ids, v_attempts, v_success, v_outputs, v_errors, v_retryable, v_after, v_old)
+           AS r(id, attempt, success, output, error, retryable, retry_after_ms, old_state)
+  ), upd AS (
+    UPDATE tasker_workflow_steps s
+       SET state = CASE WHEN r.success THEN 'complete'
+                        WHEN r.retryable AND s.retryable AND s.failures + 1 < s.max_attempts THEN 'pending'
+                        ELSE 'error' END,
+           failures = CASE WHEN r.success THEN s.failures ELSE s.failures + 1 END,
+           output = CASE WHEN r.success THEN r.output ELSE s.output END,
+           last_error = CASE WHEN r.success THEN s.last_error ELSE r.error END,
+           last_failure_at = CASE WHEN r.success THEN s.last_failure_at ELSE now() END,
+           next_attempt_at = CASE
+             WHEN r.success THEN s.next_attempt_at
+             WHEN r.retry_after_ms IS NOT NULL THEN now() + r.retry_after_ms * interval '1 millisecond'
+             ELSE now() + least(s.backoff_cap_ms::float8, s.backoff_base_ms * power(2::float8, s.failures))
+                          * (1 - s.jitter * random()) * interval '1 millisecond'
+           END,
+           finished_at = CASE
+             WHEN r.success OR NOT (r.retryable AND s.retryable AND s.failures + 1 < s.max_attempts) THEN now()
+           END,
+           claimed_by = NULL, claim_deadline = NULL, updated_at = now()
+      FROM r
+     WHERE s.id = r.id AND s.id = ANY (v_ids)
+    RETURNING s.id, s.task_id, s.state, r.attempt, r.old_state, r.success
+  ), logged AS (
+    INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, reason)
+    SELECT upd.id, upd.task_id, upd.old_state, upd.state, upd.attempt,
+           CASE WHEN upd.success THEN 'result' WHEN upd.state = 'pending' THEN 'retry' ELSE 'failed' END
+      FROM upd
+  )
+  SELECT array_agg(upd.id) FILTER (WHERE upd.state = 'complete'),
+         array_agg(upd.task_id) FILTER (WHERE upd.state = 'complete'),
+         array_agg(DISTINCT upd.task_id)
+    INTO v_done, v_done_tasks, v_tasks FROM upd;
+
+  IF v_done IS NOT NULL THEN
+    PERFORM tasker_release_children(v_done);
+  END IF;
+  PERFORM tasker_settle_tasks(v_tasks, coalesce(v_done_tasks, '{}'::bigint[]));
+
+  RETURN QUERY SELECT cardinality(v_ids), v_total - cardinality(v_ids);
+END $$;
+
+-- As in version 11, in statements of their own: each queue's room, then
+-- the suspects (only when p_suspect_limit asks for some), then the other
+-- ready steps, then the claim.
+CREATE OR REPLACE FUNCTION tasker_claim_queued(p_owner text, p_lease_ms int, p_state text, p_suspect_lost int,
+                                               p_suspect_limit int, p_limit int, p_queues text[], p_queue_room int[],
+                                               p_limited_queues text[], p_queue_limits int[],
+                                               p_task_id bigint DEFAULT NULL)
+RETURNS TABLE (step_id bigint, task_id bigint, step_name text, handler text, handler_config bytea,
+               attempt int, timeout_ms int, context bytea, dep_names text[], dep_outputs bytea[],
+               lost_attempts int, queue text)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+#variable_conflict use_column
+DECLARE
+  v_limited_queues text[] := coalesce(p_limited_queues, '{}'::text[]);
+  v_names text[];
+  v_rooms int[];
+  v_ids bigint[] := '{}';
+  v_tasks bigint[] := '{}';
+  v_limited boolean := false;
+  v_plain bigint[];
+  v_plain_tasks bigint[];
+  v_plain_limited boolean;
+  v_left int;
+BEGIN
+  IF p_state NOT IN ('enqueued', 'in_progress') THEN
+    RAISE EXCEPTION 'tasker_claim_queued: a claim moves steps to enqueued or in_progress, not %', p_state;
+  END IF;
+  IF coalesce(p_limit, 0) <= 0 OR coalesce(cardinality(p_queues), 0) = 0 THEN
+    RETURN;
+  END IF;
+
+  -- The queues with room: a limited queue's room is at most what its limit
+  -- leaves now, and a full one is not read: its candidates would all be
+  -- dropped under the lock, and would have taken the places in p_limit of
+  -- other queues' steps (counted again under the lock below).
+  SELECT array_agg(r.name ORDER BY r.ord), array_agg(r.room ORDER BY r.ord) INTO v_names, v_rooms
+    FROM (SELECT q.name, q.ord,
+                 CASE WHEN ql.lim IS NULL THEN q.room
+                      ELSE least(q.room, ql.lim - (SELECT count(*) FROM tasker_workflow_steps f
+                                                    WHERE f.queue = q.name
+                                                      AND f.state IN ('enqueued', 'in_progress'))) END AS room
+            FROM unnest(p_queues, p_queue_room) WITH ORDINALITY AS q(name, room, ord)
+            LEFT JOIN LATERAL (SELECT min(l.lim) AS lim FROM unnest(p_limited_queues, p_queue_limits) AS l(queue, lim)
+                                WHERE l.queue = q.name) ql ON true
+           WHERE q.room > 0) r
+   WHERE r.room > 0;
+  IF v_names IS NULL THEN
+    RETURN;
+  END IF;
+
+  -- Suspects first, up to p_suspect_limit, locked, in id order. Planned for
+  -- the threshold given, so that the suspects' partial index serves it.
+  IF coalesce(p_suspect_limit, 0) > 0 AND p_suspect_lost IS NOT NULL THEN
+    SET LOCAL plan_cache_mode = force_custom_plan;
+    SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}'), coalesce(array_agg(DISTINCT x.task_id), '{}'),
+           coalesce(bool_or(x.limited), false)
+      INTO v_ids, v_tasks, v_limited
+      FROM (SELECT s.id, s.task_id, s.concurrency_key IS NOT NULL OR s.queue = ANY (v_limited_queues) AS limited
+              FROM tasker_workflow_steps s
+              JOIN tasker_tasks t ON t.id = s.task_id
+             WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.next_attempt_at <= now()
+               AND s.lost_attempts >= p_suspect_lost AND t.state IN ('pending', 'in_progress')
+               AND s.queue = ANY (v_names) AND (p_task_id IS NULL OR s.task_id = p_task_id)
+               AND CASE WHEN s.concurrency_key IS NULL THEN true
+                        ELSE tasker_key_has_room(s.concurrency_key, s.concurrency_limit) END
+             ORDER BY s.next_attempt_at, s.id
+             LIMIT least(p_suspect_limit, p_limit)
+               FOR UPDATE OF s SKIP LOCKED) x;
+    SET LOCAL plan_cache_mode = force_generic_plan;
+  END IF;
+
+  -- Then the other ready steps, per queue in claim order (a step ready no
+  -- later than now has a claim order no later than now + 100 s, priority
+  -- >= -100: that bound stops the index scan before the steps scheduled for
+  -- later), locked, the first in claim order across queues up to p_limit.
+  v_left := p_limit - cardinality(v_ids);
+  IF v_left > 0 THEN
+    SELECT array_agg(x.id ORDER BY x.ord, x.id), array_agg(DISTINCT x.task_id), coalesce(bool_or(x.limited), false)
+      INTO v_plain, v_plain_tasks, v_plain_limited
+      FROM (SELECT c.* FROM unnest(v_names, v_rooms) AS room(name, room) CROSS JOIN LATERAL (
+              SELECT s.id, s.task_id, s.concurrency_key IS NOT NULL OR s.queue = ANY (v_limited_queues) AS limited,
+                     tasker_claim_order(s.next_attempt_at, s.priority) AS ord
+                FROM tasker_workflow_steps s
+                JOIN tasker_tasks t ON t.id = s.task_id
+               WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.queue = room.name
+                 AND tasker_claim_order(s.next_attempt_at, s.priority) <= now() + interval '100 seconds'
+                 AND s.next_attempt_at <= now()
+                 AND (p_suspect_lost IS NULL OR s.lost_attempts < p_suspect_lost)
+                 AND t.state IN ('pending', 'in_progress')
+                 AND (p_task_id IS NULL OR s.task_id = p_task_id)
+                 AND CASE WHEN s.concurrency_key IS NULL THEN true
+                          ELSE tasker_key_has_room(s.concurrency_key, s.concurrency_limit) END
+               ORDER BY tasker_claim_order(s.next_attempt_at, s.priority), s.id
+               LIMIT least(room.room, v_left)
+                 FOR UPDATE OF s SKIP LOCKED) c
+             ORDER BY c.ord, c.id
+             LIMIT v_left) x;
+    IF v_plain IS NOT NULL THEN
+      v_ids := v_ids || v_plain;
+      v_tasks := v_tasks || v_plain_tasks;
+      v_limited := v_limited OR v_plain_limited;
+    END IF;
+  END IF;
+
+  IF cardinality(v_ids) = 0 THEN
+    RETURN;
+  END IF;
+
+  IF v_limited THEN
+    PERFORM pg_advisory_xact_lock(x'74636f6e63'::bigint);
+    -- A statement of its own, after the lock: in flight now. The candidates
+    -- are pending (locked by this claim), so not counted.
+    SELECT array_agg(c.id ORDER BY c.pos) INTO v_ids
+      FROM (SELECT s.id, s.queue, s.concurrency_key AS key, s.concurrency_limit AS key_limit, s.pos,
+                   row_number() OVER (PARTITION BY s.queue ORDER BY s.pos) AS qn,
+                   row_number() OVER (PARTITION BY s.concurrency_key ORDER BY s.pos) AS kn
+              FROM (SELECT f.id, f.queue, f.concurrency_key, f.concurrency_limit, array_position(v_ids, f.id) AS pos
+                      FROM tasker_workflow_steps f WHERE f.id = ANY (v_ids)) s) c
+      LEFT JOIN unnest(p_limited_queues, p_queue_limits) AS ql(queue, lim) ON ql.queue = c.queue
+      LEFT JOIN LATERAL (SELECT count(*) AS n FROM tasker_workflow_steps s
+                          WHERE ql.queue IS NOT NULL AND s.queue = c.queue
+                            AND s.state IN ('enqueued', 'in_progress')) qf ON true
+      LEFT JOIN LATERAL (SELECT count(*) AS n FROM tasker_workflow_steps s
+                          WHERE c.key IS NOT NULL AND s.concurrency_key = c.key
+                            AND s.state IN ('enqueued', 'in_progress')) kf ON true
+     WHERE (ql.queue IS NULL OR c.qn <= ql.lim - qf.n)
+       AND (c.key IS NULL OR c.kn <= c.key_limit - kf.n);
+    IF v_ids IS NULL THEN
+      RETURN;
+    END IF;
+  END IF;
+
+  -- The claim, as in version 11; each table through the ids in hand.
+  RETURN QUERY
+  WITH claimed AS (
+    UPDATE tasker_workflow_steps s
+       SET state = p_state, attempts = s.attempts + 1, claimed_by = p_owner,
+           claim_deadline = now() + (s.timeout_ms + p_lease_ms) * interval '1 millisecond',
+           last_attempt_at = now(), updated_at = now()
+     WHERE s.id = ANY (v_ids)
+    RETURNING s.id, s.task_id, s.name, s.handler, s.handler_config, s.attempts, s.timeout_ms, s.lost_attempts,
+              s.queue
+  ), logged AS (
+    INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, owner, reason)
+    SELECT c.id, c.task_id, 'pending', p_state, c.attempts, p_owner, 'claimed' FROM claimed c
+  ), started AS (
+    UPDATE tasker_tasks t SET state = 'in_progress', updated_at = now()
+     WHERE t.id = ANY (v_tasks) AND t.id IN (SELECT c.task_id FROM claimed c) AND t.state = 'pending'
+    RETURNING t.id
+  ), started_logged AS (
+    INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)
+    SELECT started.id, 'pending', 'in_progress', 'claimed' FROM started
+  )
+  SELECT c.id, c.task_id, c.name, c.handler, c.handler_config, c.attempts, c.timeout_ms, t.context,
+         coalesce(d.names, '{}'::text[]), coalesce(d.outputs, '{}'::bytea[]), c.lost_attempts, c.queue
+    FROM claimed c
+    JOIN tasker_tasks t ON t.id = c.task_id AND t.id = ANY (v_tasks)
+    LEFT JOIN LATERAL (
+      SELECT array_agg(p.name ORDER BY p.name) AS names, array_agg(p.output ORDER BY p.name) AS outputs
+        FROM tasker_workflow_step_edges e
+        JOIN tasker_workflow_steps p ON p.id = e.from_step_id
+       WHERE e.to_step_id = c.id
+    ) d ON true
+    JOIN unnest(v_ids) WITH ORDINALITY AS o(id, pos) ON o.id = c.id
+   ORDER BY o.pos;  -- claim order: suspects, then the others as chosen
+END $$;
