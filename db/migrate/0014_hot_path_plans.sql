@@ -87,7 +87,12 @@ BEGIN
   RETURN v_changed;
 END $$;
 
--- As in version 9.
+-- As in version 9, in one statement: the results of steps still in flight
+-- at the attempt reported are applied; a duplicate within the call (the
+-- first wins), a late result (the step moved on) or an old attempt is left
+-- out and counted as stale. The rows are locked by the update itself, not
+-- by a SELECT ... FOR UPDATE before it (a lock record per row, and the
+-- arrays built and unnested again).
 CREATE OR REPLACE FUNCTION tasker_apply_results(p_step_ids bigint[], p_attempts int[], p_success boolean[],
                                                 p_outputs bytea[], p_errors bytea[], p_retryable boolean[],
                                                 p_retry_after_ms int[])
@@ -96,43 +101,22 @@ LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = o
 #variable_conflict use_column
 DECLARE
   v_total int := coalesce(cardinality(p_step_ids), 0);
-  v_ids bigint[]; v_attempts int[]; v_success boolean[]; v_outputs bytea[]; v_errors bytea[];
-  v_retryable boolean[]; v_after int[]; v_old text[];
+  v_applied int;
   v_done bigint[];
   v_done_tasks bigint[];
   v_tasks bigint[];
 BEGIN
-  -- Lock the rows still in flight with the attempt reported; a duplicate
-  -- within the call (first wins), a late result (the step moved on) or an
-  -- old attempt is left out and counted as stale.
-  SELECT array_agg(t.id ORDER BY t.id), array_agg(t.attempt ORDER BY t.id), array_agg(t.success ORDER BY t.id),
-         array_agg(t.output ORDER BY t.id), array_agg(t.error ORDER BY t.id),
-         array_agg(t.retryable ORDER BY t.id), array_agg(t.retry_after_ms ORDER BY t.id),
-         array_agg(t.old_state ORDER BY t.id)
-    INTO v_ids, v_attempts, v_success, v_outputs, v_errors, v_retryable, v_after, v_old
-    FROM (SELECT s.id, x.attempt, coalesce(x.success, false) AS success, x.output, x.error,
-                 coalesce(x.retryable, true) AS retryable, x.retry_after_ms, s.state AS old_state
-            FROM (SELECT DISTINCT ON (u.id) u.*
-                    FROM unnest(p_step_ids, p_attempts, p_success, p_outputs, p_errors, p_retryable,
-                                p_retry_after_ms)
-                         WITH ORDINALITY AS u(id, attempt, success, output, error, retryable, retry_after_ms, ord)
-                   ORDER BY u.id, u.ord) x
-            JOIN tasker_workflow_steps s ON s.id = x.id
-           WHERE s.id = ANY (p_step_ids) AND s.attempts = x.attempt AND s.state IN ('enqueued', 'in_progress')
-           ORDER BY s.id
-             FOR UPDATE OF s) t;
-
-  IF v_ids IS NULL THEN
-    RETURN QUERY SELECT 0, v_total;
-    RETURN;
-  END IF;
-
   -- success: complete with its output. failure: failures + 1; back to
   -- pending after a backoff while retryable and attempts remain (the
   -- handler's retry_after wins over the exponential backoff), else error.
   WITH r AS (
-    SELECT * FROM unnest(v_ids, v_attempts, v_success, v_outputs, v_errors, v_retryable, v_after, v_old)
-           AS r(id, attempt, success, output, error, retryable, retry_after_ms, old_state)
+    SELECT x.id, x.attempt, coalesce(x.success, false) AS success, x.output, x.error,
+           coalesce(x.retryable, true) AS retryable, x.retry_after_ms, o.state AS old_state
+      FROM (SELECT DISTINCT ON (u.id) u.*
+              FROM unnest(p_step_ids, p_attempts, p_success, p_outputs, p_errors, p_retryable, p_retry_after_ms)
+                   WITH ORDINALITY AS u(id, attempt, success, output, error, retryable, retry_after_ms, ord)
+             ORDER BY u.id, u.ord) x
+      JOIN tasker_workflow_steps o ON o.id = x.id AND o.id = ANY (p_step_ids)
   ), upd AS (
     UPDATE tasker_workflow_steps s
        SET state = CASE WHEN r.success THEN 'complete'
@@ -153,7 +137,8 @@ BEGIN
            END,
            claimed_by = NULL, claim_deadline = NULL, updated_at = now()
       FROM r
-     WHERE s.id = r.id AND s.id = ANY (v_ids)
+     WHERE s.id = r.id AND s.id = ANY (p_step_ids) AND s.attempts = r.attempt
+       AND s.state IN ('enqueued', 'in_progress')
     RETURNING s.id, s.task_id, s.state, r.attempt, r.old_state, r.success
   ), logged AS (
     INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, reason)
@@ -161,17 +146,22 @@ BEGIN
            CASE WHEN upd.success THEN 'result' WHEN upd.state = 'pending' THEN 'retry' ELSE 'failed' END
       FROM upd
   )
-  SELECT array_agg(upd.id) FILTER (WHERE upd.state = 'complete'),
+  SELECT count(*),
+         array_agg(upd.id) FILTER (WHERE upd.state = 'complete'),
          array_agg(upd.task_id) FILTER (WHERE upd.state = 'complete'),
          array_agg(DISTINCT upd.task_id)
-    INTO v_done, v_done_tasks, v_tasks FROM upd;
+    INTO v_applied, v_done, v_done_tasks, v_tasks FROM upd;
 
+  IF v_applied = 0 THEN
+    RETURN QUERY SELECT 0, v_total;
+    RETURN;
+  END IF;
   IF v_done IS NOT NULL THEN
     PERFORM tasker_release_children(v_done);
   END IF;
   PERFORM tasker_settle_tasks(v_tasks, coalesce(v_done_tasks, '{}'::bigint[]));
 
-  RETURN QUERY SELECT cardinality(v_ids), v_total - cardinality(v_ids);
+  RETURN QUERY SELECT v_applied, v_total - v_applied;
 END $$;
 
 -- As in version 11, in statements of their own: each queue's room, then
