@@ -15,7 +15,9 @@
 #              x 10 threads and a dispatcher, in the same cluster
 #   SQL floor  2 client processes: claim 100 with SKIP LOCKED, complete with
 #              = ANY(ids); the same state changes with no messaging at all
-# The repeats interleave the contenders. After them: ours once more at half
+# The repeats interleave the contenders, each timed alone (Bench::E2E#alone:
+# the cluster checkpointed, no autovacuum running, the idle processes of
+# Sidekiq and the Rails peers stopped with SIGSTOP). After them: ours once more at half
 # its median rate (a paced, steady load) for the latency at that rate; and
 # each repeat creates 500 tasks through the Ruby API in a database no
 # orchestrator reads (bulk creation). bench/lib/e2e.rb describes the timed
@@ -88,16 +90,16 @@ begin
 
   REPEATS.times do |i|
     runs = {}
-    runs[CONTENDERS["sql"]] = guarded.(CONTENDERS["sql"]) { e2e.run_sql_floor(STEPS) } if want.("sql")
-    runs[CONTENDERS["sidekiq1"]] = guarded.(CONTENDERS["sidekiq1"]) { e2e.run_sidekiq(STEPS, "1x10") } if want.("sidekiq1")
-    runs[CONTENDERS["sidekiq2"]] = guarded.(CONTENDERS["sidekiq2"]) { e2e.run_sidekiq(STEPS, "2x10") } if want.("sidekiq2")
+    runs[CONTENDERS["sql"]] = guarded.(CONTENDERS["sql"]) { e2e.alone("sql") { e2e.run_sql_floor(STEPS) } } if want.("sql")
+    runs[CONTENDERS["sidekiq1"]] = guarded.(CONTENDERS["sidekiq1"]) { e2e.alone("sidekiq1") { e2e.run_sidekiq(STEPS, "1x10") } } if want.("sidekiq1")
+    runs[CONTENDERS["sidekiq2"]] = guarded.(CONTENDERS["sidekiq2"]) { e2e.alone("sidekiq2") { e2e.run_sidekiq(STEPS, "2x10") } } if want.("sidekiq2")
     Bench::E2E::ACTIVEJOB_PEERS.each_key do |k|
-      runs[CONTENDERS[k]] = guarded.(CONTENDERS[k]) { e2e.run_activejob_peer(k, ACTIVEJOB_STEPS) } if want.(k)
+      runs[CONTENDERS[k]] = guarded.(CONTENDERS[k]) { e2e.alone(k) { e2e.run_activejob_peer(k, ACTIVEJOB_STEPS) } } if want.(k)
     end
     if want.("ours")
       runs[OURS] = guarded.(OURS) do
         e2e.reset_tasker_tables
-        e2e.run_ours(STEPS)
+        e2e.alone("ours") { e2e.run_ours(STEPS) }
       end
       b = guarded.("bulk creation") { e2e.run_bulk_create }
       if b
@@ -114,7 +116,7 @@ begin
     rate = Bench.quantile(peak.sort, 0.5) / 2
     half = guarded.(OURS) do
       e2e.reset_tasker_tables
-      e2e.run_ours(STEPS, rate: rate)
+      e2e.alone("ours") { e2e.run_ours(STEPS, rate: rate) }
     end
     if half
       printf("ours at half its median rate (%.0f steps/s offered): %.0f steps/s, p50 %.1f ms, p99 %.1f ms\n", rate,

@@ -124,6 +124,66 @@ module Bench
 
     def redis_url = "redis://127.0.0.1:#{@redis_port}/0"
 
+    # --- one contender at a time ------------------------------------------------
+
+    # The processes of Sidekiq and of the Rails peers, which poll or
+    # heartbeat while idle, by contender key (e2e_bench.rb's CONTENDERS).
+    # Ours and ours via ActiveJob are left running: a paused worker would come
+    # back lost to its orchestrator (heartbeat timeout), and an idle loop
+    # costs one empty claim per poll interval.
+    def pausable_processes
+      procs = {}
+      { "sidekiq1" => "1x10", "sidekiq2" => "2x10" }.each do |key, config|
+        procs[key] = @sidekiq_pids[config] if @sidekiq_pids&.key?(config)
+      end
+      (@peers || {}).each { |name, st| procs[name] = st[:pids] unless ACTIVEJOB_PEERS.fetch(name)[:before] }
+      procs
+    end
+
+    # Runs the block (one timed run of the contender `key`) on a quiet
+    # machine: the cluster checkpointed (each run starts after a checkpoint
+    # and pays the same full-page writes) with no autovacuum worker left
+    # from the previous run, and the other pausable contenders' processes
+    # (and what they forked) stopped with SIGSTOP until the block returns. A
+    # process is never left stopped inside a transaction: its snapshot
+    # would hold back the cleanup of every table in the database.
+    def alone(key)
+      quiesce_database
+      stopped = stop_idle(Bench.tree_pids(pausable_processes.reject { |k, _| k == key }.values.flatten))
+      yield
+    ensure
+      signal_all(stopped || [], "CONT")
+    end
+
+    def quiesce_database
+      @conn.exec("CHECKPOINT")
+      Bench.wait_until(120, "autovacuum to finish", interval: 0.2) do
+        @conn.exec("SELECT count(*) AS n FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'")
+             .first["n"].to_i.zero?
+      end
+    end
+
+    def stop_idle(pids, tries: 50)
+      tries.times do
+        signal_all(pids, "STOP")
+        open = @conn.exec("SELECT count(*) AS n FROM pg_stat_activity WHERE state LIKE 'idle in transaction%' " \
+                          "AND pid <> pg_backend_pid()").first["n"].to_i
+        return pids if open.zero?
+
+        signal_all(pids, "CONT")
+        sleep 0.02
+      end
+      raise "could not stop #{pids.size} idle processes outside a transaction"
+    end
+
+    def signal_all(pids, sig)
+      pids.each do |pid|
+        Process.kill(sig, pid)
+      rescue Errno::ESRCH
+        nil
+      end
+    end
+
     # --- child processes -------------------------------------------------------
 
     def spawn_child(*cmd, env: {}, **opts)
