@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <msgpack.h>
+#include <poll.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -92,6 +93,14 @@ struct tc_loop {
 
     pending_result *results;
     size_t nresults, results_cap;
+    /* results are written on a connection of their own (see "applying
+     * results"): the call in flight holds its results in applying */
+    tc_store adb;
+    int adb_up, apply_sent;
+    long abackoff_ms;
+    int64_t next_aconnect_ms;
+    pending_result *applying;
+    size_t napplying, applying_cap;
     pair_list lost;    /* in flight on a lost worker: a lost attempt (redispatched or failed) */
     pair_list unsent;  /* claimed but not sent: release, count as released */
     refused_list refused; /* refused by their worker as unknown_handler: hand back, no attempt lost */
@@ -438,7 +447,7 @@ static void drain_events(tc_loop *l)
         }
         tc_oh_event_pop(l->oh);
     }
-    l->st.pending_results = l->nresults;
+    l->st.pending_results = l->nresults + l->napplying;
 }
 
 /* Hands steps back to pending. unsent (lost 0): claimed and never sent, no
@@ -530,87 +539,240 @@ static void hand_back_refused(tc_loop *l)
     free(pl.v);
 }
 
-/* One tasker_apply_results call for everything pending, its arrays sent
- * in PostgreSQL's binary format: outputs and errors go as the bytes the
- * workers sent, with no hex encoding and no array literal to parse. */
+/* ---- applying results ---------------------------------------------------------
+ *
+ * Results are written by tasker_apply_results calls on a connection of
+ * their own (adb) while the loop claims on db, so that a batch's results
+ * are written while the next batch is chosen: one call in flight at a time,
+ * its results kept in applying until its outcome is read. Without adb (it
+ * cannot connect) they are written on db, between claims, as before. */
+
+#define APPLY_SQL                                                                                                     \
+    "SELECT applied, stale FROM tasker_apply_results($1::bigint[], $2::int[], $3::boolean[], $4::bytea[], "          \
+    "$5::bytea[], $6::boolean[], $7::int[])"
+
+/* The seven binary array parameters for results v[0..n). out of memory: -1. */
+typedef struct apply_params {
+    sbuf b[7];
+    const char *vals[7];
+    int lens[7], fmts[7];
+} apply_params;
+
+static int apply_params_build(apply_params *ap, const pending_result *v, size_t n)
+{
+    static const uint32_t oids[7] = {OID_INT8, OID_INT4, OID_BOOL, OID_BYTEA, OID_BYTEA, OID_BOOL, OID_INT4};
+    memset(ap, 0, sizeof(*ap));
+    for (int k = 0; k < 7; k++) bin_array_begin(&ap->b[k], oids[k], n);
+    for (size_t i = 0; i < n; i++) {
+        const pending_result *r = &v[i];
+        bin_int8(&ap->b[0], r->step_id);
+        bin_int4(&ap->b[1], (int32_t)r->attempt);
+        bin_bool(&ap->b[2], r->success);
+        bin_bytes(&ap->b[3], r->output, r->output_len);
+        bin_bytes(&ap->b[4], r->error, r->error_len);
+        bin_bool(&ap->b[5], r->retryable);
+        if (r->retry_after_ms >= 0)
+            bin_int4(&ap->b[6], (int32_t)r->retry_after_ms);
+        else
+            bin_bytes(&ap->b[6], NULL, 0);
+    }
+    int oom = 0;
+    for (int k = 0; k < 7; k++) {
+        oom |= ap->b[k].oom;
+        ap->vals[k] = ap->b[k].p;
+        ap->lens[k] = (int)ap->b[k].len;
+        ap->fmts[k] = 1;
+    }
+    return oom ? -1 : 0;
+}
+
+static void apply_params_free(apply_params *ap)
+{
+    for (int k = 0; k < 7; k++) sb_free(&ap->b[k]);
+}
+
+/* The outcome of a call for results v[0..n): r its result, or NULL with
+ * s's error. Returns 1 when the results are done with (written, or
+ * dropped: an error that is not a deadlock or a serialization failure, or
+ * one three times in a row, would fail forever, and the claim deadline
+ * takes those steps), 0 when they are to be written again. */
+static int apply_outcome(tc_loop *l, PGresult *r, const tc_store *s, const pending_result *v, size_t n)
+{
+    if (r) {
+        uint64_t applied = (uint64_t)atoll(PQgetvalue(r, 0, 0));
+        uint64_t stale = (uint64_t)atoll(PQgetvalue(r, 0, 1));
+        uint64_t ok = 0, bad = 0, retry = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (v[i].success)
+                ok++;
+            else {
+                bad++;
+                if (v[i].retryable) retry++;
+            }
+        }
+        pthread_mutex_lock(&l->mu);
+        l->st.apply_calls++;
+        l->st.applied_results += applied;
+        l->st.stale_results += stale;
+        /* The function reports totals only: when some were stale the
+         * split by outcome is what the workers reported. */
+        l->st.completed += ok;
+        l->st.failed += bad;
+        l->st.retried += retry;
+        pthread_mutex_unlock(&l->mu);
+        l->apply_failures = 0;
+        return 1;
+    }
+    if (!tc_store_ok(s)) return 0; /* the connection went: written again once one is back */
+    if (strncmp(s->sqlstate, "40", 2) != 0 || ++l->apply_failures >= 3) {
+        pthread_mutex_lock(&l->mu);
+        l->st.results_dropped += n;
+        pthread_mutex_unlock(&l->mu);
+        l->apply_failures = 0;
+        return 1;
+    }
+    return 0;
+}
+
+static void results_free(pending_result *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) result_free(&v[i]);
+}
+
+static void publish_pending(tc_loop *l)
+{
+    pthread_mutex_lock(&l->mu);
+    l->st.pending_results = l->nresults + l->napplying;
+    pthread_mutex_unlock(&l->mu);
+}
+
+/* Everything pending, written now on db (blocking). */
 static int apply_results(tc_loop *l)
 {
     if (!l->nresults || !l->db_up) return 0;
-    static const uint32_t oids[7] = {OID_INT8, OID_INT4, OID_BOOL, OID_BYTEA, OID_BYTEA, OID_BOOL, OID_INT4};
-    sbuf b[7] = {{0}};
-    for (int k = 0; k < 7; k++) bin_array_begin(&b[k], oids[k], l->nresults);
-    uint64_t ok = 0, bad = 0, retry = 0;
-    for (size_t i = 0; i < l->nresults; i++) {
-        const pending_result *r = &l->results[i];
-        bin_int8(&b[0], r->step_id);
-        bin_int4(&b[1], (int32_t)r->attempt);
-        bin_bool(&b[2], r->success);
-        bin_bytes(&b[3], r->output, r->output_len);
-        bin_bytes(&b[4], r->error, r->error_len);
-        bin_bool(&b[5], r->retryable);
-        if (r->retry_after_ms >= 0)
-            bin_int4(&b[6], (int32_t)r->retry_after_ms);
-        else
-            bin_bytes(&b[6], NULL, 0);
-        if (r->success)
-            ok++;
-        else {
-            bad++;
-            if (r->retryable) retry++;
-        }
-    }
-    int oom = 0;
-    for (int k = 0; k < 7; k++) oom |= b[k].oom;
+    apply_params ap;
     int rc = -1;
-    if (!oom) {
-        const char *vals[7];
-        int lens[7], fmts[7];
-        for (int k = 0; k < 7; k++) {
-            vals[k] = b[k].p;
-            lens[k] = (int)b[k].len;
-            fmts[k] = 1;
-        }
-        PGresult *r = tc_store_exec(&l->db,
-                                    "SELECT applied, stale FROM tasker_apply_results($1::bigint[], $2::int[], "
-                                    "$3::boolean[], $4::bytea[], $5::bytea[], $6::boolean[], $7::int[])",
-                                    7, vals, lens, fmts);
-        if (r) {
-            uint64_t applied = (uint64_t)atoll(PQgetvalue(r, 0, 0));
-            uint64_t stale = (uint64_t)atoll(PQgetvalue(r, 0, 1));
-            PQclear(r);
-            pthread_mutex_lock(&l->mu);
-            l->st.apply_calls++;
-            l->st.applied_results += applied;
-            l->st.stale_results += stale;
-            /* The function reports totals only: when some were stale the
-             * split by outcome is what the workers reported. */
-            l->st.completed += ok;
-            l->st.failed += bad;
-            l->st.retried += retry;
-            pthread_mutex_unlock(&l->mu);
+    if (apply_params_build(&ap, l->results, l->nresults) == 0) {
+        PGresult *r = tc_store_exec(&l->db, APPLY_SQL, 7, ap.vals, ap.lens, ap.fmts);
+        if (!r) db_failed(l, "tasker_apply_results");
+        if (apply_outcome(l, r, &l->db, l->results, l->nresults)) {
+            results_free(l->results, l->nresults);
+            l->nresults = 0;
             rc = 0;
-        } else if (!db_failed(l, "tasker_apply_results")) {
-            /* Deadlocks and serialization failures pass; anything else
-             * three times in a row would fail forever: drop the batch and
-             * let the claim deadline take those steps. */
-            if (strncmp(l->db.sqlstate, "40", 2) != 0 || ++l->apply_failures >= 3) {
-                pthread_mutex_lock(&l->mu);
-                l->st.results_dropped += l->nresults;
-                pthread_mutex_unlock(&l->mu);
-                rc = 0;
-            }
+        }
+        PQclear(r);
+    }
+    apply_params_free(&ap);
+    publish_pending(l);
+    return rc;
+}
+
+static void adb_down(tc_loop *l, const char *what)
+{
+    pthread_mutex_lock(&l->mu);
+    l->st.db_errors++;
+    snprintf(l->st.last_db_error, sizeof(l->st.last_db_error), "%.60s: %.180s", what, l->adb.err);
+    pthread_mutex_unlock(&l->mu);
+    tc_store_close(&l->adb);
+    l->adb_up = 0;
+    l->abackoff_ms = l->abackoff_ms ? (l->abackoff_ms * 2 > 2000 ? 2000 : l->abackoff_ms * 2) : 50;
+    l->next_aconnect_ms = tc_oh_now_ms() + l->abackoff_ms;
+}
+
+/* The call in flight on adb, back to pending ahead of what came since. */
+static void apply_requeue(tc_loop *l)
+{
+    size_t need = l->nresults + l->napplying;
+    if (need > l->results_cap) {
+        pending_result *v = realloc(l->results, need * sizeof(*v));
+        if (!v) { /* keep them where they are: written again from applying */
+            return;
+        }
+        l->results = v;
+        l->results_cap = need;
+    }
+    memmove(l->results + l->napplying, l->results, l->nresults * sizeof(*l->results));
+    memcpy(l->results, l->applying, l->napplying * sizeof(*l->results));
+    l->nresults += l->napplying;
+    l->napplying = 0;
+}
+
+/* Reads the outcome of the call in flight, when it has come (wait: block
+ * until it does). */
+static void apply_collect(tc_loop *l, int wait)
+{
+    if (!l->apply_sent) return;
+    int c;
+    while ((c = tc_store_consume(&l->adb)) == 0) {
+        if (!wait) return;
+        struct pollfd p = {tc_store_socket(&l->adb), POLLIN, 0};
+        poll(&p, 1, 1000);
+    }
+    if (c < 0) tc_store_close(&l->adb); /* could not read: the outcome is unknown, the call is made again */
+    PGresult *r = c > 0 && tc_store_ok(&l->adb) ? tc_store_take_result(&l->adb) : NULL;
+    l->apply_sent = 0;
+    int done = apply_outcome(l, r, &l->adb, l->applying, l->napplying);
+    PQclear(r);
+    if (done) {
+        results_free(l->applying, l->napplying);
+        l->napplying = 0;
+    } else {
+        apply_requeue(l);
+    }
+    if (!tc_store_ok(&l->adb)) adb_down(l, "tasker_apply_results");
+    publish_pending(l);
+}
+
+/* Sends everything pending in one call on adb, connecting it first when it
+ * is due; with no adb, writes it on db now. */
+static void apply_send(tc_loop *l)
+{
+    if (l->napplying && !l->apply_sent) apply_requeue(l); /* one that found no memory to go back */
+    if (l->apply_sent || !l->nresults || l->napplying) return;
+    if (!l->adb_up && tc_oh_now_ms() >= l->next_aconnect_ms) {
+        if (tc_store_connect(&l->adb, l->conninfo, 2, NULL) == 0) {
+            l->adb_up = 1;
+            l->abackoff_ms = 0;
+        } else {
+            adb_down(l, "connect (results)");
         }
     }
-    if (rc == 0) {
-        for (size_t i = 0; i < l->nresults; i++) result_free(&l->results[i]);
-        l->nresults = 0;
-        l->apply_failures = 0;
+    if (!l->adb_up) {
+        apply_results(l);
+        return;
     }
-    for (int k = 0; k < 7; k++) sb_free(&b[k]);
-    pthread_mutex_lock(&l->mu);
-    l->st.pending_results = l->nresults;
-    pthread_mutex_unlock(&l->mu);
-    return rc;
+    apply_params ap;
+    if (apply_params_build(&ap, l->results, l->nresults) != 0) {
+        apply_params_free(&ap);
+        return;
+    }
+    int sent = tc_store_send(&l->adb, APPLY_SQL, 7, ap.vals, ap.lens, ap.fmts) == 0;
+    apply_params_free(&ap); /* libpq copied the parameters */
+    int f;
+    while (sent && (f = tc_store_flush(&l->adb)) != 0) {
+        if (f < 0) {
+            sent = 0;
+            break;
+        }
+        struct pollfd p = {tc_store_socket(&l->adb), POLLIN | POLLOUT, 0};
+        if (poll(&p, 1, 1000) > 0 && (p.revents & POLLIN) && tc_store_consume(&l->adb) < 0) sent = 0;
+    }
+    if (!sent) {
+        adb_down(l, "tasker_apply_results");
+        apply_results(l);
+        return;
+    }
+    /* the results move to applying: swap the buffers */
+    pending_result *v = l->applying;
+    size_t cap = l->applying_cap;
+    l->applying = l->results;
+    l->applying_cap = l->results_cap;
+    l->napplying = l->nresults;
+    l->results = v;
+    l->results_cap = cap;
+    l->nresults = 0;
+    l->apply_sent = 1;
+    publish_pending(l);
 }
 
 /* ---- claiming and dispatching -------------------------------------------- */
@@ -1445,7 +1607,7 @@ static void drain_notifications(tc_loop *l)
 
 static void wait_for_work(tc_loop *l)
 {
-    zmq_pollitem_t items[4];
+    zmq_pollitem_t items[5];
     int n = 0;
     items[n++] = (zmq_pollitem_t){.socket = l->oh->batch.zsock, .events = ZMQ_POLLIN};
     items[n++] = (zmq_pollitem_t){.socket = l->oh->result.zsock, .events = ZMQ_POLLIN};
@@ -1453,6 +1615,8 @@ static void wait_for_work(tc_loop *l)
     int pq = -1;
     if (l->db_up && l->listening && (pq = tc_store_socket(&l->db)) >= 0)
         items[n++] = (zmq_pollitem_t){.fd = pq, .events = ZMQ_POLLIN};
+    int aq = l->apply_sent ? tc_store_socket(&l->adb) : -1;
+    if (aq >= 0) items[n++] = (zmq_pollitem_t){.fd = aq, .events = ZMQ_POLLIN};
 
     int64_t now = tc_oh_now_ms();
     long timeout = l->poll_interval_ms;
@@ -1469,7 +1633,7 @@ static void wait_for_work(tc_loop *l)
         while (read(l->wake[0], buf, sizeof(buf)) > 0) {
         }
     }
-    if (n == 4 && (items[3].revents & ZMQ_POLLIN)) drain_notifications(l);
+    if (pq >= 0 && (items[3].revents & ZMQ_POLLIN)) drain_notifications(l);
 }
 
 static void record_latency(tc_loop *l, uint64_t us)
@@ -1491,12 +1655,13 @@ static int iterate(tc_loop *l)
     publish_counters(l);
     pthread_mutex_unlock(&l->mu);
 
+    apply_collect(l, 0);
     ensure_db(l);
     if (!l->db_up) return 0;
     release_pairs(l, &l->lost, 1);
     release_pairs(l, &l->unsent, 0);
     hand_back_refused(l);
-    apply_results(l);
+    apply_send(l);
     if (!l->db_up) return 0;
     housekeeping(l);
     if (!l->db_up) return 0;
@@ -1524,6 +1689,8 @@ static void shutdown_loop(tc_loop *l)
     drain_events(l);
     for (size_t i = 0; i < l->oh->nworkers; i++) tc_oh_worker_each_in_flight(&l->oh->workers[i], collect_in_flight, &l->unsent);
     pthread_mutex_unlock(&l->mu);
+    apply_collect(l, 1);
+    if (l->napplying) apply_requeue(l);
     if (l->db_up) {
         apply_results(l);
         release_pairs(l, &l->lost, 1);
@@ -1536,7 +1703,9 @@ static void shutdown_loop(tc_loop *l)
         PQclear(r);
     }
     tc_store_close(&l->db);
+    tc_store_close(&l->adb);
     l->db_up = 0;
+    l->adb_up = 0;
     pthread_mutex_lock(&l->mu);
     l->st.db_connected = 0;
     pthread_mutex_unlock(&l->mu);
@@ -1657,8 +1826,11 @@ void tc_loop_free(tc_loop *l)
 {
     if (!l) return;
     tc_store_close(&l->db);
+    tc_store_close(&l->adb);
     for (size_t i = 0; i < l->nresults; i++) result_free(&l->results[i]);
     free(l->results);
+    for (size_t i = 0; i < l->napplying; i++) result_free(&l->applying[i]);
+    free(l->applying);
     free(l->lost.v);
     free(l->unsent.v);
     free(l->conninfo);

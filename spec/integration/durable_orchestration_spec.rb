@@ -187,6 +187,33 @@ RSpec.describe "durable orchestration", :db, :no_valgrind do
     expect(steps_completed_twice(c)).to be_empty
   end
 
+  it "loses no result when the session writing results is terminated mid-run, three times" do
+    use_templates(template("chain", [echo("a"), echo("b", ["a"]), echo("c", ["b"])]))
+    start_loop
+    # The loop writes results on a session of its own while it claims on
+    # another: the one whose last statement applied results.
+    results_session = <<~SQL
+      SELECT pid FROM pg_stat_activity
+       WHERE application_name = 'tasker_core' AND query LIKE 'SELECT applied, stale FROM tasker_apply_results%'
+         AND pid <> pg_backend_pid()
+    SQL
+    ids = []
+    3.times do |round|
+      wave = Array.new(100) { |i| TaskerCore.create_task(name: "chain", context: { "round" => round, "n" => i }) }
+      ids.concat(wave)
+      pid = wait_until(timeout: 30, interval: 0.001, message: "a results session (round #{round + 1})") do
+        conn.exec(results_session).first&.fetch("pid")
+      end
+      conn.exec("SELECT pg_terminate_backend($1)", [pid])
+      wait_for_tasks(conn, wave, timeout: 60)
+    end
+    # the first two ended sessions are found by the next wave's results at the latest
+    expect(@handle.stats["loop"]["db_errors"]).to be >= 2
+    expect(steps_completed_twice(conn)).to be_empty
+    expect(conn.exec("SELECT count(*) AS n FROM tasker_workflow_steps WHERE task_id = ANY($1::bigint[]) " \
+                     "AND state = 'complete'", ["{#{ids.join(',')}}"]).first["n"]).to eq(ids.size * 3)
+  end
+
   describe "orchestrator processes" do
     def endpoints = [tcp_endpoint, tcp_endpoint]
 
