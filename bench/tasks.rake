@@ -19,8 +19,8 @@ def bench_ruby(script, *args)
   sh Gem.ruby, script, *args.map(&:to_s)
 end
 
-desc "Run every benchmark (codec, transport, e2e, scale) and rebuild bench/README.md's table"
-task bench: %w[bench:codec bench:transport bench:e2e bench:scale bench:report]
+desc "Run every benchmark (codec, transport, e2e and its profile, scale) and rebuild bench/README.md's table"
+task bench: %w[bench:codec bench:transport bench:e2e bench:e2e_profile bench:scale bench:report]
 
 namespace :bench do
   desc "Build the raw libzmq programs of the transport benchmark (cc -lzmq)"
@@ -39,6 +39,11 @@ namespace :bench do
   desc "End to end: ours (and ours via ActiveJob) vs Sidekiq 1x10 and 2x10, GoodJob, Solid Queue and the batched-SQL floor (E2E_STEPS=N, E2E_CONTENDERS=...)"
   task e2e: :compile do
     bench_ruby "bench/e2e_bench.rb"
+  end
+
+  desc "Where ours' CPU goes: ours alone end to end with perf and pg_stat_statements (writes e2e_profile.json)"
+  task e2e_profile: :compile do
+    sh({ "E2E_PROFILE" => "1", "E2E_CONTENDERS" => "ours" }, Gem.ruby, "bench/e2e_bench.rb")
   end
 
   desc "Scale: throughput and orchestrator memory with 10k/100k/1M finished steps stored"
