@@ -114,7 +114,7 @@ module TaskerCore
       Setting.new(key: "database.url", type: :string, default: nil, nullable: true, env: "DATABASE_URL",
                   doc: "PostgreSQL connection URL or conninfo string; null = libpq's PG* environment variables."),
       Setting.new(key: "database.pool", type: :integer, default: 5, min: 1, max: 1000,
-                  doc: "Most connections the store opens."),
+                  doc: "Most connections the store opens (the Ruby API's pool; an orchestrator's loop holds two more sessions of its own: one claims, one writes results)."),
       Setting.new(key: "database.connect_timeout_s", type: :integer, default: 5, min: 0,
                   doc: "libpq connect_timeout in seconds (0 = wait forever)."),
       Setting.new(key: "database.statement_timeout_ms", type: :integer, default: 0, min: 0,
