@@ -27,17 +27,16 @@ CREATE OR REPLACE FUNCTION tasker_release_children(p_step_ids bigint[]) RETURNS 
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
 DECLARE
   v_children bigint[];
-  v_parents int[];
 BEGIN
-  SELECT array_agg(d.to_step_id ORDER BY d.to_step_id), array_agg(d.n ORDER BY d.to_step_id)
-    INTO v_children, v_parents
-    FROM (SELECT e.to_step_id, count(*)::int AS n FROM tasker_workflow_step_edges e
-           WHERE e.from_step_id = ANY (p_step_ids) GROUP BY e.to_step_id) d;
+  -- The edges by their primary key (from_step_id first), unordered: grouped
+  -- by child below, so no plan reads the edges in to_step_id order.
+  SELECT array_agg(e.to_step_id) INTO v_children
+    FROM tasker_workflow_step_edges e WHERE e.from_step_id = ANY (p_step_ids);
   IF v_children IS NULL THEN
     RETURN;
   END IF;
   UPDATE tasker_workflow_steps c SET pending_parents = c.pending_parents - d.n
-    FROM unnest(v_children, v_parents) AS d(id, n)
+    FROM (SELECT u.id, count(*)::int AS n FROM unnest(v_children) AS u(id) GROUP BY u.id) d
    WHERE c.id = d.id AND c.id = ANY (v_children);
 END $$;
 
@@ -101,6 +100,10 @@ LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = o
 #variable_conflict use_column
 DECLARE
   v_total int := coalesce(cardinality(p_step_ids), 0);
+  -- In a variable, not a literal: so that no plan of the update reads the
+  -- in-flight partial index whole (its predicate is these states) instead
+  -- of the rows by id.
+  v_in_flight text[] := '{enqueued,in_progress}';
   v_applied int;
   v_done bigint[];
   v_done_tasks bigint[];
@@ -109,14 +112,17 @@ BEGIN
   -- success: complete with its output. failure: failures + 1; back to
   -- pending after a backoff while retryable and attempts remain (the
   -- handler's retry_after wins over the exponential backoff), else error.
-  WITH r AS (
+  WITH o AS MATERIALIZED (
+    -- the states before the update, read once by id (not once per result)
+    SELECT s.id, s.state FROM tasker_workflow_steps s WHERE s.id = ANY (p_step_ids)
+  ), r AS (
     SELECT x.id, x.attempt, coalesce(x.success, false) AS success, x.output, x.error,
            coalesce(x.retryable, true) AS retryable, x.retry_after_ms, o.state AS old_state
       FROM (SELECT DISTINCT ON (u.id) u.*
               FROM unnest(p_step_ids, p_attempts, p_success, p_outputs, p_errors, p_retryable, p_retry_after_ms)
                    WITH ORDINALITY AS u(id, attempt, success, output, error, retryable, retry_after_ms, ord)
              ORDER BY u.id, u.ord) x
-      JOIN tasker_workflow_steps o ON o.id = x.id AND o.id = ANY (p_step_ids)
+      JOIN o ON o.id = x.id
   ), upd AS (
     UPDATE tasker_workflow_steps s
        SET state = CASE WHEN r.success THEN 'complete'
@@ -138,7 +144,7 @@ BEGIN
            claimed_by = NULL, claim_deadline = NULL, updated_at = now()
       FROM r
      WHERE s.id = r.id AND s.id = ANY (p_step_ids) AND s.attempts = r.attempt
-       AND s.state IN ('enqueued', 'in_progress')
+       AND s.state = ANY (v_in_flight)
     RETURNING s.id, s.task_id, s.state, r.attempt, r.old_state, r.success
   ), logged AS (
     INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, reason)
