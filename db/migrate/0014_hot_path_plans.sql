@@ -8,23 +8,29 @@
 -- because a generic plan made while a table looked empty scans it whole,
 -- and stays cached as the table grows.
 --
--- Here every statement of tasker_claim_queued's claim, tasker_apply_results,
--- tasker_settle_tasks and tasker_release_children reaches each table through
--- an index condition on ids or keys it already holds (an array, or the
--- outer row of a lateral join), and the functions run with enable_seqscan
--- off, so no plan reads a table whole whatever its size was when the plan
--- was made. Their plans are generic (force_generic_plan): made on the first
--- call in a session, reused after. One statement stays custom: the choice
--- of suspects, made only when the loop has an idle worker for one, as the
--- suspects' partial index (lost_attempts >= 2) serves a threshold known
--- when the statement is planned.
+-- Here the writes keep one plan per session: every statement of
+-- tasker_apply_results, tasker_settle_tasks and tasker_release_children and
+-- the claim's writes in tasker_claim_queued reaches each table through an
+-- index condition on ids or keys it already holds (an array, or the row it
+-- is joined to), and is planned generically (force_generic_plan: on its
+-- first call in a session, reused after) with sequential and plain index
+-- scans off. A bitmap scan needs an index condition, so the only way such a
+-- plan can read a table is by the ids in hand: a plan made while the tables
+-- were empty (as after TRUNCATE and VACUUM) cannot read one whole, nor a
+-- whole index, later. A table joined by id to rows in hand is read by that
+-- join alone: the same ids again as an array condition would be scanned
+-- once per joined row. The claim's choice of steps (suspects,
+-- then the ready steps in claim order, which wants an ordered index scan)
+-- stays planned per call with the tables' sizes of the moment, as before.
 --
 -- What each function does is unchanged.
 
 -- The children of steps that became complete or resolved_manually have one
 -- parent fewer to wait for.
 CREATE OR REPLACE FUNCTION tasker_release_children(p_step_ids bigint[]) RETURNS void
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_indexscan = off
+SET enable_indexonlyscan = off AS $$
 DECLARE
   v_children bigint[];
 BEGIN
@@ -37,12 +43,14 @@ BEGIN
   END IF;
   UPDATE tasker_workflow_steps c SET pending_parents = c.pending_parents - d.n
     FROM (SELECT u.id, count(*)::int AS n FROM unnest(v_children) AS u(id) GROUP BY u.id) d
-   WHERE c.id = d.id AND c.id = ANY (v_children);
+   WHERE c.id = d.id;
 END $$;
 
 -- As in version 9.
 CREATE OR REPLACE FUNCTION tasker_settle_tasks(p_task_ids bigint[], p_done_task_ids bigint[]) RETURNS int
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_indexscan = off
+SET enable_indexonlyscan = off AS $$
 #variable_conflict use_column
 DECLARE
   v_changed int;
@@ -70,7 +78,7 @@ BEGIN
            finished_at = CASE WHEN c.to_state IS NULL THEN t.finished_at
                               WHEN c.to_state IN ('complete', 'error') THEN now() END
       FROM cand c
-     WHERE t.id = c.id AND t.id = ANY (p_task_ids) AND (c.to_state IS NOT NULL OR c.remaining <> t.remaining_steps)
+     WHERE t.id = c.id AND (c.to_state IS NOT NULL OR c.remaining <> t.remaining_steps)
     RETURNING t.id, c.old_state, c.to_state
   ), logged AS (
     INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)
@@ -96,7 +104,9 @@ CREATE OR REPLACE FUNCTION tasker_apply_results(p_step_ids bigint[], p_attempts 
                                                 p_outputs bytea[], p_errors bytea[], p_retryable boolean[],
                                                 p_retry_after_ms int[])
 RETURNS TABLE (applied int, stale int)
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_indexscan = off
+SET enable_indexonlyscan = off AS $$
 #variable_conflict use_column
 DECLARE
   v_total int := coalesce(cardinality(p_step_ids), 0);
@@ -143,7 +153,7 @@ BEGIN
            END,
            claimed_by = NULL, claim_deadline = NULL, updated_at = now()
       FROM r
-     WHERE s.id = r.id AND s.id = ANY (p_step_ids) AND s.attempts = r.attempt
+     WHERE s.id = r.id AND s.attempts = r.attempt
        AND s.state = ANY (v_in_flight)
     RETURNING s.id, s.task_id, s.state, r.attempt, r.old_state, r.success
   ), logged AS (
@@ -180,7 +190,9 @@ CREATE OR REPLACE FUNCTION tasker_claim_queued(p_owner text, p_lease_ms int, p_s
 RETURNS TABLE (step_id bigint, task_id bigint, step_name text, handler text, handler_config bytea,
                attempt int, timeout_ms int, context bytea, dep_names text[], dep_outputs bytea[],
                lost_attempts int, queue text)
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_seqscan = off AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_custom_plan SET enable_seqscan = off SET enable_indexscan = on
+SET enable_indexonlyscan = on AS $$
 #variable_conflict use_column
 DECLARE
   v_limited_queues text[] := coalesce(p_limited_queues, '{}'::text[]);
@@ -223,7 +235,6 @@ BEGIN
   -- Suspects first, up to p_suspect_limit, locked, in id order. Planned for
   -- the threshold given, so that the suspects' partial index serves it.
   IF coalesce(p_suspect_limit, 0) > 0 AND p_suspect_lost IS NOT NULL THEN
-    SET LOCAL plan_cache_mode = force_custom_plan;
     SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}'), coalesce(array_agg(DISTINCT x.task_id), '{}'),
            coalesce(bool_or(x.limited), false)
       INTO v_ids, v_tasks, v_limited
@@ -238,7 +249,6 @@ BEGIN
              ORDER BY s.next_attempt_at, s.id
              LIMIT least(p_suspect_limit, p_limit)
                FOR UPDATE OF s SKIP LOCKED) x;
-    SET LOCAL plan_cache_mode = force_generic_plan;
   END IF;
 
   -- Then the other ready steps, per queue in claim order (a step ready no
@@ -302,7 +312,11 @@ BEGIN
     END IF;
   END IF;
 
-  -- The claim, as in version 11; each table through the ids in hand.
+  -- The claim, as in version 11; each table through the ids in hand, with
+  -- the plan the writes keep (see the header).
+  SET LOCAL plan_cache_mode = force_generic_plan;
+  SET LOCAL enable_indexscan = off;
+  SET LOCAL enable_indexonlyscan = off;
   RETURN QUERY
   WITH claimed AS (
     UPDATE tasker_workflow_steps s
@@ -326,7 +340,7 @@ BEGIN
   SELECT c.id, c.task_id, c.name, c.handler, c.handler_config, c.attempts, c.timeout_ms, t.context,
          coalesce(d.names, '{}'::text[]), coalesce(d.outputs, '{}'::bytea[]), c.lost_attempts, c.queue
     FROM claimed c
-    JOIN tasker_tasks t ON t.id = c.task_id AND t.id = ANY (v_tasks)
+    JOIN tasker_tasks t ON t.id = c.task_id
     LEFT JOIN LATERAL (
       SELECT array_agg(p.name ORDER BY p.name) AS names, array_agg(p.output ORDER BY p.name) AS outputs
         FROM tasker_workflow_step_edges e
