@@ -675,7 +675,9 @@ static void adb_down(tc_loop *l, const char *what)
     pthread_mutex_unlock(&l->mu);
     tc_store_close(&l->adb);
     l->adb_up = 0;
-    l->abackoff_ms = l->abackoff_ms ? (l->abackoff_ms * 2 > 2000 ? 2000 : l->abackoff_ms * 2) : 50;
+    /* A connect blocks the loop (up to its timeout) while results go on
+     * being written on db, so failing ones are tried ever less often. */
+    l->abackoff_ms = l->abackoff_ms ? (l->abackoff_ms * 2 > 30000 ? 30000 : l->abackoff_ms * 2) : 50;
     l->next_aconnect_ms = tc_oh_now_ms() + l->abackoff_ms;
 }
 
