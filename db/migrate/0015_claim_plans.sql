@@ -1,0 +1,202 @@
+-- tasker_core schema, version 15: the claim's choice of steps planned once
+-- per session too.
+--
+-- Version 14 left the claim's reads planned on every call: pg_stat_statements
+-- with track_planning (bench/store_bench.rb drain_v2, claims of 50) put
+-- 300 ms of planning against 185 ms of execution for 20,000 steps in the
+-- queues' room and the ready steps' choice, about 15 µs of the database's
+-- CPU per step. Both are planned generically now, with index scans only
+-- (sequential and bitmap scans off): the ready steps are read from
+-- tasker_workflow_steps_queue_ready in claim order whatever the tables
+-- looked like when the plan was made (the only other way to the order is a
+-- whole index and a sort), and each candidate's task is read by its id in a
+-- subquery (as a join, a plan made on empty tables read the unfinished
+-- tasks' index whole once per candidate). The suspects (a partial index
+-- whose predicate needs the threshold as a constant) and a claim for one
+-- task (p_task_id, the rspec inline mode: its steps are found by task) stay
+-- planned per call. The writes are as in version 14.
+--
+-- JIT compilation is off in these functions: a generic plan's estimates do
+-- not know the arrays' sizes nor a LIMIT's, and the ready steps' estimated
+-- cost passed jit_above_cost, so every call compiled its plan (300 ms, for a
+-- statement that runs in under one). None of the hot path's statements
+-- reads enough rows for JIT to pay.
+--
+-- What the functions do is unchanged.
+
+ALTER FUNCTION tasker_release_children(bigint[]) SET jit = off;
+ALTER FUNCTION tasker_settle_tasks(bigint[], bigint[]) SET jit = off;
+ALTER FUNCTION tasker_apply_results(bigint[], int[], boolean[], bytea[], bytea[], boolean[], int[]) SET jit = off;
+
+CREATE OR REPLACE FUNCTION tasker_claim_queued(p_owner text, p_lease_ms int, p_state text, p_suspect_lost int,
+                                               p_suspect_limit int, p_limit int, p_queues text[], p_queue_room int[],
+                                               p_limited_queues text[], p_queue_limits int[],
+                                               p_task_id bigint DEFAULT NULL)
+RETURNS TABLE (step_id bigint, task_id bigint, step_name text, handler text, handler_config bytea,
+               attempt int, timeout_ms int, context bytea, dep_names text[], dep_outputs bytea[],
+               lost_attempts int, queue text)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_bitmapscan = off
+SET enable_indexscan = on SET enable_indexonlyscan = on SET jit = off AS $$
+#variable_conflict use_column
+DECLARE
+  v_limited_queues text[] := coalesce(p_limited_queues, '{}'::text[]);
+  v_names text[];
+  v_rooms int[];
+  v_ids bigint[] := '{}';
+  v_tasks bigint[] := '{}';
+  v_limited boolean := false;
+  v_plain bigint[];
+  v_plain_tasks bigint[];
+  v_plain_limited boolean;
+  v_left int;
+BEGIN
+  IF p_state NOT IN ('enqueued', 'in_progress') THEN
+    RAISE EXCEPTION 'tasker_claim_queued: a claim moves steps to enqueued or in_progress, not %', p_state;
+  END IF;
+  IF coalesce(p_limit, 0) <= 0 OR coalesce(cardinality(p_queues), 0) = 0 THEN
+    RETURN;
+  END IF;
+
+  -- The queues with room: a limited queue's room is at most what its limit
+  -- leaves now, and a full one is not read: its candidates would all be
+  -- dropped under the lock, and would have taken the places in p_limit of
+  -- other queues' steps (counted again under the lock below).
+  SELECT array_agg(r.name ORDER BY r.ord), array_agg(r.room ORDER BY r.ord) INTO v_names, v_rooms
+    FROM (SELECT q.name, q.ord,
+                 CASE WHEN ql.lim IS NULL THEN q.room
+                      ELSE least(q.room, ql.lim - (SELECT count(*) FROM tasker_workflow_steps f
+                                                    WHERE f.queue = q.name
+                                                      AND f.state IN ('enqueued', 'in_progress'))) END AS room
+            FROM unnest(p_queues, p_queue_room) WITH ORDINALITY AS q(name, room, ord)
+            LEFT JOIN LATERAL (SELECT min(l.lim) AS lim FROM unnest(p_limited_queues, p_queue_limits) AS l(queue, lim)
+                                WHERE l.queue = q.name) ql ON true
+           WHERE q.room > 0) r
+   WHERE r.room > 0;
+  IF v_names IS NULL THEN
+    RETURN;
+  END IF;
+
+  -- Suspects first, up to p_suspect_limit, locked, in id order. Planned for
+  -- the threshold given, so that the suspects' partial index serves it.
+  IF coalesce(p_suspect_limit, 0) > 0 AND p_suspect_lost IS NOT NULL THEN
+    SET LOCAL plan_cache_mode = force_custom_plan;
+    SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}'), coalesce(array_agg(DISTINCT x.task_id), '{}'),
+           coalesce(bool_or(x.limited), false)
+      INTO v_ids, v_tasks, v_limited
+      FROM (SELECT s.id, s.task_id, s.concurrency_key IS NOT NULL OR s.queue = ANY (v_limited_queues) AS limited
+              FROM tasker_workflow_steps s
+              JOIN tasker_tasks t ON t.id = s.task_id
+             WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.next_attempt_at <= now()
+               AND s.lost_attempts >= p_suspect_lost AND t.state IN ('pending', 'in_progress')
+               AND s.queue = ANY (v_names) AND (p_task_id IS NULL OR s.task_id = p_task_id)
+               AND CASE WHEN s.concurrency_key IS NULL THEN true
+                        ELSE tasker_key_has_room(s.concurrency_key, s.concurrency_limit) END
+             ORDER BY s.next_attempt_at, s.id
+             LIMIT least(p_suspect_limit, p_limit)
+               FOR UPDATE OF s SKIP LOCKED) x;
+    SET LOCAL plan_cache_mode = force_generic_plan;
+  END IF;
+
+  -- Then the other ready steps, per queue in claim order (a step ready no
+  -- later than now has a claim order no later than now + 100 s, priority
+  -- >= -100: that bound stops the index scan before the steps scheduled for
+  -- later), locked, the first in claim order across queues up to p_limit.
+  v_left := p_limit - cardinality(v_ids);
+  IF v_left > 0 THEN
+    IF p_task_id IS NOT NULL THEN
+      SET LOCAL plan_cache_mode = force_custom_plan;
+    END IF;
+    SELECT array_agg(x.id ORDER BY x.ord, x.id), array_agg(DISTINCT x.task_id), coalesce(bool_or(x.limited), false)
+      INTO v_plain, v_plain_tasks, v_plain_limited
+      FROM (SELECT c.* FROM unnest(v_names, v_rooms) AS room(name, room) CROSS JOIN LATERAL (
+              SELECT s.id, s.task_id, s.concurrency_key IS NOT NULL OR s.queue = ANY (v_limited_queues) AS limited,
+                     tasker_claim_order(s.next_attempt_at, s.priority) AS ord
+                FROM tasker_workflow_steps s
+               WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.queue = room.name
+                 AND tasker_claim_order(s.next_attempt_at, s.priority) <= now() + interval '100 seconds'
+                 AND s.next_attempt_at <= now()
+                 AND (p_suspect_lost IS NULL OR s.lost_attempts < p_suspect_lost)
+                 AND (SELECT t.state FROM tasker_tasks t WHERE t.id = s.task_id) IN ('pending', 'in_progress')
+                 AND (p_task_id IS NULL OR s.task_id = p_task_id)
+                 AND CASE WHEN s.concurrency_key IS NULL THEN true
+                          ELSE tasker_key_has_room(s.concurrency_key, s.concurrency_limit) END
+               ORDER BY tasker_claim_order(s.next_attempt_at, s.priority), s.id
+               LIMIT least(room.room, v_left)
+                 FOR UPDATE OF s SKIP LOCKED) c
+             ORDER BY c.ord, c.id
+             LIMIT v_left) x;
+    IF v_plain IS NOT NULL THEN
+      v_ids := v_ids || v_plain;
+      v_tasks := v_tasks || v_plain_tasks;
+      v_limited := v_limited OR v_plain_limited;
+    END IF;
+  END IF;
+
+  IF cardinality(v_ids) = 0 THEN
+    RETURN;
+  END IF;
+
+  IF v_limited THEN
+    PERFORM pg_advisory_xact_lock(x'74636f6e63'::bigint);
+    -- A statement of its own, after the lock: in flight now. The candidates
+    -- are pending (locked by this claim), so not counted.
+    SELECT array_agg(c.id ORDER BY c.pos) INTO v_ids
+      FROM (SELECT s.id, s.queue, s.concurrency_key AS key, s.concurrency_limit AS key_limit, s.pos,
+                   row_number() OVER (PARTITION BY s.queue ORDER BY s.pos) AS qn,
+                   row_number() OVER (PARTITION BY s.concurrency_key ORDER BY s.pos) AS kn
+              FROM (SELECT f.id, f.queue, f.concurrency_key, f.concurrency_limit, array_position(v_ids, f.id) AS pos
+                      FROM tasker_workflow_steps f WHERE f.id = ANY (v_ids)) s) c
+      LEFT JOIN unnest(p_limited_queues, p_queue_limits) AS ql(queue, lim) ON ql.queue = c.queue
+      LEFT JOIN LATERAL (SELECT count(*) AS n FROM tasker_workflow_steps s
+                          WHERE ql.queue IS NOT NULL AND s.queue = c.queue
+                            AND s.state IN ('enqueued', 'in_progress')) qf ON true
+      LEFT JOIN LATERAL (SELECT count(*) AS n FROM tasker_workflow_steps s
+                          WHERE c.key IS NOT NULL AND s.concurrency_key = c.key
+                            AND s.state IN ('enqueued', 'in_progress')) kf ON true
+     WHERE (ql.queue IS NULL OR c.qn <= ql.lim - qf.n)
+       AND (c.key IS NULL OR c.kn <= c.key_limit - kf.n);
+    IF v_ids IS NULL THEN
+      RETURN;
+    END IF;
+  END IF;
+
+  -- The claim, as in version 11; each table through the ids in hand, with
+  -- the plan the writes keep (see the header).
+  SET LOCAL plan_cache_mode = force_generic_plan;
+  SET LOCAL enable_bitmapscan = on;
+  SET LOCAL enable_indexscan = off;
+  SET LOCAL enable_indexonlyscan = off;
+  RETURN QUERY
+  WITH claimed AS (
+    UPDATE tasker_workflow_steps s
+       SET state = p_state, attempts = s.attempts + 1, claimed_by = p_owner,
+           claim_deadline = now() + (s.timeout_ms + p_lease_ms) * interval '1 millisecond',
+           last_attempt_at = now(), updated_at = now()
+     WHERE s.id = ANY (v_ids)
+    RETURNING s.id, s.task_id, s.name, s.handler, s.handler_config, s.attempts, s.timeout_ms, s.lost_attempts,
+              s.queue
+  ), logged AS (
+    INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, owner, reason)
+    SELECT c.id, c.task_id, 'pending', p_state, c.attempts, p_owner, 'claimed' FROM claimed c
+  ), started AS (
+    UPDATE tasker_tasks t SET state = 'in_progress', updated_at = now()
+     WHERE t.id = ANY (v_tasks) AND t.id IN (SELECT c.task_id FROM claimed c) AND t.state = 'pending'
+    RETURNING t.id
+  ), started_logged AS (
+    INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)
+    SELECT started.id, 'pending', 'in_progress', 'claimed' FROM started
+  )
+  SELECT c.id, c.task_id, c.name, c.handler, c.handler_config, c.attempts, c.timeout_ms, t.context,
+         coalesce(d.names, '{}'::text[]), coalesce(d.outputs, '{}'::bytea[]), c.lost_attempts, c.queue
+    FROM claimed c
+    JOIN tasker_tasks t ON t.id = c.task_id
+    LEFT JOIN LATERAL (
+      SELECT array_agg(p.name ORDER BY p.name) AS names, array_agg(p.output ORDER BY p.name) AS outputs
+        FROM tasker_workflow_step_edges e
+        JOIN tasker_workflow_steps p ON p.id = e.from_step_id
+       WHERE e.to_step_id = c.id
+    ) d ON true
+    JOIN unnest(v_ids) WITH ORDINALITY AS o(id, pos) ON o.id = c.id
+   ORDER BY o.pos;  -- claim order: suspects, then the others as chosen
+END $$;
