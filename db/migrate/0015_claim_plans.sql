@@ -1,5 +1,6 @@
 -- tasker_core schema, version 15: the claim's choice of steps planned once
--- per session too.
+-- per session too, and an apply whose cost grows with its size, not its
+-- square.
 --
 -- Version 14 left the claim's reads planned on every call: pg_stat_statements
 -- with track_planning (bench/store_bench.rb drain_v2, claims of 50) put
@@ -14,7 +15,7 @@
 -- tasks' index whole once per candidate). The suspects (a partial index
 -- whose predicate needs the threshold as a constant) and a claim for one
 -- task (p_task_id, the rspec inline mode: its steps are found by task) stay
--- planned per call. The writes are as in version 14.
+-- planned per call. The claim's writes are as in version 14.
 --
 -- JIT compilation is off in these functions: a generic plan's estimates do
 -- not know the arrays' sizes nor a LIMIT's, and the ready steps' estimated
@@ -26,7 +27,89 @@
 
 ALTER FUNCTION tasker_release_children(bigint[]) SET jit = off;
 ALTER FUNCTION tasker_settle_tasks(bigint[], bigint[]) SET jit = off;
-ALTER FUNCTION tasker_apply_results(bigint[], int[], boolean[], bytea[], bytea[], boolean[], int[]) SET jit = off;
+
+-- The old states come from a second reference to the steps table, joined
+-- by id like the first: a plan has no way to reach either but by the ids
+-- in hand. In version 14 they came from a CTE joined to the results, and a
+-- generic plan made on emptied tables joined the two by a nested loop that
+-- scanned the CTE once per result: quadratic in the call's size (an apply of
+-- 300 results took 360 ms in bench/e2e_bench.rb, and the results that
+-- waited for it made the next call larger still).
+CREATE OR REPLACE FUNCTION tasker_apply_results(p_step_ids bigint[], p_attempts int[], p_success boolean[],
+                                                p_outputs bytea[], p_errors bytea[], p_retryable boolean[],
+                                                p_retry_after_ms int[])
+RETURNS TABLE (applied int, stale int)
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET enable_indexscan = off
+SET enable_indexonlyscan = off SET jit = off AS $$
+#variable_conflict use_column
+DECLARE
+  v_total int := coalesce(cardinality(p_step_ids), 0);
+  -- In a variable, not a literal: so that no plan of the update reads the
+  -- in-flight partial index whole (its predicate is these states) instead
+  -- of the rows by id.
+  v_in_flight text[] := '{enqueued,in_progress}';
+  v_applied int;
+  v_done bigint[];
+  v_done_tasks bigint[];
+  v_tasks bigint[];
+BEGIN
+  -- success: complete with its output. failure: failures + 1; back to
+  -- pending after a backoff while retryable and attempts remain (the
+  -- handler's retry_after wins over the exponential backoff), else error.
+  WITH r AS (
+    SELECT x.id, x.attempt, coalesce(x.success, false) AS success, x.output, x.error,
+           coalesce(x.retryable, true) AS retryable, x.retry_after_ms
+      FROM (SELECT DISTINCT ON (u.id) u.*
+              FROM unnest(p_step_ids, p_attempts, p_success, p_outputs, p_errors, p_retryable, p_retry_after_ms)
+                   WITH ORDINALITY AS u(id, attempt, success, output, error, retryable, retry_after_ms, ord)
+             ORDER BY u.id, u.ord) x
+  ), upd AS (
+    UPDATE tasker_workflow_steps s
+       SET state = CASE WHEN r.success THEN 'complete'
+                        WHEN r.retryable AND s.retryable AND s.failures + 1 < s.max_attempts THEN 'pending'
+                        ELSE 'error' END,
+           failures = CASE WHEN r.success THEN s.failures ELSE s.failures + 1 END,
+           output = CASE WHEN r.success THEN r.output ELSE s.output END,
+           last_error = CASE WHEN r.success THEN s.last_error ELSE r.error END,
+           last_failure_at = CASE WHEN r.success THEN s.last_failure_at ELSE now() END,
+           next_attempt_at = CASE
+             WHEN r.success THEN s.next_attempt_at
+             WHEN r.retry_after_ms IS NOT NULL THEN now() + r.retry_after_ms * interval '1 millisecond'
+             ELSE now() + least(s.backoff_cap_ms::float8, s.backoff_base_ms * power(2::float8, s.failures))
+                          * (1 - s.jitter * random()) * interval '1 millisecond'
+           END,
+           finished_at = CASE
+             WHEN r.success OR NOT (r.retryable AND s.retryable AND s.failures + 1 < s.max_attempts) THEN now()
+           END,
+           claimed_by = NULL, claim_deadline = NULL, updated_at = now()
+      FROM r, tasker_workflow_steps o -- o: the row as the statement found it, for its old state
+     WHERE s.id = r.id AND o.id = r.id AND s.attempts = r.attempt
+       AND s.state = ANY (v_in_flight)
+    RETURNING s.id, s.task_id, s.state, r.attempt, o.state AS old_state, r.success
+  ), logged AS (
+    INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, reason)
+    SELECT upd.id, upd.task_id, upd.old_state, upd.state, upd.attempt,
+           CASE WHEN upd.success THEN 'result' WHEN upd.state = 'pending' THEN 'retry' ELSE 'failed' END
+      FROM upd
+  )
+  SELECT count(*),
+         array_agg(upd.id) FILTER (WHERE upd.state = 'complete'),
+         array_agg(upd.task_id) FILTER (WHERE upd.state = 'complete'),
+         array_agg(DISTINCT upd.task_id)
+    INTO v_applied, v_done, v_done_tasks, v_tasks FROM upd;
+
+  IF v_applied = 0 THEN
+    RETURN QUERY SELECT 0, v_total;
+    RETURN;
+  END IF;
+  IF v_done IS NOT NULL THEN
+    PERFORM tasker_release_children(v_done);
+  END IF;
+  PERFORM tasker_settle_tasks(v_tasks, coalesce(v_done_tasks, '{}'::bigint[]));
+
+  RETURN QUERY SELECT v_applied, v_total - v_applied;
+END $$;
 
 CREATE OR REPLACE FUNCTION tasker_claim_queued(p_owner text, p_lease_ms int, p_state text, p_suspect_lost int,
                                                p_suspect_limit int, p_limit int, p_queues text[], p_queue_room int[],
