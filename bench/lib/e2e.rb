@@ -341,6 +341,9 @@ module Bench
       SQL
       raise "only #{row['done']} of #{ntasks} tasks completed" unless row["done"].to_i == ntasks
 
+      # Planned on the run's rows (with the statistics of the emptied table,
+      # the self-join below is a nested loop: quadratic in the steps).
+      @conn.exec("ANALYZE tasker_workflow_step_transitions")
       lat = @conn.exec(<<~SQL, [first_new]).first
         SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
                percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99

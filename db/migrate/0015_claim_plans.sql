@@ -15,7 +15,10 @@
 -- tasks' index whole once per candidate). The suspects (a partial index
 -- whose predicate needs the threshold as a constant) and a claim for one
 -- task (p_task_id, the rspec inline mode: its steps are found by task) stay
--- planned per call. The claim's writes are as in version 14.
+-- planned per call. The claim's writes read what they did in version 14,
+-- without the two nested loops that rescanned one side once per row of the
+-- other (the claimed rows joined to the claim's ids again for their order,
+-- the tasks to the claimed rows).
 --
 -- JIT compilation is off in these functions: a generic plan's estimates do
 -- not know the arrays' sizes nor a LIMIT's, and the ready steps' estimated
@@ -127,10 +130,8 @@ DECLARE
   v_names text[];
   v_rooms int[];
   v_ids bigint[] := '{}';
-  v_tasks bigint[] := '{}';
   v_limited boolean := false;
   v_plain bigint[];
-  v_plain_tasks bigint[];
   v_plain_limited boolean;
   v_left int;
 BEGIN
@@ -164,10 +165,9 @@ BEGIN
   -- the threshold given, so that the suspects' partial index serves it.
   IF coalesce(p_suspect_limit, 0) > 0 AND p_suspect_lost IS NOT NULL THEN
     SET LOCAL plan_cache_mode = force_custom_plan;
-    SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}'), coalesce(array_agg(DISTINCT x.task_id), '{}'),
-           coalesce(bool_or(x.limited), false)
-      INTO v_ids, v_tasks, v_limited
-      FROM (SELECT s.id, s.task_id, s.concurrency_key IS NOT NULL OR s.queue = ANY (v_limited_queues) AS limited
+    SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}'), coalesce(bool_or(x.limited), false)
+      INTO v_ids, v_limited
+      FROM (SELECT s.id, s.concurrency_key IS NOT NULL OR s.queue = ANY (v_limited_queues) AS limited
               FROM tasker_workflow_steps s
               JOIN tasker_tasks t ON t.id = s.task_id
              WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.next_attempt_at <= now()
@@ -190,10 +190,10 @@ BEGIN
     IF p_task_id IS NOT NULL THEN
       SET LOCAL plan_cache_mode = force_custom_plan;
     END IF;
-    SELECT array_agg(x.id ORDER BY x.ord, x.id), array_agg(DISTINCT x.task_id), coalesce(bool_or(x.limited), false)
-      INTO v_plain, v_plain_tasks, v_plain_limited
+    SELECT array_agg(x.id ORDER BY x.ord, x.id), coalesce(bool_or(x.limited), false)
+      INTO v_plain, v_plain_limited
       FROM (SELECT c.* FROM unnest(v_names, v_rooms) AS room(name, room) CROSS JOIN LATERAL (
-              SELECT s.id, s.task_id, s.concurrency_key IS NOT NULL OR s.queue = ANY (v_limited_queues) AS limited,
+              SELECT s.id, s.concurrency_key IS NOT NULL OR s.queue = ANY (v_limited_queues) AS limited,
                      tasker_claim_order(s.next_attempt_at, s.priority) AS ord
                 FROM tasker_workflow_steps s
                WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.queue = room.name
@@ -211,7 +211,6 @@ BEGIN
              LIMIT v_left) x;
     IF v_plain IS NOT NULL THEN
       v_ids := v_ids || v_plain;
-      v_tasks := v_tasks || v_plain_tasks;
       v_limited := v_limited OR v_plain_limited;
     END IF;
   END IF;
@@ -245,7 +244,11 @@ BEGIN
   END IF;
 
   -- The claim, as in version 11; each table through the ids in hand, with
-  -- the plan the writes keep (see the header).
+  -- the plan the writes keep (see the header). The claimed rows carry their
+  -- place in v_ids, and the tasks are joined to the tasks claimed: nothing
+  -- is scanned once per row (version 14 joined the claimed rows to v_ids
+  -- again, and the tasks to the claimed rows, by nested loops that rescanned
+  -- one side per row of the other).
   SET LOCAL plan_cache_mode = force_generic_plan;
   SET LOCAL enable_bitmapscan = on;
   SET LOCAL enable_indexscan = off;
@@ -256,15 +259,17 @@ BEGIN
        SET state = p_state, attempts = s.attempts + 1, claimed_by = p_owner,
            claim_deadline = now() + (s.timeout_ms + p_lease_ms) * interval '1 millisecond',
            last_attempt_at = now(), updated_at = now()
-     WHERE s.id = ANY (v_ids)
+      FROM unnest(v_ids) WITH ORDINALITY AS o(id, pos)
+     WHERE s.id = o.id
     RETURNING s.id, s.task_id, s.name, s.handler, s.handler_config, s.attempts, s.timeout_ms, s.lost_attempts,
-              s.queue
+              s.queue, o.pos
   ), logged AS (
     INSERT INTO tasker_workflow_step_transitions (step_id, task_id, from_state, to_state, attempt, owner, reason)
     SELECT c.id, c.task_id, 'pending', p_state, c.attempts, p_owner, 'claimed' FROM claimed c
   ), started AS (
     UPDATE tasker_tasks t SET state = 'in_progress', updated_at = now()
-     WHERE t.id = ANY (v_tasks) AND t.id IN (SELECT c.task_id FROM claimed c) AND t.state = 'pending'
+      FROM (SELECT DISTINCT c.task_id FROM claimed c) ct
+     WHERE t.id = ct.task_id AND t.state = 'pending'
     RETURNING t.id
   ), started_logged AS (
     INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)
@@ -280,6 +285,5 @@ BEGIN
         JOIN tasker_workflow_steps p ON p.id = e.from_step_id
        WHERE e.to_step_id = c.id
     ) d ON true
-    JOIN unnest(v_ids) WITH ORDINALITY AS o(id, pos) ON o.id = c.id
-   ORDER BY o.pos;  -- claim order: suspects, then the others as chosen
+   ORDER BY c.pos;  -- claim order: suspects, then the others as chosen
 END $$;
