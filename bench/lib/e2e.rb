@@ -40,6 +40,7 @@ module Bench
       File.chmod(0o755, @pg_dir)
       @url = TaskerCore::EmbeddedPostgres.start(dir: @pg_dir, database: "tasker_bench")
       enable_statement_profile if PROFILE
+      log_plans if PLANS
       TaskerCore::Store.migrate!(@url)
       @conn = TaskerCore::Store::Connection.new(@url, connect_timeout: 10)
       settings = @conn.exec("SELECT name, setting FROM pg_settings WHERE name IN " \
@@ -76,6 +77,27 @@ module Bench
       end
     end
 
+    # E2E_PLANS=DIR: every statement's plan, nested ones included, with the
+    # rows and loops of each node (auto_explain, no timing), in the
+    # cluster's log, copied to DIR/postgres.log when the cluster stops;
+    # `ruby bench/plan_audit.rb DIR/postgres.log` lists the nodes run once
+    # per row of another (a plan whose cost grows with the square of a call's
+    # size). Costs every statement a plan print: for reading plans, not for
+    # figures.
+    PLANS = ENV["E2E_PLANS"]
+
+    def log_plans
+      TaskerCore::EmbeddedPostgres.stop(dir: @pg_dir)
+      File.open(File.join(@pg_dir, "data", "postgresql.conf"), "a") do |f|
+        f.puts "session_preload_libraries = 'auto_explain'"
+        f.puts "auto_explain.log_min_duration = 0"
+        f.puts "auto_explain.log_nested_statements = on"
+        f.puts "auto_explain.log_analyze = on"
+        f.puts "auto_explain.log_timing = off"
+      end
+      @url = TaskerCore::EmbeddedPostgres.start(dir: @pg_dir, database: "tasker_bench")
+    end
+
     # The statements that took the most time since the last reset, per step.
     def top_statements(steps, limit = 12)
       @conn.exec(<<~SQL, [limit]).map do |r|
@@ -90,6 +112,10 @@ module Bench
     def stop_postgres
       @conn&.close
       TaskerCore::EmbeddedPostgres.stop(dir: @pg_dir) if @pg_dir
+      if PLANS && @pg_dir
+        FileUtils.mkdir_p(PLANS)
+        FileUtils.cp(File.join(@pg_dir, "postgres.log"), PLANS)
+      end
       FileUtils.rm_rf(@pg_dir) if @pg_dir
     end
 
