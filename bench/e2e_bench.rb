@@ -231,6 +231,7 @@ Bench.write_result(Bench::E2E::PROFILE ? "e2e_profile" : "e2e",
                    parameters: { "steps" => STEPS, "activejob_peer_steps" => ACTIVEJOB_STEPS, "repeats" => REPEATS, "steps_per_task" => Bench::E2E::STEPS_PER_TASK,
                                  "task_shape" => "10 independent no-op steps", "workers" => Bench::E2E::WORKERS,
                                  "worker_concurrency" => Bench::E2E::WORKER_CONCURRENCY,
+                                 "worker_prefetch" => Bench::E2E::WORKER_PREFETCH,
                                  "sidekiq" => "1x#{Bench::E2E::SIDEKIQ_THREADS} and 2x#{Bench::E2E::SIDEKIQ_THREADS}, logging at warn",
                                  "goodjob" => "good_job #{Bench.gem_in_bundle('goodjob', 'good_job')} on Rails " \
                                               "#{Bench.gem_in_bundle('goodjob', 'railties')}, " \

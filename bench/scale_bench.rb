@@ -146,5 +146,6 @@ Bench.write_result("scale",
                    parameters: { "steps_per_run" => STEPS, "repeats" => REPEATS, "history_finished_steps" => HISTORY,
                                  "history_fill_seconds" => fill, "workers" => Bench::E2E::WORKERS,
                                  "worker_concurrency" => Bench::E2E::WORKER_CONCURRENCY,
+                                 "worker_prefetch" => Bench::E2E::WORKER_PREFETCH,
                                  "ours_throughput_largest_over_smallest_history" => held },
                    rows: rows, notes: notes)

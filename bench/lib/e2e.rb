@@ -20,6 +20,7 @@ module Bench
     STEPS_PER_TASK = 10
     WORKERS = 2
     WORKER_CONCURRENCY = Integer(ENV.fetch("E2E_WORKER_CONCURRENCY", "50"))
+    WORKER_PREFETCH = Integer(ENV.fetch("E2E_WORKER_PREFETCH", "100"))
     SIDEKIQ_THREADS = 10
     CREATE_CHUNK = 100 # tasks per creating statement
     HERE = __dir__
@@ -312,6 +313,7 @@ module Bench
       @worker_pids = Array.new(WORKERS) do |i|
         spawn_child(Gem.ruby, File.join(Bench::ROOT, "exe", "tasker-worker"),
                     "--handlers", File.join(E2E_DIR, "noop_handlers.rb"), "--concurrency", WORKER_CONCURRENCY.to_s,
+                    "--prefetch", WORKER_PREFETCH.to_s,
                     "--batch-endpoint", batch_ep, "--result-endpoint", result_ep, "--worker-id", "bench-w#{i + 1}",
                     env: { "TASKER_LOG_LEVEL" => "warn" }, out: File::NULL)
       end

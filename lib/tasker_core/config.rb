@@ -89,7 +89,12 @@ module TaskerCore
                   env: "TASKER_CURVE_ALLOWED_CLIENT_KEYS_FILE",
                   doc: "File of allowed worker public keys, one per line (# comments), added to allowed_client_keys."),
       Setting.new(key: "worker.max_workers", protocol: "workers: heartbeat `capacity`", type: :integer, default: 10, min: 1, max: 1024,
-                  doc: "Threads per worker process running step handlers; advertised as its capacity."),
+                  doc: "Threads per worker process running step handlers; advertised as its capacity, with prefetch."),
+      Setting.new(key: "worker.prefetch", protocol: "workers: heartbeat `capacity` is max_workers + prefetch", type: :integer, default: 0, min: 0, max: 10_000,
+                  doc: "Steps a worker takes beyond its threads: they wait in its queue and start as threads free up, " \
+                       "so the next batch is already there when a step ends. For steps much shorter than " \
+                       "`orchestration.dispatch_timeout_ms`: a step's re-dispatch deadline runs while it waits. " \
+                       "`tasker worker --prefetch N` overrides it."),
       Setting.new(key: "worker.queues", protocol: "workers: heartbeat `queues`", type: :queue_list, default: [Queues::DEFAULT],
                   doc: "Queues this worker serves (advertised in its heartbeats); the orchestrator sends it only " \
                        "steps of these queues. `tasker worker --queues a,b` overrides it."),

@@ -13,10 +13,10 @@ module TaskerCore
   #   TSTP       stop taking new work (heartbeats advertise capacity 0)
   #   CONT       take work again
   class WorkerProcess
-    USAGE = "Usage: tasker-worker --handlers PATH [--concurrency N] [--batch-endpoint E] " \
+    USAGE = "Usage: tasker-worker --handlers PATH [--concurrency N] [--prefetch N] [--batch-endpoint E] " \
             "[--result-endpoint E] [--discovery NAME] [--worker-id ID] [--shutdown-timeout SECONDS] [--queues A,B]"
     # The keywords of #initialize that come from the command line.
-    OPTIONS = %i[handlers concurrency batch_endpoint result_endpoint discovery worker_id shutdown_timeout
+    OPTIONS = %i[handlers concurrency prefetch batch_endpoint result_endpoint discovery worker_id shutdown_timeout
                  queues].freeze
 
     SIGNAL_BYTES = { "TERM" => "T", "INT" => "I", "TSTP" => "S", "CONT" => "C" }.freeze
@@ -51,6 +51,8 @@ module TaskerCore
       o.on("--handlers PATH", "a .rb file or a directory of them defining step handlers (repeatable; " \
                               "required outside a Rails app)") { |v| options[:handlers] << v }
       o.on("--concurrency N", Integer, "threads running steps (default worker.max_workers)") { |v| options[:concurrency] = v }
+      o.on("--prefetch N", Integer, "steps taken beyond the threads, queued for the next free one (default " \
+                                    "worker.prefetch)") { |v| options[:prefetch] = v }
       o.on("--batch-endpoint E", "where the orchestrator publishes batches") { |v| options[:batch_endpoint] = v }
       o.on("--result-endpoint E", "where the orchestrator receives results") { |v| options[:result_endpoint] = v }
       o.on("--discovery NAME", "look the endpoints up under this name (discovery.name) and follow changes") { |v| options[:discovery] = v }
@@ -67,6 +69,7 @@ module TaskerCore
         raise ArgumentError, rails_app.nil? ? "--handlers is required" : "--handlers PATH is required outside a Rails app"
       end
       raise ArgumentError, "--concurrency must be at least 1" if options[:concurrency]&.< 1
+      raise ArgumentError, "--prefetch must be at least 0" if options[:prefetch]&.negative?
 
       options[:queues] = Queues.list(options[:queues]) if options[:queues]
 
@@ -76,7 +79,7 @@ module TaskerCore
       options
     end
 
-    def initialize(handlers:, concurrency: nil, batch_endpoint: nil, result_endpoint: nil, worker_id: nil,
+    def initialize(handlers:, concurrency: nil, prefetch: nil, batch_endpoint: nil, result_endpoint: nil, worker_id: nil,
                    shutdown_timeout: nil, discovery: nil, queues: nil, logger: nil)
       @handler_paths = handlers
       # Discovery is used when no endpoint is given on the command line.
@@ -84,7 +87,7 @@ module TaskerCore
       @shutdown_timeout = shutdown_timeout
       @logger = logger || (TaskerCore.respond_to?(:logger) && TaskerCore.logger) || Logger.new($stderr)
       # Only what was given on the command line; the rest defaults from config.
-      @orchestrator_options = { max_workers: concurrency, step_sub_endpoint: batch_endpoint,
+      @orchestrator_options = { max_workers: concurrency, prefetch: prefetch, step_sub_endpoint: batch_endpoint,
                                 result_pub_endpoint: result_endpoint, worker_id: worker_id, queues: queues }.compact
     end
 

@@ -58,7 +58,7 @@ module TaskerCore
           return
         end
         ready << :ok
-        @logger.info("tasker worker #{@worker_id}: #{@settings.max_workers} threads, batches from " \
+        @logger.info("tasker worker #{@worker_id}: #{@settings.max_workers} threads (capacity #{@settings.capacity}), batches from " \
                      "#{@connection.endpoints[:batch_endpoint]}, results to #{@connection.endpoints[:result_endpoint]}")
         loop_until_drained
         @connection.finish
@@ -186,7 +186,7 @@ module TaskerCore
       end
 
       def current_capacity
-        @paused || stop_requested? ? 0 : @settings.max_workers
+        @paused || stop_requested? ? 0 : @settings.capacity
       end
 
       def wait_ms(drain_deadline)

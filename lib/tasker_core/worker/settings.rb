@@ -7,7 +7,7 @@ module TaskerCore
     # part reads TaskerCore.config itself.
     #
     # Times are in seconds here (the configuration's *_ms keys divided once).
-    Settings = Struct.new(:worker_id, :batch_endpoint, :result_endpoint, :max_workers, :heartbeat_interval_s,
+    Settings = Struct.new(:worker_id, :batch_endpoint, :result_endpoint, :max_workers, :prefetch, :heartbeat_interval_s,
                           :step_timeout_s, :shutdown_timeout_s, :timeout_grace_s, :reopen_grace_s, :send_hwm,
                           :recv_hwm, :linger_ms, :curve, :max_message_bytes, :max_batch_steps, :max_payload_depth,
                           :max_result_bytes, :queues, keyword_init: true)
@@ -34,8 +34,9 @@ module TaskerCore
 
         max_workers = v[:max_workers]
         raise ArgumentError, "max_workers must be a positive Integer" unless max_workers.is_a?(Integer) && max_workers.positive?
+        raise ArgumentError, "prefetch must be an Integer >= 0" unless v[:prefetch].is_a?(Integer) && v[:prefetch] >= 0
 
-        new(worker_id: id, max_workers: max_workers,
+        new(worker_id: id, max_workers: max_workers, prefetch: v[:prefetch],
             batch_endpoint: step_sub_endpoint == :config ? config.dig("zeromq", "batch_endpoint") : step_sub_endpoint,
             result_endpoint: result_pub_endpoint == :config ? config.dig("zeromq", "result_endpoint") : result_pub_endpoint,
             heartbeat_interval_s: v[:heartbeat_interval_ms] / 1000.0, step_timeout_s: v[:step_timeout_ms] / 1000.0,
@@ -51,7 +52,7 @@ module TaskerCore
 
       # Keyword => the dotted configuration key it defaults to.
       CONFIG_KEYS = {
-        max_workers: "worker.max_workers", heartbeat_interval_ms: "zeromq.heartbeat_interval_ms",
+        max_workers: "worker.max_workers", prefetch: "worker.prefetch", heartbeat_interval_ms: "zeromq.heartbeat_interval_ms",
         step_timeout_ms: "worker.step_timeout_ms", shutdown_timeout_ms: "worker.shutdown_timeout_ms",
         send_hwm: "zeromq.send_hwm", recv_hwm: "zeromq.recv_hwm", linger_ms: "zeromq.linger_ms",
         max_message_bytes: "zeromq.max_message_bytes", max_batch_steps: "zeromq.max_batch_steps",
@@ -72,6 +73,10 @@ module TaskerCore
                    max_payload_depth: max_payload_depth }
         limits.values.all? { |x| x.is_a?(Integer) && x.positive? } ? limits : nil
       end
+
+      # The steps this worker takes at once: its threads, and the steps that
+      # may wait in its queue for one (the heartbeat's "capacity").
+      def capacity = max_workers + prefetch
 
       # Never shows the CURVE secret key.
       def inspect

@@ -138,6 +138,25 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     expect(@worker.stats[:heartbeats_sent]).to be >= 2
   end
 
+  it "takes prefetch steps beyond its threads: advertised in its capacity, queued, each run as a thread frees" do
+    start_worker(max_workers: 1, prefetch: 2)
+    expect(peer.wait_for("a heartbeat") { peer.heartbeats.last }).to include("capacity" => 3)
+    batch_id = peer.send_batch(worker_id, [step(1, "Gated"), step(2, "Gated"), step(3, "Gated")])
+    expect(started_steps(1)).to eq([1])
+    busy = peer.wait_for("a heartbeat with 3 in flight") { peer.heartbeats.find { |h| h["in_flight"] == 3 } }
+    expect(busy["capacity"]).to eq(3)
+    expect(started).to be_empty # one thread: the other two wait in the queue
+    gate << :go
+    expect(started_steps(1)).to eq([2])
+    expect(started).to be_empty
+    gate << :go
+    expect(started_steps(1)).to eq([3])
+    gate << :go
+    peer.wait_for("the completion") { peer.completions(batch_id).any? }
+    expect(peer.partials(batch_id).map { |m| [m["step_id"], m["status"]] })
+      .to contain_exactly([1, "complete"], [2, "complete"], [3, "complete"])
+  end
+
   it "advertises no capacity while paused and takes work again on resume" do
     start_worker
     @worker.pause

@@ -22,10 +22,16 @@ RSpec.describe TaskerCore::Worker::Settings do
                                                max_payload_depth: config.dig("zeromq", "max_payload_depth") }.compact)
   end
 
-  it "refuses an unknown keyword, a bad worker id and a max_workers that is not a positive Integer" do
+  it "refuses an unknown keyword, a bad worker id, a max_workers that is not a positive Integer, a negative prefetch" do
     expect { described_class.build(curve: nil, max_wrokers: 2) }.to raise_error(ArgumentError, /max_wrokers/)
     expect { described_class.build(curve: nil, worker_id: "bad id!") }.to raise_error(ArgumentError, /worker_id/)
     expect { described_class.build(curve: nil, max_workers: 0) }.to raise_error(ArgumentError, /max_workers/)
+    expect { described_class.build(curve: nil, prefetch: -1) }.to raise_error(ArgumentError, /prefetch/)
+  end
+
+  it "takes as many steps as it has threads unless worker.prefetch adds waiting room" do
+    expect(described_class.build(config: config, curve: nil, max_workers: 3).capacity).to eq(3)
+    expect(described_class.build(config: config, curve: nil, max_workers: 3, prefetch: 5).capacity).to eq(8)
   end
 
   it "is what the worker runs with, and never shows a CURVE secret key" do
