@@ -134,6 +134,10 @@ DECLARE
   v_plain bigint[];
   v_plain_limited boolean;
   v_left int;
+  -- In a variable, not a literal: so that no plan of the claim reads the
+  -- unfinished tasks' partial index whole (its predicate holds this
+  -- state) and joins the claimed steps' tasks to it row by row.
+  v_pending text := 'pending';
 BEGIN
   IF p_state NOT IN ('enqueued', 'in_progress') THEN
     RAISE EXCEPTION 'tasker_claim_queued: a claim moves steps to enqueued or in_progress, not %', p_state;
@@ -269,7 +273,7 @@ BEGIN
   ), started AS (
     UPDATE tasker_tasks t SET state = 'in_progress', updated_at = now()
       FROM (SELECT DISTINCT c.task_id FROM claimed c) ct
-     WHERE t.id = ct.task_id AND t.state = 'pending'
+     WHERE t.id = ct.task_id AND t.state = v_pending
     RETURNING t.id
   ), started_logged AS (
     INSERT INTO tasker_task_transitions (task_id, from_state, to_state, reason)

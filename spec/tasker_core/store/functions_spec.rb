@@ -1,5 +1,8 @@
 # frozen_string_literal: true
 
+require "open3"
+require_relative "../../../bench/lib/plan_audit"
+
 RSpec.describe "the store's SQL functions", :db do
   let(:conn) { connect }
 
@@ -410,6 +413,48 @@ RSpec.describe "the store's SQL functions", :db do
       before = blocks.call
       expect(succeed(session, in_flight.first(400))["applied"]).to eq(400)
       expect((blocks.call - before) / 400.0).to be < 60
+    end
+
+    it "does nothing per pair of rows in a claim or an apply, with plans made on emptied tables (db/migrate/0015)" do
+      use_templates(template("fan", [step("a"), step("b"), step("c", %w[a b])]))
+      %w[tasker_workflow_step_edges tasker_workflow_steps tasker_tasks].each { |t| conn.exec("VACUUM ANALYZE #{t}") }
+      claim = ->(n) { "SELECT step_id, attempt FROM tasker_claim_steps_v4('orch-1', 60000, 2, 0, #{n}, '{default}', ARRAY[#{n}], '{}', '{}')" }
+      apply = lambda do |from|
+        "SELECT * FROM tasker_apply_results((SELECT array_agg(step_id) FROM #{from}), (SELECT array_agg(attempt) FROM #{from}), " \
+          "(SELECT array_agg(true) FROM #{from}), (SELECT array_agg('\\x80'::bytea) FROM #{from}), " \
+          "(SELECT array_agg(NULL::bytea) FROM #{from}), (SELECT array_agg(true) FROM #{from}), " \
+          "(SELECT array_agg(NULL::int) FROM #{from}));"
+      end
+      # One psql session, its plans made as the tables fill: auto_explain
+      # then prints each statement's plan, with the rows and loops of every
+      # node, as a NOTICE.
+      plans = Open3.popen2e("psql", db_url, "-X", "-q", "-v", "ON_ERROR_STOP=1") do |stdin, out, _wait|
+        say = lambda do |sql|
+          stdin.puts(sql, "\\echo -- done --")
+          stdin.flush
+          lines = []
+          while (line = out.gets) && line.chomp != "-- done --"
+            lines << line
+          end
+          raise "psql: #{lines.join}" if line.nil? || lines.grep(/ERROR/).any?
+
+          lines.join
+        end
+        # the choice of steps and the apply's update planned on no rows at all
+        say.("#{claim.(50)}; CREATE TEMP TABLE nothing AS SELECT 1::bigint AS step_id, 1 AS attempt; #{apply.('nothing')}")
+        TaskerCore.create_tasks([{ name: "fan" }])
+        say.("CREATE TEMP TABLE first AS #{claim.(50)}; #{apply.('first')}")
+        TaskerCore.create_tasks(Array.new(500) { { name: "fan" } })
+        say.("LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on; " \
+             "SET auto_explain.log_analyze = on; SET auto_explain.log_timing = off; " \
+             "SET auto_explain.log_level = notice; SET client_min_messages = notice; " \
+             "CREATE TEMP TABLE big AS #{claim.(1000)}; CREATE TEMP TABLE done AS SELECT * FROM big LIMIT 400; " \
+             "#{apply.('done')}")
+      end
+      expect(plans).to include("Update on tasker_workflow_steps") # the claim's and the apply's plans were printed
+      # 1,000 steps claimed, 400 applied: a set scanned again per row, or rows
+      # compared pairwise and dropped, would count in the hundreds of thousands.
+      expect(PlanAudit.findings(plans).map { |f| "#{f.what} (#{f.most} rows): #{f.query}" }).to eq([])
     end
 
     it "never JIT-compiles the hot path: generic plans' estimates would compile them on every call (db/migrate/0015)" do
