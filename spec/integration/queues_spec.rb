@@ -151,24 +151,38 @@ RSpec.describe "queues, routing and concurrency limits", :db, :no_valgrind do
       spawn_orchestrator(db_url, *endpoints, lease_ms: 5000, env: { "TASKER_CONFIG_PATH" => config })
       endpoints
     end
-    orchestrators.each do |b, r|
-      2.times { spawn_durable_worker(b, r, concurrency: 10, queues: "default,api") }
+    workers = orchestrators.map do |b, r|
+      Array.new(2) { spawn_durable_worker(b, r, concurrency: 10, queues: "default,api") }
     end
     wait_until(timeout: 30, message: "two workers live on each orchestrator") do
       conn.exec("SELECT owner, count(*) AS n FROM tasker_workers WHERE connected GROUP BY owner")
           .map { |r| r["n"] } == [2, 2]
     end
+    # Both orchestrators claim, by turns: an orchestrator whose step ends
+    # claims the room it frees before the other wakes, so left alone one
+    # of them can take every step. Its workers paused (capacity 0), an
+    # orchestrator claims nothing, and still applies what it sent.
+    capacity = lambda do |pids|
+      conn.exec("SELECT sum(capacity)::int AS c FROM tasker_workers WHERE connected AND pid = ANY ($1::int[])",
+                ["{#{pids.join(',')}}"]).first["c"].to_i
+    end
+    owners = -> { conn.exec("SELECT count(DISTINCT owner)::int AS n FROM tasker_workflow_step_transitions WHERE reason = 'claimed'").first["n"] }
+    workers[0].each { |pid| Process.kill("TSTP", pid) }
+    wait_until(timeout: 30, message: "the first orchestrator's workers paused") { capacity.(workers[0]).zero? }
     ids = TaskerCore.create_tasks(Array.new(40) { |i| { name: "keyed", context: { "customer" => i % 3 } } } +
                                   Array.new(30) { { name: "api" } })
+    wait_until(timeout: 30, message: "the second orchestrator's first claims") { owners.call == 1 }
+    workers[1].each { |pid| Process.kill("TSTP", pid) }
+    workers[0].each { |pid| Process.kill("CONT", pid) }
+    wait_until(timeout: 30, message: "the first orchestrator's first claims") { owners.call == 2 }
+    workers[1].each { |pid| Process.kill("CONT", pid) }
     wait_for_tasks(conn, ids, timeout: 120)
 
     by_key = max_in_flight(conn, "s.concurrency_key")
     expect(by_key.values_at("customer-0", "customer-1", "customer-2")).to eq([1, 1, 1])
     by_queue = max_in_flight(conn, "s.queue")
     expect(by_queue["api"]).to be_between(1, 3)
-    # both orchestrators claimed
-    expect(conn.exec("SELECT count(DISTINCT owner) AS n FROM tasker_workflow_step_transitions WHERE reason = 'claimed'")
-               .first["n"]).to eq(2)
+    expect(owners.call).to eq(2) # both orchestrators claimed
     expect(steps_completed_twice(conn)).to be_empty
   end
 end
