@@ -10,9 +10,13 @@
 # rows per loop and is not reported. Used by bench/plan_audit.rb and by the
 # store's specs.
 module PlanAudit
-  NODE = /->\s+(?<node>[A-Z][A-Za-z ]+?)(?: on | using |\s+\().*actual rows=(?<rows>\d+) loops=(?<loops>\d+)/
+  # rows: a whole number, or with two decimals (an average per loop, PostgreSQL 18)
+  NODE = /->\s+(?<node>[A-Z][A-Za-z ]+?)(?: on | using |\s+\().*actual rows=(?<rows>\d+(?:\.\d+)?) loops=(?<loops>\d+)/
   JOIN_FILTER = /Rows Removed by Join Filter: (?<removed>\d+)/
   Finding = Struct.new(:query, :what, :most, :plans, keyword_init: true)
+
+  # The plan nodes in text that carry their actual rows and loops.
+  def self.nodes(text) = text.each_line.count { |line| NODE.match?(line) }
 
   # Findings, the largest first: nodes run at least min_loops times
   # returning at least per_loop rows each time on average, and join filters
@@ -28,9 +32,9 @@ module PlanAudit
       query = plan[/Query Text:\s*(.*)/, 1].to_s.split.first(8).join(" ")
       plan.each_line do |line|
         if (m = NODE.match(line))
-          rows = m[:rows].to_i
+          rows = m[:rows].to_f
           loops = m[:loops].to_i
-          note.(query, "#{m[:node]} rescanned", rows * loops) if loops >= min_loops && rows >= per_loop
+          note.(query, "#{m[:node]} rescanned", (rows * loops).round) if loops >= min_loops && rows >= per_loop
         elsif (m = JOIN_FILTER.match(line))
           note.(query, "join filter", m[:removed].to_i) if m[:removed].to_i >= dropped
         end

@@ -140,7 +140,7 @@ RSpec.describe "queues, routing and concurrency limits", :db, :no_valgrind do
     File.write(config, { "default" => { "queues" => { "api" => { "concurrency" => 3 } },
                                         "logging" => { "level" => "error" } } }.to_yaml)
     use_templates(
-      template("keyed", [step("call", handler: "DurableHandlers::Slow", handler_config: { "sleep_ms" => 30 })],
+      template("keyed", [step("call", handler: "DurableHandlers::Slow", handler_config: { "sleep_ms" => 50 })],
                concurrency: { key: "customer-%{context.customer}", limit: 1 }),
       template("api", [step("call", handler: "DurableHandlers::Slow", handler_config: { "sleep_ms" => 30 })],
                queue: "api")

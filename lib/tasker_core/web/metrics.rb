@@ -110,7 +110,7 @@ module TaskerCore
             FROM tasker_workers WHERE connected AND last_heartbeat_at > now() - make_interval(secs => $1 / 1000.0)
         SQL
         family(out, "tasker_workers_live", "gauge", "Connected workers with a recent heartbeat", [[{}, w["n"]]])
-        family(out, "tasker_workers_capacity", "gauge", "Steps the live workers can run at once",
+        family(out, "tasker_workers_capacity", "gauge", "Steps the live workers take at once (threads and prefetch)",
                [[{}, w["capacity"]]])
         family(out, "tasker_workers_in_flight", "gauge", "Steps the live workers report running",
                [[{}, w["in_flight"]]])

@@ -34,7 +34,10 @@ module TaskerCore
 
         max_workers = v[:max_workers]
         raise ArgumentError, "max_workers must be a positive Integer" unless max_workers.is_a?(Integer) && max_workers.positive?
-        raise ArgumentError, "prefetch must be an Integer >= 0" unless v[:prefetch].is_a?(Integer) && v[:prefetch] >= 0
+        prefetch = Config::SCHEMA.fetch("worker.prefetch") # the command line is held to the schema's bounds too
+        unless v[:prefetch].is_a?(Integer) && v[:prefetch].between?(prefetch.min, prefetch.max)
+          raise ArgumentError, "prefetch must be an Integer between #{prefetch.min} and #{prefetch.max}"
+        end
 
         new(worker_id: id, max_workers: max_workers, prefetch: v[:prefetch],
             batch_endpoint: step_sub_endpoint == :config ? config.dig("zeromq", "batch_endpoint") : step_sub_endpoint,

@@ -193,7 +193,10 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     expect(stopper.value).to be(true)
     expect(partial_for(batch_id, 1)["error"]).to include("class" => "TaskerCore::StepTimeoutError", "retryable" => true)
     expect(partial_for(batch_id, 1)["error"]["message"]).to include("shut down")
-    expect(partial_for(batch_id, 2)).to include("status" => "error") # queued behind it, never started
+    # queued behind it, never started: retryable, as a timeout (it spends an attempt)
+    expect(partial_for(batch_id, 2)).to include("status" => "error")
+    expect(partial_for(batch_id, 2)["error"]).to include("class" => "TaskerCore::StepTimeoutError", "retryable" => true,
+                                                        "message" => a_string_including("before the step started"))
     expect(peer.completions(batch_id).size).to eq(1)
   end
 

@@ -452,6 +452,7 @@ RSpec.describe "the store's SQL functions", :db do
              "#{apply.('done')}")
       end
       expect(plans).to include("Update on tasker_workflow_steps") # the claim's and the apply's plans were printed
+      expect(PlanAudit.nodes(plans)).to be > 50 # and their nodes' rows and loops read
       # 1,000 steps claimed, 400 applied: a set scanned again per row, or rows
       # compared pairwise and dropped, would count in the hundreds of thousands.
       expect(PlanAudit.findings(plans).map { |f| "#{f.what} (#{f.most} rows): #{f.query}" }).to eq([])

@@ -27,6 +27,7 @@ RSpec.describe TaskerCore::Worker::Settings do
     expect { described_class.build(curve: nil, worker_id: "bad id!") }.to raise_error(ArgumentError, /worker_id/)
     expect { described_class.build(curve: nil, max_workers: 0) }.to raise_error(ArgumentError, /max_workers/)
     expect { described_class.build(curve: nil, prefetch: -1) }.to raise_error(ArgumentError, /prefetch/)
+    expect { described_class.build(curve: nil, prefetch: 10_001) }.to raise_error(ArgumentError, /prefetch/)
   end
 
   it "takes as many steps as it has threads unless worker.prefetch adds waiting room" do
