@@ -18,7 +18,8 @@
 -- planned per call. The claim's writes read what they did in version 14,
 -- without the two nested loops that rescanned one side once per row of the
 -- other (the claimed rows joined to the claim's ids again for their order,
--- the tasks to the claimed rows).
+-- the tasks to the claimed rows), and the limits' recheck counts each
+-- limited queue's steps in flight once, not once per candidate.
 --
 -- JIT compilation is off in these functions: a generic plan's estimates do
 -- not know the arrays' sizes nor a LIMIT's, and the ready steps' estimated
@@ -234,13 +235,15 @@ BEGIN
               FROM (SELECT f.id, f.queue, f.concurrency_key, f.concurrency_limit, array_position(v_ids, f.id) AS pos
                       FROM tasker_workflow_steps f WHERE f.id = ANY (v_ids)) s) c
       LEFT JOIN unnest(p_limited_queues, p_queue_limits) AS ql(queue, lim) ON ql.queue = c.queue
-      LEFT JOIN LATERAL (SELECT count(*) AS n FROM tasker_workflow_steps s
-                          WHERE ql.queue IS NOT NULL AND s.queue = c.queue
-                            AND s.state IN ('enqueued', 'in_progress')) qf ON true
+      -- each limited queue's steps in flight, counted once (not once per
+      -- candidate: no index has the queue of the steps in flight)
+      LEFT JOIN (SELECT s.queue, count(*) AS n FROM tasker_workflow_steps s
+                  WHERE s.queue = ANY (v_limited_queues) AND s.state IN ('enqueued', 'in_progress')
+                  GROUP BY s.queue) qf ON qf.queue = c.queue
       LEFT JOIN LATERAL (SELECT count(*) AS n FROM tasker_workflow_steps s
                           WHERE c.key IS NOT NULL AND s.concurrency_key = c.key
                             AND s.state IN ('enqueued', 'in_progress')) kf ON true
-     WHERE (ql.queue IS NULL OR c.qn <= ql.lim - qf.n)
+     WHERE (ql.queue IS NULL OR c.qn <= ql.lim - coalesce(qf.n, 0))
        AND (c.key IS NULL OR c.kn <= c.key_limit - kf.n);
     IF v_ids IS NULL THEN
       RETURN;

@@ -418,7 +418,10 @@ RSpec.describe "the store's SQL functions", :db do
     it "does nothing per pair of rows in a claim or an apply, with plans made on emptied tables (db/migrate/0015)" do
       use_templates(template("fan", [step("a"), step("b"), step("c", %w[a b])]))
       %w[tasker_workflow_step_edges tasker_workflow_steps tasker_tasks].each { |t| conn.exec("VACUUM ANALYZE #{t}") }
-      claim = ->(n) { "SELECT step_id, attempt FROM tasker_claim_steps_v4('orch-1', 60000, 2, 0, #{n}, '{default}', ARRAY[#{n}], '{}', '{}')" }
+      claim = lambda do |n, limited: false| # limited: the queue under a limit (never reached), rechecked under its lock
+        limits = limited ? "'{default}', ARRAY[100000]" : "'{}', '{}'"
+        "SELECT step_id, attempt FROM tasker_claim_steps_v4('orch-1', 60000, 2, 0, #{n}, '{default}', ARRAY[#{n}], #{limits})"
+      end
       apply = lambda do |from|
         "SELECT * FROM tasker_apply_results((SELECT array_agg(step_id) FROM #{from}), (SELECT array_agg(attempt) FROM #{from}), " \
           "(SELECT array_agg(true) FROM #{from}), (SELECT array_agg('\\x80'::bytea) FROM #{from}), " \
@@ -443,18 +446,19 @@ RSpec.describe "the store's SQL functions", :db do
         # the choice of steps and the apply's update planned on no rows at all
         say.("#{claim.(50)}; CREATE TEMP TABLE nothing AS SELECT 1::bigint AS step_id, 1 AS attempt; #{apply.('nothing')}")
         TaskerCore.create_tasks([{ name: "fan" }])
-        say.("CREATE TEMP TABLE first AS #{claim.(50)}; #{apply.('first')}")
+        say.("CREATE TEMP TABLE first AS #{claim.(50, limited: true)}; #{apply.('first')}")
         TaskerCore.create_tasks(Array.new(500) { { name: "fan" } })
         say.("LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on; " \
              "SET auto_explain.log_analyze = on; SET auto_explain.log_timing = off; " \
              "SET auto_explain.log_level = notice; SET client_min_messages = notice; " \
-             "CREATE TEMP TABLE big AS #{claim.(1000)}; CREATE TEMP TABLE done AS SELECT * FROM big LIMIT 400; " \
-             "#{apply.('done')}")
+             "CREATE TEMP TABLE big AS #{claim.(500)}; CREATE TEMP TABLE more AS #{claim.(500, limited: true)}; " \
+             "CREATE TEMP TABLE done AS SELECT * FROM big LIMIT 400; #{apply.('done')}")
       end
       expect(plans).to include("Update on tasker_workflow_steps") # the claim's and the apply's plans were printed
       expect(PlanAudit.nodes(plans)).to be > 50 # and their nodes' rows and loops read
-      # 1,000 steps claimed, 400 applied: a set scanned again per row, or rows
-      # compared pairwise and dropped, would count in the hundreds of thousands.
+      # 500 steps claimed, 500 more in a limited queue with the first 500 in
+      # flight, 400 applied: a set scanned again per row, or rows compared
+      # pairwise and dropped, would count in the hundreds of thousands.
       expect(PlanAudit.findings(plans).map { |f| "#{f.what} (#{f.most} rows): #{f.query}" }).to eq([])
     end
 
