@@ -69,7 +69,10 @@ module TaskerCore
         raise ArgumentError, rails_app.nil? ? "--handlers is required" : "--handlers PATH is required outside a Rails app"
       end
       raise ArgumentError, "--concurrency must be at least 1" if options[:concurrency]&.< 1
-      raise ArgumentError, "--prefetch must be at least 0" if options[:prefetch]&.negative?
+      if (prefetch = options[:prefetch])
+        bounds = Config::SCHEMA.fetch("worker.prefetch")
+        raise ArgumentError, "--prefetch must be between #{bounds.min} and #{bounds.max}" unless prefetch.between?(bounds.min, bounds.max)
+      end
 
       options[:queues] = Queues.list(options[:queues]) if options[:queues]
 

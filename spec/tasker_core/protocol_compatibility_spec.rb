@@ -41,6 +41,11 @@ RSpec.describe "protocol versions 1 and 2 side by side", :db, :no_valgrind do
                        "--concurrency", "6", "--heartbeat-interval-ms", "200",
                        err: ENV["SPEC_LOG"] ? :err : File::NULL, pgroup: true)
     (@spawned_pids ||= []) << v1
+    # All three live before the work exists: a Ruby worker boots slower than
+    # the Python one, which could otherwise run every step alone.
+    wait_until(timeout: 30, message: "the three workers live") do
+      conn.exec("SELECT count(*)::int AS n FROM tasker_workers WHERE connected AND capacity > 0").first["n"] == 3
+    end
 
     ids = TaskerCore.create_tasks(Array.new(60) { |i| { name: "mixed", context: { "n" => i } } })
     expect_finished_exactly_once(ids, timeout: 90)

@@ -83,8 +83,8 @@ module TaskerCore
 
       # Never shows the CURVE secret key.
       def inspect
-        "#<#{self.class.name} worker_id=#{worker_id.inspect} max_workers=#{max_workers} queues=#{queues.inspect} " \
-          "curve=#{!curve.nil?}>"
+        "#<#{self.class.name} worker_id=#{worker_id.inspect} max_workers=#{max_workers} prefetch=#{prefetch} " \
+          "queues=#{queues.inspect} curve=#{!curve.nil?}>"
       end
       alias to_s inspect
     end

@@ -55,4 +55,15 @@ RSpec.describe "the worker's command line" do
     expect(switches(exe)).not_to be_empty
     expect(switches(cli) - %w[--app --config --env --trace --help]).to eq(switches(exe))
   end
+
+  it "refuses a --prefetch outside worker.prefetch's bounds before anything starts" do
+    parse = lambda do |*argv|
+      options = {}
+      OptionParser.new { |o| TaskerCore::WorkerProcess.define_options(o, options) }.parse!(["--handlers", __FILE__, *argv])
+      TaskerCore::WorkerProcess.validate!(options)
+    end
+    expect(parse.("--prefetch", "100")).to include(prefetch: 100)
+    expect { parse.("--prefetch", "-1") }.to raise_error(ArgumentError, /--prefetch must be between 0 and 10000/)
+    expect { parse.("--prefetch", "10001") }.to raise_error(ArgumentError, /--prefetch/)
+  end
 end
