@@ -219,13 +219,13 @@ void tc_oh_set_queue_completions(tc_oh *h, int on)
  * is still subscribed, makes it live again. */
 int tc_oh_worker_live(const tc_oh_worker *w)
 {
-    return w->subscribed > 0 && w->heartbeated && !w->not_reading;
+    return (w->subscribed > 0 || w->leaving_until_mono_ms) && w->heartbeated && !w->not_reading;
 }
 
 int tc_oh_worker_sendable(const tc_oh *h, const tc_oh_worker *w, int64_t now_mono_ms)
 {
     (void)h;
-    return tc_oh_worker_live(w) && w->capacity > 0 && now_mono_ms >= w->backoff_until_mono_ms &&
+    return tc_oh_worker_live(w) && w->subscribed > 0 && w->capacity > 0 && now_mono_ms >= w->backoff_until_mono_ms &&
            !(w->isolating && w->used > 0);
 }
 
@@ -366,11 +366,18 @@ static void worker_lose(tc_oh *h, tc_oh_worker *w, const char *reason)
 
 void tc_oh_expire(tc_oh *h)
 {
-    if (h->heartbeat_timeout_ms <= 0) return;
     int64_t now = tc_oh_now_ms();
     for (size_t i = 0; i < h->nworkers;) {
         tc_oh_worker *w = &h->workers[i];
-        if (w->heartbeated && now - w->last_heartbeat_mono_ms >= h->heartbeat_timeout_ms) {
+        if (w->leaving_until_mono_ms && now >= w->leaving_until_mono_ms) {
+            /* Unsubscribed, and no goodbye within the grace: what it still
+             * holds is lost. */
+            worker_lose(h, w, "unsubscribed");
+            worker_remove(h, w);
+            continue;
+        }
+        if (h->heartbeat_timeout_ms > 0 && w->heartbeated &&
+            now - w->last_heartbeat_mono_ms >= h->heartbeat_timeout_ms) {
             worker_lose(h, w, "heartbeat_timeout");
             /* A silent worker that never subscribed is just noise; one that
              * is still subscribed may come back with its next heartbeat. */
@@ -385,12 +392,14 @@ void tc_oh_expire(tc_oh *h)
 
 long tc_oh_next_expiry_ms(const tc_oh *h)
 {
-    if (h->heartbeat_timeout_ms <= 0) return -1;
     int64_t now = tc_oh_now_ms(), best = -1;
     for (size_t i = 0; i < h->nworkers; i++) {
         const tc_oh_worker *w = &h->workers[i];
-        if (!w->heartbeated) continue;
-        int64_t left = w->last_heartbeat_mono_ms + h->heartbeat_timeout_ms - now;
+        int64_t at = -1;
+        if (h->heartbeat_timeout_ms > 0 && w->heartbeated) at = w->last_heartbeat_mono_ms + h->heartbeat_timeout_ms;
+        if (w->leaving_until_mono_ms && (at < 0 || w->leaving_until_mono_ms < at)) at = w->leaving_until_mono_ms;
+        if (at < 0) continue;
+        int64_t left = at - now;
         if (left < 0) left = 0;
         if (best < 0 || left < best) best = left;
     }
@@ -950,8 +959,9 @@ static int refused_step_found(tc_oh_worker *w, const tc_proto_msg *m, size_t i, 
 
 /* Takes one refused step (or a whole batch's steps) out of flight and
  * queues what the reason asks for: FAIL for too_deep and invalid_step,
- * LOST "unknown_handler" (no lost attempt: the caller hands it to another
- * worker) for unknown_handler, LOST ("refused") for anything else. */
+ * LOST "unknown_handler" or "draining" (no lost attempt: the caller hands
+ * them back to pending) for those two, LOST ("refused") for anything else.
+ * A draining worker gets nothing more until a heartbeat says otherwise. */
 static void refuse(tc_oh *h, tc_oh_worker *w, tc_proto_str reason, tc_proto_str message, const tc_oh_inflight *steps,
                    size_t n)
 {
@@ -961,7 +971,10 @@ static void refuse(tc_oh *h, tc_oh_worker *w, tc_proto_str reason, tc_proto_str 
     char text[TC_OH_MESSAGE_MAX + 1];
     snprintf(text, sizeof(text), "worker %s refused the step%s: %.*s", w->id, n == 1 ? "" : "s",
              (int)(message.len > 200 ? 200 : message.len), message.ptr);
-    const char *why = str_is(reason.ptr, reason.len, "unknown_handler") ? "unknown_handler" : "refused";
+    const char *why = str_is(reason.ptr, reason.len, "unknown_handler") ? "unknown_handler"
+                      : str_is(reason.ptr, reason.len, "draining")      ? "draining"
+                                                                        : "refused";
+    if (!strcmp(why, "draining")) w->capacity = 0;
     emit_steps(h, cls ? TC_OH_EV_FAIL : TC_OH_EV_LOST, w->id, why, steps, n, cls, text);
 }
 
@@ -1104,6 +1117,7 @@ static void handle_subscription(tc_oh *h, const unsigned char *p, size_t n)
         }
         h->stats.subscriptions++;
         w->subscribed++;
+        w->leaving_until_mono_ms = 0;
         /* A new connection: a worker dropped as not_reading starts afresh. */
         w->not_reading = 0;
         backoff_reset(w);
@@ -1115,6 +1129,13 @@ static void handle_subscription(tc_oh *h, const unsigned char *p, size_t n)
         tc_oh_worker *w = worker_find(h, id, idn);
         if (w && w->subscribed > 1) {
             w->subscribed--;
+        } else if (w && tc_oh_worker_live(w) && w->used > 0) {
+            /* Unsubscribed with steps in flight (a draining worker's last
+             * results may still be on their way): heard a while longer,
+             * sent nothing; its goodbye or the grace's end takes the steps
+             * it still holds back. */
+            w->subscribed = 0;
+            w->leaving_until_mono_ms = tc_oh_now_ms() + TC_OH_LEAVE_GRACE_MS;
         } else if (w) {
             /* The worker unsubscribed or its connection dropped (a crash
              * or kill -9 included). */

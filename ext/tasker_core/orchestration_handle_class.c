@@ -823,13 +823,14 @@ static VALUE unpack_body(VALUE p)
 
 /* worker_lost: the worker is gone (unsubscribed, heartbeat_timeout,
  * goodbye, not_reading) with its steps; steps_lost: steps taken back from a
- * worker that stays (reconciled, refused, unknown_handler); steps_failed:
+ * worker that stays (reconciled, refused, unknown_handler, draining); steps_failed:
  * steps it refused for good (error_class, message). */
 static VALUE lost_hash(const tc_oh_event *e)
 {
     VALUE h = rb_hash_new(), list = rb_ary_new_capa((long)e->n_in_flight);
     int steps_only =
-        !strcmp(e->reason, "reconciled") || !strcmp(e->reason, "refused") || !strcmp(e->reason, "unknown_handler");
+        !strcmp(e->reason, "reconciled") || !strcmp(e->reason, "refused") || !strcmp(e->reason, "unknown_handler") ||
+        !strcmp(e->reason, "draining");
     rb_hash_aset(h, str_lit("type"), str_lit(e->kind == TC_OH_EV_FAIL ? "steps_failed"
                                              : steps_only           ? "steps_lost"
                                                                     : "worker_lost"));
@@ -964,6 +965,7 @@ static VALUE loop_stats_hash(tc_loop *l)
     LS("isolated", st.isolated);
     LS("isolation_drains", st.isolation_drains);
     LS("handed_back_unknown_handler", st.handed_back_unknown_handler);
+    LS("handed_back_draining", st.handed_back_draining);
     LS("deferred_no_handler", st.deferred_no_handler);
     LS("released", st.released);
     LS("timed_out", st.timed_out);

@@ -58,7 +58,9 @@ typedef struct sbuf {
     int oom;
 } sbuf;
 
-/* Steps a worker refused for want of their handler, and which worker. */
+/* Steps a worker refused unstarted, not for anything wrong with them:
+ * for want of their handler (and which worker lacks it), or because it is
+ * draining (worker_id ""). */
 typedef struct refused_step {
     int64_t step_id, attempt;
     char worker_id[TC_OH_WORKER_ID_MAX + 1];
@@ -103,7 +105,7 @@ struct tc_loop {
     size_t napplying, applying_cap;
     pair_list lost;    /* in flight on a lost worker: a lost attempt (redispatched or failed) */
     pair_list unsent;  /* claimed but not sent: release, count as released */
-    refused_list refused; /* refused by their worker as unknown_handler: hand back, no attempt lost */
+    refused_list refused; /* refused by their worker as unknown_handler or draining: hand back, no attempt lost */
     pair_list no_handler; /* claimed, and no worker serving the queue has the handler: put back for a while */
     char *limited_queues, *queue_limits; /* array literals passed to every claim */
 
@@ -433,6 +435,8 @@ static void drain_events(tc_loop *l)
     while ((ev = tc_oh_event_peek(l->oh)) != NULL) {
         if (ev->kind == TC_OH_EV_LOST && !strcmp(ev->reason, "unknown_handler")) {
             for (size_t i = 0; i < ev->n_in_flight; i++) refused_push(&l->refused, &ev->in_flight[i], ev->worker_id);
+        } else if (ev->kind == TC_OH_EV_LOST && !strcmp(ev->reason, "draining")) {
+            for (size_t i = 0; i < ev->n_in_flight; i++) refused_push(&l->refused, &ev->in_flight[i], "");
         } else if (ev->kind == TC_OH_EV_LOST) {
             for (size_t i = 0; i < ev->n_in_flight; i++)
                 pairs_push(&l->lost, ev->in_flight[i].step_id, ev->in_flight[i].attempt);
@@ -489,54 +493,69 @@ static int release_pairs(tc_loop *l, pair_list *pl, int lost)
     return rc;
 }
 
-/* tasker_defer_steps (db/migrate/0011): pl back to pending without a lost
- * attempt, ready after delay_ms. Returns the result (step_id, handler) or
+/* tasker_put_back_steps (db/migrate/0011): pl back to pending without a
+ * lost attempt, ready after delay_ms (NULL: now, and announced), its
+ * history rows giving reason. Returns the result (step_id, handler) or
  * NULL; pl is emptied unless the connection failed. */
-static PGresult *defer_pairs(tc_loop *l, pair_list *pl, int delay_ms)
+static PGresult *put_back_pairs(tc_loop *l, pair_list *pl, const char *delay_ms, const char *reason)
 {
     if (!pl->n || !l->db_up) return NULL;
     sbuf ids = {0}, att = {0};
     pairs_literals(pl, &ids, &att);
-    char delay[16];
-    snprintf(delay, sizeof(delay), "%d", delay_ms);
-    const char *vals[3] = {ids.p, att.p, delay};
+    const char *vals[4] = {ids.p, att.p, delay_ms, reason};
     PGresult *r = NULL;
     if (!ids.oom && !att.oom) {
-        r = exec_text(l, "SELECT step_id, handler FROM tasker_defer_steps($1::bigint[], $2::int[], $3::int)", 3, vals);
-        if (r || !db_failed(l, "tasker_defer_steps")) pl->n = 0;
+        r = exec_text(l, "SELECT step_id, handler FROM tasker_put_back_steps($1::bigint[], $2::int[], $3::int, $4)", 4,
+                      vals);
+        if (r || !db_failed(l, "tasker_put_back_steps")) pl->n = 0;
     }
     sb_free(&ids);
     sb_free(&att);
     return r;
 }
 
-/* Steps refused as unknown_handler: back to pending at once, no attempt
- * lost, and their worker is remembered to lack the handler, so the next
- * claim sends them to another worker serving the queue (or, if none has
- * it, puts them back for TC_LOOP_NO_HANDLER_DELAY_MS). */
+/* As tasker_defer_steps: put back for want of a handler, after delay_ms. */
+static PGresult *defer_pairs(tc_loop *l, pair_list *pl, int delay_ms)
+{
+    char delay[16];
+    snprintf(delay, sizeof(delay), "%d", delay_ms < 0 ? 0 : delay_ms);
+    return put_back_pairs(l, pl, delay, "unknown_handler");
+}
+
+/* Steps refused unstarted (unknown_handler, draining): back to pending at
+ * once, no attempt lost. A worker that lacked a step's handler is
+ * remembered to, so the next claim sends the step to another worker
+ * serving the queue (or, if none has it, puts it back for
+ * TC_LOOP_NO_HANDLER_DELAY_MS); a draining worker advertises no room. */
 static void hand_back_refused(tc_loop *l)
 {
     if (!l->refused.n || !l->db_up) return;
-    pair_list pl = {0};
-    for (size_t i = 0; i < l->refused.n; i++) pairs_push(&pl, l->refused.v[i].step_id, l->refused.v[i].attempt);
-    PGresult *r = defer_pairs(l, &pl, 0);
-    if (pl.n == 0) {
+    pair_list lacks = {0}, draining = {0};
+    for (size_t i = 0; i < l->refused.n; i++)
+        pairs_push(l->refused.v[i].worker_id[0] ? &lacks : &draining, l->refused.v[i].step_id,
+                   l->refused.v[i].attempt);
+    PGresult *r = defer_pairs(l, &lacks, 0);
+    PGresult *d = lacks.n == 0 ? put_back_pairs(l, &draining, NULL, "draining") : NULL;
+    if (lacks.n == 0 && draining.n == 0) {
         pthread_mutex_lock(&l->mu);
         for (int row = 0; r && row < PQntuples(r); row++) {
             int64_t id = atoll(PQgetvalue(r, row, 0));
             const char *handler = PQgetvalue(r, row, 1);
             for (size_t i = 0; i < l->refused.n; i++) {
-                if (l->refused.v[i].step_id != id) continue;
+                if (l->refused.v[i].step_id != id || !l->refused.v[i].worker_id[0]) continue;
                 tc_oh_worker *w = tc_oh_worker_by_id(l->oh, l->refused.v[i].worker_id);
                 if (w) tc_oh_worker_note_lacks(w, handler, strlen(handler));
             }
         }
         l->st.handed_back_unknown_handler += r ? (uint64_t)PQntuples(r) : 0;
+        l->st.handed_back_draining += d ? (uint64_t)PQntuples(d) : 0;
         pthread_mutex_unlock(&l->mu);
         l->refused.n = 0;
     }
     PQclear(r);
-    free(pl.v);
+    PQclear(d);
+    free(lacks.v);
+    free(draining.v);
 }
 
 /* ---- applying results ---------------------------------------------------------

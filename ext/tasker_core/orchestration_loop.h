@@ -60,6 +60,7 @@ typedef struct tc_loop_stats {
      * lost attempt; claimed steps no worker serving their queue has the
      * handler for, put back for TC_LOOP_NO_HANDLER_DELAY_MS */
     uint64_t handed_back_unknown_handler, deferred_no_handler;
+    uint64_t handed_back_draining; /* refused unstarted by a draining worker: back to pending, no attempt lost */
     uint64_t stale_results, applied_results, results_dropped;
     uint64_t db_reconnects, db_errors, db_connected;
     uint64_t claim_calls, apply_calls, iterations;

@@ -93,9 +93,9 @@ module TaskerCore
       Setting.new(key: "worker.prefetch", protocol: "workers: heartbeat `capacity` is max_workers + prefetch", type: :integer, default: 0, min: 0, max: 10_000,
                   doc: "Steps a worker takes beyond its threads: they wait in its queue and start as threads free up, " \
                        "so the next batch is already there when a step ends. For steps much shorter than " \
-                       "`orchestration.dispatch_timeout_ms`: a step's re-dispatch deadline runs while it waits, a worker " \
-                       "that dies loses an attempt of each step it held, and a draining worker runs its queue within " \
-                       "`worker.shutdown_timeout_ms`. `tasker worker --prefetch N` overrides it."),
+                       "`orchestration.dispatch_timeout_ms`: a step's re-dispatch deadline runs while it waits, and a " \
+                       "worker that dies loses an attempt of each step it held; a draining worker hands its queue back " \
+                       "(no attempt spent). `tasker worker --prefetch N` overrides it."),
       Setting.new(key: "worker.queues", protocol: "workers: heartbeat `queues`", type: :queue_list, default: [Queues::DEFAULT],
                   doc: "Queues this worker serves (advertised in its heartbeats); the orchestrator sends it only " \
                        "steps of these queues. `tasker worker --queues a,b` overrides it."),

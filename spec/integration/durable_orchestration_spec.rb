@@ -168,6 +168,37 @@ RSpec.describe "durable orchestration", :db, :no_valgrind do
     expect(steps_completed_twice(conn)).to be_empty
   end
 
+  it "hands the steps a draining worker had not started to another worker: no attempt lost, none timed out" do
+    use_templates(template("nap", [step("s", [], handler: "DurableHandlers::Nap", handler_config: { "sleep_ms" => 1000 })]))
+    first, = start_loop(workers: 1, concurrency: 1)
+    Process.kill(:TERM, first) # the default worker, gone; one that prefetches instead
+    Process.wait(first)
+    cfg = @handle.zeromq_config
+    draining = spawn_durable_worker(cfg["batch_endpoint"], cfg["result_endpoint"], concurrency: 1, prefetch: 7)
+    wait_until(timeout: 30, message: "the prefetching worker live") { @handle.workers.map { |w| w["pid"] } == [draining] }
+    ids = Array.new(6) { |i| TaskerCore.create_task(name: "nap", context: { "n" => i }) }
+    wait_until(timeout: 20, message: "all 6 steps on it") { @handle.workers.first["in_flight"] == 6 }
+
+    Process.kill(:TERM, draining)
+    Process.wait(draining)
+    expect($?.exitstatus).to eq(0)
+    other = spawn_durable_worker(cfg["batch_endpoint"], cfg["result_endpoint"], concurrency: 10)
+    wait_for_tasks(conn, ids, timeout: 30)
+
+    ran_on = ids.map { |id| TaskerCore.task(id)[:steps].first[:output]["pid"] }
+    handed_back = ran_on.count(other)
+    # it ran the step it had started (and, at most, one it started before the TERM landed)
+    expect(ran_on.count(draining)).to be_between(1, 2)
+    expect(handed_back).to eq(6 - ran_on.count(draining))
+    steps = conn.exec("SELECT lost_attempts, failures FROM tasker_workflow_steps WHERE task_id = ANY($1::bigint[])",
+                      [ids]).to_a
+    expect(steps).to all(eq("lost_attempts" => 0, "failures" => 0))
+    reasons = conn.exec("SELECT reason FROM tasker_workflow_step_transitions WHERE task_id = ANY($1::bigint[])",
+                        [ids]).map { |r| r["reason"] }
+    expect(reasons.count("draining")).to eq(handed_back)
+    expect(@handle.stats["loop"]).to include("handed_back_draining" => handed_back, "redispatched" => 0)
+  end
+
   it "survives a PostgreSQL restart mid-run" do
     skip "needs the embedded cluster (DATABASE_URL is external)" unless DatabaseHelpers.pg_dir
     use_templates(template("chain", [echo("a"), echo("b", ["a"]), echo("c", ["b"])]))

@@ -21,10 +21,12 @@ module DurableHelpers
   end
 
   # handlers: the handler files it loads; queues: --queues (nil: worker.queues).
-  def spawn_durable_worker(batch_endpoint, result_endpoint, concurrency: 10, handlers: [DURABLE_HANDLERS], queues: nil)
+  def spawn_durable_worker(batch_endpoint, result_endpoint, concurrency: 10, handlers: [DURABLE_HANDLERS], queues: nil,
+                           prefetch: nil)
     env = { "TASKER_CONFIG_PATH" => worker_config_path, "TASKER_ENV" => "test" }
     args = handlers.flat_map { |h| ["--handlers", h] }
     args += ["--queues", Array(queues).join(",")] if queues
+    args += ["--prefetch", prefetch.to_s] if prefetch
     pid = Process.spawn(env, RbConfig.ruby, "-I", File.join(SpecHelpers::ROOT, "lib"), WORKER_EXE, *args,
                         "--concurrency", concurrency.to_s,
                         "--batch-endpoint", batch_endpoint, "--result-endpoint", result_endpoint, pgroup: true)

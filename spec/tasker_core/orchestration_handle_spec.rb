@@ -483,6 +483,37 @@ RSpec.describe TaskerCore::OrchestrationHandle do
         expect(live_ids).to eq([])
       end
 
+      it "takes the results of a peer that unsubscribes with steps in flight, sends it nothing, and frees it at its goodbye" do
+        peer = start_peer("w1")
+        handle.publish_batch({ "batch_id" => "b1", "steps" => steps(2) })
+        batch = nil
+        wait_until(message: "the batch") { batch = peer.receive_batches(timeout_ms: 20).first }
+        # a draining worker's last result can reach us after its unsubscription
+        peer.unsubscribe
+        wait_until(message: "the unsubscription read") { handle.receive_results.empty? && handle.stats[:unsubscriptions] == 1 }
+        expect(handle.workers.first).to include("id" => "w1", "in_flight" => 2)
+        expect { handle.publish_batch({ "steps" => steps(1, first: 9) }) }.to raise_error(TaskerCore::Error, /no live worker/)
+        peer.partial(batch, batch["steps"][0])
+        peer.goodbye
+        got = collect_results(2)
+        expect(got.first).to include("type" => "partial_result", "step_id" => 1)
+        expect(got.last).to include("type" => "worker_lost", "reason" => "goodbye")
+        expect(got.last["in_flight"].map { |st| st["step_id"] }).to eq([2])
+        expect(live_ids).to eq([])
+        expect(handle.stats[:bad_messages][:unknown_worker]).to eq(0)
+      end
+
+      it "takes back the steps of a peer that unsubscribed and said nothing more, after a grace" do
+        peer = start_peer("w1")
+        handle.publish_batch({ "batch_id" => "b1", "steps" => steps(1) })
+        wait_until(message: "the batch") { peer.receive_batches(timeout_ms: 20).any? }
+        peer.unsubscribe
+        got = collect_results(1)
+        expect(got.first).to include("type" => "worker_lost", "worker_id" => "w1", "reason" => "unsubscribed")
+        expect(got.first["in_flight"].map { |st| st["step_id"] }).to eq([1])
+        expect(live_ids).to eq([])
+      end
+
       it "reports a peer that unsubscribes" do
         peer = start_peer("w1")
         peer.unsubscribe
@@ -743,12 +774,13 @@ RSpec.describe TaskerCore::OrchestrationHandle do
         [["steps_failed", "refused", "TaskerCore::PayloadTooDeepError", [1]],
          ["steps_failed", "refused", "TaskerCore::BatchRefusedError", [2]],
          ["steps_lost", "unknown_handler", nil, [3]],
-         ["steps_lost", "refused", nil, [4, 5]],
+         ["steps_lost", "draining", nil, [4, 5]],
          ["steps_lost", "refused", nil, [6]]]
       )
       expect(got.first["message"]).to eq("worker w1 refused the step: context nests 30 levels, over max_payload_depth 24")
       expect(handle.stats[:refusals]).to eq(3)
-      expect(handle.workers.find { |w| w["id"] == "w1" }["in_flight"]).to eq(0)
+      # a draining worker has no room until a heartbeat says otherwise
+      expect(handle.workers.find { |w| w["id"] == "w1" }).to include("in_flight" => 0, "capacity" => 0)
     end
   end
 

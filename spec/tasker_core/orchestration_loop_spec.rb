@@ -536,7 +536,7 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     end
   end
 
-  it "fails the steps a worker refuses as too deep, and sends the ones it refuses while draining again" do
+  it "fails the steps a worker refuses as too deep, and hands back the ones it refuses while draining (no attempt lost)" do
     ids = Array.new(2) { TaskerCore.create_task(name: "pair") }
     start
     connect_peer
@@ -555,13 +555,22 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     wait_until(message: "the refused-as-deep task failed") { TaskerCore.task(deep["task_id"])[:status] == "error" }
     error = TaskerCore.task(deep["task_id"])[:steps].first[:error]
     expect(error).to include("class" => "TaskerCore::PayloadTooDeepError", "retryable" => false, "backtrace" => [])
+    expect_counters("failed_refused" => 1, "handed_back_draining" => 1, "redispatched" => 0) { @handle.stats["loop"] }
+    step = conn.exec("SELECT state, lost_attempts FROM tasker_workflow_steps WHERE id = $1", [draining["step_id"]]).first
+    expect(step).to include("state" => "pending", "lost_attempts" => 0)
+    history = conn.exec("SELECT reason FROM tasker_workflow_step_transitions WHERE step_id = $1 ORDER BY id",
+                        [draining["step_id"]]).map { |r| r["reason"] }
+    expect(history.last).to eq("draining")
+    # the draining worker gets nothing more until a heartbeat gives it room again
+    expect(@peer.receive_batches(timeout_ms: 300)).to be_empty
+    expect(@handle.workers.first["capacity"]).to eq(0)
     again = nil
-    wait_until(message: "the draining step sent again") do
+    wait_until(message: "the draining step sent again after a heartbeat") do
+      @peer.heartbeat
       @peer.receive_batches(timeout_ms: 20)
       again = @peer.batches.last["steps"].find { |s| s["step_id"] == draining["step_id"] && s["attempt"] > draining["attempt"] }
     end
     expect(again).not_to be_nil
-    expect_counters("failed_refused" => 1, "redispatched" => 1) { @handle.stats["loop"] }
     expect(ids).to include(deep["task_id"], draining["task_id"])
   end
 

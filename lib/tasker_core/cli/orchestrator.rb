@@ -111,7 +111,7 @@ module TaskerCore
       def summary(manager)
         stats = manager.respond_to?(:orchestration_handle) ? manager.orchestration_handle.stats : {}
         loop_stats = stats["loop"] || stats[:loop] || {}
-        %w[claimed dispatched completed failed retried redispatched lost_failed isolated isolation_drains failed_too_large failed_too_deep
+        %w[claimed dispatched completed failed retried redispatched handed_back_draining lost_failed isolated isolation_drains failed_too_large failed_too_deep
            timed_out db_errors].filter_map do |k|
           "#{k} #{loop_stats[k]}" if loop_stats.key?(k)
         end.join(", ").then { |s| s.empty? ? "no counters" : s }

@@ -125,6 +125,16 @@ module TaskerCore
         end
       end
 
+      # Draining: the jobs still queued, never started, taken out of the
+      # queue for the caller to hand back. Returns them in queue order.
+      def withdraw_queued
+        @mutex.synchronize do
+          withdrawn = @jobs.select { |job| job.state == :queued }
+          @jobs.clear
+          withdrawn.each { |job| job.state = :withdrawn }
+        end
+      end
+
       # Shutdown ran out of time: every job of jobs still queued or running
       # is marked timed out (a running one interrupted). Returns
       # [[job, message], ...] for the caller to report.

@@ -18,6 +18,20 @@ module TaskerCore
         @logger = logger
       end
 
+      # From now on every step that arrives is refused as draining: the
+      # worker is stopping.
+      def draining!
+        @draining = true
+      end
+
+      # The draining refusals (one per batch) for jobs taken from the queue
+      # unstarted: the orchestrator hands their steps back, no attempt spent.
+      def hand_back(jobs)
+        jobs.group_by { |job| job.batch.id }.flat_map do |batch_id, batch_jobs|
+          refuse_steps(batch_id, batch_jobs.map { |job| [job.step, "draining", draining_message] })
+        end
+      end
+
       # One message from the batch socket. Returns [jobs to run, Outgoing
       # messages to queue (refusals, an empty batch's completion)].
       def accept(frames)
@@ -83,6 +97,8 @@ module TaskerCore
 
       # [reason, message] when this worker will not run the step, else nil.
       def step_refusal(step, index, count, missing)
+        return ["draining", draining_message] if @draining
+
         max = @settings.max_batch_steps
         if max && index >= max
           return ["too_many_steps", "batch of #{count} steps is over this worker's max_batch_steps of #{max}"]
@@ -99,6 +115,8 @@ module TaskerCore
         why = missing.fetch(handler) { missing[handler] = handler_missing(handler) }
         why && ["unknown_handler", why]
       end
+
+      def draining_message = "worker #{@worker_id} is shutting down; the step did not start"
 
       # Why this worker cannot run handler name (it has no such handler), or
       # nil. A handler that fails to load for another reason is run, and its
@@ -176,7 +194,10 @@ module TaskerCore
                  refusals(batch_id, reason, message, entries.drop(half))
         end
 
-        @stats.warn_once(:"refused_#{reason}") { "#{message}; further #{reason} refusals are only counted" }
+        # a draining worker's refusals are its normal shutdown
+        unless reason == "draining"
+          @stats.warn_once(:"refused_#{reason}") { "#{message}; further #{reason} refusals are only counted" }
+        end
         [Outgoing.new(frames: frames, kind: :refusal, refused: @ledger.hold_refused(entries))]
       end
     end

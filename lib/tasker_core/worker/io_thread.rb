@@ -88,7 +88,7 @@ module TaskerCore
           @connection.reopen_dead_sockets { |frames| accept(frames) }
           if stop_requested? && drain_deadline.nil?
             drain_deadline = monotonic + @stop_timeout_s
-            @logger.info("tasker worker #{@worker_id}: draining #{@ledger.in_flight} step(s)")
+            hand_back_queued
           end
           @connection.track_subscriptions
           @connection.receive_batches.each { |frames| accept(frames) } if batches_waiting
@@ -153,6 +153,19 @@ module TaskerCore
         @stats.bump(:steps_timed_out)
         @stats.bump(:steps_failed)
         report(@partials.timeout(job, message))
+      end
+
+      # Draining: steps queued and not started go back to the orchestrator
+      # now, refused as draining (no attempt spent), and so will any that
+      # still arrive; the running ones finish within the stop timeout.
+      def hand_back_queued
+        @intake.draining!
+        jobs = @executor.withdraw_queued
+        refusals = jobs.empty? ? [] : @intake.hand_back(jobs)
+        # each batch's refusal before its completion
+        @connection.outbox.concat(refusals + @ledger.withdraw(jobs))
+        @logger.info("tasker worker #{@worker_id}: draining #{@ledger.open_jobs.size} running step(s); " \
+                     "#{jobs.size} not started handed back")
       end
 
       # Shutdown ran out of time: every step not yet reported fails, retryable.

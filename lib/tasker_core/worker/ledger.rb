@@ -11,6 +11,8 @@ module TaskerCore
     #
     # Changed by the I/O thread only; #in_flight is also read by #stats.
     class Ledger
+      # A batch's status for a step handed back unstarted (#withdraw).
+      WITHDRAWN = :withdrawn
       # The latest batch's id and the orchestrator's limits for results
       # (every message on the result channel must fit them).
       attr_reader :last_batch_id, :result_limits
@@ -77,9 +79,27 @@ module TaskerCore
         batch.reported == batch.steps.size ? [out, completion(batch)] : [out]
       end
 
-      # The completion of a batch with every step reported (or none to run).
+      # Jobs handed back unstarted by a draining worker: owed no partial now
+      # (their refusal holds them, #hold_refused). Returns the completions
+      # of the batches that have nothing left to report.
+      def withdraw(jobs)
+        jobs.filter_map do |job|
+          next unless @open_jobs.delete?(job)
+
+          @unreported.delete(job)
+          batch = job.batch
+          batch.statuses[job.index] = WITHDRAWN
+          batch.reported += 1
+          completion(batch) if batch.reported == batch.steps.size
+        end
+      end
+
+      # The completion of a batch with every step reported (or none to run),
+      # listing the steps that ran.
       def completion(batch)
-        steps = batch.steps.each_with_index.map do |s, i|
+        steps = batch.steps.each_with_index.filter_map do |s, i|
+          next if batch.statuses[i] == WITHDRAWN
+
           { step_id: s["step_id"], attempt: s["attempt"], status: batch.statuses[i] }
         end
         msg = Protocol.batch_completion(batch_id: batch.id, worker_id: @worker_id, steps: steps)

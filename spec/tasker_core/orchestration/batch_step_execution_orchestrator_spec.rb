@@ -193,11 +193,40 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     expect(stopper.value).to be(true)
     expect(partial_for(batch_id, 1)["error"]).to include("class" => "TaskerCore::StepTimeoutError", "retryable" => true)
     expect(partial_for(batch_id, 1)["error"]["message"]).to include("shut down")
-    # queued behind it, never started: retryable, as a timeout (it spends an attempt)
-    expect(partial_for(batch_id, 2)).to include("status" => "error")
-    expect(partial_for(batch_id, 2)["error"]).to include("class" => "TaskerCore::StepTimeoutError", "retryable" => true,
-                                                        "message" => a_string_including("before the step started"))
+    # queued behind it, never started: handed back (draining), no partial
+    expect(partial_for(batch_id, 2)).to be_nil
+    expect(peer.of_type("batch_refusal").first["steps"]).to match([a_hash_including("step_id" => 2, "reason" => "draining")])
     expect(peer.completions(batch_id).size).to eq(1)
+  end
+
+  it "hands back the steps it has not started when it drains, and refuses any batch that comes after" do
+    start_worker(max_workers: 1, prefetch: 3)
+    batch_id = peer.send_batch(worker_id, [step(1, "Gated"), step(2, "Double"), step(3, "Double"), step(4, "Double")])
+    expect(started_steps(1)).to eq([1])
+    peer.wait_for("a heartbeat with 4 in flight") { peer.heartbeats.find { |h| h["in_flight"] == 4 } }
+    stopper = Thread.new { @worker.stop(timeout: 30) }
+    refusal = peer.wait_for("the draining refusal") { peer.of_type("batch_refusal").first }
+    expect(refusal).to include("batch_id" => batch_id, "reason" => "draining", "worker_id" => worker_id)
+    expect(refusal["steps"].map { |s| [s["step_id"], s["attempt"], s["reason"]] })
+      .to eq([[2, 1, "draining"], [3, 1, "draining"], [4, 1, "draining"]])
+    peer.wait_for("a draining heartbeat listing only the running step") do
+      peer.heartbeats.find { |h| h["capacity"].zero? && h["in_flight_steps"] == [[1, 1]] }
+    end
+
+    # a batch sent before the orchestrator heard: refused whole, never run
+    late = peer.send_batch(worker_id, [step(5, "Double")])
+    late_refusal = peer.wait_for("the late batch's refusal") { peer.of_type("batch_refusal", batch_id: late).first }
+    expect(late_refusal["steps"]).to match([a_hash_including("step_id" => 5, "reason" => "draining")])
+    expect(peer.wait_for("its empty completion") { peer.completions(late).first }["steps"]).to eq([])
+
+    gate << :go
+    peer.wait_for("goodbye") { peer.of_type("goodbye").any? }
+    expect(stopper.value).to be(true)
+    expect(peer.partials.map { |m| m["step_id"] }).to eq([1])
+    completion = peer.completions(batch_id).first
+    expect(completion["steps"]).to eq([{ "step_id" => 1, "attempt" => 1, "status" => "complete" }])
+    expect(index_of(refusal)).to be < index_of(completion)
+    expect(@worker.stats[:steps_refused]).to include(draining: 4)
   end
 
   it "replaces a thread whose handler ignores its timeout, keeping the pool at size" do
