@@ -11,7 +11,8 @@ module TaskerCore
         (zeromq.batch_endpoint / zeromq.result_endpoint) and runs the steps it is sent.
         In a Rails app (config/environment.rb here, or --app DIR) it boots the app first:
         handlers autoload from app/handlers, no --handlers needed.
-        Signals: TERM/INT drain running steps and exit 0; TSTP stops taking work; CONT resumes.
+        Signals: TERM/INT drain (steps not started go back to the orchestrator, running ones finish) and exit 0;
+        TSTP stops taking work; CONT resumes.
       TEXT
 
       private
