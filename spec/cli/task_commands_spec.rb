@@ -84,6 +84,9 @@ RSpec.describe "tasker db:migrate, task and step commands", :db do
     rows = lines[(header + 2)..].map(&:split)
     expect(rows.map { |r| r[1] }).to eq(%w[validate_order reserve_inventory charge_payment ship_order notify_customer])
     expect(rows.map { |r| r[2] }.uniq).to eq(["pending"])
+    # attempts: times claimed; failures against the retry budget (max_attempts)
+    expect(rows.map { |r| r[3] }.uniq).to eq(["0"])
+    expect(rows.map { |r| r[4] }).to all(match(%r{\A0/[1-9]\d*\z}))
     expect(rows[3][5]).to eq("charge_payment,reserve_inventory")
 
     json = JSON.parse(tasker("task", "show", id, "--json", env: db_env).out)

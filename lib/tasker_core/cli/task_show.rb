@@ -32,7 +32,9 @@ module TaskerCore
         out.puts "context: #{shown(task[:context])}"
         out.puts
         rows = task[:steps].map do |s|
-          [s[:id], s[:name], s[:state], "#{s[:attempts]}/#{s[:max_attempts]}", s[:failures],
+          # attempts: times claimed (a step handed back unstarted is claimed
+          # again); the retry budget, max_attempts, bounds the failures
+          [s[:id], s[:name], s[:state], s[:attempts], "#{s[:failures]}/#{s[:max_attempts]}",
            s[:depends_on].empty? ? nil : s[:depends_on].join(","), duration(s), stamp(s[:finished_at])]
         end
         out.puts Table.render(%w[STEP NAME STATE ATTEMPTS FAILURES DEPENDS_ON DURATION FINISHED], rows)
