@@ -225,8 +225,8 @@ int tc_oh_worker_live(const tc_oh_worker *w)
 int tc_oh_worker_sendable(const tc_oh *h, const tc_oh_worker *w, int64_t now_mono_ms)
 {
     (void)h;
-    return tc_oh_worker_live(w) && w->subscribed > 0 && w->capacity > 0 && now_mono_ms >= w->backoff_until_mono_ms &&
-           !(w->isolating && w->used > 0);
+    return tc_oh_worker_live(w) && w->subscribed > 0 && !w->drained && w->capacity > 0 &&
+           now_mono_ms >= w->backoff_until_mono_ms && !(w->isolating && w->used > 0);
 }
 
 int tc_oh_worker_idle(const tc_oh *h, const tc_oh_worker *w, int64_t now_mono_ms)
@@ -961,7 +961,9 @@ static int refused_step_found(tc_oh_worker *w, const tc_proto_msg *m, size_t i, 
  * queues what the reason asks for: FAIL for too_deep and invalid_step,
  * LOST "unknown_handler" or "draining" (no lost attempt: the caller hands
  * them back to pending) for those two, LOST ("refused") for anything else.
- * A draining worker gets nothing more until a heartbeat says otherwise. */
+ * A draining worker gets nothing more on this connection, whatever its
+ * heartbeats say: each step costs it at most one hand back per connection,
+ * not a loop of sends and refusals. */
 static void refuse(tc_oh *h, tc_oh_worker *w, tc_proto_str reason, tc_proto_str message, const tc_oh_inflight *steps,
                    size_t n)
 {
@@ -974,7 +976,7 @@ static void refuse(tc_oh *h, tc_oh_worker *w, tc_proto_str reason, tc_proto_str 
     const char *why = str_is(reason.ptr, reason.len, "unknown_handler") ? "unknown_handler"
                       : str_is(reason.ptr, reason.len, "draining")      ? "draining"
                                                                         : "refused";
-    if (!strcmp(why, "draining")) w->capacity = 0;
+    if (!strcmp(why, "draining")) w->drained = 1;
     emit_steps(h, cls ? TC_OH_EV_FAIL : TC_OH_EV_LOST, w->id, why, steps, n, cls, text);
 }
 
@@ -1110,16 +1112,26 @@ static void handle_subscription(tc_oh *h, const unsigned char *p, size_t n)
         return;
     }
     if (sub) {
-        tc_oh_worker *w = worker_find_or_add(h, id, idn);
+        tc_oh_worker *w = worker_find(h, id, idn);
+        if (w && w->leaving_until_mono_ms) {
+            /* Back before its grace ran out: what the old connection held
+             * may never have reached it, and a worker that does not
+             * reconcile would hold that credit for good. Taken back, as
+             * at any unsubscription before; the worker starts afresh. */
+            worker_lose(h, w, "unsubscribed");
+            worker_remove(h, w);
+        }
+        w = worker_find_or_add(h, id, idn);
         if (!w || tc_socket_set_bytes(&h->batch, ZMQ_SUBSCRIBE, topic, tn, err, sizeof(err)) < 0) {
             h->stats.subscriptions_refused++;
             return;
         }
         h->stats.subscriptions++;
         w->subscribed++;
-        w->leaving_until_mono_ms = 0;
-        /* A new connection: a worker dropped as not_reading starts afresh. */
+        /* A new connection: a worker dropped as not_reading, or drained,
+         * starts afresh. */
         w->not_reading = 0;
+        w->drained = 0;
         backoff_reset(w);
     } else {
         h->stats.unsubscriptions++;
@@ -1129,6 +1141,8 @@ static void handle_subscription(tc_oh *h, const unsigned char *p, size_t n)
         tc_oh_worker *w = worker_find(h, id, idn);
         if (w && w->subscribed > 1) {
             w->subscribed--;
+        } else if (w && w->leaving_until_mono_ms) {
+            /* already leaving: the grace is not extended */
         } else if (w && tc_oh_worker_live(w) && w->used > 0) {
             /* Unsubscribed with steps in flight (a draining worker's last
              * results may still be on their way): heard a while longer,

@@ -120,6 +120,9 @@ typedef struct tc_oh_worker {
     /* unsubscribed with steps in flight: live (its results are taken) but
      * sent nothing until then, TC_OH_LEAVE_GRACE_MS on; 0: not leaving */
     int64_t leaving_until_mono_ms;
+    /* it refused steps as draining: sent nothing more, whatever its
+     * heartbeats say, until it subscribes again (a new connection) */
+    int drained;
     /* Set by the caller (the orchestration loop), docs/protocol.md section
      * 5. TC_OH_ISOLATE_RUN: it was sent a suspect step alone (a step lost
      * twice: it may be what kills its workers). TC_OH_ISOLATE_DRAIN: a

@@ -447,6 +447,10 @@ static VALUE worker_hash(const tc_oh_worker *wk)
     rb_hash_aset(h, str_lit("free"), LL2NUM(wk->capacity - (int64_t)wk->used));
     rb_hash_aset(h, str_lit("isolating"), wk->isolating == TC_OH_ISOLATE_RUN && wk->used > 0 ? Qtrue : Qfalse);
     rb_hash_aset(h, str_lit("draining_for_isolation"), wk->isolating == TC_OH_ISOLATE_DRAIN ? Qtrue : Qfalse);
+    /* it refused steps as draining (sent nothing more on this connection) */
+    rb_hash_aset(h, str_lit("drained"), wk->drained ? Qtrue : Qfalse);
+    /* unsubscribed with steps in flight: heard until its goodbye, briefly */
+    rb_hash_aset(h, str_lit("leaving"), wk->leaving_until_mono_ms ? Qtrue : Qfalse);
     rb_hash_aset(h, str_lit("pid"), LL2NUM(wk->pid));
     rb_hash_aset(h, str_lit("host"), str_lit(wk->host));
     rb_hash_aset(h, str_lit("last_heartbeat_at"), rb_time_nano_new(sec, (long)((t - (double)sec) * 1e9)));

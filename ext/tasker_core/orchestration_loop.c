@@ -522,40 +522,52 @@ static PGresult *defer_pairs(tc_loop *l, pair_list *pl, int delay_ms)
     return put_back_pairs(l, pl, delay, "unknown_handler");
 }
 
+/* Refused because its worker drains (else: for want of its handler). */
+static int refused_draining(const refused_step *r)
+{
+    return r->worker_id[0] == '\0';
+}
+
 /* Steps refused unstarted (unknown_handler, draining): back to pending at
  * once, no attempt lost. A worker that lacked a step's handler is
  * remembered to, so the next claim sends the step to another worker
  * serving the queue (or, if none has it, puts it back for
- * TC_LOOP_NO_HANDLER_DELAY_MS); a draining worker advertises no room. */
+ * TC_LOOP_NO_HANDLER_DELAY_MS); a draining worker is sent nothing more.
+ * Each kind is put back in a call of its own; one whose call failed on a
+ * lost connection stays queued for the next iteration. */
 static void hand_back_refused(tc_loop *l)
 {
     if (!l->refused.n || !l->db_up) return;
-    pair_list lacks = {0}, draining = {0};
-    for (size_t i = 0; i < l->refused.n; i++)
-        pairs_push(l->refused.v[i].worker_id[0] ? &lacks : &draining, l->refused.v[i].step_id,
-                   l->refused.v[i].attempt);
-    PGresult *r = defer_pairs(l, &lacks, 0);
-    PGresult *d = lacks.n == 0 ? put_back_pairs(l, &draining, NULL, "draining") : NULL;
-    if (lacks.n == 0 && draining.n == 0) {
-        pthread_mutex_lock(&l->mu);
-        for (int row = 0; r && row < PQntuples(r); row++) {
-            int64_t id = atoll(PQgetvalue(r, row, 0));
-            const char *handler = PQgetvalue(r, row, 1);
-            for (size_t i = 0; i < l->refused.n; i++) {
-                if (l->refused.v[i].step_id != id || !l->refused.v[i].worker_id[0]) continue;
-                tc_oh_worker *w = tc_oh_worker_by_id(l->oh, l->refused.v[i].worker_id);
-                if (w) tc_oh_worker_note_lacks(w, handler, strlen(handler));
+    for (int draining = 0; draining <= 1; draining++) {
+        pair_list pl = {0};
+        for (size_t i = 0; i < l->refused.n; i++)
+            if (refused_draining(&l->refused.v[i]) == draining)
+                pairs_push(&pl, l->refused.v[i].step_id, l->refused.v[i].attempt);
+        if (!pl.n) continue;
+        PGresult *r = draining ? put_back_pairs(l, &pl, NULL, "draining") : defer_pairs(l, &pl, 0);
+        if (pl.n == 0) {
+            pthread_mutex_lock(&l->mu);
+            for (int row = 0; !draining && r && row < PQntuples(r); row++) {
+                int64_t id = atoll(PQgetvalue(r, row, 0));
+                const char *handler = PQgetvalue(r, row, 1);
+                for (size_t i = 0; i < l->refused.n; i++) {
+                    if (l->refused.v[i].step_id != id || refused_draining(&l->refused.v[i])) continue;
+                    tc_oh_worker *w = tc_oh_worker_by_id(l->oh, l->refused.v[i].worker_id);
+                    if (w) tc_oh_worker_note_lacks(w, handler, strlen(handler));
+                }
             }
+            uint64_t *count = draining ? &l->st.handed_back_draining : &l->st.handed_back_unknown_handler;
+            *count += r ? (uint64_t)PQntuples(r) : 0;
+            pthread_mutex_unlock(&l->mu);
+            /* done with this kind: keep only the other */
+            size_t k = 0;
+            for (size_t i = 0; i < l->refused.n; i++)
+                if (refused_draining(&l->refused.v[i]) != draining) l->refused.v[k++] = l->refused.v[i];
+            l->refused.n = k;
         }
-        l->st.handed_back_unknown_handler += r ? (uint64_t)PQntuples(r) : 0;
-        l->st.handed_back_draining += d ? (uint64_t)PQntuples(d) : 0;
-        pthread_mutex_unlock(&l->mu);
-        l->refused.n = 0;
+        PQclear(r);
+        free(pl.v);
     }
-    PQclear(r);
-    PQclear(d);
-    free(lacks.v);
-    free(draining.v);
 }
 
 /* ---- applying results ---------------------------------------------------------

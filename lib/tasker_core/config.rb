@@ -95,7 +95,7 @@ module TaskerCore
                        "so the next batch is already there when a step ends. For steps much shorter than " \
                        "`orchestration.dispatch_timeout_ms`: a step's re-dispatch deadline runs while it waits, and a " \
                        "worker that dies loses an attempt of each step it held; a draining worker hands its queue back " \
-                       "(no attempt spent). `tasker worker --prefetch N` overrides it."),
+                       "(neither a lost attempt nor a failure). `tasker worker --prefetch N` overrides it."),
       Setting.new(key: "worker.queues", protocol: "workers: heartbeat `queues`", type: :queue_list, default: [Queues::DEFAULT],
                   doc: "Queues this worker serves (advertised in its heartbeats); the orchestrator sends it only " \
                        "steps of these queues. `tasker worker --queues a,b` overrides it."),

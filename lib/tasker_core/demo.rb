@@ -227,7 +227,9 @@ module TaskerCore
         failed_attempts = c.exec(<<~SQL, [first_id, last_id]).first["n"]
           SELECT count(*)::int AS n FROM tasker_workflow_step_transitions
            WHERE task_id BETWEEN $1 AND $2 AND from_state IN ('enqueued', 'in_progress') AND to_state IN ('pending', 'error')
-             AND coalesce(reason, '') NOT IN ('worker_lost', 'release')
+             -- a handler's failure (retried, or final), or a step failed for good at the orchestrator;
+             -- not a step put back unstarted (released, unknown_handler, draining) or a lost attempt
+             AND (reason IN ('retry', 'failed') OR to_state = 'error')
         SQL
         latency = c.exec(<<~SQL, [first_id, last_id]).first
           WITH attempts AS (

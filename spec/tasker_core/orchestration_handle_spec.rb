@@ -491,10 +491,10 @@ RSpec.describe TaskerCore::OrchestrationHandle do
         # a draining worker's last result can reach us after its unsubscription
         peer.unsubscribe
         wait_until(message: "the unsubscription read") { handle.receive_results.empty? && handle.stats[:unsubscriptions] == 1 }
-        expect(handle.workers.first).to include("id" => "w1", "in_flight" => 2)
-        expect { handle.publish_batch({ "steps" => steps(1, first: 9) }) }.to raise_error(TaskerCore::Error, /no live worker/)
         peer.partial(batch, batch["steps"][0])
         peer.goodbye
+        expect(handle.workers.first).to include("id" => "w1", "leaving" => true)
+        expect { handle.publish_batch({ "steps" => steps(1, first: 9) }) }.to raise_error(TaskerCore::Error, /no live worker/)
         got = collect_results(2)
         expect(got.first).to include("type" => "partial_result", "step_id" => 1)
         expect(got.last).to include("type" => "worker_lost", "reason" => "goodbye")
@@ -508,10 +508,29 @@ RSpec.describe TaskerCore::OrchestrationHandle do
         handle.publish_batch({ "batch_id" => "b1", "steps" => steps(1) })
         wait_until(message: "the batch") { peer.receive_batches(timeout_ms: 20).any? }
         peer.unsubscribe
+        wait_until(message: "the unsubscription read") { handle.receive_results.empty? && handle.stats[:unsubscriptions] == 1 }
+        # not at once: it is heard a while longer
+        expect(handle.workers.first).to include("id" => "w1", "leaving" => true, "in_flight" => 1)
         got = collect_results(1)
         expect(got.first).to include("type" => "worker_lost", "worker_id" => "w1", "reason" => "unsubscribed")
         expect(got.first["in_flight"].map { |st| st["step_id"] }).to eq([1])
         expect(live_ids).to eq([])
+      end
+
+      it "takes back at once the steps of a peer that subscribes again while leaving, and starts it afresh" do
+        peer = start_peer("w1", capacity: 2)
+        handle.publish_batch({ "batch_id" => "b1", "steps" => steps(2) })
+        wait_until(message: "the batch") { peer.receive_batches(timeout_ms: 20).any? }
+        peer.unsubscribe
+        wait_until(message: "the unsubscription read") { handle.receive_results.empty? && handle.stats[:unsubscriptions] == 1 }
+        # the same worker on a new connection: what the old one held may never have arrived
+        again = start_peer("w1", capacity: 2)
+        got = collect_results(1)
+        expect(got.first).to include("type" => "worker_lost", "worker_id" => "w1", "reason" => "unsubscribed")
+        expect(got.first["in_flight"].map { |st| st["step_id"] }).to eq([1, 2])
+        expect(handle.workers.first).to include("id" => "w1", "in_flight" => 0, "free" => 2, "leaving" => false)
+        expect(handle.publish_batch({ "steps" => steps(2, first: 3) })).to eq("w1")
+        expect(again.receive_batches(timeout_ms: 2000).size).to eq(1)
       end
 
       it "reports a peer that unsubscribes" do
@@ -779,8 +798,11 @@ RSpec.describe TaskerCore::OrchestrationHandle do
       )
       expect(got.first["message"]).to eq("worker w1 refused the step: context nests 30 levels, over max_payload_depth 24")
       expect(handle.stats[:refusals]).to eq(3)
-      # a draining worker has no room until a heartbeat says otherwise
-      expect(handle.workers.find { |w| w["id"] == "w1" }).to include("in_flight" => 0, "capacity" => 0)
+      # a draining worker is sent nothing more on this connection, whatever its heartbeats say
+      w1.heartbeat
+      wait_until(message: "the heartbeat read") { handle.receive_results.empty? && handle.stats[:heartbeats] >= 3 }
+      expect(handle.workers.find { |w| w["id"] == "w1" }).to include("in_flight" => 0, "capacity" => 10, "drained" => true)
+      expect(handle.publish_batch({ "steps" => steps(1, first: 20) })).to eq("w2")
     end
   end
 

@@ -561,16 +561,18 @@ RSpec.describe "TaskerCore::OrchestrationHandle orchestration loop", :db do
     history = conn.exec("SELECT reason FROM tasker_workflow_step_transitions WHERE step_id = $1 ORDER BY id",
                         [draining["step_id"]]).map { |r| r["reason"] }
     expect(history.last).to eq("draining")
-    # the draining worker gets nothing more until a heartbeat gives it room again
+    # the draining worker gets nothing more on this connection, whatever its heartbeats say
+    @peer.heartbeat
     expect(@peer.receive_batches(timeout_ms: 300)).to be_empty
-    expect(@handle.workers.first["capacity"]).to eq(0)
+    expect(@handle.workers.first).to include("drained" => true, "capacity" => 4)
+    # on a new connection it is a worker like any other
+    @peer.close
+    connect_peer
     again = nil
-    wait_until(message: "the draining step sent again after a heartbeat") do
-      @peer.heartbeat
-      @peer.receive_batches(timeout_ms: 20)
-      again = @peer.batches.last["steps"].find { |s| s["step_id"] == draining["step_id"] && s["attempt"] > draining["attempt"] }
+    wait_until(message: "the handed-back step sent again") do
+      again = @peer.receive_batches(timeout_ms: 20).flat_map { |b| b["steps"] }.find { |s| s["step_id"] == draining["step_id"] }
     end
-    expect(again).not_to be_nil
+    expect(again["attempt"]).to eq(draining["attempt"] + 1)
     expect(ids).to include(deep["task_id"], draining["task_id"])
   end
 
