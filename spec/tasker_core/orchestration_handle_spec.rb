@@ -491,10 +491,10 @@ RSpec.describe TaskerCore::OrchestrationHandle do
         # a draining worker's last result can reach us after its unsubscription
         peer.unsubscribe
         wait_until(message: "the unsubscription read") { handle.receive_results.empty? && handle.stats[:unsubscriptions] == 1 }
-        peer.partial(batch, batch["steps"][0])
-        peer.goodbye
         expect(handle.workers.first).to include("id" => "w1", "leaving" => true)
         expect { handle.publish_batch({ "steps" => steps(1, first: 9) }) }.to raise_error(TaskerCore::Error, /no live worker/)
+        peer.partial(batch, batch["steps"][0])
+        peer.goodbye
         got = collect_results(2)
         expect(got.first).to include("type" => "partial_result", "step_id" => 1)
         expect(got.last).to include("type" => "worker_lost", "reason" => "goodbye")
