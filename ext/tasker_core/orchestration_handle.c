@@ -1143,11 +1143,12 @@ static void handle_subscription(tc_oh *h, const unsigned char *p, size_t n)
             w->subscribed--;
         } else if (w && w->leaving_until_mono_ms) {
             /* already leaving: the grace is not extended */
-        } else if (w && tc_oh_worker_live(w) && w->used > 0) {
-            /* Unsubscribed with steps in flight (a draining worker's last
-             * results may still be on their way): heard a while longer,
-             * sent nothing; its goodbye or the grace's end takes the steps
-             * it still holds back. */
+        } else if (w && tc_oh_worker_live(w)) {
+            /* Unsubscribed (a worker shutting down in order: its last
+             * results, its completions and its goodbye may still be on
+             * their way on the result connection): heard a while longer,
+             * sent nothing; its goodbye or the grace's end takes back what
+             * it still holds. */
             w->subscribed = 0;
             w->leaving_until_mono_ms = tc_oh_now_ms() + TC_OH_LEAVE_GRACE_MS;
         } else if (w) {

@@ -62,9 +62,10 @@
 /* Handlers a worker refused as unknown_handler, remembered (hashed) so
  * their steps are not sent to it again; the oldest is forgotten first. */
 #define TC_OH_LACKS_MAX 32
-/* A worker that unsubscribes with steps in flight is still heard this long
- * for their results (they travel on the result connection, which its
- * unsubscription can overtake), unless its goodbye comes first. */
+/* A live worker that unsubscribes is still heard this long for what it
+ * sends on the result connection, which its unsubscription can overtake
+ * (its last results, completions and goodbye), unless its goodbye comes
+ * first. */
 #define TC_OH_LEAVE_GRACE_MS 1000
 
 /* Why an incoming message was not accepted as-is. */
@@ -117,8 +118,8 @@ typedef struct tc_oh_worker {
     int subscribed;       /* "\x01batch.<id>." installed on the XPUB, one per connection */
     int heartbeated;      /* a heartbeat arrived and has not expired */
     int not_reading;      /* dropped as not_reading: excluded until it subscribes again */
-    /* unsubscribed with steps in flight: live (its results are taken) but
-     * sent nothing until then, TC_OH_LEAVE_GRACE_MS on; 0: not leaving */
+    /* unsubscribed: live (what it sends is taken) but sent nothing until
+     * then, TC_OH_LEAVE_GRACE_MS on; 0: not leaving */
     int64_t leaving_until_mono_ms;
     /* it refused steps as draining: sent nothing more, whatever its
      * heartbeats say, until it subscribes again (a new connection) */

@@ -46,11 +46,11 @@ module FaultHelpers
   # A worker process (exe/tasker-worker) on the given endpoints; handlers:
   # more handler files to load.
   def spawn_fault_worker(batch_endpoint, result_endpoint, config: fault_config, concurrency: 5, env: {}, err: File::NULL,
-                         handlers: [])
+                         handlers: [], prefetch: 0)
     pid = Process.spawn({ "TASKER_CONFIG_PATH" => config, "TASKER_ENV" => "test" }.merge(env),
                         RbConfig.ruby, "-I", File.join(SpecHelpers::ROOT, "lib"), DurableHelpers::WORKER_EXE,
                         "--handlers", DurableHelpers::DURABLE_HANDLERS, "--handlers", FAULT_HANDLERS,
-                        *handlers.flat_map { |h| ["--handlers", h] },
+                        *handlers.flat_map { |h| ["--handlers", h] }, "--prefetch", prefetch.to_s,
                         "--concurrency", concurrency.to_s, "--batch-endpoint", batch_endpoint,
                         "--result-endpoint", result_endpoint, pgroup: true, err: err)
     (@spawned_pids ||= []) << pid
