@@ -25,7 +25,8 @@ module TaskerCore
       end
 
       # The draining refusals (one per batch) for jobs taken from the queue
-      # unstarted: the orchestrator hands their steps back, no attempt spent.
+      # unstarted: the orchestrator hands their steps back (neither a lost
+      # attempt nor a failure).
       def hand_back(jobs)
         jobs.group_by { |job| job.batch.id }.flat_map do |batch_id, batch_jobs|
           refuse_steps(batch_id, batch_jobs.map { |job| [job.step, "draining", draining_message] })

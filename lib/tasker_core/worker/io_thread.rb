@@ -156,7 +156,7 @@ module TaskerCore
       end
 
       # Draining: steps queued and not started go back to the orchestrator
-      # now, refused as draining (no attempt spent), and so will any that
+      # now, refused as draining (neither a lost attempt nor a failure), and so will any that
       # still arrive; the running ones finish within the stop timeout.
       def hand_back_queued
         @intake.draining!
