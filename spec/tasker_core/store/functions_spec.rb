@@ -487,6 +487,30 @@ RSpec.describe "the store's SQL functions", :db do
     end
   end
 
+  it "computes the claim order inline, with the values of version 11 in any time zone (db/migrate/0016)" do
+    # A SQL function whose body is more volatile than it is declared runs
+    # as a call of its own each time; inlined, its name leaves the plan.
+    plan = conn.exec("EXPLAIN (VERBOSE) SELECT tasker_claim_order(s.next_attempt_at, s.priority) " \
+                     "FROM tasker_workflow_steps s").map { |r| r["QUERY PLAN"] }.join("\n")
+    expect(plan).to include("AT TIME ZONE")
+    expect(plan).not_to include("tasker_claim_order")
+
+    # Version 11's arithmetic against the function across DST changes,
+    # priorities at both bounds.
+    %w[UTC America/New_York Australia/Lord_Howe].each do |zone|
+      conn.exec("SET TIME ZONE '#{zone}'")
+      differ = conn.exec(<<~SQL).first["n"]
+        SELECT count(*) AS n
+          FROM generate_series(timestamptz '2026-03-07 00:00Z', '2026-04-07 00:00Z', interval '17 minutes') AS t(at)
+         CROSS JOIN (VALUES (-100), (-1), (0), (7), (100)) AS p(priority)
+         WHERE tasker_claim_order(t.at, p.priority) IS DISTINCT FROM t.at - p.priority * interval '1 second'
+      SQL
+      expect(differ).to eq(0), "#{differ} claim orders differ in #{zone}"
+    end
+  ensure
+    conn.exec("RESET TIME ZONE")
+  end
+
   it "refuses illegal state transitions with SQLSTATE TK001" do
     id = TaskerCore.create_task(name: "linear")
     run_to_completion(conn)
