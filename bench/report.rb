@@ -74,7 +74,10 @@ def table_for(doc)
       peer = rows.find { |r| r["label"] == t["label"] && r["metric"] == t["metric"] && r["contender"] == t["peer"] }
       x = ratio(ours, peer)
       met = x.nil? ? "no (no figure)" : (x >= t["min_ratio"] ? "yes" : "**no**")
-      out << "| #{t['label']}: #{t['metric']} vs #{t['peer']} | #{x ? format('%.2fx', x) : '-'} | " \
+      # a ratio just short of its bound shows the digit that decides it
+      shown = x && format(x < t["min_ratio"] && format("%.2f", x) == format("%.2f", t["min_ratio"]) ? "%.3fx" : "%.2fx", x)
+      who = t["ours"] == ours_name ? "" : ", #{t['ours']}"
+      out << "| #{t['label']}: #{t['metric']}#{who} vs #{t['peer']} | #{shown || '-'} | " \
              ">= #{t['min_ratio']}x | #{met} |"
     end
   end
