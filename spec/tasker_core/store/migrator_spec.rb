@@ -41,7 +41,17 @@ RSpec.describe TaskerCore::Store::Migrator do
 
     after do
       close_db_connections
-      %w[tasker_upgrade_spec tasker_bare_spec].each { |n| connect.exec("DROP DATABASE IF EXISTS #{n}") }
+      %w[tasker_upgrade_spec tasker_bare_spec tasker_live_upgrade_spec].each do |n|
+        connect.exec("DROP DATABASE IF EXISTS #{n}")
+      end
+    end
+
+    # The schema at version, from a copy of the migrations up to it.
+    def migrate_to(url, version)
+      Dir.mktmpdir do |dir|
+        described_class.migrations.select { |m| m.version <= version }.each { |m| FileUtils.cp(m.path, dir) }
+        described_class.new(connect(url), dir: dir).migrate!
+      end
     end
 
     it "applies a newer gem's migrations to an installed schema" do
@@ -53,6 +63,29 @@ RSpec.describe TaskerCore::Store::Migrator do
       end
       expect(TaskerCore::Store.migrate_if_installed!(url)).to eq([described_class.latest_version])
       expect(TaskerCore::Store.migrate_if_installed!(url)).to eq([])
+    end
+
+    it "keeps the ready steps' index in use by connections open while 0016 changes its expression's function" do
+      url = fresh_database("tasker_live_upgrade_spec")
+      migrate_to(url, 15)
+      orchestrator = connect(url) # a long-lived session, as an orchestrator's
+      orchestrator.exec("SET enable_seqscan = off")
+      ready = lambda do
+        orchestrator.exec(<<~SQL).map { |r| r["QUERY PLAN"] }.join("\n")
+          EXPLAIN SELECT s.id FROM tasker_workflow_steps s
+           WHERE s.state = 'pending' AND s.pending_parents = 0 AND s.queue = 'default'
+             AND tasker_claim_order(s.next_attempt_at, s.priority) <= now() + interval '100 seconds'
+           ORDER BY tasker_claim_order(s.next_attempt_at, s.priority), s.id LIMIT 10
+        SQL
+      end
+      index_scan = /Index Scan using tasker_workflow_steps_queue_ready.*\n\s+Index Cond: .*next_attempt_at/
+      expect(ready.call).to match(index_scan) # the session has read the index's expression
+
+      expect(TaskerCore::Store.migrate_if_installed!(url)).to eq((16..described_class.latest_version).to_a)
+      # With the index's cached expression still the function call, the
+      # inlined query no longer matches it: a scan of every ready step of
+      # the queue and a sort.
+      expect(ready.call).to match(index_scan)
     end
 
     it "leaves a database without tasker_core's schema alone" do
