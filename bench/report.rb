@@ -35,6 +35,16 @@ def ratio(a, b)
   a["median"].to_f / b["median"]
 end
 
+# "1.23x"; a ratio short of its bound (min) never prints as reaching it:
+# digits are added until it shows the miss (at six, rounded down).
+def ratio_text(x, min = nil)
+  digits = 2
+  digits += 1 while min && x < min && digits < 6 && format("%.#{digits}f", x).to_f >= min
+  text = format("%.#{digits}f", x)
+  text = format("%.6f", (x * 1e6).floor / 1e6) if min && x < min && text.to_f >= min
+  "#{text}x"
+end
+
 def table_for(doc)
   out = []
   env = doc["env"] || {}
@@ -61,10 +71,21 @@ def table_for(doc)
   groups.each do |(label, metric, unit), rs|
     by = rs.to_h { |r| [r["contender"], r] }
     cells = contenders.map { |c| cell(by[c]) }
-    ratios = peers.map { |p| (x = ratio(by[ours_name], by[p])) ? format("%.2fx", x) : "-" }
+    ratios = peers.map do |p|
+      bound = (doc["targets"] || []).find do |t|
+        t["label"] == label && t["metric"] == metric && t["ours"] == ours_name && t["peer"] == p
+      end&.fetch("min_ratio")
+      (x = ratio(by[ours_name], by[p])) ? ratio_text(x, bound) : "-"
+    end
     out << "| #{label} (#{metric}) | #{unit} | #{cells.join(' | ')} | #{ratios.join(' | ')} |"
   end
-  targets = doc["targets"] || []
+  # A target with no peer (an older results file's form) bounds ours' own
+  # figure: shown with the limits.
+  targets, own = (doc["targets"] || []).partition { |t| t["peer"] }
+  own_limits = own.filter_map do |t|
+    r = rows.find { |x| x["metric"] == t["metric"] && x["contender"] == ours_name }
+    r && t.slice("min", "max").merge("label" => r["label"], "metric" => t["metric"], "contender" => ours_name)
+  end
   unless targets.empty?
     out << ""
     out << "| target | ours / peer | required | met |"
@@ -74,14 +95,13 @@ def table_for(doc)
       peer = rows.find { |r| r["label"] == t["label"] && r["metric"] == t["metric"] && r["contender"] == t["peer"] }
       x = ratio(ours, peer)
       met = x.nil? ? "no (no figure)" : (x >= t["min_ratio"] ? "yes" : "**no**")
-      # a ratio just short of its bound shows the digit that decides it
-      shown = x && format(x < t["min_ratio"] && format("%.2f", x) == format("%.2f", t["min_ratio"]) ? "%.3fx" : "%.2fx", x)
+      shown = x && ratio_text(x, t["min_ratio"])
       who = t["ours"] == ours_name ? "" : ", #{t['ours']}"
       out << "| #{t['label']}: #{t['metric']}#{who} vs #{t['peer']} | #{shown || '-'} | " \
              ">= #{t['min_ratio']}x | #{met} |"
     end
   end
-  limits = doc["limits"] || []
+  limits = (doc["limits"] || []) + own_limits
   unless limits.empty?
     out << ""
     out << "| limit | contender | measured (median) | required | met |"
