@@ -14,7 +14,7 @@
 #               500 tasks (STORE_CREATE_BATCH) of 10 steps; nothing drained.
 #   create_task:  N steps created through TaskerCore.create_task, one task
 #               per call, from STORE_CREATE_THREADS threads (1); nothing drained.
-#   drain_v2:   as drain, with the loop's claim (tasker_claim_steps_v4, claimed
+#   drain_v2:   as drain, with the loop's claim (tasker_claim_queued, claimed
 #               straight to in_progress, every column the loop reads) and no
 #               tasker_mark_dispatched (concurrent too; drain keeps the claim
 #               of older orchestrators). STORE_BATCH steps per claim (100).
@@ -58,7 +58,8 @@ module Bench
     # The loop's claim: every column it reads, the queue 'default' with room for the whole batch.
     CLAIM_V2_SQL = "SELECT step_id, task_id, step_name, handler, handler_config, attempt, timeout_ms, context, " \
                    "dep_names, dep_outputs, lost_attempts, queue " \
-                   "FROM tasker_claim_steps_v4($1, $3::int, 2, 0, $2::int, '{default}', ARRAY[$2::int], '{}', '{}')"
+                   "FROM tasker_claim_queued($1, $3::int, 'in_progress', 2, 0, $2::int, '{default}', ARRAY[$2::int], " \
+                   "'{}', '{}')"
     CREATE_MODES = %w[create_tasks create_task].freeze
     MARK_SQL = "SELECT tasker_mark_dispatched($1::bigint[], $2::int[]) AS n"
     APPLY_SQL = "SELECT applied, stale FROM tasker_apply_results($1::bigint[], $2::int[], $3::boolean[], " \

@@ -1072,12 +1072,14 @@ static PGresult *claim(tc_loop *l, long limit, long suspects, const char *queues
     PGconn *c = l->db.conn;
     if (PQisnonblocking(c)) PQsetnonblocking(c, 0);
     /* Binary results: ids and attempts without parsing, bytea without
-     * unescaping, arrays as length-prefixed elements. */
+     * unescaping, arrays as length-prefixed elements. tasker_claim_queued
+     * itself, not tasker_claim_steps_v4 (a SQL function around it that
+     * PostgreSQL parses and plans again on every call). */
     PGresult *r = PQexecParams(c,
                                "SELECT step_id, task_id, step_name, handler, handler_config, attempt, timeout_ms, "
                                "context, dep_names, dep_outputs, lost_attempts, queue "
-                               "FROM tasker_claim_steps_v4($1, $2::int, $3::int, $4::int, $5::int, $6::text[], "
-                               "$7::int[], $8::text[], $9::int[])",
+                               "FROM tasker_claim_queued($1, $2::int, 'in_progress', $3::int, $4::int, $5::int, "
+                               "$6::text[], $7::int[], $8::text[], $9::int[])",
                                9, NULL, vals, NULL, NULL, 1);
     if (r && PQresultStatus(r) == PGRES_TUPLES_OK && PQnfields(r) == C_COUNT) return r;
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
@@ -1400,7 +1402,7 @@ static int claim_and_dispatch(tc_loop *l)
     sb_free(&qnames);
     sb_free(&qrooms);
     if (!res) {
-        if (nq) db_failed(l, "tasker_claim_steps_v4");
+        if (nq) db_failed(l, "tasker_claim_queued");
         return 0;
     }
     int n = PQntuples(res);
