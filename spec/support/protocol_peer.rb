@@ -111,13 +111,14 @@ module HeldResults
   # For worker specs that hold a worker's results: results is a bound
   # Subscriber with no subscription yet, so the worker keeps every result.
   # Subscribes now and returns the messages that arrive (decoded, validated)
-  # up to and including the first batch_completion.
-  def release_held_results(results)
+  # until one of each of until_types has come (by default, up to and
+  # including the first batch_completion).
+  def release_held_results(results, until_types: %w[batch_completion])
     results.subscribe("")
     got = []
-    wait_until(message: "the held results") do
+    wait_until(message: "the held results (#{until_types.join(', ')})") do
       results.receive_many(timeout_ms: 50).each { |f| got << TaskerCore::Protocol.decode(f) }
-      got.any? { |m| m["type"] == "batch_completion" }
+      until_types.all? { |t| got.any? { |m| m["type"] == t } }
     end
     got
   end

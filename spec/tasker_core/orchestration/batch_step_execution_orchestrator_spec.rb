@@ -350,8 +350,11 @@ RSpec.describe TaskerCore::Orchestration::BatchStepExecutionOrchestrator do
     wait_until(message: "the step to run") { @worker.stats[:steps_completed] == 1 }
     expect(@worker.stats[:partials_sent]).to eq(0)
 
-    types = release_held_results(results).map { |m| m["type"] }
+    # The worker flushes what it held before its next heartbeat: read on
+    # until both have come.
+    types = release_held_results(results, until_types: %w[batch_completion heartbeat]).map { |m| m["type"] }
     expect(types).to include("heartbeat", "partial_result")
+    expect(types.index("partial_result")).to be < types.index("batch_completion")
   ensure
     @worker&.stop(timeout: 1)
     @worker = nil
